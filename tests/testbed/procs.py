@@ -1,0 +1,173 @@
+"""Start, watch and stop the bed's processes, each in its own session with a log file.
+
+Every component is a child process started with `start_new_session=True`, so that stopping
+it (SIGTERM, then SIGKILL after a grace period) reaches its whole process group, and so that
+`testbed-down` in another Python process can stop it from the PID recorded in the state file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Lines of a component's log shown when it fails to come up.
+LOG_TAIL_LINES = 40
+
+
+class ComponentError(RuntimeError):
+    """A bed component exited early or did not become ready in time; carries its log tail."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """Return the last `lines` lines of the log at `path` ('' if it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        # Field 3, after the parenthesised command name, is the state; Z = zombie.
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def stop_group(pid: int, grace: float = 10.0) -> None:
+    """Stop the process group led by `pid`: SIGTERM, wait up to `grace` seconds, then SIGKILL.
+
+    Returns once no process of the group is left. Missing processes are not an error.
+    """
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            if not _group_alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            # Fields after the command name: state, ppid, pgrp.
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+@dataclass
+class Process:
+    """One bed component: `argv` run with its output in `log`, stopped as a process group."""
+
+    name: str
+    argv: Sequence[str | os.PathLike[str]]
+    log: Path
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        """PID of the running process (also its process-group ID)."""
+        assert self.popen is not None, f"{self.name} was not started"
+        return self.popen.pid
+
+    def start(self) -> Process:
+        """Start the process in a new session; returns self."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **(self.env or {})}
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                [os.fspath(a) for a in self.argv], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, cwd=self.cwd, start_new_session=True,
+            )
+        return self
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float) -> None:
+        """Poll `check` until it returns True.
+
+        Raises:
+            ComponentError: the process exited, or `timeout` seconds passed; the message
+                carries the exit status and the tail of the log.
+
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(Exception):
+                if check():
+                    return
+            code = self.popen.poll() if self.popen else None
+            if code is not None:
+                raise ComponentError(
+                    f"{self.name} exited with status {code} before it was ready; "
+                    f"log {self.log}:\n{log_tail(self.log)}"
+                )
+            if time.monotonic() > deadline:
+                raise ComponentError(
+                    f"{self.name} not ready after {timeout:.0f} s; log {self.log}:\n"
+                    f"{log_tail(self.log)}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the process and its group (idempotent)."""
+        if self.popen is not None:
+            stop_group(self.popen.pid, grace)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=1)
+
+
+def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = 120.0,
+        input: bytes | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Run a short command and return its stdout.
+
+    Raises:
+        ComponentError: non-zero exit; the message has the command and its stderr tail.
+
+    """
+    cmd = [os.fspath(a) for a in argv]
+    proc = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input,
+                          env={**os.environ, **(env or {})}, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.decode(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+        raise ComponentError(f"{' '.join(cmd)} failed with status {proc.returncode}:\n{tail}")
+    return proc.stdout.decode(errors="replace")
