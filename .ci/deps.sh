@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test bed runs (idempotent: apt only runs when one is missing).
+set -euo pipefail
+packages=(containerd runc docker-registry skopeo umoci mmdebstrap prometheus apache2-utils
+          iproute2 psmisc ca-certificates rsync)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "deps: all Debian packages present"
+  exit 0
+fi
+echo "deps: installing ${missing[*]}"
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The Debian packages start system-wide daemons; the bed runs its own, so stop those.
+for svc in containerd docker-registry prometheus; do
+  if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then
+    $SUDO systemctl stop "$svc" || true
+  fi
+done

@@ -1,0 +1,63 @@
+# layercache — developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BED_DIR ?= /tmp/layercache-testbed
+NODES ?= 3
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: deps
+deps: ## Install the Debian packages the test bed needs (idempotent)
+	@bash .ci/deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## Create the Python environment (.venv) with the test extras
+
+.PHONY: tools
+tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, crictl, kind) into .tools/bin
+	@bash tests/testbed/tools/build.sh
+
+.PHONY: setup
+setup: deps venv tools ## Everything the tests, the demo and the benchmarks need
+
+.PHONY: test
+test: setup ## Run every test (unit and integration, on the real local test bed)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: unit
+unit: venv ## Run the unit tests only (no I/O)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: venv ## ruff and mypy
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/mypy
+
+.PHONY: testbed-up
+testbed-up: setup ## Start the local test bed (BED_DIR, NODES) and leave it running
+	$(VENV)/bin/layercache-testbed up --dir $(BED_DIR) --nodes $(NODES)
+
+.PHONY: testbed-status
+testbed-status: venv ## Show each bed component; non-zero exit unless all are ready
+	$(VENV)/bin/layercache-testbed status --dir $(BED_DIR)
+
+.PHONY: testbed-down
+testbed-down: venv ## Stop the test bed and remove its state
+	$(VENV)/bin/layercache-testbed down --dir $(BED_DIR)
+
+.PHONY: clean
+clean: ## Remove build outputs (not the tool and image caches)
+	rm -rf out build dist .pytest_cache .mypy_cache .ruff_cache

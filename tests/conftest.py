@@ -1,0 +1,32 @@
+"""Shared fixtures: the session's test bed and clients for it.
+
+The bed is started once per session, only if a selected test asks for it (unit tests never
+do), and torn down at the end. Tests that need a clean slate create their own namespaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.bed import BedState, TestBed
+from testbed.kube import Kube
+
+
+@pytest.fixture(scope="session")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedState]:
+    """A running test bed with 3 nodes, registries, fault proxy and the image family."""
+    testbed = TestBed(tmp_path_factory.mktemp("bed"), nodes=3)
+    state = testbed.up()
+    yield state
+    testbed.down()
+
+
+@pytest.fixture(scope="session")
+def kube(bed: BedState) -> Iterator[Kube]:
+    """Admin access to the bed's apiserver (kubernetes client and kubectl)."""
+    client = Kube(Path(bed.kubeconfig))
+    yield client
+    client.close()

@@ -1,0 +1,223 @@
+"""The whole test bed: control plane, simulated nodes, registries, fault proxy, image family.
+
+`TestBed(workdir).up()` starts everything (independent parts in parallel), seeds the image
+family and writes `state.json`, which is all another process needs to use the bed or to
+stop it (`testbed-down` runs in a different process from `testbed-up`). Any failure during
+`up()` tears down what did start before the error propagates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed import pki
+from testbed.controlplane import ControlPlane
+from testbed.nodes import RegistryHost, SimNode, containerd_version, unmount_under
+from testbed.procs import Process, pid_alive, stop_group
+
+#: Kubernetes version of the pinned build (tests/testbed/tools/build.sh).
+KUBERNETES_VERSION = "v1.37.2"
+#: Node names: kind's worker naming, so examples read the same on kind and on the bed.
+NODE_PREFIX = "layercache-worker"
+
+
+def node_name(index: int) -> str:
+    """Name kind gives worker `index` (0-based): layercache-worker, layercache-worker2 and so on."""
+    return NODE_PREFIX if index == 0 else f"{NODE_PREFIX}{index + 1}"
+
+
+@dataclass
+class ProcessRecord:
+    """A running component as recorded in the state file."""
+
+    name: str
+    pid: int
+    log: str
+
+
+@dataclass
+class NodeRecord:
+    """A simulated node as recorded in the state file."""
+
+    name: str
+    socket: str
+    workdir: str
+
+
+@dataclass
+class RegistryRecord:
+    """A registry endpoint as recorded in the state file (see testbed.registry)."""
+
+    flavour: str
+    host: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+
+
+@dataclass
+class BedState:
+    """Everything a client of a running bed needs; serialised to `<workdir>/state.json`."""
+
+    workdir: str
+    kubeconfig: str
+    server: str
+    ca_file: str
+    kubernetes_version: str
+    nodes: list[NodeRecord] = field(default_factory=list)
+    registries: dict[str, RegistryRecord] = field(default_factory=dict)
+    proxy_url: str | None = None
+    family: str | None = None
+    processes: list[ProcessRecord] = field(default_factory=list)
+    ready_seconds: float = 0.0
+
+    @classmethod
+    def load(cls, workdir: Path) -> BedState:
+        """Read the state of the bed in `workdir`.
+
+        Raises:
+            FileNotFoundError: no bed was brought up there (or it was torn down).
+
+        """
+        raw = json.loads((workdir / "state.json").read_text())
+        raw["nodes"] = [NodeRecord(**n) for n in raw["nodes"]]
+        raw["registries"] = {k: RegistryRecord(**r) for k, r in raw["registries"].items()}
+        raw["processes"] = [ProcessRecord(**p) for p in raw["processes"]]
+        return cls(**raw)
+
+    def save(self) -> None:
+        """Write the state file atomically."""
+        path = Path(self.workdir) / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+
+def register_nodes(kubeconfig: Path, nodes: list[SimNode]) -> None:
+    """Create each node's `Node` object and write its status as a kubelet would."""
+    from kubernetes import client, config  # imported late: only the bed process needs it
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+    runtime = containerd_version()
+    for node in nodes:
+        api.create_node(node.node_object())
+        api.patch_node_status(node.name, {"status": node.node_status(KUBERNETES_VERSION,
+                                                                      runtime)})
+    api.api_client.close()
+
+
+class TestBed:
+    """Bring the bed up in `workdir` with `nodes` simulated nodes, or tear it down.
+
+    Attributes after `up()`: `state` (BedState), `control_plane`, `nodes`.
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, workdir: Path, nodes: int = 3, *, seed_images: bool = True,
+                 apiserver_args: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir.resolve()
+        self.apiserver_args = apiserver_args
+        self.node_count = nodes
+        self.seed_images = seed_images
+        self.nodes: list[SimNode] = []
+        self.processes: list[Process] = []
+        self.state: BedState | None = None
+
+    def up(self) -> BedState:
+        """Start every component and wait until all are ready; returns the state.
+
+        Raises:
+            ComponentError / MissingToolError: a component failed or a tool is missing;
+                everything already started has been stopped.
+
+        """
+        if (self.workdir / "state.json").exists():
+            raise RuntimeError(f"a bed is already up in {self.workdir}: run testbed-down first")
+        started = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as on_error:
+            on_error.callback(self.down)
+            self.state = self._start()
+            self.state.ready_seconds = round(time.monotonic() - started, 1)
+            self.state.save()
+            on_error.pop_all()
+        return self.state
+
+    def _start(self) -> BedState:
+        ca = pki.CA.create(self.workdir / "pki")
+        cp = ControlPlane(self.workdir / "control-plane", ca,
+                          apiserver_args=self.apiserver_args)
+        cp.workdir.mkdir(parents=True, exist_ok=True)
+        self.control_plane = cp
+        registry_hosts: list[RegistryHost] = []
+        self.nodes = [SimNode(node_name(i), self.workdir / "nodes" / f"n{i}")
+                      for i in range(self.node_count)]
+        etcd = cp.start_etcd()
+        self.processes.append(etcd)
+        for node in self.nodes:
+            self.processes.append(node.start(registry_hosts, "registry.k8s.io/pause:3.10"))
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            node_waits = [pool.submit(n.wait) for n in self.nodes]
+            cp.wait_etcd(etcd)
+            cp.start_apiserver()
+            self.processes.append(cp.processes[-1])
+            controllers = cp.start_controllers()
+            self.processes += controllers
+            for w in node_waits:
+                w.result()
+            register = pool.submit(register_nodes, cp.admin_kubeconfig, self.nodes)
+            cp.wait_controllers(controllers)
+            register.result()
+        return BedState(
+            workdir=str(self.workdir), kubeconfig=str(cp.admin_kubeconfig), server=cp.server,
+            ca_file=str(ca.cert), kubernetes_version=KUBERNETES_VERSION,
+            nodes=[NodeRecord(n.name, str(n.socket), str(n.workdir)) for n in self.nodes],
+            processes=[ProcessRecord(p.name, p.pid, str(p.log)) for p in self.processes],
+        )
+
+    def down(self) -> None:
+        """Stop every process of the bed, unmount what it mounted, remove `workdir`."""
+        stop_bed(self.workdir, self.processes)
+
+
+def stop_bed(workdir: Path, processes: list[Process] | None = None) -> list[str]:
+    """Stop the bed in `workdir`: its live processes (and those in its state file), its mounts.
+
+    Works from another process than the one that started the bed. Returns the names of the
+    processes it stopped.
+    """
+    stopped = []
+    pids: dict[int, str] = {}
+    try:
+        for rec in BedState.load(workdir).processes:
+            pids[rec.pid] = rec.name
+    except FileNotFoundError:
+        pass
+    for proc in processes or []:
+        if proc.popen is not None:
+            pids[proc.pid] = proc.name
+    # Newest first: clients (controllers) before the servers they talk to.
+    for pid, name in reversed(pids.items()):
+        if pid_alive(pid):
+            stop_group(pid)
+            stopped.append(name)
+    for proc in processes or []:
+        if proc.popen is not None:
+            proc.popen.poll()  # reap, so no zombie outlives the bed
+    unmount_under(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return stopped
+
+
+def describe(state: BedState) -> dict[str, Any]:
+    """A JSON-able summary of a bed (for the CLI and logs)."""
+    return asdict(state)

@@ -1,0 +1,72 @@
+"""`layercache-testbed`: bring the local test bed up, show its status, tear it down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from testbed.bed import BedState, TestBed, stop_bed
+from testbed.status import check
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+console = Console()
+DirOption = Annotated[Path, typer.Option("--dir", help="Where the bed keeps its state.",
+                                         envvar="LAYERCACHE_TESTBED_DIR")]
+DEFAULT_DIR = Path("/tmp/layercache-testbed")
+
+
+@app.command()
+def up(directory: DirOption = DEFAULT_DIR,
+       nodes: Annotated[int, typer.Option(min=1, max=50, help="Simulated nodes.")] = 3,
+       images: Annotated[bool, typer.Option(help="Build and push the image family.")] = True,
+       ) -> None:
+    """Start the bed and leave it running; prints how to use it."""
+    state = TestBed(directory, nodes, seed_images=images).up()
+    console.print(f"[green]test bed ready[/] in {state.ready_seconds} s "
+                  f"({len(state.nodes)} nodes, Kubernetes {state.kubernetes_version})")
+    console.print(f"  export KUBECONFIG={state.kubeconfig}")
+    for reg in state.registries.values():
+        console.print(f"  registry {reg.flavour}: {reg.url}")
+    if state.proxy_url:
+        console.print(f"  fault proxy (the upstream clients should use): {state.proxy_url}")
+
+
+@app.command()
+def status(directory: DirOption = DEFAULT_DIR) -> None:
+    """Probe every component; exit status 1 unless all are ready."""
+    try:
+        state = BedState.load(directory)
+    except FileNotFoundError:
+        console.print(f"[red]no test bed in {directory}[/] (make testbed-up)")
+        raise typer.Exit(1) from None
+    rows = check(state)
+    table = Table("kind", "name", "ready", "detail", title=f"test bed {directory}")
+    for row in rows:
+        table.add_row(row.kind, row.name, "[green]yes[/]" if row.ready else "[red]no[/]",
+                      row.detail)
+    console.print(table)
+    if not all(r.ready for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def down(directory: DirOption = DEFAULT_DIR) -> None:
+    """Stop every process of the bed, unmount its mounts and remove its directory."""
+    stopped = stop_bed(directory)
+    console.print(f"test bed down: stopped {len(stopped)} processes" if stopped
+                  else "test bed down: nothing was running")
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

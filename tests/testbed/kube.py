@@ -1,0 +1,59 @@
+"""Admin-side helpers for tests: the kubernetes client, kubectl, and polling for a state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from kubernetes import client, config
+
+from testbed.paths import tool
+from testbed.procs import run
+
+T = TypeVar("T")
+
+
+class Kube:
+    """A kubeconfig's API access: typed clients plus `kubectl` with that kubeconfig."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.api = config.new_client_from_config(config_file=str(kubeconfig))
+        self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
+        self.rbac = client.RbacAuthorizationV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def kubectl(self, *args: str, input: str | None = None, timeout: float = 60) -> str:
+        """Run kubectl (the pinned build) against this cluster; returns stdout.
+
+        Raises:
+            ComponentError: kubectl exited non-zero (message carries its stderr).
+
+        """
+        return run([tool("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+                   input=input.encode() if input is not None else None, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the client's connection pool."""
+        self.api.close()
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float = 60, interval: float = 0.2,
+             what: str = "condition") -> T:
+    """Poll `probe` until it returns a truthy value, and return that value.
+
+    Raises:
+        TimeoutError: after `timeout` seconds, naming `what` and the last value seen.
+
+    """
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
