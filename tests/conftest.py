@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed.bed import BedState, TestBed
+from testbed.images import Family
 from testbed.kube import Kube
 
 
@@ -30,3 +31,10 @@ def kube(bed: BedState) -> Iterator[Kube]:
     client = Kube(Path(bed.kubeconfig))
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def family(bed: BedState) -> Family:
+    """The image family pushed to every registry of the bed (expected digests and sizes)."""
+    assert bed.family is not None, "the session bed seeds the image family"
+    return Family.load(Path(bed.family).parent)

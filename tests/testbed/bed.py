@@ -19,8 +19,11 @@ from typing import Any
 
 from testbed import pki
 from testbed.controlplane import ControlPlane
+from testbed.faultproxy import start_fault_proxy
+from testbed.images import build_family, push_family
 from testbed.nodes import RegistryHost, SimNode, containerd_version, unmount_under
 from testbed.procs import Process, pid_alive, stop_group
+from testbed.registry import FLAVOURS, Flavour, Registry, start_registry
 
 #: Kubernetes version of the pinned build (tests/testbed/tools/build.sh).
 KUBERNETES_VERSION = "v1.37.2"
@@ -158,31 +161,62 @@ class TestBed:
                           apiserver_args=self.apiserver_args)
         cp.workdir.mkdir(parents=True, exist_ok=True)
         self.control_plane = cp
-        registry_hosts: list[RegistryHost] = []
         self.nodes = [SimNode(node_name(i), self.workdir / "nodes" / f"n{i}")
                       for i in range(self.node_count)]
         etcd = cp.start_etcd()
         self.processes.append(etcd)
         for node in self.nodes:
-            self.processes.append(node.start(registry_hosts, "registry.k8s.io/pause:3.10"))
-        with ThreadPoolExecutor(max_workers=4) as pool:
+            self.processes.append(node.start("registry.k8s.io/pause:3.10"))
+        # Registries, nodes and the control plane are independent until nodes register:
+        # start them side by side, so bed start-up costs the slowest, not the sum.
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            regs = {f: pool.submit(self._start_registry, f, ca) for f in FLAVOURS}
             node_waits = [pool.submit(n.wait) for n in self.nodes]
             cp.wait_etcd(etcd)
             cp.start_apiserver()
             self.processes.append(cp.processes[-1])
             controllers = cp.start_controllers()
             self.processes += controllers
+            registries = {f: r.result() for f, r in regs.items()}
+            proxy = start_fault_proxy(self.workdir / "proxy", registries["plain"].url)
+            assert proxy.process is not None
+            self.processes.append(proxy.process)
             for w in node_waits:
                 w.result()
+            hosts = [RegistryHost(proxy.host, proxy.url)] + [
+                RegistryHost(r.host, r.url, r.ca_file) for r in registries.values()]
+            for node in self.nodes:
+                node.configure_registries(hosts)
             register = pool.submit(register_nodes, cp.admin_kubeconfig, self.nodes)
+            family = pool.submit(self._seed, registries) if self.seed_images else None
             cp.wait_controllers(controllers)
             register.result()
+            family_path = family.result() if family else None
         return BedState(
             workdir=str(self.workdir), kubeconfig=str(cp.admin_kubeconfig), server=cp.server,
             ca_file=str(ca.cert), kubernetes_version=KUBERNETES_VERSION,
             nodes=[NodeRecord(n.name, str(n.socket), str(n.workdir)) for n in self.nodes],
+            registries={f: RegistryRecord(
+                flavour=f, host=r.host, url=r.url, username=r.username, password=r.password,
+                ca_file=str(r.ca_file) if r.ca_file else None) for f, r in registries.items()},
+            proxy_url=proxy.url, family=family_path,
             processes=[ProcessRecord(p.name, p.pid, str(p.log)) for p in self.processes],
         )
+
+    def _start_registry(self, flavour: Flavour, ca: pki.CA) -> Registry:
+        registry = start_registry(flavour, self.workdir / "registries" / flavour, ca)
+        self.processes.append(registry.process)
+        if registry.token_server is not None:
+            self.processes.append(registry.token_server.process)
+        return registry
+
+    def _seed(self, registries: dict[str, Registry]) -> str:
+        """Build (cached) and push the image family to every registry; returns family.json."""
+        family = build_family()
+        for reg in registries.values():
+            push_family(family, reg.host, tls_verify=reg.ca_file is not None,
+                        cert_dir=reg.cert_dir, username=reg.username, password=reg.password)
+        return str(family.root / "family.json")
 
     def down(self) -> None:
         """Stop every process of the bed, unmount what it mounted, remove `workdir`."""

@@ -117,12 +117,16 @@ class SimNode:
         """Containerd's gRPC socket (also serves CRI `runtime.v1`)."""
         return self.workdir / "containerd.sock"
 
-    def start(self, registries: list[RegistryHost], sandbox_image: str) -> Process:
-        """Write the config and host configs, start containerd (readiness: `wait`)."""
-        registry_dir = self.workdir / "certs.d"
+    def configure_registries(self, registries: list[RegistryHost]) -> None:
+        """Write a `hosts.toml` per registry host (containerd reads them at each pull)."""
         for reg in registries:
-            (registry_dir / reg.host).mkdir(parents=True, exist_ok=True)
-            (registry_dir / reg.host / "hosts.toml").write_text(hosts_toml(reg))
+            (self.workdir / "certs.d" / reg.host).mkdir(parents=True, exist_ok=True)
+            (self.workdir / "certs.d" / reg.host / "hosts.toml").write_text(hosts_toml(reg))
+
+    def start(self, sandbox_image: str) -> Process:
+        """Write the config, start containerd (readiness: `wait`; registries: later)."""
+        registry_dir = self.workdir / "certs.d"
+        registry_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "cni").mkdir(parents=True, exist_ok=True)
         config = self.workdir / "containerd.toml"
         config.write_text(containerd_config(self.workdir, registry_dir, sandbox_image))
