@@ -1,0 +1,79 @@
+"""OCI distribution client: auth, manifests, blobs, retries, and image resolution.
+
+Modules, one concern each: `errors` (classified errors), `mediatypes`, `challenge`
+(``WWW-Authenticate``), `credentials` (Docker config / pull secrets), `auth` (basic and
+bearer-token flows, token cache), `retry` (policy on tenacity), `manifest` (parsing at the
+edge), `client` (connections, auth, redirects, manifests), `blobs` (verified streaming
+with resume).
+"""
+
+from layercache.registry.blobs import (
+    BlobSink,
+    CallbackSink,
+    FileSink,
+    MemorySink,
+    fetch_blob,
+    fetch_blob_bytes,
+)
+from layercache.registry.client import RegistryClient, RegistryOptions
+from layercache.registry.credentials import Credentials, DockerConfig, Keyring
+from layercache.registry.errors import (
+    AccessDeniedError,
+    AuthenticationError,
+    BlobNotFoundError,
+    BlobTooLargeError,
+    DigestMismatchError,
+    IncompleteBodyError,
+    ManifestError,
+    ManifestNotFoundError,
+    NoMatchingPlatformError,
+    NonDistributableLayerError,
+    RateLimitedError,
+    RegistryAuthError,
+    RegistryConnectionError,
+    RegistryError,
+    RegistryStatusError,
+    ServerError,
+    TransientError,
+    UnsupportedCredentialsError,
+    UnsupportedDigestError,
+    UnsupportedManifestError,
+    UnsupportedMediaTypeError,
+)
+from layercache.registry.retry import RetryPolicy
+
+__all__ = [
+    "AccessDeniedError",
+    "AuthenticationError",
+    "BlobNotFoundError",
+    "BlobSink",
+    "BlobTooLargeError",
+    "CallbackSink",
+    "Credentials",
+    "DigestMismatchError",
+    "DockerConfig",
+    "FileSink",
+    "IncompleteBodyError",
+    "Keyring",
+    "ManifestError",
+    "ManifestNotFoundError",
+    "MemorySink",
+    "NoMatchingPlatformError",
+    "NonDistributableLayerError",
+    "RateLimitedError",
+    "RegistryAuthError",
+    "RegistryClient",
+    "RegistryConnectionError",
+    "RegistryError",
+    "RegistryOptions",
+    "RegistryStatusError",
+    "RetryPolicy",
+    "ServerError",
+    "TransientError",
+    "UnsupportedCredentialsError",
+    "UnsupportedDigestError",
+    "UnsupportedManifestError",
+    "UnsupportedMediaTypeError",
+    "fetch_blob",
+    "fetch_blob_bytes",
+]

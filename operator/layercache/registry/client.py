@@ -1,0 +1,488 @@
+"""Async OCI distribution client: connections, auth, retries, redirects, manifests.
+
+Follows the OCI distribution-spec (``spec.md``: ``GET /v2/``, ``HEAD``/``GET
+/v2/<name>/manifests/<reference>``, ``GET /v2/<name>/blobs/<digest>``) and the distribution
+token spec. One `RegistryClient` serves every registry of a process:
+
+- one ``httpx.AsyncClient`` (connection pool) per trust profile — httpx's default roots,
+  plus a registry's own CA file when it has one — shared by all requests;
+- a semaphore per registry bounds concurrent requests to it (``max_concurrency``);
+- TLS verification is always on for ``https``; a registry marked ``insecure`` is spoken to
+  in plain HTTP instead (that is what "insecure registry" means to containerd too);
+- redirects (blob storage back ends) are followed by hand, dropping ``Authorization`` when
+  the origin changes, so registry credentials never reach a storage host;
+- each logical request runs in one retry loop (`RetryPolicy`); a 401 gets one token
+  refresh inside the attempt, which is not a retry.
+
+Blob streaming lives in `layercache.registry.blobs`, resolution in
+`layercache.registry.resolve`; both use `stream` and `raise_for_status` from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import httpx
+
+from layercache import __version__
+from layercache.digest import Digest, DigestMismatchError, InvalidDigestError
+from layercache.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlgorithm
+from layercache.reference import Reference
+from layercache.registry.auth import Authenticator, repository_scope
+from layercache.registry.credentials import Keyring
+from layercache.registry.errors import (
+    BlobTooLargeError,
+    ManifestError,
+    ManifestNotFoundError,
+    RateLimitedError,
+    RegistryConnectionError,
+    RegistryStatusError,
+    ServerError,
+    UnsupportedDigestError,
+)
+from layercache.registry.manifest import (
+    MAX_MANIFEST_BYTES,
+    ImageIndex,
+    ImageManifest,
+    parse_manifest,
+)
+from layercache.registry.mediatypes import ACCEPT_MANIFESTS
+from layercache.registry.retry import RetryPolicy, parse_retry_after
+
+__all__ = ["FetchedManifest", "ManifestHead", "RegistryClient", "RegistryOptions"]
+
+log = logging.getLogger(__name__)
+
+USER_AGENT: Final = f"layercache/{__version__}"
+MAX_REDIRECTS: Final = 5
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+_NOT_FOUND_CODES: Final = frozenset({"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"})
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """How to reach one registry.
+
+    Attributes:
+        insecure: speak plain HTTP (no TLS at all). Default False: HTTPS, verified.
+        ca_file: PEM file of extra CA certificates trusted for this registry (and its token
+            realm), on top of httpx's default roots.
+        max_concurrency: concurrent requests to this registry (>= 1).
+
+    """
+
+    insecure: bool = False
+    ca_file: Path | None = None
+    max_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    """What ``HEAD`` on a manifest told: digest, media type and size (bytes) if sent."""
+
+    digest: Digest
+    media_type: str | None
+    size: int | None
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest or index as fetched and verified.
+
+    ``digest`` verified, ``media_type`` detected, ``size`` in bytes of the raw ``body``,
+    ``manifest`` the parsed document.
+    """
+
+    digest: Digest
+    media_type: str
+    size: int
+    body: bytes
+    manifest: ImageManifest | ImageIndex
+
+
+def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    # httpx's default trust (certifi, SSL_CERT_FILE/SSL_CERT_DIR) plus the registry's CA.
+    context = httpx.create_ssl_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
+def describe(url: httpx.URL, method: str = "GET") -> str:
+    """``METHOD host[:port]/path`` for messages: never the query (signed URLs carry secrets)."""
+    return f"{method} {url.netloc.decode()}{url.path}"
+
+
+class RegistryClient:
+    """Talks to OCI registries. Use ``async with RegistryClient(...) as client``.
+
+    ``keyring`` supplies credentials by registry host (None: anonymous). ``registries``
+    maps a registry key (`Reference.registry`, e.g. ``127.0.0.1:5000``) to its options;
+    others get ``default``. ``timeout`` is httpx's (seconds). ``retry`` is the per-request
+    retry policy. ``transport`` replaces the network (tests: ``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        *,
+        keyring: Keyring | None = None,
+        registries: Mapping[str, RegistryOptions] | None = None,
+        default: RegistryOptions | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: httpx.Timeout | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.auth = Authenticator(keyring)
+        self.retry = retry or RetryPolicy()
+        self._options = dict(registries or {})
+        self._default = default or RegistryOptions()
+        self._timeout = timeout or httpx.Timeout(30.0, connect=10.0, read=60.0)
+        self._transport = transport
+        self._clients: dict[Path | None, httpx.AsyncClient] = {}
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+
+    def __repr__(self) -> str:
+        return f"RegistryClient(registries={sorted(self._options)})"
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection pool."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    def options(self, registry: str) -> RegistryOptions:
+        """The options for ``registry`` (its own, or the default)."""
+        return self._options.get(registry, self._default)
+
+    def base_url(self, reference: Reference) -> str:
+        """``http(s)://<api host>`` for ``reference``'s registry."""
+        scheme = "http" if self.options(reference.registry).insecure else "https"
+        return f"{scheme}://{reference.api_host}"
+
+    def _http(self, registry: str) -> httpx.AsyncClient:
+        ca_file = self.options(registry).ca_file
+        client = self._clients.get(ca_file)
+        if client is None:
+            client = httpx.AsyncClient(
+                verify=_ssl_context(ca_file),
+                timeout=self._timeout,
+                follow_redirects=False,  # by hand: see _follow
+                # identity: blob bytes must arrive as stored, or digests and Range break.
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+                transport=self._transport,
+            )
+            self._clients[ca_file] = client
+        return client
+
+    def _semaphore(self, registry: str) -> asyncio.Semaphore:
+        semaphore = self._semaphores.get(registry)
+        if semaphore is None:
+            semaphore = asyncio.Semaphore(self.options(registry).max_concurrency)
+            self._semaphores[registry] = semaphore
+        return semaphore
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        reference: Reference,
+        path: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        scope: str | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """One attempt at ``method base_url+path``, authenticated, redirects followed.
+
+        Yields the final response with its body unread (any status: classify it with
+        `raise_for_status`). Holds a slot of the registry's semaphore until the block ends.
+        ``scope`` defaults to pull on the reference's repository; ``""`` means none (ping).
+        Transport failures, also while the block reads the body, become
+        `RegistryConnectionError` (transient).
+
+        Raises:
+            AuthenticationError, AccessDeniedError: still 401/403 after one token refresh.
+            RegistryConnectionError: connecting, sending or reading failed.
+
+        """
+        registry = reference.registry
+        if scope is None:
+            scope = repository_scope(reference.repository)
+        http = self._http(registry)
+        url = httpx.URL(self.base_url(reference) + path)
+        async with self._semaphore(registry):
+            response: httpx.Response | None = None
+            try:
+                response = await self._authenticated(http, method, url, headers, registry, scope)
+                response = await self._follow(http, method, url, response, headers)
+                yield response
+            except httpx.TransportError as exc:
+                raise RegistryConnectionError(
+                    f"{describe(url, method)}: {exc.__class__.__name__}: {exc}"
+                ) from None
+            finally:
+                if response is not None:
+                    await response.aclose()
+
+    async def _authenticated(
+        self,
+        http: httpx.AsyncClient,
+        method: str,
+        url: httpx.URL,
+        headers: Mapping[str, str] | None,
+        registry: str,
+        scope: str,
+    ) -> httpx.Response:
+        sent = self.auth.header(registry, scope)
+        response = await self._send(http, method, url, headers, sent)
+        if response.status_code != 401:
+            return response
+        await response.aclose()
+        sent = await self.auth.answer(
+            http,
+            registry,
+            scope,
+            response,
+            sent,
+            allow_plain_http=self.options(registry).insecure,
+        )
+        response = await self._send(http, method, url, headers, sent)
+        if response.status_code in (401, 403):
+            await response.aclose()
+            raise self.auth.refused(registry, scope, response)
+        return response
+
+    @staticmethod
+    async def _send(
+        http: httpx.AsyncClient,
+        method: str,
+        url: httpx.URL,
+        headers: Mapping[str, str] | None,
+        authorization: str | None,
+    ) -> httpx.Response:
+        all_headers = dict(headers or {})
+        if authorization is not None:
+            all_headers["Authorization"] = authorization
+        request = http.build_request(method, url, headers=all_headers)
+        return await http.send(request, stream=True)
+
+    async def _follow(
+        self,
+        http: httpx.AsyncClient,
+        method: str,
+        origin_url: httpx.URL,
+        response: httpx.Response,
+        headers: Mapping[str, str] | None,
+    ) -> httpx.Response:
+        """Follow up to `MAX_REDIRECTS` redirects; credentials only to the first origin."""
+        url = origin_url
+        for _ in range(MAX_REDIRECTS):
+            location = response.headers.get("location")
+            if response.status_code not in _REDIRECTS or not location:
+                return response
+            await response.aclose()
+            url = url.join(location)
+            if url.scheme not in ("http", "https"):
+                raise RegistryStatusError(
+                    response.status_code,
+                    describe(origin_url, method),
+                    detail="redirect to a non-HTTP URL",
+                )
+            authorization = None
+            if _origin(url) == _origin(origin_url):
+                authorization = response.request.headers.get("authorization")
+            log.debug("%s redirected to %s", describe(origin_url, method), describe(url, method))
+            response = await self._send(http, method, url, headers, authorization)
+        await response.aclose()
+        raise RegistryStatusError(
+            response.status_code,
+            describe(origin_url, method),
+            detail=f"more than {MAX_REDIRECTS} redirects",
+        )
+
+    @staticmethod
+    async def raise_for_status(
+        response: httpx.Response,
+        what: str,
+        not_found: type[RegistryStatusError] = RegistryStatusError,
+    ) -> None:
+        """Classify a non-2xx response; returns for 2xx.
+
+        Reads (a bounded part of) the body for distribution error codes.
+
+        Raises:
+            RateLimitedError: 429 (transient; ``retry_after`` from the header).
+            ServerError: 5xx (transient).
+            ``not_found``: 404, or a distribution ``*_UNKNOWN`` code.
+            RegistryStatusError: any other status (final).
+
+        """
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status == 429:
+            raise RateLimitedError(what, retry_after)
+        if status >= 500:
+            raise ServerError(status, what, retry_after)
+        codes = await _error_codes(response)
+        if status == 404 or _NOT_FOUND_CODES & set(codes):
+            raise not_found(status, what, codes)
+        raise RegistryStatusError(status, what, codes)
+
+    async def ping(self, reference: Reference) -> None:
+        """``GET /v2/`` on ``reference``'s registry, authenticating if challenged.
+
+        Raises:
+            RegistryAuthError: credentials missing or refused.
+            RegistryStatusError / TransientError: after the retry budget.
+
+        """
+        what = f"GET {reference.registry}/v2/"
+        async for attempt in self.retry.retrying(what):
+            with attempt:
+                async with self.stream("GET", reference, "/v2/", scope="") as response:
+                    await self.raise_for_status(response, what)
+
+    def _manifest_path(self, reference: Reference, target: str) -> str:
+        return f"/v2/{reference.repository}/manifests/{target}"
+
+    async def head_manifest(self, reference: Reference) -> ManifestHead | None:
+        """``HEAD`` the manifest of ``reference`` (its digest, else its tag).
+
+        Returns None when HEAD cannot answer (405 or 404 on HEAD — some registries do not
+        implement it — or no ``Docker-Content-Digest``): fall back to `get_manifest`.
+
+        Raises:
+            RegistryAuthError, RegistryStatusError, TransientError: as for GET.
+            ManifestError: a malformed ``Docker-Content-Digest``.
+
+        """
+        target = reference.manifest_reference
+        what = f"HEAD {reference.registry}{self._manifest_path(reference, target)}"
+        async for attempt in self.retry.retrying(what):
+            with attempt:
+                async with self.stream(
+                    "HEAD",
+                    reference,
+                    self._manifest_path(reference, target),
+                    {"Accept": ACCEPT_MANIFESTS},
+                ) as response:
+                    if response.status_code in (404, 405):
+                        return None
+                    await self.raise_for_status(response, what, ManifestNotFoundError)
+                    header = response.headers.get("docker-content-digest")
+                    if not header:
+                        return None
+                    length = response.headers.get("content-length")
+                    return ManifestHead(
+                        _header_digest(str(reference), header),
+                        response.headers.get("content-type"),
+                        int(length) if length and length.isdigit() else None,
+                    )
+        raise AssertionError("unreachable: the retry loop returns or raises")
+
+    async def get_manifest(
+        self, reference: Reference, target: str | None = None
+    ) -> FetchedManifest:
+        """``GET`` and parse a manifest or index.
+
+        ``target`` is a digest or tag (default: the reference's own).
+        The body's digest is verified against ``target`` when it is a digest, else against
+        ``Docker-Content-Digest`` when sent; without either it is the body's sha256.
+
+        Raises:
+            ManifestNotFoundError: no such manifest.
+            DigestMismatchError: the body does not hash to the expected digest.
+            ManifestError: (and subclasses) malformed, unsupported or oversized.
+            RegistryAuthError, RegistryStatusError, TransientError: as usual.
+
+        """
+        target = target or reference.manifest_reference
+        path = self._manifest_path(reference, target)
+        name = f"{reference.name}@{target}" if target.count(":") else f"{reference.name}:{target}"
+        what = f"GET {reference.registry}{path}"
+        body, header, content_type = b"", None, None
+        async for attempt in self.retry.retrying(what):
+            with attempt:
+                async with self.stream(
+                    "GET", reference, path, {"Accept": ACCEPT_MANIFESTS}
+                ) as response:
+                    await self.raise_for_status(response, what, ManifestNotFoundError)
+                    body = await read_capped(response, MAX_MANIFEST_BYTES, name)
+                    header = response.headers.get("docker-content-digest")
+                    content_type = response.headers.get("content-type")
+        expected: Digest | None = None
+        if ":" in target:
+            expected = Digest(target)
+        elif header:
+            expected = _header_digest(name, header)
+        digest = Digest.from_bytes(body, expected.algorithm if expected else "sha256")
+        if expected is not None and digest != expected:
+            raise DigestMismatchError(expected, digest, len(body))
+        parsed = parse_manifest(body, content_type, name)
+        return FetchedManifest(digest, parsed.media_type, len(body), body, parsed)
+
+
+def _header_digest(name: str, header: str) -> Digest:
+    try:
+        return Digest(header.strip())
+    except _UnsupportedAlgorithm as exc:
+        raise UnsupportedDigestError(name, "Docker-Content-Digest", exc.reason) from None
+    except InvalidDigestError as exc:
+        raise ManifestError(name, "Docker-Content-Digest", exc.reason) from None
+
+
+async def read_capped(response: httpx.Response, cap: int, name: str) -> bytes:
+    """The whole body of ``response``, refusing more than ``cap`` bytes.
+
+    Raises:
+        BlobTooLargeError: ``Content-Length`` or the bytes received exceed ``cap``.
+
+    """
+    length = response.headers.get("content-length")
+    if length and length.isdigit() and int(length) > cap:
+        raise BlobTooLargeError(name, "body", f"Content-Length {length} exceeds {cap} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in response.aiter_bytes():
+        received += len(chunk)
+        if received > cap:
+            raise BlobTooLargeError(name, "body", f"more than {cap} bytes received")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _error_codes(response: httpx.Response) -> tuple[str, ...]:
+    """Distribution error codes (``{"errors": [{"code": …}]}``) from an error body."""
+    try:
+        body = await read_capped(response, 64 * 1024, "error body")
+    except (BlobTooLargeError, httpx.HTTPError):
+        return ()
+    try:
+        errors = json.loads(body).get("errors")
+        return tuple(str(e["code"]) for e in errors if isinstance(e, dict) and "code" in e)
+    except (ValueError, AttributeError, TypeError):
+        return ()
