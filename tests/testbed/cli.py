@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.bed import BedState, TestBed, stop_bed
+from testbed.paths import MissingToolError
+from testbed.procs import ComponentError
 from testbed.status import check
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -26,7 +28,11 @@ def up(directory: DirOption = DEFAULT_DIR,
        images: Annotated[bool, typer.Option(help="Build and push the image family.")] = True,
        ) -> None:
     """Start the bed and leave it running; prints how to use it."""
-    state = TestBed(directory, nodes, seed_images=images).up()
+    try:
+        state = TestBed(directory, nodes, seed_images=images).up()
+    except (ComponentError, MissingToolError, RuntimeError) as e:
+        console.print(f"[red]test bed failed to start[/]: {e}")
+        raise typer.Exit(1) from None
     console.print(f"[green]test bed ready[/] in {state.ready_seconds} s "
                   f"({len(state.nodes)} nodes, Kubernetes {state.kubernetes_version})")
     console.print(f"  export KUBECONFIG={state.kubeconfig}")

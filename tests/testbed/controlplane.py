@@ -23,7 +23,7 @@ from testbed.procs import Process, free_port
 SERVICE_CIDR = "10.96.0.0/16"
 #: Controllers the bed runs. Node lifecycle is off: simulated nodes have no kubelet to
 #: heartbeat, so the controller would taint them unreachable and evict their pods.
-CONTROLLERS = "*,-node-lifecycle-controller,-node-ipam-controller,-cloud-node-lifecycle-controller"
+CONTROLLERS = "*,-node-lifecycle-controller,-node-ipam-controller"
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, cert: pki.CertPair, user: str) -> Path:
@@ -122,8 +122,8 @@ class ControlPlane:
         ], self.workdir / "logs" / "kube-apiserver.log").start()
         self.processes.append(apiserver)
         context = ssl.create_default_context(cafile=str(self.ca.cert))
-        admin = self.workdir
-        context.load_cert_chain(admin / "admin.crt", admin / "admin.key")
+        # Client certificates live beside the CA that issued them.
+        context.load_cert_chain(self.ca.directory / "admin.crt", self.ca.directory / "admin.key")
 
         def ready() -> bool:
             with urllib.request.urlopen(f"{self.server}/readyz", context=context,
