@@ -21,6 +21,7 @@ from layercache.registry.errors import (
     ManifestNotFoundError,
     UnsupportedCredentialsError,
 )
+from layercache.registry.fetch import get_manifest, head_manifest
 from layercache.registry.mediatypes import OCI_MANIFEST
 from layercache.registry.retry import RetryPolicy
 
@@ -129,8 +130,8 @@ def client(registry: Registry, keys: Keyring | None = None) -> RegistryClient:
 async def test_bearer_flow_and_cache(field: str) -> None:
     registry = Registry(token_field=field)
     async with client(registry, keyring()) as c:
-        first = await c.get_manifest(REF)
-        await c.get_manifest(REF)
+        first = await get_manifest(c, REF)
+        await get_manifest(c, REF)
     assert first.digest == Digest(MANIFEST_DIGEST)
     assert registry.issued == 1  # the second request reused the cached token
     (token_request,) = registry.token_requests
@@ -147,7 +148,7 @@ async def test_bearer_flow_and_cache(field: str) -> None:
 async def test_anonymous_token_flow_sends_no_credentials() -> None:
     registry = Registry()
     async with client(registry) as c:
-        await c.get_manifest(REF)
+        await get_manifest(c, REF)
     assert "authorization" not in registry.token_requests[0].headers
 
 
@@ -156,12 +157,12 @@ async def test_token_expiry_refetches() -> None:
     now = [1000.0]
     async with client(registry, keyring()) as c:
         c.auth = Authenticator(keyring(), clock=lambda: now[0])
-        await c.get_manifest(REF)
+        await get_manifest(c, REF)
         now[0] += 85.0  # inside expires_in minus the renewal margin (10 s)
-        await c.get_manifest(REF)
+        await get_manifest(c, REF)
         assert registry.issued == 1
         now[0] += 10.0
-        await c.get_manifest(REF)
+        await get_manifest(c, REF)
     assert registry.issued == 2
 
 
@@ -169,9 +170,9 @@ async def test_rejected_token_refreshed_once() -> None:
     # The registry stops taking t1 (e.g. its signing key rotated): one refresh, no loop.
     registry = Registry(accept=lambda h: h in ("Bearer t1", "Bearer t2"))
     async with client(registry, keyring()) as c:
-        await c.get_manifest(REF)
+        await get_manifest(c, REF)
         registry.accept = lambda h: h == "Bearer t2"
-        await c.get_manifest(REF)
+        await get_manifest(c, REF)
     assert registry.issued == 2
 
 
@@ -189,7 +190,7 @@ async def test_wrong_password_is_a_clear_error_without_secrets() -> None:
     registry = Registry()
     async with client(registry, keyring("wrong-" + PASSWORD)) as c:
         with pytest.raises(AuthenticationError, match="refused the configured credentials") as info:
-            await c.get_manifest(REF)
+            await get_manifest(c, REF)
     assert PASSWORD not in str(info.value) and "alice" not in str(info.value)
     assert len(registry.token_requests) == 1  # a 401 from the token server is not retried
 
@@ -198,7 +199,7 @@ async def test_anonymous_refused() -> None:
     registry = Registry(accept=lambda h: False)
     async with client(registry) as c:
         with pytest.raises(AuthenticationError, match=r"anonymous access .* refused"):
-            await c.get_manifest(REF)
+            await get_manifest(c, REF)
     assert len(registry.registry_requests) == 2  # the first try and one after the token
 
 
@@ -206,13 +207,13 @@ async def test_insufficient_scope_with_credentials_is_access_denied() -> None:
     registry = Registry(accept=lambda h: False, deny_error="insufficient_scope")
     async with client(registry, keyring()) as c:
         with pytest.raises(AccessDeniedError, match="not allowed"):
-            await c.get_manifest(REF)
+            await get_manifest(c, REF)
 
 
 async def test_token_server_unavailable_is_retried_in_the_same_budget() -> None:
     registry = Registry(token_status=[503, 429, 200])
     async with client(registry, keyring()) as c:
-        await c.get_manifest(REF)
+        await get_manifest(c, REF)
     assert len(registry.token_requests) == 3
 
 
@@ -227,7 +228,7 @@ async def test_credentials_not_sent_to_plain_http_realm() -> None:
 
     async with RegistryClient(keyring=keyring(), transport=httpx.MockTransport(handler)) as c:
         with pytest.raises(AuthenticationError, match="plain-HTTP token realm"):
-            await c.get_manifest(REF)
+            await get_manifest(c, REF)
     assert registry.token_requests == []
 
 
@@ -235,7 +236,7 @@ async def test_credential_helper_is_reported() -> None:
     keys = Keyring([DockerConfig.from_json({"credHelpers": {HOST: "ecr-login"}}, "cfg")])
     async with client(Registry(), keys) as c:
         with pytest.raises(UnsupportedCredentialsError, match="ecr-login"):
-            await c.get_manifest(REF)
+            await get_manifest(c, REF)
 
 
 async def test_basic_challenge_without_credentials() -> None:
@@ -244,7 +245,7 @@ async def test_basic_challenge_without_credentials() -> None:
 
     async with RegistryClient(transport=httpx.MockTransport(handler)) as c:
         with pytest.raises(AuthenticationError, match="requires credentials"):
-            await c.get_manifest(REF)
+            await get_manifest(c, REF)
 
 
 # --- manifest fetch rules --------------------------------------------------------------
@@ -266,15 +267,15 @@ async def test_digest_header_mismatch() -> None:
         transport=httpx.MockTransport(manifest_server(**{"Docker-Content-Digest": wrong})),
     ) as c:
         with pytest.raises(DigestMismatchError):
-            await c.get_manifest(REF)
+            await get_manifest(c, REF)
         with pytest.raises(DigestMismatchError):
-            await c.get_manifest(REF, wrong)  # by digest: the body must hash to it
+            await get_manifest(c, REF, wrong)  # by digest: the body must hash to it
 
 
 async def test_head_405_falls_back_and_missing_content_type_is_tolerated() -> None:
     async with RegistryClient(transport=httpx.MockTransport(manifest_server())) as c:
-        assert await c.head_manifest(REF) is None
-        fetched = await c.get_manifest(REF)
+        assert await head_manifest(c, REF) is None
+        fetched = await get_manifest(c, REF)
     assert fetched.digest == Digest(MANIFEST_DIGEST)
     assert fetched.media_type == OCI_MANIFEST
 
@@ -285,4 +286,4 @@ async def test_manifest_unknown() -> None:
 
     async with RegistryClient(transport=httpx.MockTransport(handler)) as c:
         with pytest.raises(ManifestNotFoundError, match=r"reg.example/v2/family/base/manifests/v1"):
-            await c.get_manifest(REF)
+            await get_manifest(c, REF)

@@ -3,7 +3,7 @@
 Modules, one concern each: `errors` (classified errors), `mediatypes`, `challenge`
 (``WWW-Authenticate``), `credentials` (Docker config / pull secrets), `auth` (basic and
 bearer-token flows, token cache), `retry` (policy on tenacity), `manifest` (parsing at the
-edge), `client` (connections, auth, redirects, manifests), `blobs` (verified streaming
+edge), `client` (connections, auth, redirects), `fetch` (manifests), `blobs` (verified streaming
 with resume).
 """
 
@@ -40,6 +40,7 @@ from layercache.registry.errors import (
     UnsupportedManifestError,
     UnsupportedMediaTypeError,
 )
+from layercache.registry.fetch import FetchedManifest, ManifestHead, get_manifest, head_manifest
 from layercache.registry.retry import RetryPolicy
 
 __all__ = [
@@ -52,10 +53,12 @@ __all__ = [
     "Credentials",
     "DigestMismatchError",
     "DockerConfig",
+    "FetchedManifest",
     "FileSink",
     "IncompleteBodyError",
     "Keyring",
     "ManifestError",
+    "ManifestHead",
     "ManifestNotFoundError",
     "MemorySink",
     "NoMatchingPlatformError",
@@ -76,4 +79,6 @@ __all__ = [
     "UnsupportedMediaTypeError",
     "fetch_blob",
     "fetch_blob_bytes",
+    "get_manifest",
+    "head_manifest",
 ]

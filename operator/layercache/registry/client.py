@@ -14,8 +14,8 @@ token spec. One `RegistryClient` serves every registry of a process:
 - each logical request runs in one retry loop (`RetryPolicy`); a 401 gets one token
   refresh inside the attempt, which is not a retry.
 
-Blob streaming lives in `layercache.registry.blobs`, resolution in
-`layercache.registry.resolve`; both use `stream` and `raise_for_status` from here.
+Manifests are fetched by `layercache.registry.fetch`, blobs streamed by
+`layercache.registry.blobs`; both use `stream` and `raise_for_status` from here.
 """
 
 from __future__ import annotations
@@ -33,31 +33,19 @@ from typing import Final
 import httpx
 
 from layercache import __version__
-from layercache.digest import Digest, DigestMismatchError, InvalidDigestError
-from layercache.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlgorithm
 from layercache.reference import Reference
 from layercache.registry.auth import Authenticator, repository_scope
 from layercache.registry.credentials import Keyring
 from layercache.registry.errors import (
     BlobTooLargeError,
-    ManifestError,
-    ManifestNotFoundError,
     RateLimitedError,
     RegistryConnectionError,
     RegistryStatusError,
     ServerError,
-    UnsupportedDigestError,
 )
-from layercache.registry.manifest import (
-    MAX_MANIFEST_BYTES,
-    ImageIndex,
-    ImageManifest,
-    parse_manifest,
-)
-from layercache.registry.mediatypes import ACCEPT_MANIFESTS
 from layercache.registry.retry import RetryPolicy, parse_retry_after
 
-__all__ = ["FetchedManifest", "ManifestHead", "RegistryClient", "RegistryOptions"]
+__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped"]
 
 log = logging.getLogger(__name__)
 
@@ -86,30 +74,6 @@ class RegistryOptions:
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
-
-
-@dataclass(frozen=True)
-class ManifestHead:
-    """What ``HEAD`` on a manifest told: digest, media type and size (bytes) if sent."""
-
-    digest: Digest
-    media_type: str | None
-    size: int | None
-
-
-@dataclass(frozen=True)
-class FetchedManifest:
-    """A manifest or index as fetched and verified.
-
-    ``digest`` verified, ``media_type`` detected, ``size`` in bytes of the raw ``body``,
-    ``manifest`` the parsed document.
-    """
-
-    digest: Digest
-    media_type: str
-    size: int
-    body: bytes
-    manifest: ImageManifest | ImageIndex
 
 
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -365,94 +329,6 @@ class RegistryClient:
             with attempt:
                 async with self.stream("GET", reference, "/v2/", scope="") as response:
                     await self.raise_for_status(response, what)
-
-    def _manifest_path(self, reference: Reference, target: str) -> str:
-        return f"/v2/{reference.repository}/manifests/{target}"
-
-    async def head_manifest(self, reference: Reference) -> ManifestHead | None:
-        """``HEAD`` the manifest of ``reference`` (its digest, else its tag).
-
-        Returns None when HEAD cannot answer (405 or 404 on HEAD — some registries do not
-        implement it — or no ``Docker-Content-Digest``): fall back to `get_manifest`.
-
-        Raises:
-            RegistryAuthError, RegistryStatusError, TransientError: as for GET.
-            ManifestError: a malformed ``Docker-Content-Digest``.
-
-        """
-        target = reference.manifest_reference
-        what = f"HEAD {reference.registry}{self._manifest_path(reference, target)}"
-        async for attempt in self.retry.retrying(what):
-            with attempt:
-                async with self.stream(
-                    "HEAD",
-                    reference,
-                    self._manifest_path(reference, target),
-                    {"Accept": ACCEPT_MANIFESTS},
-                ) as response:
-                    if response.status_code in (404, 405):
-                        return None
-                    await self.raise_for_status(response, what, ManifestNotFoundError)
-                    header = response.headers.get("docker-content-digest")
-                    if not header:
-                        return None
-                    length = response.headers.get("content-length")
-                    return ManifestHead(
-                        _header_digest(str(reference), header),
-                        response.headers.get("content-type"),
-                        int(length) if length and length.isdigit() else None,
-                    )
-        raise AssertionError("unreachable: the retry loop returns or raises")
-
-    async def get_manifest(
-        self, reference: Reference, target: str | None = None
-    ) -> FetchedManifest:
-        """``GET`` and parse a manifest or index.
-
-        ``target`` is a digest or tag (default: the reference's own).
-        The body's digest is verified against ``target`` when it is a digest, else against
-        ``Docker-Content-Digest`` when sent; without either it is the body's sha256.
-
-        Raises:
-            ManifestNotFoundError: no such manifest.
-            DigestMismatchError: the body does not hash to the expected digest.
-            ManifestError: (and subclasses) malformed, unsupported or oversized.
-            RegistryAuthError, RegistryStatusError, TransientError: as usual.
-
-        """
-        target = target or reference.manifest_reference
-        path = self._manifest_path(reference, target)
-        name = f"{reference.name}@{target}" if target.count(":") else f"{reference.name}:{target}"
-        what = f"GET {reference.registry}{path}"
-        body, header, content_type = b"", None, None
-        async for attempt in self.retry.retrying(what):
-            with attempt:
-                async with self.stream(
-                    "GET", reference, path, {"Accept": ACCEPT_MANIFESTS}
-                ) as response:
-                    await self.raise_for_status(response, what, ManifestNotFoundError)
-                    body = await read_capped(response, MAX_MANIFEST_BYTES, name)
-                    header = response.headers.get("docker-content-digest")
-                    content_type = response.headers.get("content-type")
-        expected: Digest | None = None
-        if ":" in target:
-            expected = Digest(target)
-        elif header:
-            expected = _header_digest(name, header)
-        digest = Digest.from_bytes(body, expected.algorithm if expected else "sha256")
-        if expected is not None and digest != expected:
-            raise DigestMismatchError(expected, digest, len(body))
-        parsed = parse_manifest(body, content_type, name)
-        return FetchedManifest(digest, parsed.media_type, len(body), body, parsed)
-
-
-def _header_digest(name: str, header: str) -> Digest:
-    try:
-        return Digest(header.strip())
-    except _UnsupportedAlgorithm as exc:
-        raise UnsupportedDigestError(name, "Docker-Content-Digest", exc.reason) from None
-    except InvalidDigestError as exc:
-        raise ManifestError(name, "Docker-Content-Digest", exc.reason) from None
 
 
 async def read_capped(response: httpx.Response, cap: int, name: str) -> bytes:

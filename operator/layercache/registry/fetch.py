@@ -1,0 +1,143 @@
+"""Fetch manifests: ``HEAD`` for a tag's digest, ``GET`` with the digest verified.
+
+OCI distribution-spec, "Pulling manifests" and "Checking if content exists": a manifest is
+addressed by tag or digest under ``/v2/<name>/manifests/<reference>``; the registry names
+its digest in ``Docker-Content-Digest``. What we verify:
+
+- by digest: the body must hash to that digest (its algorithm);
+- by tag: the body must hash to ``Docker-Content-Digest`` when the registry sends it;
+  without it, the digest is the body's sha256 (what containerd records too).
+
+Bodies are read with a cap (`MAX_MANIFEST_BYTES`) and parsed by
+`layercache.registry.manifest`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layercache.digest import Digest, DigestMismatchError, InvalidDigestError
+from layercache.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlgorithm
+from layercache.reference import Reference
+from layercache.registry.client import RegistryClient, read_capped
+from layercache.registry.errors import ManifestError, ManifestNotFoundError, UnsupportedDigestError
+from layercache.registry.manifest import (
+    MAX_MANIFEST_BYTES,
+    ImageIndex,
+    ImageManifest,
+    parse_manifest,
+)
+from layercache.registry.mediatypes import ACCEPT_MANIFESTS
+
+__all__ = ["FetchedManifest", "ManifestHead", "get_manifest", "head_manifest"]
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    """What ``HEAD`` on a manifest told: digest, media type and size (bytes) if sent."""
+
+    digest: Digest
+    media_type: str | None
+    size: int | None
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest or index as fetched and verified.
+
+    ``digest`` verified, ``media_type`` detected, ``size`` in bytes of the raw ``body``,
+    ``manifest`` the parsed document.
+    """
+
+    digest: Digest
+    media_type: str
+    size: int
+    body: bytes
+    manifest: ImageManifest | ImageIndex
+
+
+def _manifest_path(reference: Reference, target: str) -> str:
+    return f"/v2/{reference.repository}/manifests/{target}"
+
+
+async def head_manifest(client: RegistryClient, reference: Reference) -> ManifestHead | None:
+    """``HEAD`` the manifest of ``reference`` (its digest, else its tag).
+
+    Returns None when HEAD cannot answer (405 or 404 on HEAD — some registries do not
+    implement it — or no ``Docker-Content-Digest``): fall back to `get_manifest`.
+
+    Raises:
+        RegistryAuthError, RegistryStatusError, TransientError: as for GET.
+        ManifestError: a malformed ``Docker-Content-Digest``.
+
+    """
+    path = _manifest_path(reference, reference.manifest_reference)
+    what = f"HEAD {reference.registry}{path}"
+    async for attempt in client.retry.retrying(what):
+        with attempt:
+            async with client.stream(
+                "HEAD", reference, path, {"Accept": ACCEPT_MANIFESTS}
+            ) as response:
+                if response.status_code in (404, 405):
+                    return None
+                await client.raise_for_status(response, what, ManifestNotFoundError)
+                header = response.headers.get("docker-content-digest")
+                if not header:
+                    return None
+                length = response.headers.get("content-length")
+                return ManifestHead(
+                    _header_digest(str(reference), header),
+                    response.headers.get("content-type"),
+                    int(length) if length and length.isdigit() else None,
+                )
+    raise AssertionError("unreachable: the retry loop returns or raises")
+
+
+async def get_manifest(
+    client: RegistryClient, reference: Reference, target: str | None = None
+) -> FetchedManifest:
+    """``GET`` and parse a manifest or index.
+
+    ``target`` is a digest or tag (default: the reference's own).
+
+    Raises:
+        ManifestNotFoundError: no such manifest.
+        DigestMismatchError: the body does not hash to the expected digest.
+        ManifestError: (and subclasses) malformed, unsupported or oversized.
+        RegistryAuthError, RegistryStatusError, TransientError: from the client.
+
+    """
+    target = target or reference.manifest_reference
+    path = _manifest_path(reference, target)
+    by_digest = ":" in target  # tags cannot hold ':'
+    name = f"{reference.name}@{target}" if by_digest else f"{reference.name}:{target}"
+    what = f"GET {reference.registry}{path}"
+    body, header, content_type = b"", None, None
+    async for attempt in client.retry.retrying(what):
+        with attempt:
+            async with client.stream(
+                "GET", reference, path, {"Accept": ACCEPT_MANIFESTS}
+            ) as response:
+                await client.raise_for_status(response, what, ManifestNotFoundError)
+                body = await read_capped(response, MAX_MANIFEST_BYTES, name)
+                header = response.headers.get("docker-content-digest")
+                content_type = response.headers.get("content-type")
+    expected: Digest | None = None
+    if by_digest:
+        expected = _header_digest(name, target)
+    elif header:
+        expected = _header_digest(name, header)
+    digest = Digest.from_bytes(body, expected.algorithm if expected else "sha256")
+    if expected is not None and digest != expected:
+        raise DigestMismatchError(expected, digest, len(body))
+    parsed = parse_manifest(body, content_type, name)
+    return FetchedManifest(digest, parsed.media_type, len(body), body, parsed)
+
+
+def _header_digest(name: str, text: str) -> Digest:
+    try:
+        return Digest(text.strip())
+    except _UnsupportedAlgorithm as exc:
+        raise UnsupportedDigestError(name, "Docker-Content-Digest", exc.reason) from None
+    except InvalidDigestError as exc:
+        raise ManifestError(name, "Docker-Content-Digest", exc.reason) from None
