@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from testbed.bed import BedState, TestBed
+from testbed.faultproxy import FaultProxy
 from testbed.images import Family
 from testbed.kube import Kube
 
@@ -38,3 +39,16 @@ def family(bed: BedState) -> Family:
     """The image family pushed to every registry of the bed (expected digests and sizes)."""
     assert bed.family is not None, "the session bed seeds the image family"
     return Family.load(Path(bed.family).parent)
+
+
+@pytest.fixture
+def proxy(bed: BedState) -> Iterator[FaultProxy]:
+    """The bed's fault proxy (in front of the plain registry), reset before and after."""
+    assert bed.proxy_url is not None
+    client = FaultProxy(bed.proxy_url)
+    client.reset()
+    client.set_rate(None)
+    yield client
+    client.reset()
+    client.set_rate(None)
+    client.close()

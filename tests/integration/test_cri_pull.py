@@ -13,10 +13,9 @@ from testbed.procs import ComponentError
 pytestmark = pytest.mark.integration
 
 
-def test_cri_pull_on_two_nodes_fetches_each_blob_once_per_node(bed: BedState,
-                                                               family: Family) -> None:
-    proxy = FaultProxy(bed.proxy_url or "")
-    proxy.reset()
+def test_cri_pull_on_two_nodes_fetches_each_blob_once_per_node(
+    bed: BedState, family: Family, proxy: FaultProxy
+) -> None:
     image = family.images["app-py-a"]
     manifest = image.resolve()
     for node in bed.nodes[:2]:
@@ -34,12 +33,14 @@ def test_cri_pull_on_two_nodes_fetches_each_blob_once_per_node(bed: BedState,
     # Nothing else was fetched: blob bytes are exactly two full copies of the image.
     assert stats.blob_bytes == 2 * family.unique_blob_bytes([image.name])
     # The third node pulled nothing.
-    assert not any(image.repository in t for i in images(bed.nodes[2].socket)
-                   for t in i["repoTags"])
+    assert not any(
+        image.repository in t for i in images(bed.nodes[2].socket) for t in i["repoTags"]
+    )
 
 
 def test_token_registry_refuses_anonymous_cri_pull_and_accepts_credentials(
-        bed: BedState, family: Family) -> None:
+    bed: BedState, family: Family
+) -> None:
     token = bed.registries["token"]
     ref = f"{token.host}/{family.images['base'].reference}"
     node = bed.nodes[2]
@@ -47,5 +48,4 @@ def test_token_registry_refuses_anonymous_cri_pull_and_accepts_credentials(
         pull(node.socket, ref)
     with pytest.raises(ComponentError, match=r"(?i)unauthorized|401"):
         pull(node.socket, ref, creds=f"{token.username}:wrong-password")
-    assert pull(node.socket, ref, creds=f"{token.username}:{token.password}").startswith(
-        "sha256:")
+    assert pull(node.socket, ref, creds=f"{token.username}:{token.password}").startswith("sha256:")

@@ -114,6 +114,9 @@ def register_nodes(kubeconfig: Path, nodes: list[SimNode]) -> None:
         api.create_node(node.node_object())
         api.patch_node_status(node.name, {"status": node.node_status(KUBERNETES_VERSION,
                                                                       runtime)})
+        # Admission (TaintNodesByCondition) taints every new Node not-ready:NoSchedule; the
+        # node-lifecycle controller, off on the bed, lifts it once the node reports Ready.
+        api.patch_node(node.name, {"spec": {"taints": None}})
     api.api_client.close()
 
 
@@ -179,6 +182,7 @@ class TestBed:
             self.processes += controllers
             registries = {f: r.result() for f, r in regs.items()}
             proxy = start_fault_proxy(self.workdir / "proxy", registries["plain"].url)
+            proxy.close()  # the process stays; only this client's connection pool goes
             assert proxy.process is not None
             self.processes.append(proxy.process)
             for w in node_waits:
