@@ -12,10 +12,9 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from testbed import pki
 from testbed.controlplane import ControlPlane
@@ -234,28 +233,22 @@ def stop_bed(workdir: Path, processes: list[Process] | None = None) -> list[str]
     processes it stopped.
     """
     stopped = []
-    pids: dict[int, str] = {}
-    try:
-        for rec in BedState.load(workdir).processes:
-            pids[rec.pid] = rec.name
-    except FileNotFoundError:
-        pass
-    for proc in processes or []:
-        if proc.popen is not None:
-            pids[proc.pid] = proc.name
+    own = {proc.pid: proc for proc in processes or [] if proc.popen is not None}
+    recorded: dict[int, str] = {}
+    with suppress(FileNotFoundError):
+        recorded = {rec.pid: rec.name for rec in BedState.load(workdir).processes}
+    names = {**recorded, **{pid: proc.name for pid, proc in own.items()}}
     # Newest first: clients (controllers) before the servers they talk to.
-    for pid, name in reversed(pids.items()):
-        if pid_alive(pid):
+    for pid, name in reversed(names.items()):
+        if pid in own:
+            # Our own child: stop it and reap it, so no zombie or Popen outlives the bed.
+            if own[pid].popen.poll() is None:  # type: ignore[union-attr]
+                stopped.append(name)
+            own[pid].stop()
+        elif pid_alive(pid):
             stop_group(pid)
             stopped.append(name)
-    for proc in processes or []:
-        if proc.popen is not None:
-            proc.popen.poll()  # reap, so no zombie outlives the bed
     unmount_under(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     return stopped
 
-
-def describe(state: BedState) -> dict[str, Any]:
-    """A JSON-able summary of a bed (for the CLI and logs)."""
-    return asdict(state)

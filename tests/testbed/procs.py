@@ -143,10 +143,16 @@ class Process:
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop the process and its group (idempotent)."""
-        if self.popen is not None:
-            stop_group(self.popen.pid, grace)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=1)
+        if self.popen is None or self.popen.returncode is not None:
+            return
+        stop_group(self.popen.pid, grace)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            # Still there after SIGTERM and SIGKILL rounds (e.g. stuck in uninterruptible
+            # I/O under load): kill the leader once more and reap it, however long it takes.
+            self.popen.kill()
+            self.popen.wait()
 
 
 def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
