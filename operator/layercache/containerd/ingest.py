@@ -1,0 +1,300 @@
+"""The content store's Write protocol: one ingest stream, from STAT to COMMIT.
+
+containerd ``Content.Write`` is a bidirectional stream of ``WriteContentRequest`` →
+``WriteContentResponse``, one response per request (``contentserver.go``):
+
+1. STAT (ref, total, expected) opens, or reopens, the ingest ``ref`` and locks it for this
+   stream; the reply's ``offset`` is how many bytes the ingest already holds: the resume
+   point. ``ALREADY_EXISTS`` here means the blob is committed already.
+2. WRITE (offset, data) appends; ``offset`` must equal the ingest's offset (a WRITE at 0
+   truncates the ingest, which is how a non-resumable source starts over). The reply's
+   offset is the new size.
+3. COMMIT (total, expected, labels) makes the ingest the blob ``expected`` with ``labels``;
+   containerd checks size and digest here: a mismatch is ``FAILED_PRECONDITION`` and the
+   ingest stays (the caller aborts it). ``ALREADY_EXISTS`` means someone committed it first.
+4. Close the sending side and read the stream to its end: the server sends its last reply
+   once more when the stream closes cleanly.
+
+This module runs that exchange; `layercache.containerd.content.ContentStore.write` adds the
+lease, the abort on failure and the labels of a blob that already existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+
+from layercache.containerd.channel import Client
+from layercache.containerd.errors import (
+    ContainerdError,
+    FailedPrecondition,
+    OutOfRange,
+    Unavailable,
+)
+from layercache.containerd.protos import content_pb2, content_pb2_grpc
+from layercache.digest import Digest, DigestMismatchError, InvalidDigestError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "INGEST_LEASE_EXPIRY",
+    "LOCK_WAIT",
+    "ChunkSource",
+    "ContentDigestMismatchError",
+    "ResumableSource",
+    "SourceSizeError",
+    "WriteOutcome",
+    "WriteResult",
+    "ingest_lease_id",
+    "ingest_ref",
+    "rechunk",
+    "write_stream",
+]
+
+#: Bytes of data per WRITE message: containerd's own clients copy in 1 MiB buffers.
+CHUNK_BYTES: Final = 1024 * 1024
+#: Seconds to wait for an ingest ref locked by another stream before giving up (Unavailable).
+LOCK_WAIT: Final = 10.0
+
+#: Seconds the lease of an ingest kept for a resume lives (its ``containerd.io/gc.expire``):
+#: long enough to resume after an agent restart, short enough not to hold disk for long.
+INGEST_LEASE_EXPIRY: Final = 24 * 3600.0
+
+#: A resumable source: called with a byte offset, it yields the blob's bytes from there.
+ResumableSource = Callable[[int], AsyncIterable[bytes]]
+#: What `write_stream` accepts: a resumable source, or plain bytes from the start.
+ChunkSource = ResumableSource | AsyncIterable[bytes]
+
+_COMMIT_DIGEST = re.compile(r"unexpected commit digest (\S+), expected")
+
+
+def ingest_ref(digest: str) -> str:
+    """Our ingest ref for blob ``digest``: one per digest, so a retry resumes its ingest."""
+    return f"layercache-{Digest(digest)}"
+
+
+def ingest_lease_id(ref: str) -> str:
+    """The id of the lease a write of ``ref`` makes for itself when given none.
+
+    One per ref, so a resumed write finds (and finally deletes) the lease of the first.
+    """
+    return f"layercache-ingest-{hashlib.sha256(ref.encode()).hexdigest()[:24]}"
+
+
+class ContentDigestMismatchError(DigestMismatchError):
+    """containerd refused the COMMIT: the ingest's bytes hash to another digest.
+
+    A `DigestMismatchError` (``expected``, ``actual``, ``size`` in bytes) that also names
+    the ``socket`` and ingest ``ref``; the ingest has been aborted when this reaches you.
+    """
+
+    def __init__(self, expected: Digest, actual: Digest, size: int, *, socket: str,
+                 ref: str) -> None:
+        super().__init__(expected, actual, size)
+        self.args = (f"{self.args[0]} (ingest ref {ref!r} on containerd {socket})",)
+        self.socket = socket
+        self.ref = ref
+
+
+class SourceSizeError(Exception):
+    """The source yielded more or fewer bytes than the ``total`` announced for the blob."""
+
+    def __init__(self, ref: str, expected: Digest, total: int, got: int, *, more: bool) -> None:
+        amount = f"more than {total}" if more else f"{got} of {total}"
+        super().__init__(f"source of {expected} (ingest ref {ref!r}) gave {amount} bytes")
+        self.ref = ref
+        self.expected = expected
+        self.total = total
+        self.got = got
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """A committed Write stream, in bytes.
+
+    ``resumed_from``: what the ingest held already (not sent again); ``written``: what
+    this stream sent.
+    """
+
+    resumed_from: int
+    written: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """A committed (or already present) blob: ``digest`` and ``size`` (bytes).
+
+    ``resumed_from``: bytes the ingest held already, not sent again; ``written``: bytes sent
+    by this call; ``already_existed``: the blob was there before (nothing committed, our
+    labels added to it).
+    """
+
+    digest: Digest
+    size: int
+    resumed_from: int
+    written: int
+    already_existed: bool
+
+
+async def rechunk(chunks: AsyncIterable[bytes], size: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
+    """Regroup ``chunks`` into pieces of exactly ``size`` bytes (the last may be shorter)."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        if not buffer and len(chunk) == size:
+            yield bytes(chunk)  # the common case of a source already in step: no copy
+            continue
+        buffer += chunk
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
+
+
+class _Stream:
+    """One Write call: send a request, read its one reply within the client's timeout."""
+
+    def __init__(self, client: Client, stub: content_pb2_grpc.ContentStub, lease: str,
+                 ref: str) -> None:
+        self.client = client
+        self.ref = ref
+        self.call = stub.Write(metadata=client.metadata(lease))
+
+    async def exchange(self, request: content_pb2.WriteContentRequest,
+                       ) -> content_pb2.WriteContentResponse:
+        try:
+            async with asyncio.timeout(self.client.timeout):
+                await self.call.write(request)
+                response = await self.call.read()
+        except TimeoutError:
+            raise Unavailable(socket=self.client.socket, subject=f"ingest ref {self.ref!r}",
+                              operation="Content.Write", code=None,
+                              details=f"no reply in {self.client.timeout:g} s") from None
+        if response is grpc.aio.EOF:
+            raise ContainerdError(socket=self.client.socket, subject=f"ingest ref {self.ref!r}",
+                                  operation="Content.Write", code=None,
+                                  details="stream ended before its reply")
+        reply: content_pb2.WriteContentResponse = response
+        return reply
+
+    async def finish(self) -> None:
+        """Close our side, then read to the end (the server repeats its last reply)."""
+        await self.call.done_writing()
+        async with asyncio.timeout(self.client.timeout):
+            while await self.call.read() is not grpc.aio.EOF:
+                pass
+
+
+async def _open(client: Client, stub: content_pb2_grpc.ContentStub, lease: str, ref: str,
+                stat: content_pb2.WriteContentRequest,
+                ) -> tuple[_Stream, content_pb2.WriteContentResponse]:
+    """Open the stream with STAT, waiting out a lock held by another (dying) stream.
+
+    containerd's ``content.OpenWriter`` retries the same way: a ref stays locked until the
+    server notices that the previous stream on it ended.
+    """
+    deadline = asyncio.get_running_loop().time() + LOCK_WAIT
+    backoff = 0.05
+    while True:
+        stream = _Stream(client, stub, lease, ref)
+        try:
+            return stream, await stream.exchange(stat)
+        except grpc.RpcError as error:
+            stream.call.cancel()
+            locked = (error.code() == grpc.StatusCode.UNAVAILABLE
+                      and "locked" in (error.details() or ""))
+            if not locked or asyncio.get_running_loop().time() + backoff > deadline:
+                raise
+        except BaseException:
+            stream.call.cancel()
+            raise
+        await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
+        backoff = min(backoff * 2, 1.0)
+
+
+def _is_resumable(source: ChunkSource) -> bool:
+    return not hasattr(source, "__aiter__") and callable(source)
+
+
+def _mismatch(error: FailedPrecondition, expected: Digest, total: int,
+              ref: str) -> ContentDigestMismatchError | None:
+    match = _COMMIT_DIGEST.search(error.details)
+    if match is None:
+        return None
+    try:
+        actual = Digest(match.group(1))
+    except InvalidDigestError:
+        return None
+    return ContentDigestMismatchError(expected, actual, total, socket=error.socket, ref=ref)
+
+
+async def write_stream(client: Client, stub: content_pb2_grpc.ContentStub, *, ref: str,
+                       expected: Digest, total: int, source: ChunkSource,
+                       labels: Mapping[str, str], lease: str) -> WriteOutcome:
+    """Run one Write stream for ingest ``ref`` under ``lease``; see the module docstring.
+
+    A resumable ``source`` is called with the STAT offset and only the missing bytes are
+    sent; a plain iterable starts over at 0 (truncating the ingest). Cleanup (abort, lease)
+    is the caller's.
+
+    Raises:
+        AlreadyExists: the blob is committed already (at STAT or COMMIT): success for the
+            caller, which then labels it.
+        ContentDigestMismatchError: COMMIT found another digest.
+        SourceSizeError: the source gave more or fewer than ``total`` bytes.
+        OutOfRange / FailedPrecondition / Unavailable / ContainerdError: as containerd said.
+
+    """
+    subject = f"ingest ref {ref!r} ({expected.short}, {total} bytes)"
+    stat = content_pb2.WriteContentRequest(action=content_pb2.STAT, ref=ref, total=total,
+                                           expected=expected)
+    with client.errors(subject, "Content.Write"):
+        stream, reply = await _open(client, stub, lease, ref, stat)
+    try:
+        resumable = _is_resumable(source)
+        start = reply.offset if resumable and reply.offset <= total else 0
+        sent = start
+        chunks: AsyncIterable[bytes]
+        if resumable:
+            assert callable(source)
+            chunks = source(start)
+        else:
+            assert not callable(source)
+            chunks = source
+        try:
+            with client.errors(subject, "Content.Write"):
+                async for piece in rechunk(chunks):
+                    if sent + len(piece) > total:
+                        raise SourceSizeError(ref, expected, total, sent + len(piece),
+                                              more=True)
+                    reply = await stream.exchange(content_pb2.WriteContentRequest(
+                        action=content_pb2.WRITE, offset=sent, data=piece))
+                    sent += len(piece)
+                    if reply.offset != sent:
+                        raise OutOfRange(socket=client.socket, subject=subject,
+                                         operation="Content.Write", code=None,
+                                         details=f"ingest at {reply.offset} after writing up "
+                                                 f"to {sent}")
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if sent != total:
+            raise SourceSizeError(ref, expected, total, sent, more=False)
+        try:
+            with client.errors(subject, "Content.Write"):
+                await stream.exchange(content_pb2.WriteContentRequest(
+                    action=content_pb2.COMMIT, offset=sent, total=total, expected=expected,
+                    labels=dict(labels)))
+                await stream.finish()
+        except FailedPrecondition as error:
+            raise _mismatch(error, expected, total, ref) or error from None
+        return WriteOutcome(resumed_from=start, written=sent - start)
+    finally:
+        stream.call.cancel()  # no-op after a clean end; releases the ref's lock otherwise
