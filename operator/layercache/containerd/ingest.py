@@ -25,7 +25,7 @@ import asyncio
 import hashlib
 import random
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -142,7 +142,8 @@ class WriteResult:
     already_existed: bool
 
 
-async def rechunk(chunks: AsyncIterable[bytes], size: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
+async def rechunk(chunks: AsyncIterable[bytes],
+                  size: int = CHUNK_BYTES) -> AsyncGenerator[bytes, None]:
     """Regroup ``chunks`` into pieces of exactly ``size`` bytes (the last may be shorter)."""
     buffer = bytearray()
     async for chunk in chunks:
@@ -267,9 +268,10 @@ async def write_stream(client: Client, stub: content_pb2_grpc.ContentStub, *, re
         else:
             assert not callable(source)
             chunks = source
+        pieces = rechunk(chunks)
         try:
             with client.errors(subject, "Content.Write"):
-                async for piece in rechunk(chunks):
+                async for piece in pieces:
                     if sent + len(piece) > total:
                         raise SourceSizeError(ref, expected, total, sent + len(piece),
                                               more=True)
@@ -282,6 +284,9 @@ async def write_stream(client: Client, stub: content_pb2_grpc.ContentStub, *, re
                                          details=f"ingest at {reply.offset} after writing up "
                                                  f"to {sent}")
         finally:
+            # Close both generators now, not at garbage collection: a source may hold a
+            # connection or a file that should go when the write stops.
+            await pieces.aclose()
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
