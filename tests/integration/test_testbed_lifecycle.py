@@ -58,6 +58,7 @@ def test_failed_up_names_the_component_and_cleans_up(tmp_path: Path) -> None:
     workdir = tmp_path / "bed"
     bed = TestBed(workdir, nodes=1, seed_images=False,
                   apiserver_args=("--no-such-flag=1",))
-    with pytest.raises(ComponentError, match=r"(?s)kube-apiserver exited .*unknown flag: --no-such-flag"):
+    failure = r"(?s)kube-apiserver exited .*unknown flag: --no-such-flag"
+    with pytest.raises(ComponentError, match=failure):
         bed.up()
     assert _leftovers(workdir) == ([], [])
