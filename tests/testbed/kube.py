@@ -57,3 +57,29 @@ def wait_for(probe: Callable[[], T | None], timeout: float = 60, interval: float
             return last
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def service_account_kubeconfig(kube: Kube, namespace: str, name: str, path: Path,
+                               duration_seconds: int = 3600) -> Path:
+    """Write a kubeconfig that authenticates as ServiceAccount `namespace/name`.
+
+    The token is a real bound token from the TokenRequest API (what a Pod's projected
+    token is), so RBAC decisions are the apiserver's own. Returns `path`.
+    """
+    import yaml  # only this helper writes YAML
+
+    token = kube.kubectl("-n", namespace, "create", "token", name,
+                         f"--duration={duration_seconds}s").strip()
+    cluster = kube.api.configuration
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "testbed", "cluster": {
+            "server": cluster.host, "certificate-authority": cluster.ssl_ca_cert}}],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": "testbed", "user": name,
+                                                 "namespace": namespace}}],
+        "current-context": name,
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+    return path
