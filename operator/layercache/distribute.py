@@ -1,0 +1,138 @@
+"""Pure: per-cache plans → each node's `NodeLayerCache.spec`, one upstream fetch per layer.
+
+Several LayerCaches may want the same layer on the same node; the node holds it once, and
+the spec lists every cache that wants it (`caches`), so the agent keeps it while any does.
+
+Who fetches from upstream: a layer some node already holds is fetched by everyone else
+from peers. A layer nobody holds gets exactly one *seeder*, the node wanting it with the
+fewest upstream bytes assigned so far (largest layers first, so the links fill evenly);
+all other nodes wanting it fetch from peers. That is what makes upstream bytes ≈ unique
+bytes while every node is still warmed. Peers are listed holders first, then the seeder,
+then other nodes that will hold it — rotated per node, so one peer is not everyone's first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from layercache.digest import Digest
+from layercache.planner import Layer, Plan
+
+__all__ = ["MAX_PEERS", "CachePlan", "NodeLayer", "distribute", "node_spec"]
+
+#: Candidate peers listed per layer (the CRD caps the list at 8).
+MAX_PEERS = 8
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """One LayerCache's contribution: its plan and where upstream serves each layer.
+
+    ``key`` is "namespace/name"; ``repositories`` maps each layer digest to the
+    "registry/repository" of an image that has it; ``images`` lists, for mode Images, each
+    image pinned by digest with the digests of its layers; ``paused`` stops fetching.
+    """
+
+    key: str
+    plan: Plan
+    repositories: Mapping[Digest, str]
+    images: tuple[tuple[str, frozenset[Digest]], ...] = ()
+    paused: bool = False
+
+
+@dataclass
+class NodeLayer:
+    """One entry of `NodeLayerCache.spec.layers` (see the CRD for each field)."""
+
+    layer: Layer
+    repository: str
+    caches: set[str] = field(default_factory=set)
+    source: str = "Peer"
+    peers: list[str] = field(default_factory=list)
+
+    def to_spec(self) -> dict[str, Any]:
+        """The CRD's camelCase dict."""
+        return {"digest": str(self.layer.digest), "size": self.layer.size,
+                "mediaType": self.layer.media_type, "repository": self.repository,
+                "source": self.source, "peers": self.peers}
+
+
+def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Digest]]
+               ) -> dict[str, list[NodeLayer]]:
+    """Merge `caches` into per-node ordered layer lists with sources and peers assigned.
+
+    Args:
+        caches: every active cache's plan (any order; merged in `key` order, so the
+            result is deterministic).
+        present: node name → digests its containerd holds now.
+
+    Returns:
+        node name → its layers, each cache's order kept (a layer after those beneath it),
+        duplicates across caches merged. Nodes no cache targets are absent.
+    """
+    per_node: dict[str, dict[Digest, NodeLayer]] = {}
+    for cache in sorted(caches, key=lambda c: c.key):
+        for name, node_plan in cache.plan.nodes.items():
+            layers = per_node.setdefault(name, {})
+            for layer in node_plan.layers:
+                entry = layers.get(layer.digest)
+                if entry is None:
+                    entry = layers[layer.digest] = NodeLayer(
+                        layer, cache.repositories[layer.digest])
+                entry.caches.add(cache.key)
+    wanting: dict[Digest, list[str]] = {}
+    sizes: dict[Digest, int] = {}
+    for name in sorted(per_node):
+        for digest, entry in per_node[name].items():
+            wanting.setdefault(digest, []).append(name)
+            sizes[digest] = entry.layer.size
+    holders = {d: [n for n in sorted(present) if d in present[n]] for d in wanting}
+    seeder = _seeders(wanting, holders, sizes)
+    for digest, nodes in wanting.items():
+        for i, name in enumerate(nodes):
+            entry = per_node[name][digest]
+            if seeder.get(digest) == name:
+                entry.source = "Upstream"
+                continue
+            # Holders first, then the seeder, then the others in rotation from this node.
+            later = nodes[i + 1:] + nodes[:i]
+            ordered = [n for n in holders[digest] if n != name]
+            ordered += [n for n in [seeder.get(digest), *later] if n and n not in ordered]
+            entry.peers = ordered[:MAX_PEERS]
+    return {name: list(layers.values()) for name, layers in per_node.items()}
+
+
+def _seeders(wanting: Mapping[Digest, list[str]], holders: Mapping[Digest, list[str]],
+             sizes: Mapping[Digest, int]) -> dict[Digest, str]:
+    assigned: dict[str, int] = {}
+    seeder = {}
+    for digest in sorted(wanting, key=lambda d: (-sizes[d], d)):
+        if holders[digest]:
+            continue
+        name = min(wanting[digest], key=lambda n: (assigned.get(n, 0), n))
+        assigned[name] = assigned.get(name, 0) + sizes[digest]
+        seeder[digest] = name
+    return seeder
+
+
+def node_spec(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan]
+              ) -> dict[str, Any]:
+    """The `NodeLayerCache.spec` of node `name` (the CRD's camelCase dict).
+
+    ``images`` lists the mode-Images images all of whose layers the node holds; ``paused``
+    is set when every cache wanting something here is paused.
+    """
+    held = {entry.layer.digest for entry in layers}
+    wanting = sorted({c for entry in layers for c in entry.caches})
+    by_key = {c.key: c for c in caches}
+    images = sorted({ref for key in wanting for ref, digests in by_key[key].images
+                     if digests <= held})
+    return {
+        "nodeName": name,
+        "layers": [entry.to_spec() for entry in layers],
+        "images": [{"reference": ref} for ref in images],
+        "caches": wanting,
+        "paused": bool(wanting) and all(by_key[k].paused for k in wanting),
+    }

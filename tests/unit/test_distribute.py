@@ -1,0 +1,113 @@
+"""Distribution: layers held once per node across caches; exactly one seeder per unheld layer."""
+
+from __future__ import annotations
+
+import hashlib
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from layercache.digest import Digest
+from layercache.distribute import CachePlan, distribute, node_spec
+from layercache.planner import Layer, Node, ResolvedImage, plan
+from layercache.platform import Platform
+
+AMD64 = Platform("linux", "amd64")
+
+
+def _digest(text: str) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(text.encode()).hexdigest())
+
+
+def _layer(name: str, size: int) -> Layer:
+    return Layer(_digest(name), size, "application/vnd.oci.image.layer.v1.tar+gzip",
+                 _digest("diff-" + name))
+
+
+BASE, PY, APP_A, APP_B = (_layer("base", 100), _layer("py", 50), _layer("a", 5),
+                          _layer("b", 7))
+
+
+def _cache(key: str, images: dict[str, tuple[Layer, ...]], nodes: list[str],
+           present: dict[str, frozenset[Digest]] | None = None, *, mode_images: bool = False,
+           ) -> CachePlan:
+    resolved = [ResolvedImage(ref, AMD64, _digest(ref), layers) for ref, layers in images.items()]
+    result = plan(resolved, [Node(n, AMD64, present=(present or {}).get(n, frozenset()))
+                             for n in nodes])
+    repos = {layer.digest: f"reg.example/{ref}" for ref, layers in images.items()
+             for layer in layers}
+    pinned = tuple((f"reg.example/{ref}@{_digest(ref)}", frozenset(lay.digest for lay in layers))
+                   for ref, layers in images.items()) if mode_images else ()
+    return CachePlan(key, result, repos, pinned)
+
+
+def test_one_seeder_per_layer_and_everyone_else_from_peers() -> None:
+    nodes = ["n1", "n2", "n3"]
+    cache = _cache("ns/c", {"app-a": (BASE, PY, APP_A), "app-b": (BASE, PY, APP_B)}, nodes)
+    result = distribute([cache], {})
+    assert sorted(result) == nodes
+    for digest in (BASE.digest, PY.digest, APP_A.digest, APP_B.digest):
+        entries = [e for n in nodes for e in result[n] if e.layer.digest == digest]
+        assert len(entries) == 3
+        seeders = [e for e in entries if e.source == "Upstream"]
+        assert len(seeders) == 1
+        seeder = next(n for n in nodes for e in result[n]
+                      if e.layer.digest == digest and e.source == "Upstream")
+        for n in nodes:
+            entry = next(e for e in result[n] if e.layer.digest == digest)
+            if n != seeder:
+                assert entry.peers[0] == seeder
+                assert n not in entry.peers
+    # Largest first onto the least-loaded node: the three big layers land on three nodes.
+    seeded_by = {e.layer.digest: n for n in nodes for e in result[n] if e.source == "Upstream"}
+    assert len({seeded_by[BASE.digest], seeded_by[PY.digest], seeded_by[APP_B.digest]}) == 3
+
+
+def test_a_held_layer_has_no_seeder_and_holders_come_first() -> None:
+    present = {"n2": frozenset({BASE.digest})}
+    cache = _cache("ns/c", {"py": (BASE, PY)}, ["n1", "n2", "n3"], present)
+    result = distribute([cache], present)
+    base_entries = {n: next(e for e in result[n] if e.layer.digest == BASE.digest)
+                    for n in result}
+    assert all(e.source == "Peer" for e in base_entries.values())
+    assert base_entries["n1"].peers[0] == "n2"
+    assert base_entries["n3"].peers[0] == "n2"
+
+
+def test_two_caches_share_a_layer_once_and_both_are_named() -> None:
+    first = _cache("ns/a", {"py": (BASE, PY)}, ["n1"])
+    second = _cache("ns/b", {"app": (BASE, APP_A)}, ["n1"], mode_images=True)
+    result = distribute([second, first], {})
+    assert [e.layer.digest for e in result["n1"]] == [BASE.digest, PY.digest, APP_A.digest]
+    assert result["n1"][0].caches == {"ns/a", "ns/b"}
+    spec = node_spec("n1", result["n1"], [first, second])
+    assert spec["caches"] == ["ns/a", "ns/b"]
+    assert spec["images"] == [{"reference": f"reg.example/app@{_digest('app')}"}]
+    assert spec["layers"][0]["source"] == "Upstream"
+    assert spec["paused"] is False
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=4, unique=True),
+                min_size=1, max_size=6),
+       st.integers(1, 5), st.sets(st.tuples(st.integers(0, 4), st.integers(0, 7))))
+def test_properties(image_layers: list[list[int]], node_count: int,
+                    held: set[tuple[int, int]]) -> None:
+    layers = [_layer(f"l{i}", 10 + i) for i in range(8)]
+    nodes = [f"n{i}" for i in range(node_count)]
+    present = {f"n{n}": frozenset(layers[i].digest for m, i in held if m == n)
+               for n in range(node_count)}
+    cache = _cache("ns/c", {f"img{i}": tuple(layers[j] for j in ls)
+                            for i, ls in enumerate(image_layers)}, nodes, present)
+    result = distribute([cache], present)
+    for digest in {e.layer.digest for entries in result.values() for e in entries}:
+        entries = [(n, e) for n, es in result.items() for e in es if e.layer.digest == digest]
+        seeders = [n for n, e in entries if e.source == "Upstream"]
+        anyone_holds = any(digest in p for p in present.values())
+        # Exactly one upstream fetch for a layer nobody holds, none for a held one.
+        assert len(seeders) == (0 if anyone_holds else 1)
+        for n, e in entries:
+            assert n not in e.peers
+            assert len(e.peers) <= 8
+            if e.source == "Peer" and len(entries) > 1:
+                assert e.peers
