@@ -1,0 +1,60 @@
+"""Operator start-up and clean-up: clients in kopf's memo, background tasks, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from layercache.kube import KubeApi
+from layercache.reconciler import Reconciler
+from layercache.settings import OperatorSettings
+
+log = logging.getLogger("layercache.operator")
+
+
+def api_client() -> client.ApiClient:
+    """A kubernetes ApiClient: in-cluster when in a Pod, else the kubeconfig ($KUBECONFIG)."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Load settings, open clients, start the replan and status loops."""
+    ours = OperatorSettings()
+    log.info("layercache operator starting: %s", ours.summary())
+    settings.persistence.finalizer = "layercache.dev/finalizer"
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    api = api_client()
+    kube = KubeApi(api)
+    await asyncio.to_thread(kube.ensure_peer_token, ours.namespace, ours.peer_token_secret)
+    reconciler = Reconciler(kube, ours)
+    memo.settings, memo.api, memo.reconciler = ours, api, reconciler
+    memo.tasks = [asyncio.create_task(reconciler.run(), name="replan"),
+                  asyncio.create_task(_aggregate_forever(reconciler), name="status")]
+
+
+async def _aggregate_forever(reconciler: Reconciler) -> None:
+    while True:
+        await asyncio.sleep(reconciler.settings.status_interval_seconds)
+        try:
+            await reconciler.aggregate()
+        except Exception:
+            log.exception("status aggregation failed; retrying")
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """Stop the background tasks and close the API client."""
+    for task in getattr(memo, "tasks", []):
+        task.cancel()
+    if getattr(memo, "api", None) is not None:
+        memo.api.close()

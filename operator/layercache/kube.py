@@ -1,0 +1,172 @@
+"""The operator's Kubernetes API calls (everything outside kopf's own watches).
+
+Blocking calls on the official client; the operator runs them in threads
+(`asyncio.to_thread`). `NodeLayerCache.spec` is written only when it differs from what is
+stored, so an unchanged plan costs one list and no writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from layercache.platform import Platform
+
+__all__ = ["GROUP", "VERSION", "KubeApi", "NodeInfo", "SecretMissingError"]
+
+GROUP = "layercache.dev"
+VERSION = "v1alpha1"
+NLC_PLURAL = "nodelayercaches"
+LC_PLURAL = "layercaches"
+#: Label on objects the operator creates, for cleanup and RBAC-friendly selection.
+MANAGED_BY = {"app.kubernetes.io/managed-by": "layercache"}
+
+
+class SecretMissingError(LookupError):
+    """A referenced pull Secret does not exist or has no `.dockerconfigjson`."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What planning needs of a Node: labels, scheduling taints, platform, conditions."""
+
+    name: str
+    labels: Mapping[str, str]
+    taints: list[Mapping[str, Any]] = field(default_factory=list)
+    platform: Platform = field(default_factory=lambda: Platform("linux", "amd64"))
+    disk_pressure: bool = False
+    unschedulable: bool = False
+
+
+class KubeApi:
+    """Typed wrappers over the calls the operator makes, on one `ApiClient`."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def _dict(self, obj: object) -> Any:
+        # The client's models as the API's own camelCase JSON: plain data, simply typed.
+        return self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every Node, as `NodeInfo`."""
+        result = []
+        for node in self._dict(self.core.list_node())["items"]:
+            labels = node["metadata"].get("labels") or {}
+            spec, status = node.get("spec") or {}, node.get("status") or {}
+            conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+            platform = Platform(labels.get("kubernetes.io/os", "linux"),
+                                labels.get("kubernetes.io/arch", "amd64"))
+            result.append(NodeInfo(node["metadata"]["name"], labels, spec.get("taints") or [],
+                                   platform, conditions.get("DiskPressure") == "True",
+                                   bool(spec.get("unschedulable"))))
+        return result
+
+    def node_layer_caches(self) -> dict[str, dict[str, Any]]:
+        """Every NodeLayerCache by name (raw dicts)."""
+        listed: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, NLC_PLURAL)
+        return {item["metadata"]["name"]: item for item in listed["items"]}
+
+    def write_node_spec(self, existing: Mapping[str, Any] | None, name: str,
+                        spec: dict[str, Any]) -> bool:
+        """Create NodeLayerCache `name` with `spec`, or patch its spec if it differs.
+
+        Returns whether anything was written.
+        """
+        if existing is None:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, NLC_PLURAL, {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "NodeLayerCache",
+                "metadata": {"name": name, "labels": MANAGED_BY}, "spec": spec})
+            return True
+        if existing.get("spec") == spec:
+            return False
+        # A merge patch would merge nothing inside lists; replacing the whole spec is exact.
+        self.custom.patch_cluster_custom_object(
+            GROUP, VERSION, NLC_PLURAL, name, [{"op": "replace", "path": "/spec", "value": spec}])
+        return True
+
+    def delete_node_cache(self, name: str) -> None:
+        """Delete NodeLayerCache `name` (gone already is fine)."""
+        try:
+            self.custom.delete_cluster_custom_object(GROUP, VERSION, NLC_PLURAL, name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def patch_cache_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge-patch LayerCache `namespace/name`'s status subresource."""
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, LC_PLURAL, name, {"status": status})
+
+    def docker_config(self, namespace: str, name: str) -> str:
+        """The `.dockerconfigjson` of Secret `namespace/name` (JSON text).
+
+        Raises:
+            SecretMissingError: no such Secret, or not of type kubernetes.io/dockerconfigjson.
+        """
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise SecretMissingError(f"Secret {namespace}/{name} not found") from None
+            raise
+        raw = self._dict(secret)
+        data = (raw.get("data") or {}).get(".dockerconfigjson")
+        if data is None:
+            raise SecretMissingError(
+                f"Secret {namespace}/{name} has no .dockerconfigjson (type {raw.get('type')})")
+        return base64.b64decode(data).decode()
+
+    def write_secret(self, namespace: str, name: str, data: Mapping[str, str],
+                     secret_type: str = "Opaque") -> None:  # noqa: S107 - a type, not a password
+        """Create or replace Secret `namespace/name` with string `data` (values are secret)."""
+        body: Any = {"metadata": {"name": name, "namespace": namespace, "labels": MANAGED_BY},
+                "type": secret_type,
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+        try:
+            self.core.replace_namespaced_secret(name, namespace, body)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            self.core.create_namespaced_secret(namespace, body)
+
+    def ensure_peer_token(self, namespace: str, name: str) -> None:
+        """Create the agents' shared peer token Secret unless it exists (never rotates it)."""
+        try:
+            self.core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            self.write_secret(namespace, name, {"token": secrets.token_urlsafe(32)})
+
+    def pod_images(self, namespaces: list[str], selector: Mapping[str, Any] | None
+                   ) -> set[str]:
+        """Images of the running containers of Pods in `namespaces` matching `selector`."""
+        label_selector = ",".join(f"{k}={v}" for k, v in
+                                  ((selector or {}).get("matchLabels") or {}).items())
+        images: set[str] = set()
+        for namespace in namespaces:
+            pods = self._dict(self.core.list_namespaced_pod(namespace,
+                                                            label_selector=label_selector))
+            for pod in pods["items"]:
+                spec = pod.get("spec") or {}
+                for container in [*(spec.get("initContainers") or []), *spec["containers"]]:
+                    images.add(container["image"])
+        return images
+
+
+def merged_docker_config(configs: list[str]) -> str:
+    """One docker config JSON with the `auths` of all `configs` (earlier ones win)."""
+    auths: dict[str, Any] = {}
+    for text in reversed(configs):
+        auths.update(json.loads(text).get("auths") or {})
+    return json.dumps({"auths": auths}, sort_keys=True)

@@ -1,0 +1,292 @@
+"""The operator's core loop: resolve each cache, plan the cluster, write node specs, report.
+
+Handlers (layercache.handlers) feed it: a LayerCache created/changed/refreshed →
+`resolve()`; anything that changes the plan (caches, nodes, agents' inventories) →
+`trigger()`. One background task turns triggers into at most one replan per debounce
+window, so a burst of events costs one plan and only changed `NodeLayerCache` specs are
+written. Because only kopf handlers trigger it, and kopf freezes handlers on a standby
+peer, a second replica never writes anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from layercache.digest import Digest
+from layercache.distribute import CachePlan, distribute, node_spec
+from layercache.kube import KubeApi, NodeInfo, SecretMissingError, merged_docker_config
+from layercache.planner import Node, Plan, PlanInputError, PlanOptions, plan
+from layercache.platform import Platform, parse_platform
+from layercache.reference import InvalidReferenceError, Reference, parse_reference
+from layercache.registry.client import RegistryClient
+from layercache.registry.credentials import DockerConfig, Keyring
+from layercache.registry.errors import RegistryError
+from layercache.registry.resolve import ResolvedImage, resolve
+from layercache.settings import OperatorSettings
+from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
+from layercache.status import cache_status
+
+__all__ = ["CacheState", "ImageError", "Reconciler"]
+
+log = logging.getLogger(__name__)
+
+
+def now_iso() -> str:
+    """The current time as RFC 3339 UTC, as Kubernetes writes it."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """An image that could not be resolved: which, for which platform, why (CamelCase)."""
+
+    reference: str
+    platform: str
+    reason: str
+    message: str
+
+
+@dataclass
+class CacheState:
+    """What the operator knows of one LayerCache between handler calls."""
+
+    namespace: str
+    name: str
+    generation: int
+    spec: CacheSpec | None = None
+    invalid: str | None = None
+    resolved: list[ResolvedImage] = field(default_factory=list)
+    errors: list[ImageError] = field(default_factory=list)
+    docker_configs: list[str] = field(default_factory=list)
+    resolved_at: float = 0.0
+    resolved_time: str | None = None
+    plan: Plan | None = None
+    desired_nodes: tuple[str, ...] = ()
+    last_status: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        """"namespace/name"."""
+        return f"{self.namespace}/{self.name}"
+
+    def digests(self) -> dict[tuple[str, str], Digest]:
+        """(reference, platform) → resolved digest, to notice a moved tag."""
+        return {(str(r.reference), str(r.platform)): r.digest for r in self.resolved}
+
+
+class Reconciler:
+    """Holds every cache's state and plans the cluster; see the module docstring."""
+
+    def __init__(self, kube: KubeApi, settings: OperatorSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.caches: dict[str, CacheState] = {}
+        self._dirty = asyncio.Event()
+        self._credentials: str | None = None
+        self.replans = 0
+
+    # -- resolution -----------------------------------------------------------------
+    async def resolve(self, namespace: str, name: str, generation: int,
+                      raw_spec: Mapping[str, Any]) -> CacheState:
+        """Parse the spec and resolve every image for every platform; store and return it.
+
+        Never raises for bad input: an invalid spec sets `invalid`, an image that fails
+        adds an `ImageError` (the other images still resolve).
+        """
+        state = CacheState(namespace, name, generation)
+        try:
+            state.spec = parse_spec(state.key, raw_spec)
+        except InvalidSpecError as e:
+            state.invalid = str(e)
+            self.caches[state.key] = state
+            return state
+        spec = state.spec
+        refs, bad = await self._references(state)
+        state.errors += bad
+        configs, secret_errors = await self._docker_configs(state)
+        state.docker_configs, state.errors = configs, state.errors + secret_errors
+        platforms = list(spec.platforms) or await self._node_platforms(spec)
+        keyring = Keyring([DockerConfig.from_json(c, f"pull secrets of {state.key}")
+                           for c in configs])
+        registries, default = self.settings.registry_options()
+        limit = asyncio.Semaphore(self.settings.resolve_concurrency)
+        async with RegistryClient(keyring=keyring, registries=registries,
+                                  default=default) as client:
+            async def one(ref: Reference, platform: Platform) -> ResolvedImage | ImageError:
+                async with limit:
+                    try:
+                        return await resolve(client, ref, platform)
+                    except RegistryError as e:
+                        return ImageError(str(ref), str(platform), type(e).__name__.removesuffix(
+                            "Error") or "RegistryError", str(e))
+            results = await asyncio.gather(*(one(r, p) for r in refs for p in platforms))
+        state.resolved = [r for r in results if isinstance(r, ResolvedImage)]
+        state.errors += [r for r in results if isinstance(r, ImageError)]
+        state.resolved_at, state.resolved_time = time.monotonic(), now_iso()
+        self.caches[state.key] = state
+        return state
+
+    async def _references(self, state: CacheState) -> tuple[list[Reference], list[ImageError]]:
+        assert state.spec is not None
+        refs = list(state.spec.images)
+        errors = []
+        if state.spec.images_from_selector is not None or state.spec.images_from_namespaces:
+            namespaces = list(state.spec.images_from_namespaces) or [state.namespace]
+            found = await asyncio.to_thread(self.kube.pod_images, namespaces,
+                                            state.spec.images_from_selector)
+            for text in sorted(found):
+                try:
+                    refs.append(parse_reference(text))
+                except InvalidReferenceError as e:
+                    errors.append(ImageError(text, "", "InvalidReference", str(e)))
+        unique = {str(r): r for r in refs}
+        return list(unique.values()), errors
+
+    async def _docker_configs(self, state: CacheState) -> tuple[list[str], list[ImageError]]:
+        assert state.spec is not None
+        configs, errors = [], []
+        for secret in state.spec.pull_secrets:
+            try:
+                configs.append(await asyncio.to_thread(self.kube.docker_config,
+                                                       state.namespace, secret))
+            except SecretMissingError as e:
+                errors.append(ImageError("", "", "PullSecretMissing", str(e)))
+        return configs, errors
+
+    async def _node_platforms(self, spec: CacheSpec) -> list[Platform]:
+        nodes = await asyncio.to_thread(self.kube.nodes)
+        return sorted({_node_platform(n) for n in nodes if spec.targets(n.labels, n.taints)},
+                      key=str)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted cache; the next replan releases what only it wanted."""
+        self.caches.pop(f"{namespace}/{name}", None)
+
+    def due_for_refresh(self, key: str) -> bool:
+        """Whether cache `key`'s tags should be resolved again (refreshInterval passed)."""
+        state = self.caches.get(key)
+        if state is None or state.spec is None or state.spec.paused:
+            return False
+        return time.monotonic() - state.resolved_at >= state.spec.refresh_seconds
+
+    # -- planning -------------------------------------------------------------------
+    def trigger(self) -> None:
+        """Ask for a replan (cheap; many triggers in one debounce window make one plan)."""
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """Replan whenever triggered, forever.
+
+        A failed replan is logged and retried after 10 seconds; it never ends the loop.
+        """
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.settings.replan_debounce_seconds)
+            self._dirty.clear()
+            try:
+                await self.replan()
+            except Exception:
+                log.exception("replan failed; retrying in 10 s")
+                await asyncio.sleep(10)
+                self._dirty.set()
+
+    async def replan(self) -> dict[str, bool]:
+        """Plan every cache over the current nodes and write changed node specs.
+
+        Returns node name → whether its NodeLayerCache was written.
+        """
+        nodes = await asyncio.to_thread(self.kube.nodes)
+        existing = await asyncio.to_thread(self.kube.node_layer_caches)
+        present = {name: _held(obj) for name, obj in existing.items()}
+        plans = []
+        for state in sorted(self.caches.values(), key=lambda s: s.key):
+            cache_plan = self._plan_cache(state, nodes, present)
+            if cache_plan is not None:
+                plans.append(cache_plan)
+        per_node = distribute(plans, present)
+        written = {}
+        node_names = {n.name for n in nodes}
+        for name in sorted(node_names | set(existing)):
+            if name not in node_names:
+                await asyncio.to_thread(self.kube.delete_node_cache, name)
+                continue
+            spec = node_spec(name, per_node.get(name, []), plans)
+            if name not in per_node and name not in existing:
+                continue  # no cache wants anything there: no object needed
+            written[name] = await asyncio.to_thread(self.kube.write_node_spec,
+                                                    existing.get(name), name, spec)
+        await self._write_credentials()
+        self.replans += 1
+        return written
+
+    def _plan_cache(self, state: CacheState, nodes: list[NodeInfo],
+                    present: Mapping[str, frozenset[Digest]]) -> CachePlan | None:
+        if state.spec is None:
+            return None
+        spec = state.spec
+        targets = [n for n in nodes if spec.targets(n.labels, n.taints) and not n.unschedulable]
+        state.desired_nodes = tuple(sorted(n.name for n in targets))
+        plan_nodes = [Node(n.name, _node_platform(n), n.labels,
+                           present.get(n.name, frozenset()), spec.max_bytes_per_node)
+                      for n in targets]
+        images = [r.plan_input() for r in state.resolved]
+        try:
+            state.plan = plan(images, plan_nodes, PlanOptions(spec.min_shared_by))
+        except PlanInputError as e:
+            state.invalid = f"LayerCache {state.key}: plan: {e}"
+            state.plan = None
+            return None
+        repositories = {layer.digest: f"{r.reference.registry}/{r.reference.repository}"
+                        for r in state.resolved for layer in r.layers}
+        images_mode = tuple(
+            (str(r.pinned), frozenset(layer.digest for layer in r.layers))
+            for r in state.resolved) if spec.mode == "Images" else ()
+        return CachePlan(state.key, state.plan, repositories, images_mode, spec.paused)
+
+    async def _write_credentials(self) -> None:
+        configs = [c for s in self.caches.values() for c in s.docker_configs]
+        merged = merged_docker_config(configs)
+        if merged != self._credentials:
+            await asyncio.to_thread(
+                self.kube.write_secret, self.settings.namespace,
+                self.settings.credentials_secret, {".dockerconfigjson": merged},
+                "kubernetes.io/dockerconfigjson")
+            self._credentials = merged
+
+    # -- status ---------------------------------------------------------------------
+    async def aggregate(self) -> int:
+        """Write each cache's status from its nodes' NodeLayerCache status; returns writes."""
+        existing = await asyncio.to_thread(self.kube.node_layer_caches)
+        writes = 0
+        for state in list(self.caches.values()):
+            status = cache_status(state, existing, state.last_status)
+            if status != state.last_status:
+                try:
+                    await asyncio.to_thread(self.kube.patch_cache_status, state.namespace,
+                                            state.name, status)
+                except Exception:  # one cache's failure (e.g. just deleted) stops no other
+                    log.exception("status of LayerCache %s not written", state.key)
+                    continue
+                state.last_status = status
+                writes += 1
+        return writes
+
+
+def _node_platform(node: NodeInfo) -> Platform:
+    return parse_platform(f"{node.platform.os}/{node.platform.architecture}")
+
+
+def _held(obj: Mapping[str, Any]) -> frozenset[Digest]:
+    """Digests a node's agent reports holding: what its spec wants minus what is missing."""
+    status = obj.get("status") or {}
+    if "missing" not in status and not (status.get("layers") or {}).get("held"):
+        return frozenset()
+    missing = set(status.get("missing") or [])
+    return frozenset(Digest(layer["digest"]) for layer in (obj.get("spec") or {}).get(
+        "layers") or [] if layer["digest"] not in missing)

@@ -1,0 +1,53 @@
+"""The operator's settings: one frozen object from `LAYERCACHE_*` environment variables.
+
+Logged once at start-up (`summary()`), never with a secret in it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from layercache.registry.client import RegistryOptions
+
+__all__ = ["OperatorSettings"]
+
+
+class OperatorSettings(BaseSettings):
+    """Operator settings; each field's env var is `LAYERCACHE_<FIELD>` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAYERCACHE_", frozen=True)
+
+    namespace: str = Field("layercache-system",
+                           description="Namespace of the operator, agents and their Secrets.")
+    credentials_secret: str = Field(
+        "layercache-registry-credentials",
+        description="Secret (in `namespace`) the operator fills with the merged pull secrets "
+                    "of all caches; agents read it by name for upstream fetches.")
+    peer_token_secret: str = Field(
+        "layercache-peer-token", description="Secret (in `namespace`) with the agents' token.")
+    metrics_port: int = Field(8080, description="Prometheus metrics port (0: off).")
+    health_port: int = Field(8081, description="Liveness endpoint port (kopf's /healthz).")
+    insecure_registries: list[str] = Field(
+        default_factory=list,
+        description="Registry hosts (host:port) spoken to over plain HTTP, e.g. a local one.")
+    registry_ca_file: Path | None = Field(
+        None, description="Extra CA certificates (PEM) trusted for every registry.")
+    resolve_concurrency: int = Field(8, ge=1, description="Concurrent image resolutions.")
+    replan_debounce_seconds: float = Field(
+        0.5, ge=0, description="Seconds to gather changes before one replan.")
+    status_interval_seconds: float = Field(
+        5.0, gt=0, description="Seconds between LayerCache status aggregations.")
+    peering: str = Field("layercache", description="kopf peering name (2 replicas: one active).")
+    standalone: bool = Field(False, description="Run without peering (single replica, tests).")
+
+    def registry_options(self) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
+        """Per-registry options for insecure hosts, and the default for all others."""
+        default = RegistryOptions(ca_file=self.registry_ca_file)
+        return {h: RegistryOptions(insecure=True) for h in self.insecure_registries}, default
+
+    def summary(self) -> str:
+        """One line for the start-up log (no secrets: there are none in settings)."""
+        return " ".join(f"{k}={v}" for k, v in self.model_dump().items())

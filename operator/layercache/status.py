@@ -1,0 +1,142 @@
+"""Pure: a LayerCache's status from the operator's state and its nodes' NodeLayerCaches.
+
+Conditions follow the Kubernetes API conventions: `Ready`, `Progressing`, `Degraded`, each
+with a CamelCase reason and a message that names the failing image, node or field;
+`lastTransitionTime` changes only when a condition's status does. The per-node breakdown
+is bounded (counts, plus at most `MAX_FAILING` failing nodes), so status stays small at
+1,000 nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from layercache.reconciler import CacheState
+
+__all__ = ["MAX_FAILING", "cache_status", "human_bytes"]
+
+MAX_FAILING = 20
+
+
+def human_bytes(n: int) -> str:
+    """`n` bytes in binary units with one decimal, e.g. ``1.5 GiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _node_state(obj: Mapping[str, Any] | None) -> tuple[bool, str, str]:
+    """(ready, reason, message) of one node's NodeLayerCache."""
+    if obj is None:
+        return False, "NodeCacheMissing", "no NodeLayerCache yet"
+    status = obj.get("status") or {}
+    generation = obj["metadata"].get("generation")
+    if status.get("observedGeneration") != generation:
+        return False, "AgentNotCaughtUp", (
+            f"agent observed generation {status.get('observedGeneration')}, spec is {generation}")
+    conditions = {c["type"]: c for c in status.get("conditions") or []}
+    ready = conditions.get("Ready", {})
+    if ready.get("status") == "True":
+        return True, "Ready", ""
+    degraded = conditions.get("Degraded", {})
+    if degraded.get("status") == "True":
+        return False, degraded.get("reason", "Degraded"), degraded.get("message", "")
+    return False, ready.get("reason", "Fetching"), ready.get("message", "")
+
+
+def _condition(previous: Mapping[str, Any], kind: str, ok: bool, reason: str, message: str,
+               generation: int, now: str) -> dict[str, Any]:
+    old = previous.get(kind) or {}
+    status = "True" if ok else "False"
+    since = old.get("lastTransitionTime") if old.get("status") == status else None
+    return {"type": kind, "status": status, "reason": reason, "message": message[:2048],
+            "lastTransitionTime": since or now, "observedGeneration": generation}
+
+
+def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]],
+                 last: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `status` of `state`'s LayerCache (the CRD's camelCase dict).
+
+    `node_caches` are all NodeLayerCache objects by name; `last` the status written before
+    (to keep condition transition times).
+    """
+    from layercache.reconciler import now_iso
+
+    now = now_iso()
+    previous = {c["type"]: c for c in (last or {}).get("conditions") or []}
+    gen = state.generation
+    if state.invalid is not None:
+        return {"observedGeneration": gen, "conditions": [
+            _condition(previous, "Ready", False, "InvalidSpec", state.invalid, gen, now),
+            _condition(previous, "Progressing", False, "InvalidSpec", state.invalid, gen, now),
+            _condition(previous, "Degraded", True, "InvalidSpec", state.invalid, gen, now)]}
+    nodes = state.desired_nodes
+    ready_nodes, failing, upstream, peer = 0, [], 0, 0
+    for name in nodes:
+        obj = node_caches.get(name)
+        ok, reason, message = _node_state(obj)
+        bytes_ = ((obj or {}).get("status") or {}).get("bytes") or {}
+        upstream += int(bytes_.get("upstream", 0))
+        peer += int(bytes_.get("peer", 0))
+        if ok:
+            ready_nodes += 1
+        else:
+            failing.append({"name": name, "reason": reason, "message": message[:512]})
+    savings = state.plan.savings if state.plan else None
+    naive = savings.naive_bytes if savings else 0
+    skipped = sum(1 for p in (state.plan.nodes.values() if state.plan else ()) if p.skipped)
+    shared = sum(1 for n in (state.plan.shared_by.values() if state.plan else ()) if n > 1)
+    problems = [f"{e.reference or 'pull secret'}"
+                f"{' (' + e.platform + ')' if e.platform else ''}: {e.reason}: {e.message}"
+                for e in state.errors]
+    if not nodes:
+        problems.append("no node matches nodeSelector and tolerations")
+    if skipped:
+        problems.append(f"{skipped} node(s) skip layers for maxBytesPerNode")
+    degraded_reason = ("NoMatchingNodes" if not nodes else
+                       state.errors[0].reason if state.errors else
+                       "BudgetExceeded" if skipped else "AsExpected")
+    all_ready = bool(nodes) and ready_nodes == len(nodes)
+    failing_fetch = [f for f in failing if f["reason"] not in ("Fetching", "AgentNotCaughtUp",
+                                                               "NodeCacheMissing")]
+    if failing_fetch and degraded_reason == "AsExpected":
+        degraded_reason = "NodeErrors"
+        problems.append("; ".join(f"{f['name']}: {f['reason']}" for f in failing_fetch[:5]))
+    conditions = [
+        _condition(previous, "Ready", all_ready and not state.errors,
+                   "AllNodesReady" if all_ready and not state.errors else
+                   "ImagesUnresolved" if state.errors else "NodesNotReady",
+                   f"{ready_nodes}/{len(nodes)} nodes hold their layers", gen, now),
+        _condition(previous, "Progressing", bool(nodes) and not all_ready,
+                   "Fetching" if nodes and not all_ready else "Complete",
+                   f"{len(nodes) - ready_nodes} node(s) still fetching", gen, now),
+        _condition(previous, "Degraded", degraded_reason != "AsExpected", degraded_reason,
+                   "; ".join(problems), gen, now),
+    ]
+    images = [{"reference": str(r.reference), "digest": str(r.digest),
+               "platform": str(r.platform), "layers": len(r.layers)}
+              for r in state.resolved][:500]
+    images += [{"reference": e.reference, "platform": e.platform,
+                "error": f"{e.reason}: {e.message}"[:512]} for e in state.errors if e.reference]
+    saved = max(naive - upstream, 0) if all_ready else 0
+    return {
+        "observedGeneration": gen,
+        "conditions": conditions,
+        "images": images[:500],
+        "layers": {"total": len(state.plan.shared_by) if state.plan else 0, "shared": shared,
+                   "skippedForBudget": sum(len(p.skipped.layers) for p in
+                                           (state.plan.nodes.values() if state.plan else ())
+                                           if p.skipped)},
+        "bytes": {"unique": savings.unique_bytes if savings else 0, "naive": naive,
+                  "expectedUpstream": savings.expected_upstream_bytes if savings else 0,
+                  "upstream": upstream, "peer": peer, "saved": saved,
+                  "savedHuman": human_bytes(saved)},
+        "nodes": {"desired": len(nodes), "ready": ready_nodes,
+                  "summary": f"{ready_nodes}/{len(nodes)}", "failing": failing[:MAX_FAILING]},
+        "lastResolved": state.resolved_time,
+    }
