@@ -16,7 +16,7 @@ import collections
 import heapq
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,11 @@ __all__ = ["Catalogue", "Order", "PlanInputError", "order"]
 
 _SIZE_BITS = 48  # sizes below 256 TiB pack with a sharing count into one int sort key
 _repeat = itertools.repeat
+
+
+def _drain(calls: Iterator[object]) -> None:
+    # Run a map of setitem calls at C speed, keeping none of the results.
+    collections.deque(calls, maxlen=0)
 
 
 class PlanInputError(ValueError):
@@ -52,15 +57,17 @@ class Catalogue:
         """Intern the layers of ``images`` (in the given order, which fixes the ids)."""
         every = [layer for image in images for layer in image.layers]
         digests = [layer.digest for layer in every]
-        first = dict(zip(reversed(digests), reversed(every), strict=True))  # first one wins
-        self.digests: list[Digest] = list(dict.fromkeys(digests))
-        self.ids = dict(zip(self.digests, range(len(self.digests)), strict=True))
-        self.layers: list[Layer] = list(map(first.__getitem__, self.digests))
+        self.ids: dict[Digest, int] = dict(zip(dict.fromkeys(digests), itertools.count()))
+        self.digests: list[Digest] = list(self.ids)
+        flat = list(map(self.ids.__getitem__, digests))
+        # layers[id] = the first Layer seen with that digest: writing in reverse, first wins.
+        self.layers: list[Layer] = [every[0]] * len(self.digests) if every else []
+        _drain(map(self.layers.__setitem__, reversed(flat), reversed(every)))
         self.sizes = [layer.size for layer in self.layers]
         # Only layers that are not the very object seen first need comparing.
-        others = map(operator.is_not, every, map(first.__getitem__, digests))
+        others = map(operator.is_not, every, map(self.layers.__getitem__, flat))
         for layer in itertools.compress(every, others):
-            known = first[layer.digest]
+            known = self.layers[self.ids[layer.digest]]
             if (layer.size, layer.diff_id) != (known.size, known.diff_id):
                 raise PlanInputError(
                     f"layer {layer.digest} has size {known.size}, diff ID {known.diff_id} in "
@@ -71,7 +78,6 @@ class Catalogue:
                 digest = self.digests[self.sizes.index(size)]
                 raise PlanInputError(f"layer {digest} has an impossible size {size}")
 
-        flat = list(map(self.ids.__getitem__, digests))
         ends = list(itertools.accumulate(len(image.layers) for image in images))
         rows = map(flat.__getitem__, map(slice, [0, *ends], ends))
         self.image_ids: list[tuple[int, ...]] = list(map(tuple, rows))
@@ -91,7 +97,8 @@ class Catalogue:
         counts = collections.Counter(uses)
         self.shared_by = list(map(counts.get, range(len(self.digests)), _repeat(0)))
         self.by_prio = self._rank()
-        self.prio = sorted(range(len(self.by_prio)), key=self.by_prio.__getitem__)
+        self.prio = [0] * len(self.by_prio)
+        _drain(map(self.prio.__setitem__, self.by_prio, itertools.count()))  # the inverse
 
     def _rank(self) -> list[int]:
         # Sort by one packed int (C-speed); only runs of equal keys need the digest.

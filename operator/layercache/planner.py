@@ -315,7 +315,10 @@ def _gc_paused() -> Iterator[None]:
 def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by: int) -> Plan:
     if min_shared_by < 1:
         raise PlanInputError(f"min_shared_by must be at least 1, not {min_shared_by}")
-    images = sorted(images, key=lambda i: (i.reference, str(i.platform), i.manifest_digest))
+    images = sorted(
+        images,
+        key=lambda i: (i.reference, i.platform.architecture, i.platform.variant, i.manifest_digest),
+    )
     nodes = sorted(nodes, key=lambda n: n.name)
     for before, after in itertools.pairwise(nodes):
         if before.name == after.name:
@@ -331,8 +334,9 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by:
         p: _platform(cat, order(cat, by_platform.get(p, []), min_shared_by))
         for p in {node.platform for node in nodes}
     }
-    selectors = sorted({frozenset(im.node_selector.items()) for im in images}, key=sorted)
-    selector_of = [selectors.index(frozenset(im.node_selector.items())) for im in images]
+    wanted_labels = [frozenset(im.node_selector.items()) for im in images]
+    selectors = sorted(set(wanted_labels), key=sorted)
+    selector_of = list(map({s: i for i, s in enumerate(selectors)}.__getitem__, wanted_labels))
     groups: dict[tuple[Platform, frozenset[int]], _Group] = {}
     node_plans: dict[str, NodePlan] = {}
     naive = 0
