@@ -3,8 +3,8 @@
 Modules, one concern each: `errors` (classified errors), `mediatypes`, `challenge`
 (``WWW-Authenticate``), `credentials` (Docker config / pull secrets), `auth` (basic and
 bearer-token flows, token cache), `retry` (policy on tenacity), `manifest` (parsing at the
-edge), `client` (connections, auth, redirects), `fetch` (manifests), `blobs` (verified streaming
-with resume).
+edge), `client` (connections, auth, redirects), `fetch` (manifests), `blobs` (verified
+streaming with resume), `resolve` (reference + platform → `ResolvedImage`).
 """
 
 from layercache.registry.blobs import (
@@ -41,6 +41,7 @@ from layercache.registry.errors import (
     UnsupportedMediaTypeError,
 )
 from layercache.registry.fetch import FetchedManifest, ManifestHead, get_manifest, head_manifest
+from layercache.registry.resolve import ResolvedImage, resolve
 from layercache.registry.retry import RetryPolicy
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "RegistryError",
     "RegistryOptions",
     "RegistryStatusError",
+    "ResolvedImage",
     "RetryPolicy",
     "ServerError",
     "TransientError",
@@ -81,4 +83,5 @@ __all__ = [
     "fetch_blob_bytes",
     "get_manifest",
     "head_manifest",
+    "resolve",
 ]

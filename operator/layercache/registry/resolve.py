@@ -1,0 +1,200 @@
+"""Resolve an image reference for a platform to its manifest, config and layers.
+
+What a node's containerd would pull, found the way it finds it:
+
+1. the reference to a digest: the digest it names, else ``HEAD`` on the tag
+   (``Docker-Content-Digest``), falling back to ``GET`` when HEAD is refused (405/404) or
+   carries no digest (OCI distribution-spec, "Checking if content exists");
+2. an index (OCI image index / Docker manifest list) to the entry for the platform, by
+   containerd's rules (`layercache.platform.select_manifest`; attestations never chosen);
+3. the image manifest's config blob (digest verified) to the layers' diff IDs
+   (``rootfs.diff_ids``, OCI image-spec ``config.md``), one per layer, in order.
+
+Every document's digest is verified, and its size against its descriptor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from layercache.digest import Digest
+from layercache.planner import Layer
+from layercache.planner import ResolvedImage as PlanImage
+from layercache.platform import Platform, PlatformNotFoundError, parse_platform, select_manifest
+from layercache.reference import Reference, parse_reference
+from layercache.registry.blobs import fetch_blob_bytes
+from layercache.registry.client import RegistryClient
+from layercache.registry.errors import ManifestError, NoMatchingPlatformError
+from layercache.registry.fetch import FetchedManifest, get_manifest, head_manifest
+from layercache.registry.manifest import MAX_CONFIG_BYTES, ImageIndex, ImageManifest, parse_config
+from layercache.registry.mediatypes import layer_type
+
+__all__ = ["ResolvedImage", "resolve"]
+
+#: Indexes nested deeper than this are refused (real images nest at most one level).
+MAX_INDEX_DEPTH: Final = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedImage:
+    """An image reference resolved for one platform.
+
+    Attributes:
+        reference: the reference as asked for (normalised).
+        digest: what the reference points at (the index's digest for a multi-platform
+            image, else the manifest's) — pin to this to get the same image again.
+        media_type: that document's media type.
+        platform: the (node) platform it was resolved for.
+        manifest_platform: the platform the chosen manifest declares (its index entry, else
+            its config; ``platform`` when the config states none). It may differ from
+            ``platform`` but runs on it (``linux/386`` on ``linux/amd64``).
+        manifest_digest, manifest_media_type, manifest_size: the platform's image manifest
+            (size in bytes).
+        config_digest, config_size, config_media_type: its config blob (size in bytes).
+        layers: base layer first; each with blob digest, compressed size in bytes, media
+            type and diff ID — the planner's `Layer`.
+
+    """
+
+    reference: Reference
+    digest: Digest
+    media_type: str
+    platform: Platform
+    manifest_platform: Platform
+    manifest_digest: Digest
+    manifest_media_type: str
+    manifest_size: int
+    config_digest: Digest
+    config_size: int
+    config_media_type: str
+    layers: tuple[Layer, ...]
+
+    @property
+    def pinned(self) -> Reference:
+        """The reference pinned to `digest`."""
+        return self.reference.with_digest(self.digest)
+
+    @property
+    def layer_bytes(self) -> int:
+        """Compressed bytes of all layers."""
+        return sum(layer.size for layer in self.layers)
+
+    @property
+    def non_distributable(self) -> tuple[Layer, ...]:
+        """Foreign / non-distributable layers: reported, never fetched by us."""
+        return tuple(
+            layer
+            for layer in self.layers
+            if (kind := layer_type(layer.media_type)) is not None and not kind.distributable
+        )
+
+    def plan_input(self, node_selector: dict[str, str] | None = None) -> PlanImage:
+        """This image as the planner's input, for nodes of `platform`.
+
+        ``node_selector`` (label → value) narrows the nodes it targets; None: all of them.
+        """
+        return PlanImage(
+            reference=str(self.reference),
+            platform=self.platform,
+            manifest_digest=self.manifest_digest,
+            layers=self.layers,
+            node_selector=node_selector or {},
+        )
+
+
+async def resolve(
+    client: RegistryClient, reference: Reference | str, platform: Platform | str
+) -> ResolvedImage:
+    """Resolve ``reference`` for ``platform`` (``os/arch[/variant]`` or a `Platform`).
+
+    Raises:
+        InvalidReferenceError, InvalidPlatformError: unparsable arguments.
+        NoMatchingPlatformError: nothing in the image runs on ``platform``.
+        ManifestNotFoundError, BlobNotFoundError: the registry lacks the manifest or blob.
+        DigestMismatchError: a document does not hash to its digest.
+        ManifestError: (and subclasses) malformed, unsupported or oversized documents.
+        RegistryAuthError, RegistryStatusError, TransientError: from the client.
+
+    """
+    ref = parse_reference(reference) if isinstance(reference, str) else reference
+    wanted = parse_platform(platform) if isinstance(platform, str) else platform
+    top = await _fetch_top(client, ref)
+    document, chosen = top, None
+    for depth in range(MAX_INDEX_DEPTH + 1):
+        if isinstance(document.manifest, ImageManifest):
+            break
+        if depth == MAX_INDEX_DEPTH:
+            raise ManifestError(str(ref), "manifests", f"indexes nested over {depth} deep")
+        document, chosen = await _select(client, ref, document, wanted)
+    manifest = document.manifest
+    assert isinstance(manifest, ImageManifest)
+    name = f"{ref.name}@{document.digest}"
+    config_body = await fetch_blob_bytes(
+        client, ref, manifest.config.digest, manifest.config.size, MAX_CONFIG_BYTES
+    )
+    config = parse_config(config_body, f"{ref.name}@{manifest.config.digest}", len(manifest.layers))
+    actual = chosen
+    if config.os and config.architecture:
+        from_config = Platform(config.os, config.architecture, config.variant or "")
+        # containerd checks a single manifest's config against the node's platform too.
+        if chosen is None and from_config not in wanted.compatible():
+            raise NoMatchingPlatformError(name, str(wanted), (str(from_config),))
+        actual = actual or from_config
+    layers = tuple(
+        Layer(digest=d.digest, size=d.size, media_type=d.media_type, diff_id=diff_id)
+        for d, diff_id in zip(manifest.layers, config.diff_ids, strict=True)
+    )
+    return ResolvedImage(
+        reference=ref,
+        digest=top.digest,
+        media_type=top.media_type,
+        platform=wanted,
+        manifest_platform=actual or wanted,
+        manifest_digest=document.digest,
+        manifest_media_type=document.media_type,
+        manifest_size=document.size,
+        config_digest=manifest.config.digest,
+        config_size=manifest.config.size,
+        config_media_type=manifest.config.media_type,
+        layers=layers,
+    )
+
+
+async def _fetch_top(client: RegistryClient, ref: Reference) -> FetchedManifest:
+    if ref.digest is not None:
+        return await get_manifest(client, ref, str(ref.digest))
+    head = await head_manifest(client, ref)
+    if head is None:
+        return await get_manifest(client, ref)
+    fetched = await get_manifest(client, ref, str(head.digest))
+    if head.size is not None and head.size != fetched.size:
+        raise ManifestError(
+            f"{ref.name}@{head.digest}",
+            "Content-Length",
+            f"HEAD said {head.size} bytes, GET returned {fetched.size}",
+        )
+    return fetched
+
+
+async def _select(
+    client: RegistryClient, ref: Reference, index: FetchedManifest, wanted: Platform
+) -> tuple[FetchedManifest, Platform]:
+    assert isinstance(index.manifest, ImageIndex)
+    name = f"{ref.name}@{index.digest}"
+    entries = [entry.as_mapping() for entry in index.manifest.manifests]
+    try:
+        chosen = select_manifest(entries, wanted)
+    except PlatformNotFoundError as exc:
+        note = f" ({exc.attestations} attestation entries ignored)" if exc.attestations else ""
+        raise NoMatchingPlatformError(name, str(wanted), exc.offered, note) from None
+    position = next(i for i, entry in enumerate(entries) if entry is chosen)
+    entry = index.manifest.manifests[position]
+    fetched = await get_manifest(client, ref, str(entry.digest))
+    if fetched.size != entry.size:
+        raise ManifestError(
+            name,
+            f"manifests[{position}].size",
+            f"{entry.size} bytes, but the manifest it names is {fetched.size} bytes",
+        )
+    return fetched, Platform.from_oci(chosen["platform"])
