@@ -29,7 +29,9 @@ def run_operator(*, verbose: bool = False) -> None:
     asyncio.run(kopf.operator(
         clusterwide=True,
         standalone=settings.standalone,
-        peering_name=settings.peering,
+        # kopf makes peering mandatory whenever a name is given, and mandatory peering in
+        # standalone mode pauses every watch forever: name it only when peering.
+        peering_name=None if settings.standalone else settings.peering,
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
     ))
 

@@ -26,7 +26,7 @@ from layercache.platform import Platform, parse_platform
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
 from layercache.registry.client import RegistryClient
 from layercache.registry.credentials import DockerConfig, Keyring
-from layercache.registry.errors import RegistryError
+from layercache.registry.errors import RegistryError, TransientError
 from layercache.registry.resolve import ResolvedImage, resolve
 from layercache.settings import OperatorSettings
 from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
@@ -35,6 +35,8 @@ from layercache.status import cache_status
 __all__ = ["CacheState", "ImageError", "Reconciler"]
 
 log = logging.getLogger(__name__)
+#: Seconds before a cache whose resolution failed transiently is resolved again.
+TRANSIENT_RETRY_SECONDS = 30.0
 
 
 def now_iso() -> str:
@@ -69,6 +71,7 @@ class CacheState:
     plan: Plan | None = None
     desired_nodes: tuple[str, ...] = ()
     last_status: dict[str, Any] | None = None
+    retry_transient: bool = False
 
     @property
     def key(self) -> str:
@@ -122,6 +125,10 @@ class Reconciler:
                 async with limit:
                     try:
                         return await resolve(client, ref, platform)
+                    except TransientError as e:
+                        state.retry_transient = True
+                        return ImageError(str(ref), str(platform), type(e).__name__.removesuffix(
+                            "Error") or "RegistryError", str(e))
                     except RegistryError as e:
                         return ImageError(str(ref), str(platform), type(e).__name__.removesuffix(
                             "Error") or "RegistryError", str(e))
@@ -173,7 +180,9 @@ class Reconciler:
         state = self.caches.get(key)
         if state is None or state.spec is None or state.spec.paused:
             return False
-        return time.monotonic() - state.resolved_at >= state.spec.refresh_seconds
+        # Transient failures (connection, 5xx, 429) may succeed soon; bad input will not.
+        wait = TRANSIENT_RETRY_SECONDS if state.retry_transient else state.spec.refresh_seconds
+        return time.monotonic() - state.resolved_at >= wait
 
     # -- planning -------------------------------------------------------------------
     def trigger(self) -> None:

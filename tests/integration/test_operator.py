@@ -1,0 +1,170 @@
+"""The operator on the real bed: plans, node specs, status, bad input, nodes joining."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from testbed.bed import BedState
+from testbed.images import Family
+from testbed.kube import Kube, wait_for
+from testbed.procs import ComponentError, Process
+from testbed.product import install, start_operator
+
+pytestmark = pytest.mark.integration
+GROUP, VERSION = "layercache.dev", "v1alpha1"
+
+
+@pytest.fixture(scope="module")
+def operator(bed: BedState, kube: Kube, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[Process]:
+    install(kube, "rbac-operator.yaml")
+    proc, _ = start_operator(bed, kube, tmp_path_factory.mktemp("operator"))
+    yield proc
+    proc.stop()
+    kube.kubectl("delete", "layercaches", "--all", "--all-namespaces", "--wait=false")
+    kube.kubectl("delete", "nodelayercaches", "--all", "--wait=false")
+
+
+@pytest.fixture
+def namespace(kube: Kube) -> str:
+    name = f"lc-{uuid.uuid4().hex[:6]}"
+    kube.core.create_namespace({"metadata": {"name": name}})
+    return name
+
+
+def _apply(kube: Kube, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    kube.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LayerCache",
+         "metadata": {"name": name}, "spec": spec}))
+
+
+def _cache(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = kube.custom.get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "layercaches", name)
+    return obj
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or []
+                 if c["type"] == kind), None)
+
+
+def _node_caches(kube: Kube) -> dict[str, dict[str, Any]]:
+    items = kube.custom.list_cluster_custom_object(GROUP, VERSION, "nodelayercaches")["items"]
+    return {i["metadata"]["name"]: i for i in items}
+
+
+def _images(bed: BedState, family: Family, *names: str) -> list[str]:
+    host = (bed.proxy_url or "").removeprefix("http://")
+    return [f"{host}/{family.images[n].reference}" for n in names]
+
+
+def test_plan_reaches_every_node_with_one_seeder_per_layer(
+        operator: Process, bed: BedState, kube: Kube, family: Family, namespace: str) -> None:
+    apps = ("app-py-a", "app-py-b", "app-curl")
+    _apply(kube, namespace, "apps", {"images": _images(bed, family, *apps)})
+
+    def planned() -> dict[str, dict[str, Any]] | None:
+        caches = _node_caches(kube)
+        ok = all(len((caches.get(n.name) or {}).get("spec", {}).get("layers", [])) > 0
+                 for n in bed.nodes)
+        return caches if ok else None
+    caches = wait_for(planned, timeout=90, what="a NodeLayerCache spec on every node")
+    wanted = {d for name in apps for d in family.images[name].resolve().layers}
+    for node in bed.nodes:
+        layers = caches[node.name]["spec"]["layers"]
+        assert {entry["digest"] for entry in layers} == wanted
+        assert caches[node.name]["spec"]["caches"] == [f"{namespace}/apps"]
+    for digest in wanted:
+        sources = [e["source"] for n in bed.nodes for e in caches[n.name]["spec"]["layers"]
+                   if e["digest"] == digest]
+        assert sources.count("Upstream") == 1, digest
+    status = wait_for(lambda: (_cache(kube, namespace, "apps").get("status") or {})
+                      .get("bytes", {}).get("unique"), what="status bytes")
+    assert status == family.unique_layer_bytes(apps)
+    obj = _cache(kube, namespace, "apps")
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+    assert {i["digest"] for i in obj["status"]["images"]} == {
+        family.images[n].manifest_digest for n in apps}
+    # Naive: every node pulls every image itself; containerd de-duplicates within a node,
+    # so each node costs the apps' distinct layers once — and we never claim that saving.
+    assert obj["status"]["bytes"]["naive"] == len(bed.nodes) * family.unique_layer_bytes(apps)
+    # No agents report yet: progressing, not ready.
+    assert (_condition(obj, "Ready") or {}).get("status") == "False"
+
+
+def test_bad_inputs_are_reported_not_fatal(operator: Process, bed: BedState, kube: Kube,
+                                           family: Family, namespace: str) -> None:
+    # The schema rejects what it can, before the operator sees it.
+    with pytest.raises(ComponentError, match=r"spec\.mode"):
+        _apply(kube, namespace, "bad-mode", {"images": ["x"], "mode": "Blobs"})
+    cases = {
+        "missing-image": ({"images": [*_images(bed, family, "base"),
+                                      f"{bed.registries['plain'].host}/family/missing:v1"]},
+            "ManifestNotFound", "family/missing"),
+        "missing-secret": ({"images": _images(bed, family, "base"),
+                            "pullSecrets": [{"name": "nope"}]}, "PullSecretMissing", "nope"),
+        "no-nodes": ({"images": _images(bed, family, "base"),
+                      "nodeSelector": {"pool": "does-not-exist"}}, "NoMatchingNodes",
+                     "nodeSelector"),
+        "tiny-budget": ({"images": _images(bed, family, "base"), "maxBytesPerNode": "1Mi"},
+                        "BudgetExceeded", "maxBytesPerNode"),
+        "bad-reference": ({"images": ["registry.example/Upper/Case:v1"]}, "InvalidSpec",
+                          r"spec.images\[0\]"),
+    }
+    for name, (spec, _, _) in cases.items():
+        _apply(kube, namespace, name, spec)
+    for name, (_, reason, fragment) in cases.items():
+        degraded = wait_for(lambda n=name: (c := _condition(_cache(kube, namespace, n),
+                                                            "Degraded"))
+                            and c["status"] == "True" and c, timeout=60, what=f"{name} Degraded")
+        assert degraded["reason"] == reason, (name, degraded)
+        assert re.search(fragment, degraded["message"]), degraded
+    # One bad cache stops nothing: the operator is alive and a good cache still plans.
+    assert operator.popen is not None and operator.popen.poll() is None
+    _apply(kube, namespace, "good", {"images": _images(bed, family, "curl")})
+    wait_for(lambda: (_cache(kube, namespace, "good").get("status") or {}).get(
+        "bytes", {}).get("unique") == family.unique_layer_bytes(["curl"]), what="good planned")
+
+
+def test_agent_status_makes_the_cache_ready_and_a_new_node_is_planned(
+        operator: Process, bed: BedState, kube: Kube, family: Family, namespace: str,
+        tmp_path: Path) -> None:
+    _apply(kube, namespace, "ready", {"images": _images(bed, family, "nginx")})
+    wait_for(lambda: all("ready" in str(_node_caches(kube).get(n.name, {}).get("spec", {})
+                                         .get("caches")) for n in bed.nodes),
+             what="nginx planned everywhere")
+    # Stand in for the agents: report every node as holding its layers.
+    for name, obj in _node_caches(kube).items():
+        kube.custom.patch_cluster_custom_object_status(GROUP, VERSION, "nodelayercaches", name, {
+            "status": {"observedGeneration": obj["metadata"]["generation"], "missing": [],
+                       "layers": {"wanted": len(obj["spec"]["layers"]),
+                                  "held": len(obj["spec"]["layers"])},
+                       "bytes": {"upstream": 0, "peer": 0},
+                       "conditions": [{"type": "Ready", "status": "True", "reason": "AllHeld",
+                                       "message": "", "lastTransitionTime":
+                                       "2026-01-01T00:00:00Z"}]}})
+    ready = wait_for(lambda: (c := _condition(_cache(kube, namespace, "ready"), "Ready"))
+                     and c["status"] == "True" and c, timeout=60, what="cache Ready")
+    assert ready["reason"] == "AllNodesReady"
+    status = _cache(kube, namespace, "ready")["status"]
+    assert status["nodes"]["summary"] == f"{len(bed.nodes)}/{len(bed.nodes)}"
+    # A fourth node joins: it gets a spec whose layers all come from peers that hold them.
+    kube.core.create_node({"metadata": {"name": "late-node", "labels": {
+        "kubernetes.io/hostname": "late-node", "kubernetes.io/arch": "amd64",
+        "kubernetes.io/os": "linux"}}})
+    try:
+        late = wait_for(lambda: _node_caches(kube).get("late-node"), what="late node planned")
+        layers = late["spec"]["layers"]
+        assert {e["digest"] for e in layers} == set(family.images["nginx"].resolve().layers)
+        assert all(e["source"] == "Peer" and e["peers"] for e in layers)
+    finally:
+        kube.core.delete_node("late-node")
+    wait_for(lambda: "late-node" not in _node_caches(kube), what="late node's cache removed")

@@ -1,0 +1,62 @@
+"""Run layercache itself on the bed: install manifests, start the operator as a process.
+
+The operator runs as a process (no kubelet runs Pods here) but with everything else a Pod
+would have: its own ServiceAccount token, the RBAC from `manifests/`, settings from env.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+from testbed.bed import BedState
+from testbed.kube import Kube, service_account_kubeconfig
+from testbed.paths import REPO
+from testbed.procs import Process, free_port
+
+NAMESPACE = "layercache-system"
+MANIFESTS = REPO / "manifests"
+
+
+def install(kube: Kube, *files: str) -> None:
+    """Apply the CRDs and the given manifest files (server-side, idempotent)."""
+    kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / "crds"))
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                 "crd/layercaches.layercache.dev", "crd/nodelayercaches.layercache.dev")
+    kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / "namespace.yaml"))
+    for name in files:
+        kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / name))
+
+
+def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool = True,
+                   name: str = "operator") -> tuple[Process, int]:
+    """Start the operator as ServiceAccount layercache-operator; returns (process, metrics port).
+
+    The bed's proxy host (plain HTTP) is an insecure registry; the token registry's CA is
+    trusted. Readiness: the liveness endpoint answers.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    kubeconfig = service_account_kubeconfig(kube, NAMESPACE, "layercache-operator",
+                                            workdir / f"{name}.kubeconfig")
+    metrics, health = free_port(), free_port()
+    insecure = [bed.registries["plain"].host, bed.registries["basic"].host]
+    if bed.proxy_url:
+        insecure.append(bed.proxy_url.removeprefix("http://"))
+    env = {
+        "KUBECONFIG": str(kubeconfig), "LAYERCACHE_NAMESPACE": NAMESPACE,
+        "LAYERCACHE_METRICS_PORT": str(metrics), "LAYERCACHE_HEALTH_PORT": str(health),
+        "LAYERCACHE_INSECURE_REGISTRIES": json.dumps(insecure),
+        "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
+        "LAYERCACHE_STANDALONE": "true" if standalone else "false",
+        "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
+    }
+    proc = Process(name, [sys.executable, "-m", "layercache.operator_main"],
+                   workdir / f"{name}.log", env=env).start()
+
+    def alive() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as r:
+            return r.status == 200
+    proc.wait_ready(alive, 60)
+    return proc, metrics
