@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from layercache.registry.errors import (
     AccessDeniedError,
     AuthenticationError,
     ManifestNotFoundError,
+    RegistryConfigError,
     UnsupportedCredentialsError,
 )
 from layercache.registry.fetch import get_manifest, head_manifest
@@ -286,4 +288,11 @@ async def test_manifest_unknown() -> None:
 
     async with RegistryClient(transport=httpx.MockTransport(handler)) as c:
         with pytest.raises(ManifestNotFoundError, match=r"reg.example/v2/family/base/manifests/v1"):
+            await get_manifest(c, REF)
+
+
+async def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-ca.pem"
+    async with RegistryClient(registries={HOST: RegistryOptions(ca_file=missing)}) as c:
+        with pytest.raises(RegistryConfigError, match="cannot load CA file"):
             await get_manifest(c, REF)

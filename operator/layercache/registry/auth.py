@@ -259,7 +259,7 @@ async def _fetch_token(
     where = f"token server {url.scheme}://{url.netloc.decode()}{url.path}"
     try:
         response = await http.get(url, params=params, headers=headers)
-    except httpx.TransportError as exc:
+    except httpx.RequestError as exc:
         raise RegistryConnectionError(f"{where}: {exc.__class__.__name__}: {exc}") from None
     status = response.status_code
     if status in (401, 403):

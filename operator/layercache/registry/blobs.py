@@ -30,12 +30,14 @@ from typing import IO, Final, Protocol, runtime_checkable
 
 import httpx
 
+from layercache import digest as _digest
 from layercache.digest import Digest, DigestVerifier
 from layercache.reference import Reference
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import (
     BlobNotFoundError,
     BlobTooLargeError,
+    DigestMismatchError,
     IncompleteBodyError,
     NonDistributableLayerError,
 )
@@ -263,7 +265,10 @@ async def fetch_blob(
                     raise IncompleteBodyError(
                         f"{what}: body ended at byte {state.received} of {size}"
                     )
-        state.verifier.verify()
+        try:
+            state.verifier.verify()
+        except _digest.DigestMismatchError as exc:
+            raise DigestMismatchError(exc.expected, exc.actual, exc.size) from None
     except BaseException:
         await sink.discard()
         raise

@@ -39,6 +39,7 @@ from layercache.registry.credentials import Keyring
 from layercache.registry.errors import (
     BlobTooLargeError,
     RateLimitedError,
+    RegistryConfigError,
     RegistryConnectionError,
     RegistryStatusError,
     ServerError,
@@ -149,8 +150,14 @@ class RegistryClient:
         ca_file = self.options(registry).ca_file
         client = self._clients.get(ca_file)
         if client is None:
+            try:
+                context = _ssl_context(ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise RegistryConfigError(
+                    f"{registry}: cannot load CA file {ca_file}: {exc}"
+                ) from None
             client = httpx.AsyncClient(
-                verify=_ssl_context(ca_file),
+                verify=context,
                 timeout=self._timeout,
                 follow_redirects=False,  # by hand: see _follow
                 # identity: blob bytes must arrive as stored, or digests and Range break.
@@ -202,7 +209,7 @@ class RegistryClient:
                 response = await self._authenticated(http, method, url, headers, registry, scope)
                 response = await self._follow(http, method, url, response, headers)
                 yield response
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # transport, decoding, redirect loops
                 raise RegistryConnectionError(
                     f"{describe(url, method)}: {exc.__class__.__name__}: {exc}"
                 ) from None

@@ -14,7 +14,7 @@ Classification (what `layercache.registry.retry` and callers act on):
 
 from __future__ import annotations
 
-from layercache.digest import DigestMismatchError
+from layercache.digest import DigestMismatchError as _DigestMismatchError
 
 __all__ = [
     "AccessDeniedError",
@@ -29,6 +29,7 @@ __all__ = [
     "NonDistributableLayerError",
     "RateLimitedError",
     "RegistryAuthError",
+    "RegistryConfigError",
     "RegistryConnectionError",
     "RegistryError",
     "RegistryStatusError",
@@ -42,10 +43,23 @@ __all__ = [
 
 
 class RegistryError(Exception):
-    """Base of the errors of `layercache.registry`.
+    """Base of every error `layercache.registry` raises for a request or a resolution.
 
-    `DigestMismatchError` is the exception: it is `layercache.digest`'s, raised as is.
+    Callers can catch this one class; only invalid arguments (an unparsable reference or
+    platform string) raise something else.
     """
+
+
+class DigestMismatchError(_DigestMismatchError, RegistryError):
+    """Bytes from a registry do not hash to their digest (final: the sink discarded them).
+
+    Both a `layercache.digest.DigestMismatchError` (``expected``, ``actual``, ``size``)
+    and a `RegistryError`, so either ``except`` catches it.
+    """
+
+
+class RegistryConfigError(RegistryError):
+    """Our own settings for a registry are unusable (e.g. its CA file cannot be loaded)."""
 
 
 class RegistryStatusError(RegistryError):

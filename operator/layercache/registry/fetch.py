@@ -16,11 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from layercache.digest import Digest, DigestMismatchError, InvalidDigestError
+from layercache.digest import Digest, InvalidDigestError
 from layercache.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlgorithm
 from layercache.reference import Reference
 from layercache.registry.client import RegistryClient, read_capped
-from layercache.registry.errors import ManifestError, ManifestNotFoundError, UnsupportedDigestError
+from layercache.registry.errors import (
+    DigestMismatchError,
+    ManifestError,
+    ManifestNotFoundError,
+    UnsupportedDigestError,
+)
 from layercache.registry.manifest import (
     MAX_MANIFEST_BYTES,
     ImageIndex,
