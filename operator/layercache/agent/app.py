@@ -1,0 +1,217 @@
+"""The node agent's process: wire the parts together, run until SIGTERM, shut down cleanly.
+
+Start-up order matters for crash safety and for peers:
+
+1. read this node's NodeLayerCache (its spec, and the byte counters its status kept);
+2. clean our stale leases and ingests in containerd (`layercache.agent.cleanup`), keeping
+   the ingests of wanted layers so their writes resume;
+3. serve peers and metrics, then publish ``status.peerEndpoint``;
+4. follow the object (watch thread), the Node (DiskPressure, platform) and both Secrets,
+   and reconcile (`layercache.agent.reconcile`), reporting status as it goes.
+
+On SIGTERM or SIGINT every fetch is cancelled (its ingest and lease kept for a resume),
+the status is patched a last time and the servers close. ``kill -9`` skips all that, which
+is what step 2 and the leases' ``containerd.io/gc.expire`` are for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import CollectorRegistry
+
+from layercache.agent.backoff import RetryTimes
+from layercache.agent.cleanup import clean_stale
+from layercache.agent.disk import DiskGuard
+from layercache.agent.fetch import FetchConfig, LayerFetcher
+from layercache.agent.images import ImagePuller
+from layercache.agent.kubeapi import AgentKube, Obj, OwnObjectWatch
+from layercache.agent.nodeinfo import NodeInfo
+from layercache.agent.nodespec import Counters, parse_node_spec
+from layercache.agent.peers import PeerClient, PeerDirectory
+from layercache.agent.reconcile import Reconciler
+from layercache.agent.secrets import LiveKeyring, Secrets
+from layercache.agent.server import PeerServer, metrics_app, start_site
+from layercache.agent.settings import AgentSettings
+from layercache.agent.status import StatusBook, StatusReporter
+from layercache.agent.transfer import ByteRate
+from layercache.containerd.content import ContentStore
+from layercache.containerd.cri import CRIImages
+from layercache.metrics import AgentGauges, AgentMetrics
+from layercache.registry.client import RegistryClient, RegistryOptions
+
+__all__ = ["run_agent"]
+
+log = logging.getLogger(__name__)
+
+
+async def _retrying(what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    """``call()`` until it succeeds: start-up cannot go on without it (backoff up to 30 s)."""
+    delay = 1.0
+    while True:
+        try:
+            return await call()
+        except Exception as error:
+            log.warning("%s failed: %s; retrying in %.0f s", what, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def _every(seconds: float, step: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await step()
+        except Exception:  # a periodic step must not end the agent
+            log.exception("periodic step %s failed", getattr(step, "__name__", step))
+
+
+class Agent:
+    """One node's agent: its clients, servers and tasks (see the module docstring)."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.kube = AgentKube(settings)
+        self.registry_metrics = CollectorRegistry()
+        self.metrics = AgentMetrics(settings.node_name, self.registry_metrics)
+        self.secrets = Secrets(self.kube, settings.peer_token_secret, settings.registry_secret)
+        self.store = ContentStore(settings.containerd_socket, settings.containerd_namespace)
+        self.cri = CRIImages(settings.containerd_socket, channel=self.store.channel)
+        self.node_info = NodeInfo()
+        self.disk = DiskGuard(self._image_fs, settings.min_free_percent)
+        self.registry = RegistryClient(
+            keyring=LiveKeyring(self.secrets),
+            registries={host: RegistryOptions(insecure=True)
+                        for host in settings.insecure_hosts},
+            default=RegistryOptions(ca_file=settings.registry_ca_file))
+        self.peers = PeerClient(lambda: self.secrets.token)
+        self.runners: list[Any] = []
+
+    async def _image_fs(self) -> Path:
+        if self.settings.image_fs_path is not None:
+            return self.settings.image_fs_path
+        return Path((await self.cri.fs_info()).mountpoint)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start everything, run until ``stop`` is set, then shut down."""
+        settings = self.settings
+        obj, _ = await _retrying("reading own NodeLayerCache",
+                                 lambda: asyncio.to_thread(self.kube.list_own))
+        spec = parse_node_spec(obj) if obj is not None else None
+        book = StatusBook(spec.counters if spec is not None else Counters(), self.metrics,
+                          lambda: self.secrets.secrets)
+        await self._refresh_secrets(book)
+        await _retrying("cleaning stale leases", lambda: clean_stale(
+            self.store, spec.wanted if spec is not None else ()))
+        retry = RetryTimes(settings.retry_initial_seconds, settings.retry_max_seconds)
+        fetcher = LayerFetcher(
+            FetchConfig(settings.node_name, settings.peer_wait_seconds,
+                        settings.peer_poll_seconds, settings.concurrency),
+            store=self.store, registry=self.registry, peers=self.peers,
+            directory=PeerDirectory(self.kube), rate=ByteRate(settings.max_bytes_per_second),
+            disk=self.disk, book=book, metrics=self.metrics)
+        images = ImagePuller(cri=self.cri, store=self.store, registry=self.registry,
+                             keyring=LiveKeyring(self.secrets), book=book, retry=retry,
+                             platform=lambda: self.node_info.platform)
+        reconciler = Reconciler(store=self.store, fetcher=fetcher, images=images, book=book,
+                                disk=self.disk, retry=retry,
+                                resync_seconds=settings.resync_seconds)
+        reconciler.set_object(obj)
+        self.metrics.track(lambda: AgentGauges(book.wanted, book.held, book.bytes_held,
+                                               book.pressure is not None))
+        server = PeerServer(self.store, lambda: self.secrets.token, book.served_bytes)
+        self.runners.append(await start_site(server.app(), settings.peer_bind,
+                                             settings.peer_port))
+        self.runners.append(await start_site(metrics_app(self.registry_metrics),
+                                             settings.metrics_bind, settings.metrics_port))
+        await self._check_node(reconciler)
+        book.peer_endpoint = self._endpoint()
+        reporter = StatusReporter(book, self.kube.patch_status, settings.status_interval_seconds)
+        await reporter.flush()
+        loop = asyncio.get_running_loop()
+        watch = OwnObjectWatch(self.kube, loop, reconciler.set_object)
+        watch.start()
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in (
+            ("reconcile", reconciler.run()),
+            ("status", reporter.run()),
+            ("node", _every(settings.node_check_seconds,
+                            lambda: self._check_node(reconciler))),
+            ("secrets", _every(settings.secret_refresh_seconds,
+                               lambda: self._refresh_secrets(book))),
+        )]
+        log.info("agent running", extra={"peer_endpoint": book.peer_endpoint})
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopping, *tasks],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopping}:
+                task.result()  # a task that ended on its own failed: raise its error
+        finally:
+            watch.stop()
+            for task in [stopping, *tasks]:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await reporter.flush()
+
+    async def close(self) -> None:
+        """Close the servers and every client."""
+        for runner in self.runners:
+            await runner.cleanup()
+        await self.peers.aclose()
+        await self.registry.aclose()
+        await self.store.close()
+        self.kube.close()
+
+    async def _refresh_secrets(self, book: StatusBook) -> None:
+        problems = await self.secrets.refresh()
+        for reason in [r for r in book.problems if r != "InvalidSpec"]:
+            book.problems.pop(reason)
+        for problem in problems:
+            if problem.reason not in book.problems:
+                book.problems[problem.reason] = book.error(problem.reason, problem.message)
+        book.touch()
+
+    async def _check_node(self, reconciler: Reconciler) -> None:
+        try:
+            node: Obj | None = await self.kube.get_node()
+        except ApiException as error:
+            log.warning("cannot read Node %s: HTTP %s", self.settings.node_name, error.status)
+            return
+        before = self.disk.node_pressure
+        self.node_info.update(node)
+        self.disk.node_pressure = self.node_info.disk_pressure
+        if before != self.disk.node_pressure:
+            log.warning("Node DiskPressure is now %s", self.disk.node_pressure)
+            reconciler.wake.set()
+
+    def _endpoint(self) -> str | None:
+        address = self.settings.peer_advertise_address or self.node_info.internal_ip
+        if not address:
+            log.error("no address to advertise: set LAYERCACHE_PEER_ADVERTISE_ADDRESS "
+                      "(or POD_IP); peers cannot reach this agent")
+            return None
+        host = f"[{address}]" if ":" in address else address
+        return f"http://{host}:{self.settings.peer_port}"
+
+
+async def run_agent(settings: AgentSettings) -> None:
+    """Run the agent until SIGTERM or SIGINT (see the module docstring)."""
+    log.info("starting layercache agent", extra={"settings": settings.describe()})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    agent = Agent(settings)
+    try:
+        await agent.run(stop)
+    finally:
+        with contextlib.suppress(Exception):
+            await agent.close()
+    log.info("agent stopped")

@@ -1,0 +1,222 @@
+"""Fetch one layer into containerd: from a peer that holds it, else from the registry.
+
+For a ``Peer`` layer, the listed peers are probed with a cheap ``HEAD`` (most likely first)
+every `AgentSettings.peer_poll_seconds` until one holds the blob — then it is copied from
+there — or until `AgentSettings.peer_wait_seconds` have passed; then the registry. An
+``Upstream`` layer (this node seeds it) goes to the registry at once. Either way:
+
+- the write goes through containerd's content API under a lease, with the ingest ref
+  derived from the digest (`layercache.containerd.content.ingest_ref`): a retry — or a
+  restarted agent — resumes from the ingest's STAT offset instead of byte 0;
+- the bytes are verified (`layercache.agent.transfer.metered` and containerd's COMMIT
+  check); a mismatching ingest is aborted, never committed;
+- the blob is committed with ``containerd.io/gc.root``, our managed-by and cache labels,
+  the source it came from, and containerd's ``distribution.source`` label;
+- a transfer holds one of `AgentSettings.concurrency` slots and reserves its remaining
+  bytes on the image filesystem (`layercache.agent.disk.DiskGuard`) while it runs.
+
+`failure_reason` turns any exception into the CamelCase reason status and metrics use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from layercache.agent.disk import DiskGuard, DiskPressureError
+from layercache.agent.nodespec import WantedLayer
+from layercache.agent.peers import PeerClient, PeerDirectory, PeerError, PeerUnauthorizedError
+from layercache.agent.status import StatusBook
+from layercache.agent.transfer import ByteRate, upstream_source
+from layercache.containerd.content import ContentStore, ingest_ref
+from layercache.containerd.errors import ContainerdError, Unavailable
+from layercache.containerd.ingest import (
+    ContentDigestMismatchError,
+    ResumableSource,
+    SourceSizeError,
+    ingest_lease_id,
+)
+from layercache.digest import DigestMismatchError
+from layercache.metrics import AgentMetrics, FetchSource
+from layercache.registry.client import RegistryClient
+from layercache.registry.errors import (
+    BlobNotFoundError,
+    NonDistributableLayerError,
+    RateLimitedError,
+    RegistryAuthError,
+    RegistryError,
+    RegistryStatusError,
+    TransientError,
+)
+from layercache.registry.mediatypes import layer_type
+
+__all__ = ["FetchConfig", "LayerFetcher", "failure_reason"]
+
+log = logging.getLogger(__name__)
+
+#: Label naming where a blob's bytes came from (``upstream`` or ``peer``).
+SOURCE_LABEL = "layercache.dev/source"
+#: containerd's own label for the repository a blob was pulled from, per registry host.
+DISTRIBUTION_SOURCE_PREFIX = "containerd.io/distribution.source."
+
+_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (DigestMismatchError, "DigestMismatch"),
+    (SourceSizeError, "SizeMismatch"),
+    (PeerUnauthorizedError, "PeerUnauthorized"),
+    (PeerError, "PeerUnavailable"),
+    (NonDistributableLayerError, "NonDistributable"),
+    (BlobNotFoundError, "UpstreamNotFound"),
+    (RegistryAuthError, "UpstreamUnauthorized"),
+    (RateLimitedError, "UpstreamRateLimited"),
+    (TransientError, "UpstreamUnavailable"),
+    (RegistryStatusError, "UpstreamRefused"),
+    (RegistryError, "UpstreamError"),
+    (Unavailable, "ContainerdUnavailable"),
+    (ContainerdError, "ContainerdError"),
+)
+
+
+def failure_reason(error: BaseException) -> str:
+    """The CamelCase reason for ``error`` (``DigestMismatch``, ``UpstreamUnavailable`` …)."""
+    if isinstance(error, DiskPressureError):
+        return error.reason
+    for kind, reason in _REASONS:
+        if isinstance(error, kind):
+            return reason
+    return "InternalError"
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """This node's name, the peer wait (``peer_wait``, ``peer_poll``: seconds), concurrency."""
+
+    node: str
+    peer_wait: float
+    peer_poll: float
+    concurrency: int
+
+
+class LayerFetcher:
+    """Fetches layers into ``store`` (see the module docstring); one per agent."""
+
+    def __init__(self, config: FetchConfig, *, store: ContentStore, registry: RegistryClient,
+                 peers: PeerClient, directory: PeerDirectory, rate: ByteRate, disk: DiskGuard,
+                 book: StatusBook, metrics: AgentMetrics) -> None:
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.peers = peers
+        self.directory = directory
+        self.rate = rate
+        self.disk = disk
+        self.book = book
+        self.metrics = metrics
+        self.slots = asyncio.Semaphore(config.concurrency)
+
+    async def fetch(self, layer: WantedLayer, caches: Sequence[str]) -> FetchSource:
+        """Bring ``layer`` into the content store; returns where it came from.
+
+        Raises:
+            DiskPressureError: not enough space (or the Node reports DiskPressure).
+            DigestMismatchError, SourceSizeError: the registry sent other bytes.
+            RegistryError: the registry refused or failed (after its retries).
+            ContainerdError: containerd refused or failed.
+
+        """
+        kind = layer_type(layer.media_type) if layer.media_type else None
+        if kind is not None and not kind.distributable:
+            raise NonDistributableLayerError(str(layer.digest), layer.media_type)
+        others = [peer for peer in layer.peers if peer != self.config.node]
+        if layer.source == "Peer" and others and await self._from_peers(layer, others, caches):
+            return "peer"
+        await self._from_upstream(layer, caches)
+        return "upstream"
+
+    async def _from_peers(self, layer: WantedLayer, peers: Sequence[str],
+                          caches: Sequence[str]) -> bool:
+        """Copy ``layer`` from the first peer that holds it; False once the wait is over."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.peer_wait
+        refused: set[str] = set()
+        while True:
+            for node in peers:
+                endpoint = await self.directory.endpoint(node)
+                if endpoint is None:
+                    continue
+                try:
+                    if not await self.peers.has(endpoint, layer.digest):
+                        continue
+                    source = self.peers.source(endpoint, layer.digest, layer.size, self.rate,
+                                               lambda n: self.book.fetched("peer", n))
+                    await self._write(layer, caches, "peer", source)
+                    return True
+                except PeerUnauthorizedError as error:
+                    if node not in refused:  # once per layer and peer, not once per poll
+                        refused.add(node)
+                        self.book.error("PeerUnauthorized", str(error), layer.digest)
+                except PeerError as error:
+                    log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
+                    self.directory.forget(node)
+                except DigestMismatchError as error:
+                    self.book.error("DigestMismatch", f"from peer {node}: {error}", layer.digest)
+            if loop.time() >= deadline:
+                log.info("no peer served %s in %.0f s: fetching upstream", layer.digest.short,
+                         self.config.peer_wait, extra={"digest": layer.digest})
+                return False
+            await asyncio.sleep(self.config.peer_poll)
+
+    async def _from_upstream(self, layer: WantedLayer, caches: Sequence[str]) -> None:
+        """Copy ``layer`` from its registry; transient failures retry and resume."""
+        source = upstream_source(self.registry, layer.repository, layer.digest, layer.size,
+                                 self.rate, lambda n: self.book.fetched("upstream", n))
+        what = f"layer {layer.digest.short} from {layer.repository.name}"
+        async for attempt in self.registry.retry.retrying(what):
+            with attempt:
+                await self._write(layer, caches, "upstream", source)
+
+    def _labels(self, layer: WantedLayer, source: FetchSource) -> dict[str, str]:
+        return {SOURCE_LABEL: source,
+                DISTRIBUTION_SOURCE_PREFIX + layer.repository.registry:
+                    layer.repository.repository}
+
+    async def _write(self, layer: WantedLayer, caches: Sequence[str], source_kind: FetchSource,
+                     source: ResumableSource) -> None:
+        """One write attempt in a transfer slot, with its bytes reserved on disk.
+
+        Raises:
+            DiskPressureError, DigestMismatchError, SourceSizeError, ContainerdError, and
+            whatever ``source`` raises (`PeerError`, `RegistryError`).
+
+        """
+        ref = ingest_ref(layer.digest)
+        async with self.slots:
+            ingest = await self.store.status(ref)
+            held = ingest.offset if ingest is not None and ingest.total == layer.size else 0
+            need = layer.size - held
+            await self.disk.reserve(need)
+            started = time.monotonic()
+            ok = False
+            try:
+                result = await self.store.write(
+                    ref, layer.digest, layer.size, source, caches=caches,
+                    labels=self._labels(layer, source_kind), keep_on_error=True)
+                ok = True
+            except (DigestMismatchError, SourceSizeError) as error:
+                if not isinstance(error, ContentDigestMismatchError):
+                    # Kept for a resume by keep_on_error, but these bytes are wrong: drop them.
+                    await asyncio.shield(self._drop(ref))
+                raise
+            finally:
+                self.disk.release(need)
+                self.metrics.ingested(source_kind, ok, time.monotonic() - started)
+        log.info("layer %s held (%s)", layer.digest.short, source_kind,
+                 extra={"digest": layer.digest, "source": source_kind, "bytes": layer.size,
+                        "resumed_from": result.resumed_from, "written": result.written,
+                        "already_existed": result.already_existed})
+
+    async def _drop(self, ref: str) -> None:
+        await self.store.abort_quietly(ref)
+        await self.store.leases.delete_quietly(ingest_lease_id(ref))

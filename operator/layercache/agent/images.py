@@ -1,0 +1,96 @@
+"""``mode: Images``: pull whole images through CRI once their layers are held.
+
+An image in ``spec.images`` is a reference pinned by digest. Its layers are found by
+resolving it for this node's platform (`layercache.registry.resolve`: the manifest and
+config only, a few kilobytes); once the content store holds every one of them, CRI
+``PullImage`` names the image — containerd then fetches only the manifest and config again
+and unpacks from the local blobs, as the kubelet's later pull would. Upstream credentials
+are the agent's (`layercache.agent.secrets`), passed in the CRI ``AuthConfig``.
+
+Pulled images are remembered until `forget` (each inventory re-read), so a pass costs no
+CRI call per image; failures are reported (``ImageResolveFailed``, ``ImagePullFailed``)
+and retried with the reconciler's backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from layercache.agent.backoff import RetryTimes
+from layercache.agent.status import StatusBook
+from layercache.containerd.content import ContentStore
+from layercache.containerd.cri import AuthConfig, CRIImages
+from layercache.containerd.errors import ContainerdError
+from layercache.digest import Digest
+from layercache.reference import parse_reference
+from layercache.registry.client import RegistryClient
+from layercache.registry.credentials import Keyring
+from layercache.registry.resolve import resolve
+
+__all__ = ["ImagePuller"]
+
+log = logging.getLogger(__name__)
+
+
+class ImagePuller:
+    """Pulls ready images on one node; ``platform`` (``os/arch``) is the node's."""
+
+    def __init__(self, *, cri: CRIImages, store: ContentStore, registry: RegistryClient,
+                 keyring: Keyring, book: StatusBook, retry: RetryTimes,
+                 platform: Callable[[], str]) -> None:
+        self.cri = cri
+        self.store = store
+        self.registry = registry
+        self.keyring = keyring
+        self.book = book
+        self.retry = retry
+        self.platform = platform
+        self.pulled: set[str] = set()
+        self._layers: dict[str, tuple[Digest, ...]] = {}
+
+    def pending(self, images: Iterable[str]) -> int:
+        """How many of ``images`` are not known to be pulled."""
+        return sum(1 for image in images if image not in self.pulled)
+
+    def forget(self) -> None:
+        """Check every image with CRI again on the next pass (the kubelet may remove some)."""
+        self.pulled.clear()
+
+    async def pull_ready(self, images: Iterable[str], held: frozenset[Digest]) -> None:
+        """Pull each of ``images`` whose layers are all present; ``held``: known present."""
+        for image in images:
+            key = f"image {image}"
+            now = asyncio.get_running_loop().time()
+            if image in self.pulled or not self.retry.ready(key, now):
+                continue
+            try:
+                if await self._pull_if_ready(image, held):
+                    self.pulled.add(image)
+                    self.retry.succeeded(key)
+                    self.book.failing.pop(key, None)
+                    self.book.touch()
+            except Exception as error:
+                reason = ("ImagePullFailed" if isinstance(error, ContainerdError)
+                          else "ImageResolveFailed")
+                self.book.failing[key] = self.book.error(reason, f"{image}: {error}")
+                self.retry.failed(key, asyncio.get_running_loop().time())
+
+    async def _pull_if_ready(self, image: str, held: frozenset[Digest]) -> bool:
+        if await self.cri.status(image) is not None:
+            return True
+        layers = self._layers.get(image)
+        if layers is None:
+            resolved = await resolve(self.registry, image, self.platform())
+            layers = self._layers[image] = tuple(layer.digest for layer in resolved.layers)
+        for digest in layers:
+            if digest not in held and await self.store.info(digest) is None:
+                return False
+        reference = parse_reference(image)
+        credentials = self.keyring.credentials_for(reference.registry)
+        auth = (AuthConfig(username=credentials.username, password=credentials.password,
+                           server_address=reference.registry) if credentials else None)
+        image_ref = await self.cri.pull(image, auth)
+        log.info("image %s pulled", image, extra={"image_id": image_ref})
+        return True

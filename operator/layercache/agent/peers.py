@@ -1,0 +1,180 @@
+"""Other agents as blob sources: where they listen, whether they hold a blob, its bytes.
+
+Each agent publishes ``status.peerEndpoint`` (``http://IP:PORT``) on its own
+NodeLayerCache; `PeerDirectory` maps a node name to that endpoint by reading the node's
+NodeLayerCache (by name, cached for a while). `PeerClient` speaks the peer protocol of
+`layercache.agent.server`: ``HEAD``/``GET /v1/blobs/{digest}`` with ``Authorization:
+Bearer <peer token>`` and ``Range`` for resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Final
+
+import httpx
+from kubernetes.client.exceptions import ApiException
+
+from layercache import __version__
+from layercache.agent.kubeapi import AgentKube
+from layercache.agent.transfer import ByteRate, OnBytes, content_range_start, metered, skip
+from layercache.containerd.ingest import ResumableSource
+from layercache.digest import Digest
+
+__all__ = ["PeerClient", "PeerDirectory", "PeerError", "PeerUnauthorizedError", "blob_url"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a known endpoint is trusted before the peer's NodeLayerCache is read again.
+ENDPOINT_TTL: Final = 30.0
+
+
+class PeerError(Exception):
+    """A peer could not serve a blob (unreachable, refused, cut short); try another source."""
+
+
+class PeerUnauthorizedError(PeerError):
+    """A peer refused our peer token (401): the agents' tokens differ."""
+
+
+def blob_url(endpoint: str, digest: Digest) -> str:
+    """The peer URL of blob ``digest`` at ``endpoint`` (``http://IP:PORT``)."""
+    return f"{endpoint.rstrip('/')}/v1/blobs/{digest}"
+
+
+class PeerDirectory:
+    """Node name → peer endpoint, from each node's ``status.peerEndpoint``.
+
+    A node without an endpoint (no NodeLayerCache, no agent yet) is asked again on the next
+    lookup; a known endpoint is reused for `ENDPOINT_TTL` seconds.
+    """
+
+    def __init__(self, kube: AgentKube, clock: Callable[[], float] = time.monotonic) -> None:
+        self.kube = kube
+        self.clock = clock
+        self._known: dict[str, tuple[str, float]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def endpoint(self, node: str) -> str | None:
+        """The endpoint of ``node``'s agent, or None when it has published none (yet)."""
+        known = self._known.get(node)
+        if known is not None and self.clock() - known[1] < ENDPOINT_TTL:
+            return known[0]
+        async with self._locks.setdefault(node, asyncio.Lock()):
+            known = self._known.get(node)
+            if known is not None and self.clock() - known[1] < ENDPOINT_TTL:
+                return known[0]
+            try:
+                obj = await self.kube.get_cache(node)
+            except ApiException as error:
+                log.warning("cannot read NodeLayerCache %s for its endpoint: HTTP %s",
+                            node, error.status)
+                return known[0] if known else None
+            endpoint = ((obj or {}).get("status") or {}).get("peerEndpoint")
+            if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+                self._known.pop(node, None)
+                return None
+            self._known[node] = (endpoint, self.clock())
+            return endpoint
+
+    def forget(self, node: str) -> None:
+        """Drop the cached endpoint of ``node`` (it stopped answering)."""
+        self._known.pop(node, None)
+
+
+class PeerClient:
+    """Asks peers for blobs; ``token`` gives the current peer token (None: none loaded).
+
+    ``timeout`` bounds connecting and each read (seconds).
+    """
+
+    def __init__(self, token: Callable[[], str | None], timeout: float = 30.0) -> None:
+        self.token = token
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            headers={"User-Agent": f"layercache-agent/{__version__}",
+                     "Accept-Encoding": "identity"})
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.http.aclose()
+
+    def _headers(self, offset: int = 0) -> dict[str, str]:
+        token = self.token()
+        if token is None:
+            raise PeerUnauthorizedError("no peer token loaded: cannot ask peers")
+        headers = {"Authorization": f"Bearer {token}"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        return headers
+
+    async def has(self, endpoint: str, digest: Digest) -> bool:
+        """Whether the peer at ``endpoint`` holds blob ``digest`` (``HEAD``: 200 or 404).
+
+        Raises:
+            PeerUnauthorizedError: the peer refused our token (or we have none).
+            PeerError: the peer is unreachable or answered something else.
+
+        """
+        url = blob_url(endpoint, digest)
+        try:
+            response = await self.http.head(url, headers=self._headers())
+        except httpx.HTTPError as error:
+            raise PeerError(f"HEAD {url}: {error.__class__.__name__}") from None
+        if response.status_code == 401:
+            raise PeerUnauthorizedError(f"HEAD {url}: peer refused our token (401)")
+        if response.status_code in (200, 404):
+            return response.status_code == 200
+        raise PeerError(f"HEAD {url}: HTTP {response.status_code}")
+
+    def source(self, endpoint: str, digest: Digest, size: int, rate: ByteRate,
+               on_bytes: OnBytes) -> ResumableSource:
+        """A resumable source of blob ``digest`` (``size`` bytes) from the peer at ``endpoint``.
+
+        Raises (from the iteration):
+            PeerUnauthorizedError, PeerError: the peer cannot serve it (any failure,
+                including a body cut short).
+            DigestMismatchError: see `layercache.agent.transfer.metered`.
+
+        """
+        url = blob_url(endpoint, digest)
+
+        async def from_offset(offset: int) -> AsyncIterator[bytes]:
+            if offset >= size:  # the ingest is complete: nothing left to send
+                return
+            request = self.http.build_request("GET", url, headers=self._headers(offset))
+            try:
+                response = await self.http.send(request, stream=True)
+            except httpx.HTTPError as error:
+                raise PeerError(f"GET {url}: {error.__class__.__name__}") from None
+            try:
+                chunks = self._body(url, response, offset)
+                async for chunk in metered(chunks, digest=digest, size=size, offset=offset,
+                                           rate=rate, on_bytes=on_bytes):
+                    yield chunk
+            finally:
+                await response.aclose()
+
+        return from_offset
+
+    async def _body(self, url: str, response: httpx.Response,
+                    offset: int) -> AsyncIterator[bytes]:
+        status = response.status_code
+        if status == 401:
+            raise PeerUnauthorizedError(f"GET {url}: peer refused our token (401)")
+        if status == 206 and content_range_start(response) != offset:
+            raise PeerError(f"GET {url}: asked for bytes from {offset}, got "
+                            f"{response.headers.get('content-range')}")
+        if status not in (200, 206):
+            raise PeerError(f"GET {url}: HTTP {status}")
+        chunks: AsyncIterable[bytes] = response.aiter_bytes()
+        if offset and status == 200:
+            chunks = skip(chunks, offset)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except httpx.HTTPError as error:
+            raise PeerError(f"GET {url}: {error.__class__.__name__} mid-body") from None

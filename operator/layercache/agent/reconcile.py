@@ -1,0 +1,224 @@
+"""The agent's control loop: make containerd hold what this node's NodeLayerCache wants.
+
+Each pass works from containerd's inventory (``Content.List``), re-read at start, after a
+spec change and every `AgentSettings.resync_seconds` — never from memory alone:
+
+1. wanted layers already present are pinned if something else (the kubelet) put them
+   there; pinned blobs of ours that are no longer wanted are released to containerd's GC;
+2. missing layers start in spec order, at most a window of ``8 * concurrency`` at once
+   (waiting for a peer costs no transfer slot; the transfer itself takes one of
+   ``concurrency``): the window keeps the earliest layers — which every node orders the
+   same way — moving, so seeders and waiters cannot block each other for good;
+3. a failed layer is retried after a backoff that doubles per failure; a disk refusal
+   stops new fetches until the filesystem is checked again;
+4. in ``Images`` mode, an image whose layers are all held is pulled through CRI, which
+   then only resolves its manifest and config (`layercache.agent.images`).
+
+The status book is updated as facts change; `StatusReporter` patches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any, Final
+
+from layercache.agent.backoff import RetryTimes
+from layercache.agent.disk import DiskGuard, DiskPressureError
+from layercache.agent.fetch import LayerFetcher, failure_reason
+from layercache.agent.images import ImagePuller
+from layercache.agent.nodespec import InvalidNodeSpecError, NodeSpec, WantedLayer, parse_node_spec
+from layercache.agent.status import StatusBook
+from layercache.containerd.content import ContentStore
+from layercache.containerd.errors import ContainerdError
+from layercache.digest import Digest
+
+__all__ = ["Reconciler"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between space checks while fetching is stopped by disk pressure.
+PRESSURE_RECHECK: Final = 10.0
+#: Missing layers in progress at once, per transfer slot.
+WINDOW_PER_SLOT: Final = 8
+
+
+class Reconciler:
+    """Drives fetches and pulls for one node; feed it objects with `set_object`."""
+
+    def __init__(self, *, store: ContentStore, fetcher: LayerFetcher, images: ImagePuller,
+                 book: StatusBook, disk: DiskGuard, retry: RetryTimes,
+                 resync_seconds: float) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.images = images
+        self.book = book
+        self.disk = disk
+        self.retry = retry
+        self.resync_seconds = resync_seconds
+        self.spec: NodeSpec | None = None
+        self.held: dict[Digest, int] = {}
+        self.inflight: dict[Digest, asyncio.Task[None]] = {}
+        self.wake = asyncio.Event()
+        self._stale = True
+        self._next_resync = 0.0
+        self._pressure_until = 0.0
+        self._pressure_reason: str | None = None
+        self._pulling: asyncio.Task[None] | None = None
+
+    @property
+    def loop_time(self) -> float:
+        """The event loop's clock (seconds)."""
+        return asyncio.get_running_loop().time()
+
+    def set_object(self, obj: Mapping[str, Any] | None) -> None:
+        """Take a new version of this node's NodeLayerCache (None: it is gone)."""
+        try:
+            spec = parse_node_spec(obj) if obj is not None else None
+        except InvalidNodeSpecError as error:
+            self.book.problems["InvalidSpec"] = self.book.error("InvalidSpec", str(error))
+            return
+        self.book.problems.pop("InvalidSpec", None)
+        changed = spec is None or self.spec is None or spec.layers != self.spec.layers
+        self.spec = spec
+        if spec is not None:
+            self.book.generation = spec.generation
+            self.book.paused = spec.paused
+            self.book.previous.update({c["type"]: c for c in spec.conditions
+                                       if c.get("type") and c["type"] not in self.book.previous})
+        self._stale = self._stale or changed
+        self.wake.set()
+
+    async def run(self) -> None:
+        """Reconcile until cancelled; cancelling stops every fetch (ingests kept to resume)."""
+        try:
+            while True:
+                await self._pass()
+                await self._sleep()
+        finally:
+            tasks = [*self.inflight.values(), *([self._pulling] if self._pulling else [])]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sleep(self) -> None:
+        now = self.loop_time
+        wakes = [self._next_resync, *([self._pressure_until] if self._refused() else [])]
+        if (at := self.retry.earliest()) is not None:
+            wakes.append(at)
+        timeout = max(0.05, min(wakes) - now)
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.wake.wait()
+
+    async def _pass(self) -> None:
+        spec = self.spec
+        if self._stale or self.loop_time >= self._next_resync:
+            try:
+                await self._inventory(spec)
+            except ContainerdError as error:
+                self.book.error(failure_reason(error), str(error))
+                self._next_resync = self.loop_time + min(self.resync_seconds, 10.0)
+                return
+        if spec is not None and not spec.paused:
+            self._start_missing(spec)
+            self._start_pulls(spec)
+        else:
+            self._cancel(lambda _digest: True)
+        self._report(spec)
+
+    async def _inventory(self, spec: NodeSpec | None) -> None:
+        """Read what containerd holds; pin wanted blobs, release unwanted ones of ours."""
+        self._stale = False
+        self._next_resync = self.loop_time + self.resync_seconds
+        blobs = {info.digest: info for info in await self.store.list()}
+        wanted = spec.wanted if spec is not None else frozenset()
+        self.held = {d: blobs[d].size for d in wanted if d in blobs}
+        self.images.forget()
+        if spec is None:
+            return  # no object: keep what we hold until the operator says otherwise
+        for digest in self.held:
+            if not (blobs[digest].pinned and blobs[digest].managed):
+                await self.store.pin(digest, spec.caches)
+        for digest, info in blobs.items():
+            if info.managed and info.pinned and digest not in wanted:
+                await self.store.release(digest)
+                log.info("released %s: no longer wanted", digest.short,
+                         extra={"digest": digest})
+
+    def _cancel(self, which: Any) -> None:
+        for digest, task in list(self.inflight.items()):
+            if which(digest):
+                task.cancel()
+
+    def _start_missing(self, spec: NodeSpec) -> None:
+        self._cancel(lambda digest: digest not in spec.wanted)
+        now = self.loop_time
+        if self._refused() and now < self._pressure_until:
+            return  # no new fetch until the space is checked again
+        window = WINDOW_PER_SLOT * self.fetcher.config.concurrency
+        for layer in spec.layers:
+            if len(self.inflight) >= window:
+                break
+            digest = layer.digest
+            if digest in self.held or digest in self.inflight or not self.retry.ready(digest, now):
+                continue
+            self.inflight[digest] = asyncio.create_task(self._fetch(layer, spec.caches),
+                                                        name=f"fetch {digest.short}")
+
+    def _refused(self) -> bool:
+        return self.disk.refusal is not None or self.disk.node_pressure
+
+    async def _fetch(self, layer: WantedLayer, caches: tuple[str, ...]) -> None:
+        digest = layer.digest
+        try:
+            await self.fetcher.fetch(layer, caches)
+        except DiskPressureError as error:
+            if self._pressure_reason != error.reason:  # once per episode, not per layer
+                self._pressure_reason = error.reason
+                self.book.error(error.reason, str(error))
+            self._pressure_until = self.loop_time + PRESSURE_RECHECK
+        except Exception as error:
+            entry = self.book.error(failure_reason(error), str(error), digest)
+            self.book.failing[digest] = entry
+            self.retry.failed(digest, self.loop_time)
+        else:
+            self.held[digest] = layer.size
+            self.retry.succeeded(digest)
+            self.book.failing.pop(digest, None)
+        finally:
+            self.inflight.pop(digest, None)
+            self.wake.set()
+
+    def _start_pulls(self, spec: NodeSpec) -> None:
+        if not spec.images or (self._pulling is not None and not self._pulling.done()):
+            return
+        held = frozenset(self.held)
+        self._pulling = asyncio.create_task(self.images.pull_ready(spec.images, held),
+                                            name="pull images")
+        self._pulling.add_done_callback(lambda _task: self.wake.set())
+
+    def _report(self, spec: NodeSpec | None) -> None:
+        book = self.book
+        layers = spec.layers if spec is not None else ()
+        book.wanted = len(layers)
+        book.held = sum(1 for layer in layers if layer.digest in self.held)
+        book.bytes_held = sum(self.held.values())
+        book.missing = [layer.digest for layer in layers if layer.digest not in self.held]
+        book.images_pending = self.images.pending(spec.images if spec is not None else ())
+        book.busy = bool(self.inflight)
+        refusal = self.disk.refusal
+        if not book.missing:
+            book.pressure = None
+        elif self.disk.node_pressure:
+            book.pressure = ("NodeDiskPressure", "the Node reports DiskPressure")
+        elif refusal is not None:
+            book.pressure = (refusal.reason, str(refusal))
+        else:
+            book.pressure = None
+        if book.pressure is None:
+            self._pressure_reason = None
+        book.touch()

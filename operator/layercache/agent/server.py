@@ -1,0 +1,175 @@
+"""The agent's HTTP servers: blobs for peer agents, liveness, and metrics on its own port.
+
+Peer protocol (read-only, by digest, agents only):
+
+- ``HEAD /v1/blobs/{digest}`` → 200 with ``Content-Length`` when this node holds the blob,
+  404 when it does not;
+- ``GET /v1/blobs/{digest}`` → the blob, read from containerd's content store
+  (``Content.Read``); a single ``Range`` (RFC 9110 §14: ``bytes=a-b``, ``bytes=a-``,
+  ``bytes=-n``) gives 206 with ``Content-Range``, an unsatisfiable one 416; several ranges
+  are ignored (a full 200, which RFC 9110 allows);
+- every blob request needs ``Authorization: Bearer <peer token>``, compared in constant
+  time; 401 otherwise (also while no token is loaded);
+- only blobs this agent pinned (our managed-by label) are served, so a layer the kubelet
+  pulled from a private registry is never handed out; any other is 404.
+
+``GET /healthz`` answers 200 while the event loop runs. Metrics are served by `metrics_app`
+on a separate listener, so scraping never competes with, or exposes, the peer port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import re
+from collections.abc import Callable
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from layercache.containerd.content import ContentStore
+from layercache.containerd.errors import ContainerdError
+from layercache.digest import Digest, InvalidDigestError
+
+__all__ = ["PeerServer", "metrics_app", "parse_range", "start_site"]
+
+log = logging.getLogger(__name__)
+
+_RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The byte range ``(start, end)`` (inclusive) a ``Range`` header asks of ``size`` bytes.
+
+    None means "the whole blob": no header, several ranges, or a malformed one (RFC 9110
+    §14.2 lets a server ignore those).
+
+    Raises:
+        ValueError: a well-formed range that no byte of the blob satisfies (answer 416).
+
+    """
+    if not header:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or (not match.group(1) and not match.group(2)):
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first:  # suffix: the last N bytes
+        count = int(last)
+        if count == 0 or size == 0:
+            raise ValueError("empty suffix range")
+        return max(0, size - count), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or end < start:
+        raise ValueError(f"range {header!r} outside {size} bytes")
+    return start, end
+
+
+class PeerServer:
+    """Serves this node's pinned blobs from ``store`` to agents holding the peer token.
+
+    ``token`` gives the current token (None: none loaded, every request is refused);
+    ``on_served`` is called with each chunk's byte count as it is sent.
+    """
+
+    def __init__(self, store: ContentStore, token: Callable[[], str | None],
+                 on_served: Callable[[int], None]) -> None:
+        self.store = store
+        self.token = token
+        self.on_served = on_served
+
+    def app(self) -> web.Application:
+        """The aiohttp application: blob routes and ``/healthz``."""
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        # add_get registers HEAD too; the handler tells them apart.
+        app.router.add_get("/v1/blobs/{digest}", self.blob)
+        return app
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        """Liveness: the process serves requests."""
+        return web.Response(text="ok\n")
+
+    def _authorized(self, request: web.Request) -> bool:
+        token = self.token()
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if token is None or scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), token.encode())
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        """``HEAD``/``GET /v1/blobs/{digest}`` (see the module docstring)."""
+        if not self._authorized(request):
+            return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"},
+                                text="peer token required\n")
+        try:
+            digest = Digest(request.match_info["digest"])
+        except InvalidDigestError:
+            return web.Response(status=400, text="not a digest\n")
+        try:
+            info = await self.store.info(digest)
+        except ContainerdError as error:
+            log.warning("cannot look up %s for a peer: %s", digest.short, error)
+            return web.Response(status=503, text="containerd unavailable\n")
+        if info is None or not info.managed:
+            return web.Response(status=404, text="not held\n")
+        headers = {"Accept-Ranges": "bytes", "Docker-Content-Digest": str(digest),
+                   "Content-Type": "application/octet-stream"}
+        try:
+            wanted = parse_range(request.headers.get("Range"), info.size)
+        except ValueError:
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{info.size}"})
+        start, end = wanted if wanted is not None else (0, info.size - 1)
+        response = web.StreamResponse(status=206 if wanted is not None else 200,
+                                      headers=headers)
+        if wanted is not None:
+            response.headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
+        response.content_length = end - start + 1
+        await response.prepare(request)
+        if request.method == "HEAD" or end < start:
+            return response
+        await self._send(response, digest, start, end - start + 1)
+        return response
+
+    async def _send(self, response: web.StreamResponse, digest: Digest, start: int,
+                    length: int) -> None:
+        chunks = self.store.read(digest, offset=start, size=length)
+        try:
+            async with contextlib.aclosing(chunks):  # type: ignore[type-var]  # an async generator
+                async for chunk in chunks:
+                    await response.write(chunk)
+                    self.on_served(len(chunk))
+            await response.write_eof()
+        except (ConnectionError, ContainerdError) as error:
+            # The peer went away, or containerd failed mid-blob: the peer sees a short body
+            # and resumes elsewhere; nothing to answer any more.
+            log.info("serving %s to a peer stopped: %s", digest.short, error)
+
+
+def metrics_app(registry: CollectorRegistry) -> web.Application:
+    """An aiohttp application serving ``registry`` at ``GET /metrics`` (text format)."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Serve ``app`` on ``host:port``; returns the runner to `cleanup` at shutdown.
+
+    Raises:
+        OSError: the address is taken or cannot be bound.
+
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

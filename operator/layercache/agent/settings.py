@@ -1,0 +1,100 @@
+"""The node agent's settings: one frozen object, read once from ``LAYERCACHE_*`` variables.
+
+Every field names its unit; the environment variable is ``LAYERCACHE_`` + the field name in
+upper case (``LAYERCACHE_CONCURRENCY``), except where a Kubernetes convention gives a second
+name that the DaemonSet's downward API fills in (``NODE_NAME``, ``POD_NAMESPACE``,
+``POD_IP``). Settings hold no secrets: the peer token and registry credentials are read from
+Secrets named here, so `AgentSettings.describe` may be logged whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["AgentSettings"]
+
+
+class AgentSettings(BaseSettings):
+    """What one node agent needs to know; see each field for its unit and default."""
+
+    model_config = SettingsConfigDict(env_prefix="LAYERCACHE_", frozen=True, extra="ignore",
+                                      populate_by_name=True)
+
+    node_name: str = Field(
+        min_length=1, validation_alias=AliasChoices("LAYERCACHE_NODE_NAME", "NODE_NAME"),
+        description="This node's name; also the name of the NodeLayerCache the agent serves.")
+    namespace: str = Field(
+        "layercache", min_length=1,
+        validation_alias=AliasChoices("LAYERCACHE_NAMESPACE", "POD_NAMESPACE"),
+        description="The agent's namespace: where its Secrets are read.")
+    kubeconfig: Path | None = Field(
+        None, validation_alias=AliasChoices("LAYERCACHE_KUBECONFIG", "KUBECONFIG"),
+        description="Kubeconfig file; unset: the in-cluster ServiceAccount.")
+    containerd_socket: Path = Field(
+        Path("/run/containerd/containerd.sock"),
+        description="The node's containerd socket (serves the content API and CRI).")
+    containerd_namespace: str = Field(
+        "k8s.io", description="containerd namespace to write into (the CRI's is k8s.io).")
+    peer_bind: str = Field("0.0.0.0", description="Address the peer server listens on.")  # noqa: S104 - agents must reach it
+    peer_port: int = Field(5780, ge=1, le=65535, description="Peer server TCP port.")
+    peer_advertise_address: str | None = Field(
+        None, validation_alias=AliasChoices("LAYERCACHE_PEER_ADVERTISE_ADDRESS", "POD_IP"),
+        description="Address other agents reach this one at; unset: the Node's InternalIP.")
+    metrics_bind: str = Field("0.0.0.0", description="Address the metrics server listens on.")  # noqa: S104 - Prometheus scrapes it
+    metrics_port: int = Field(9780, ge=1, le=65535, description="Metrics server TCP port.")
+    concurrency: int = Field(4, ge=1, le=64, description="Blob transfers at once.")
+    max_bytes_per_second: int | None = Field(
+        None, gt=0, description="Cap on the total fetch rate (bytes/s, all sources); unset: none.")
+    peer_wait_seconds: float = Field(
+        120.0, ge=0, description="How long a Peer layer waits for a peer (s) before upstream.")
+    peer_poll_seconds: float = Field(
+        2.0, gt=0, description="Interval between peer HEAD probes while waiting (s).")
+    min_free_percent: float = Field(
+        10.0, ge=0, le=100,
+        description="Fetch only while the image filesystem keeps this much free after it (%).")
+    image_fs_path: Path | None = Field(
+        None, description="Path on the image filesystem to check; unset: CRI ImageFsInfo's.")
+    registry_secret: str = Field(
+        "layercache-registry-credentials",
+        description="dockerconfigjson Secret with upstream credentials; missing: anonymous.")
+    peer_token_secret: str = Field(
+        "layercache-peer-token", description="Secret whose key 'token' authenticates agents.")
+    secret_refresh_seconds: float = Field(
+        60.0, gt=0, description="Interval between re-reads of both Secrets (s).")
+    insecure_registries: str = Field(
+        "", description="Registry hosts (host:port) spoken to in plain HTTP; comma-separated.")
+    registry_ca_file: Path | None = Field(
+        None, description="Extra CA certificates (PEM) trusted for registries.")
+    status_interval_seconds: float = Field(
+        2.0, gt=0, description="Least time between two status patches while busy (s).")
+    resync_seconds: float = Field(
+        60.0, gt=0, description="Interval between full re-reads of containerd's inventory (s).")
+    node_check_seconds: float = Field(
+        15.0, gt=0, description="Interval between reads of the Node's conditions (s).")
+    retry_initial_seconds: float = Field(
+        2.0, gt=0, description="Wait before retrying a failed layer (s); doubles per failure.")
+    retry_max_seconds: float = Field(
+        60.0, gt=0, description="Longest wait before retrying a failed layer (s).")
+    log_level: str = Field("INFO", description="Python log level name.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @property
+    def insecure_hosts(self) -> tuple[str, ...]:
+        """`insecure_registries` as a tuple of ``host:port`` keys."""
+        return tuple(h.strip() for h in self.insecure_registries.split(",") if h.strip())
+
+    def describe(self) -> dict[str, Any]:
+        """Every setting as plain JSON values, for the single start-up log line."""
+        described: dict[str, Any] = self.model_dump(mode="json")
+        return described

@@ -1,0 +1,216 @@
+"""The agent's status: what it counts and finds, as the NodeLayerCache ``status`` it patches.
+
+`StatusBook` keeps the facts (inventory counts, byte counters, recent errors, disk
+pressure) and renders the ``status`` object of the CRD: ``peerEndpoint``, ``layers``,
+``missing``, ``bytes``, ``errors`` (≤ 20, newest first), ``diskPressure``, conditions
+``Ready``/``Progressing``/``Degraded`` (CamelCase reasons, ``lastTransitionTime`` kept while
+a condition's status holds), ``observedGeneration`` and ``lastSync``. `StatusReporter`
+patches it at most once per interval while things change, and at once on `flush`.
+
+Byte counters are monotonic and persisted: the agent starts them from what the status held
+(`layercache.agent.nodespec.Counters`), so a restart continues them. Error messages are
+scrubbed of every secret value the agent holds and cut to the CRD's 512 characters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from kubernetes.client.exceptions import ApiException
+
+from layercache.agent.nodespec import Counters
+from layercache.containerd.errors import redact
+from layercache.metrics import AgentMetrics, FetchSource
+
+__all__ = ["ErrorEntry", "StatusBook", "StatusReporter"]
+
+log = logging.getLogger(__name__)
+
+MAX_ERRORS: Final = 20
+MAX_ERROR_MESSAGE: Final = 512
+MAX_CONDITION_MESSAGE: Final = 2048
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ErrorEntry:
+    """One failure as status lists it; ``digest`` None for failures not about one layer."""
+
+    reason: str
+    message: str
+    digest: str | None = None
+
+    def to_status(self) -> dict[str, str]:
+        """The ``status.errors[]`` item."""
+        item = {"reason": self.reason, "message": self.message}
+        if self.digest is not None:
+            item["digest"] = self.digest
+        return item
+
+
+class StatusBook:
+    """What the agent knows about its node, kept current by the reconciler.
+
+    ``secrets`` gives the values to scrub from messages; ``metrics`` counts bytes and errors
+    as they are recorded here, so status and metrics never disagree.
+    """
+
+    def __init__(self, counters: Counters, metrics: AgentMetrics,
+                 secrets: Callable[[], Sequence[str]]) -> None:
+        self.upstream = counters.upstream
+        self.peer = counters.peer
+        self.served = counters.served_to_peers
+        self.metrics = metrics
+        self.secrets = secrets
+        self.errors: deque[ErrorEntry] = deque(maxlen=MAX_ERRORS)
+        self.peer_endpoint: str | None = None
+        self.generation = 0
+        self.paused = False
+        self.wanted = 0
+        self.held = 0
+        self.bytes_held = 0
+        self.missing: list[str] = []
+        self.images_pending = 0
+        self.busy = False
+        self.pressure: tuple[str, str] | None = None  # (reason, message) while refused
+        self.failing: dict[str, ErrorEntry] = {}  # digest (or "") → its latest failure
+        self.problems: dict[str, ErrorEntry] = {}  # standing non-layer problems by reason
+        self.previous: dict[str, Mapping[str, Any]] = {}
+        self.changed = asyncio.Event()
+
+    def touch(self) -> None:
+        """Mark the status as changed: the reporter patches it soon."""
+        self.changed.set()
+
+    def fetched(self, source: FetchSource, size: int) -> None:
+        """Count ``size`` bytes received from ``source``."""
+        if source == "upstream":
+            self.upstream += size
+        else:
+            self.peer += size
+        self.metrics.fetched(source, size)
+        self.touch()
+
+    def served_bytes(self, size: int) -> None:
+        """Count ``size`` bytes sent to a peer."""
+        self.served += size
+        self.metrics.served(size)
+        self.touch()
+
+    def error(self, reason: str, message: str, digest: str | None = None) -> ErrorEntry:
+        """Record a failure (newest first), count it, and return its entry."""
+        text = redact(message, self.secrets())[:MAX_ERROR_MESSAGE]
+        entry = ErrorEntry(reason, text, digest)
+        self.errors.appendleft(entry)
+        self.metrics.error(reason)
+        log.warning("%s: %s", reason, text, extra={"reason": reason, "digest": digest})
+        self.touch()
+        return entry
+
+    def conditions(self) -> list[dict[str, Any]]:
+        """``Ready``, ``Progressing`` and ``Degraded`` for the current facts."""
+        missing = self.wanted - self.held
+        done = missing == 0 and self.images_pending == 0
+        if done:
+            ready = ("True", "AllLayersHeld", f"{self.held} of {self.wanted} layers held")
+        elif missing:
+            ready = ("False", "LayersMissing", f"{missing} of {self.wanted} layers missing")
+        else:
+            ready = ("False", "ImagesPending", f"{self.images_pending} images not pulled yet")
+        if self.paused:
+            progressing = ("False", "Paused", "spec.paused is set")
+        elif done:
+            progressing = ("False", "Complete", "nothing left to fetch")
+        elif self.pressure is not None:
+            progressing = ("False", self.pressure[0], self.pressure[1])
+        else:
+            progressing = ("True", "Fetching" if self.busy else "WaitingToRetry",
+                           f"{missing} layers and {self.images_pending} images to go")
+        degraded = self._degraded()
+        return [self._condition(kind, *values) for kind, values in
+                (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded))]
+
+    def _degraded(self) -> tuple[str, str, str]:
+        if self.pressure is not None:
+            return "True", self.pressure[0], self.pressure[1]
+        if self.failing:
+            latest = next((e for e in self.errors if e in self.failing.values()),
+                          next(iter(self.failing.values())))
+            return ("True", latest.reason,
+                    f"{len(self.failing)} failing; latest: {latest.message}")
+        if self.problems:
+            problem = next(iter(self.problems.values()))
+            return "True", problem.reason, problem.message
+        return "False", "AsExpected", "no failures"
+
+    def _condition(self, kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
+        before = self.previous.get(kind) or {}
+        since = before.get("lastTransitionTime") if before.get("status") == status else None
+        condition = {"type": kind, "status": status, "reason": reason,
+                     "message": message[:MAX_CONDITION_MESSAGE],
+                     "lastTransitionTime": since or _now(),
+                     "observedGeneration": self.generation}
+        self.previous[kind] = condition
+        return condition
+
+    def body(self) -> dict[str, Any]:
+        """The whole ``status`` object to patch."""
+        status: dict[str, Any] = {
+            "observedGeneration": self.generation,
+            "layers": {"wanted": self.wanted, "held": self.held, "bytesHeld": self.bytes_held},
+            "missing": list(self.missing),
+            "bytes": {"upstream": self.upstream, "peer": self.peer,
+                      "servedToPeers": self.served},
+            "errors": [entry.to_status() for entry in self.errors],
+            "diskPressure": self.pressure is not None,
+            "conditions": self.conditions(),
+            "lastSync": _now(),
+        }
+        if self.peer_endpoint is not None:
+            status["peerEndpoint"] = self.peer_endpoint
+        return status
+
+
+class StatusReporter:
+    """Patches `StatusBook.body` through ``patch``: at most once per ``interval`` seconds."""
+
+    def __init__(self, book: StatusBook,
+                 patch: Callable[[dict[str, Any]], Awaitable[None]], interval: float) -> None:
+        self.book = book
+        self.patch = patch
+        self.interval = interval
+        self._lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        """Patch whenever the book changes, with ``interval`` seconds between patches."""
+        while True:
+            await self.book.changed.wait()
+            await self.flush()
+            await asyncio.sleep(self.interval)
+
+    async def flush(self) -> bool:
+        """Patch now; True when the apiserver took it (failures are logged, not raised)."""
+        async with self._lock:
+            self.book.changed.clear()
+            try:
+                await self.patch(self.book.body())
+            except ApiException as error:
+                if error.status != 404:  # 404: our NodeLayerCache is gone; nothing to report
+                    log.warning("status patch refused: HTTP %s %s", error.status,
+                                error.reason)
+                    self.book.touch()
+                return False
+            except Exception as error:
+                log.warning("status patch failed: %s", error)
+                self.book.touch()
+                return False
+            return True
