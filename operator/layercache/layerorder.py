@@ -126,11 +126,14 @@ class Order:
     """A platform's eligible layers in priority order.
 
     ``ids`` are layer ids; ``spans`` the ``[start, stop)`` positions of cycle units of
-    several layers, which are held all-or-nothing.
+    several layers, which are held all-or-nothing; ``candidates`` and ``candidate_bytes``
+    count every distinct layer of the images, left out or not.
     """
 
     ids: list[int] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
+    candidates: int = 0  # distinct layers of the images, eligible or not
+    candidate_bytes: int = 0
 
 
 def order(cat: Catalogue, members: Sequence[int], min_shared_by: int) -> Order:
@@ -161,9 +164,13 @@ def order(cat: Catalogue, members: Sequence[int], min_shared_by: int) -> Order:
     popped, left_out = _kahn(cat, nodes, list(indeg), graph, bad)
     stuck = nodes.difference(popped)
     if not stuck:
-        return Order([g for g in popped if g not in left_out] if left_out else popped)
-    feeds = set(itertools.compress(heads, map(stuck.__contains__, tails))).difference(stuck)
-    return _merge_cycles(cat, graph, (popped, left_out, stuck, feeds), indeg, bad)
+        result = Order([g for g in popped if g not in left_out] if left_out else popped)
+    else:
+        feeds = set(itertools.compress(heads, map(stuck.__contains__, tails))).difference(stuck)
+        result = _merge_cycles(cat, graph, (popped, left_out, stuck, feeds), indeg, bad)
+    result.candidates = len(nodes)
+    result.candidate_bytes = sum(map(cat.sizes.__getitem__, nodes))
+    return result
 
 
 @dataclass(slots=True)
@@ -189,10 +196,17 @@ def _kahn(
     heapq.heapify(heap)
     popped: list[int] = []
     left_out: set[int] = set()
-    pop, push = heapq.heappop, heapq.heappush
-    while heap:
-        g = by_prio[pop(heap)]
-        popped.append(g)
+    pop, push, pushpop, append = heapq.heappop, heapq.heappush, heapq.heappushpop, popped.append
+    # The first child made available is held back and offered with the next pop: one
+    # heappushpop (which returns it untouched when it is the best) instead of push + pop.
+    held = -1
+    while heap or held >= 0:
+        if held < 0:
+            g = by_prio[pop(heap)]
+        else:
+            g = by_prio[pushpop(heap, held)]
+            held = -1
+        append(g)
         start, stop = offsets[g], offsets[g + 1]
         if start == stop:
             continue
@@ -204,7 +218,10 @@ def _kahn(
             remaining = indeg[child] - 1
             indeg[child] = remaining
             if not remaining:
-                push(heap, prio[child])
+                if held < 0:
+                    held = prio[child]
+                else:
+                    push(heap, prio[child])
     if bad:
         left_out.update(bad.intersection(popped))
     return popped, left_out

@@ -233,7 +233,7 @@ class _Group:
     # Nodes with the same candidate images share one filtered order and its prefix sums.
     platform: _Platform
     member: bytes  # by platform position: 1 if a candidate of this group
-    positions: list[int]  # group position → platform position
+    positions: Sequence[int]  # group position → platform position
     layers: tuple[Layer, ...]
     cum_bytes: list[int]  # bytes of group positions [0, i]
     starts: list[int]  # cycle units spanning several positions, [start, stop), sorted;
@@ -345,8 +345,10 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by:
         matched = frozenset(s for s, sel in enumerate(selectors) if sel <= node.labels.items())
         key = (node.platform, matched)
         if key not in groups:
-            members = [i for i in by_platform.get(node.platform, []) if selector_of[i] in matched]
-            groups[key] = _group(cat, members, platforms[node.platform])
+            every = by_platform.get(node.platform, [])
+            members = [i for i in every if selector_of[i] in matched]
+            everything = len(members) == len(every)
+            groups[key] = _group(cat, members, platforms[node.platform], everything)
         node_plans[node.name] = _node_plan(groups[key], node)
         naive += groups[key].total_bytes
 
@@ -387,13 +389,31 @@ def _platform(cat: Catalogue, platform_order: Order) -> _Platform:
     )
 
 
-def _group(cat: Catalogue, members: list[int], platform: _Platform) -> _Group:
-    """Filter a platform order down to the layers of one node group's images."""
+def _group(cat: Catalogue, members: list[int], platform: _Platform, everything: bool) -> _Group:
+    """Filter a platform order down to the layers of one node group's images.
+
+    ``everything``: the group's images are all of the platform's, so nothing is filtered
+    out (the common case: caches without node selectors).
+    """
+    spans, ids = platform.order.spans, platform.order.ids
+    if everything:
+        count = len(ids)
+        return _Group(
+            platform=platform,
+            member=b"\x01" * count,
+            positions=range(count),
+            layers=tuple(platform.layers),
+            cum_bytes=list(itertools.accumulate(platform.sizes)),
+            starts=[start for start, _ in spans],
+            stops=[stop for _, stop in spans],
+            total_bytes=platform.order.candidate_bytes,
+            below_min=platform.order.candidates - count,
+        )
     wanted: set[int] = set().union(*(cat.image_ids[i] for i in members))
-    member = bytes(map(wanted.__contains__, platform.order.ids))
+    member = bytes(map(wanted.__contains__, ids))
     positions = list(itertools.compress(range(len(member)), member))
     starts, stops = [], []
-    for start, stop in platform.order.spans:
+    for start, stop in spans:
         first, last = bisect.bisect_left(positions, start), bisect.bisect_left(positions, stop)
         if last - first > 1:
             starts.append(first)
