@@ -89,9 +89,10 @@ class KubeApi:
             return True
         if existing.get("spec") == spec:
             return False
-        # A merge patch would merge nothing inside lists; replacing the whole spec is exact.
-        self.custom.patch_cluster_custom_object(
-            GROUP, VERSION, NLC_PLURAL, name, [{"op": "replace", "path": "/spec", "value": spec}])
+        # A JSON merge patch (RFC 7386) replaces arrays whole, and `spec` always carries every
+        # key, so patching with the full spec leaves exactly `spec`.
+        self.custom.patch_cluster_custom_object(GROUP, VERSION, NLC_PLURAL, name,
+                                                {"spec": spec})
         return True
 
     def delete_node_cache(self, name: str) -> None:
