@@ -140,8 +140,9 @@ def order(cat: Catalogue, members: Sequence[int], min_shared_by: int) -> Order:
     """Priority order of the layers of images ``members`` (indexes into the catalogue).
 
     Kahn's algorithm over the requirement graph, taking the highest-priority layer whose
-    layers beneath are all listed; cycles are condensed first (`_merge_cycles`). A layer
-    used by fewer than ``min_shared_by`` images is left out, and so is all that rests on it.
+    layers beneath are all listed. If that pass gets stuck on cycles, they are condensed and
+    merged into its result (`_merge_cycles`). A layer used by fewer than ``min_shared_by``
+    images is left out, and so is all that rests on it.
     """
     n = len(cat.digests)
     nodes: set[int] = set().union(*(cat.image_ids[i] for i in members))
