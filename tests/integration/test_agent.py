@@ -111,7 +111,7 @@ def test_each_layer_crosses_the_upstream_link_once_and_every_node_holds_all(
             labels = blob_labels(node.socket, layer.digest)
             assert GC_ROOT_LABEL in labels and labels[MANAGED_BY_LABEL] == "layercache"
             assert cache_label("agent-test/warm") in labels
-        assert our_leases(node.socket) == []  # nothing in flight: no lease left behind
+        assert our_leases(node.socket) == {}  # nothing in flight: no lease left behind
     # Ground truth: the proxy relayed each layer's bytes exactly once.
     # Not the `proxy` fixture: it would zero the counters before this test.
     client = FaultProxy(bed.proxy_url or "")

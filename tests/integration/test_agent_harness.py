@@ -258,6 +258,21 @@ def agents(kube: Kube, nodes: Sequence[NodeRecord], workdir: Path,
             agent.terminate()
 
 
+@contextlib.contextmanager
+def one_agent(kube: Kube, node: NodeRecord, layers: list[dict[str, Any]], workdir: Path,
+              env: dict[str, str], images: Sequence[str] = ()) -> Iterator[Agent]:
+    """A fresh NodeLayerCache for ``node`` and one agent for it; all gone afterwards."""
+    digests = [entry["digest"] for entry in layers]
+    clear_node(node.socket, digests)
+    write_cache(kube, node.name, layers, images)
+    try:
+        with agents(kube, [node], workdir, env) as started:
+            yield started[0]
+    finally:
+        delete_cache(kube, node.name)
+        clear_node(node.socket, digests)
+
+
 def wait_ready(kube: Kube, agent: Agent, timeout: float = 300) -> dict[str, Any]:
     """Poll until the node's Ready condition is True; returns the status."""
     def ready() -> dict[str, Any] | None:
@@ -320,12 +335,12 @@ def ingests(socket: str) -> dict[str, int]:
     return result
 
 
-def our_leases(socket: str) -> list[str]:
-    """Ids of the leases labelled managed-by layercache."""
-    async def work(store: ContentStore) -> list[str]:
+def our_leases(socket: str) -> dict[str, dict[str, str]]:
+    """Id → labels of the leases labelled managed-by layercache."""
+    async def work(store: ContentStore) -> dict[str, dict[str, str]]:
         found = await store.leases.list([f'labels."{MANAGED_BY_LABEL}"=={MANAGED_BY}'])
-        return [lease.id for lease in found]
-    result: list[str] = _run(_with_store(socket, work))
+        return {lease.id: dict(lease.labels) for lease in found}
+    result: dict[str, dict[str, str]] = _run(_with_store(socket, work))
     return result
 
 

@@ -210,6 +210,7 @@ class Reconciler:
         book.missing = [layer.digest for layer in layers if layer.digest not in self.held]
         book.images_pending = self.images.pending(spec.images if spec is not None else ())
         book.busy = bool(self.inflight)
+        book.synced = True
         refusal = self.disk.refusal
         if not book.missing:
             book.pressure = None

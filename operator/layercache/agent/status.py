@@ -86,6 +86,8 @@ class StatusBook:
         self.problems: dict[str, ErrorEntry] = {}  # standing non-layer problems by reason
         self.previous: dict[str, Mapping[str, Any]] = {}
         self.changed = asyncio.Event()
+        #: False until the first inventory: until then the book knows nothing to report.
+        self.synced = False
 
     def touch(self) -> None:
         """Mark the status as changed: the reporter patches it soon."""
@@ -152,6 +154,9 @@ class StatusBook:
             return "True", problem.reason, problem.message
         return "False", "AsExpected", "no failures"
 
+    def _bytes(self) -> dict[str, int]:
+        return {"upstream": self.upstream, "peer": self.peer, "servedToPeers": self.served}
+
     def _condition(self, kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
         before = self.previous.get(kind) or {}
         since = before.get("lastTransitionTime") if before.get("status") == status else None
@@ -163,13 +168,17 @@ class StatusBook:
         return condition
 
     def body(self) -> dict[str, Any]:
-        """The whole ``status`` object to patch."""
+        """The ``status`` object to patch: whole once synced, else endpoint and counters."""
+        if not self.synced:  # claim nothing about layers before containerd was asked
+            early: dict[str, Any] = {"bytes": self._bytes(), "lastSync": _now()}
+            if self.peer_endpoint is not None:
+                early["peerEndpoint"] = self.peer_endpoint
+            return early
         status: dict[str, Any] = {
             "observedGeneration": self.generation,
             "layers": {"wanted": self.wanted, "held": self.held, "bytesHeld": self.bytes_held},
             "missing": list(self.missing),
-            "bytes": {"upstream": self.upstream, "peer": self.peer,
-                      "servedToPeers": self.served},
+            "bytes": self._bytes(),
             "errors": [entry.to_status() for entry in self.errors],
             "diskPressure": self.pressure is not None,
             "conditions": self.conditions(),

@@ -1,0 +1,205 @@
+"""One agent against real faults: ``kill -9`` mid-ingest, a corrupt body, a full disk.
+
+Faults come from where they happen in life: the process is SIGKILLed while containerd
+holds a half-written ingest; the fault proxy flips a byte of the registry's answer; the
+image filesystem (by threshold) or the Node's ``DiskPressure`` condition says no. Each
+test writes its own NodeLayerCache for one node and clears that node before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_agent_harness import (
+    PEER_TOKEN,
+    Agent,
+    blob_path,
+    condition,
+    held,
+    ingests,
+    install,
+    layer_entry,
+    one_agent,
+    our_leases,
+    runnable_layers,
+    status,
+    stored_sha256,
+    wait_ready,
+)
+
+from layercache.containerd.content import ingest_ref
+from layercache.containerd.leases import GC_EXPIRE_LABEL
+from testbed.bed import BedState
+from testbed.faultproxy import FaultProxy
+from testbed.images import Family, Layer
+from testbed.kube import Kube, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _installed(bed: BedState, kube: Kube) -> None:
+    """CRDs, the agent's ServiceAccount, RBAC and Secrets."""
+    install(kube, bed)
+
+
+def _layer(family: Family, index: int) -> Layer:
+    """The family's runnable layers, largest first: 0 is the 63 MB base layer."""
+    return runnable_layers(family)[index]
+
+
+def _env(proxy: FaultProxy, **extra: str) -> dict[str, str]:
+    return {"LAYERCACHE_INSECURE_REGISTRIES": proxy.host, **extra}
+
+
+def _errors(kube: Kube, node: str) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = status(kube, node).get("errors") or []
+    return errors
+
+
+def _stable_bytes(proxy: FaultProxy, path: str) -> int:
+    """The proxy's byte count for ``path`` once it stops moving (a dead client's tail)."""
+    last = -1
+    while True:
+        now = proxy.stats().bytes_by_path.get(path, 0)
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.5)
+
+
+def test_kill_9_mid_ingest_resumes_from_containerds_offset(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    node = bed.nodes[1]
+    layer = _layer(family, 0)
+    ref = ingest_ref(layer.digest)
+    path = blob_path(family, layer.digest)
+    proxy.set_rate(3_000_000)  # ~21 s for the layer: time to kill it in flight
+    entry = layer_entry(family, proxy.host, layer, "Upstream")
+    with one_agent(kube, node, [entry], tmp_path, _env(proxy)) as agent:
+        wait_for(lambda: ingests(node.socket).get(ref, 0) >= 12_000_000, 120, 0.2,
+                 "an ingest well under way")
+        counted = (status(kube, node.name).get("bytes") or {}).get("upstream", 0)
+        agent.kill9()
+        seen = ingests(node.socket)[ref]  # what containerd holds: the resume point
+        assert 12_000_000 <= seen < layer.size
+        leases = our_leases(node.socket)
+        assert len(leases) == 1, leases  # the ingest's lease, kept for the resume...
+        assert GC_EXPIRE_LABEL in next(iter(leases.values()))  # ...with a GC backstop
+        assert held(node.socket).get(layer.digest) is None
+        before = _stable_bytes(proxy, path)
+        restarted = Agent(agent.node, agent.kubeconfig, agent.workdir, agent.env).start()
+        try:
+            proxy.set_rate(None)
+            final = wait_ready(kube, restarted, 180)
+            stats = proxy.stats()
+            # Resumed: one Range request (206), and only what containerd lacked was fetched.
+            assert stats.count(path, "GET", 206) == 1
+            assert stats.bytes_by_path[path] - before <= layer.size - seen
+            assert stored_sha256(node.socket, layer.digest) == layer.digest
+            assert held(node.socket)[layer.digest] == layer.size
+            assert ref not in ingests(node.socket)
+            assert our_leases(node.socket) == {}  # the resumed write deleted its lease
+            assert final["bytes"]["upstream"] >= counted  # counters continue, never reset
+        finally:
+            restarted.terminate()
+
+
+def test_corrupt_upstream_body_is_never_committed_and_is_retried(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    node = bed.nodes[2]
+    layer = _layer(family, 3)
+    path = blob_path(family, layer.digest)
+    proxy.add_fault(f"^{re.escape(path)}$", "corrupt", times=None, after_bytes=1000)
+    entry = layer_entry(family, proxy.host, layer, "Upstream")
+    env = _env(proxy, LAYERCACHE_RETRY_INITIAL_SECONDS="1", LAYERCACHE_RETRY_MAX_SECONDS="2")
+    with one_agent(kube, node, [entry], tmp_path, env) as agent:
+        def reported() -> bool:
+            assert agent.alive(), agent.tail()
+            return any(e.get("digest") == layer.digest and e["reason"] == "DigestMismatch"
+                       for e in _errors(kube, node.name))
+
+        wait_for(reported, 120, 0.5, "a DigestMismatch error in status")
+        wait_for(lambda: proxy.stats().faults_fired.get("corrupt", 0) >= 2, 60, 0.5,
+                 "a retry, corrupted again")
+        degraded = condition(kube, node.name, "Degraded")
+        assert (degraded["status"], degraded["reason"]) == ("True", "DigestMismatch")
+        assert condition(kube, node.name, "Ready")["status"] == "False"
+        assert held(node.socket).get(layer.digest) is None  # never committed
+        # The wrong bytes were dropped, not resumed from: every attempt fetched from byte 0.
+        assert proxy.stats().count(path, "GET", 206) == 0
+        text = json.dumps(status(kube, node.name))
+        assert PEER_TOKEN not in text and str(bed.registries["basic"].password) not in text
+        proxy.reset()  # the fault is gone
+        wait_ready(kube, agent, 120)
+        assert stored_sha256(node.socket, layer.digest) == layer.digest
+        assert condition(kube, node.name, "Degraded")["status"] == "False"
+        assert agent.metric("layercache_agent_errors_total", node=node.name,
+                            reason="DigestMismatch") >= 2
+
+
+def test_disk_threshold_stops_every_fetch(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    node = bed.nodes[0]
+    layers = [_layer(family, i) for i in (4, 5)]
+    entries = [layer_entry(family, proxy.host, layer, "Upstream") for layer in layers]
+    env = _env(proxy, LAYERCACHE_MIN_FREE_PERCENT="100")  # no filesystem can satisfy it
+    with one_agent(kube, node, entries, tmp_path, env) as agent:
+        def refused() -> dict[str, Any] | None:
+            assert agent.alive(), agent.tail()
+            found = status(kube, node.name)
+            return found if found.get("diskPressure") is True else None
+
+        found = wait_for(refused, 120, 0.5, "diskPressure in status")
+        kinds = {c["type"]: c for c in found["conditions"]}
+        assert (kinds["Degraded"]["status"], kinds["Degraded"]["reason"]) == (
+            "True", "DiskPressure")
+        assert (kinds["Progressing"]["status"], kinds["Progressing"]["reason"]) == (
+            "False", "DiskPressure")
+        assert kinds["Ready"]["status"] == "False"
+        assert found["missing"] == [layer.digest for layer in layers]
+        assert any(e["reason"] == "DiskPressure" for e in found["errors"])
+        assert proxy.stats().blob_bytes == 0  # nothing fetched
+        stored = held(node.socket)
+        assert not any(layer.digest in stored for layer in layers)
+        assert agent.metric("layercache_agent_disk_pressure", node=node.name) == 1
+
+
+def _node_disk_pressure(kube: Kube, node: str, on: bool) -> None:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    condition_ = {"type": "DiskPressure", "status": "True" if on else "False",
+                  "reason": "KubeletHasDiskPressure" if on else "KubeletHasNoDiskPressure",
+                  "message": "set by test_agent_faults", "lastHeartbeatTime": now,
+                  "lastTransitionTime": now}
+    kube.core.patch_node_status(node, {"status": {"conditions": [condition_]}},
+                                _content_type="application/strategic-merge-patch+json")
+
+
+def test_node_disk_pressure_condition_stops_fetching_until_it_clears(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    node = bed.nodes[0]
+    layer = _layer(family, 6)
+    entry = layer_entry(family, proxy.host, layer, "Upstream")
+    _node_disk_pressure(kube, node.name, True)
+    try:
+        env = _env(proxy, LAYERCACHE_NODE_CHECK_SECONDS="1")
+        with one_agent(kube, node, [entry], tmp_path, env) as agent:
+            wait_for(lambda: condition(kube, node.name, "Degraded").get("reason")
+                     == "NodeDiskPressure", 120, 0.5, "NodeDiskPressure in status")
+            assert status(kube, node.name)["diskPressure"] is True
+            assert proxy.stats().blob_bytes == 0
+            _node_disk_pressure(kube, node.name, False)
+            found = wait_ready(kube, agent, 120)
+            assert found["diskPressure"] is False
+            assert proxy.stats().blob_bytes == layer.size
+    finally:
+        _node_disk_pressure(kube, node.name, False)
