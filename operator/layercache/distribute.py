@@ -9,6 +9,11 @@ fewest upstream bytes assigned so far (largest layers first, so the links fill e
 all other nodes wanting it fetch from peers. That is what makes upstream bytes ≈ unique
 bytes while every node is still warmed. Peers are listed holders first, then the seeder,
 then other nodes that will hold it — rotated per node, so one peer is not everyone's first.
+
+Assignments are sticky: a (node, layer) entry keeps its source and peers from the previous
+spec while they are still valid (the seeder still wants the layer, the peers still want or
+hold it). Otherwise every agent report of what it holds would reshuffle sources, rewrite
+specs and bump every node's generation.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 from layercache.digest import Digest
 from layercache.planner import Layer, Plan
 
-__all__ = ["MAX_PEERS", "CachePlan", "NodeLayer", "distribute", "node_spec"]
+__all__ = ["MAX_PEERS", "CachePlan", "NodeLayer", "Previous", "distribute", "node_spec",
+           "previous_assignments"]
 
 #: Candidate peers listed per layer (the CRD caps the list at 8).
 MAX_PEERS = 8
@@ -59,14 +65,26 @@ class NodeLayer:
                 "source": self.source, "peers": self.peers}
 
 
-def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Digest]]
-               ) -> dict[str, list[NodeLayer]]:
+#: A previous assignment: node → digest → (source, peers), from the stored specs.
+Previous = Mapping[str, Mapping[str, tuple[str, tuple[str, ...]]]]
+
+
+def previous_assignments(specs: Mapping[str, Mapping[str, Any]]) -> dict[
+        str, dict[str, tuple[str, tuple[str, ...]]]]:
+    """`Previous` from NodeLayerCache specs by node name (the CRD's camelCase dicts)."""
+    return {name: {e["digest"]: (e["source"], tuple(e.get("peers") or ()))
+                   for e in spec.get("layers") or []} for name, spec in specs.items()}
+
+
+def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Digest]],
+               previous: Previous | None = None) -> dict[str, list[NodeLayer]]:
     """Merge `caches` into per-node ordered layer lists with sources and peers assigned.
 
     Args:
         caches: every active cache's plan (any order; merged in `key` order, so the
             result is deterministic).
         present: node name → digests its containerd holds now.
+        previous: the assignments of the specs written before (kept while valid).
 
     Returns:
         node name → its layers, each cache's order kept (a layer after those beneath it),
@@ -89,12 +107,18 @@ def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Dige
             wanting.setdefault(digest, []).append(name)
             sizes[digest] = entry.layer.size
     holders = {d: [n for n in sorted(present) if d in present[n]] for d in wanting}
-    seeder = _seeders(wanting, holders, sizes)
+    before = previous or {}
+    seeder = _seeders(wanting, holders, sizes, before)
     for digest, nodes in wanting.items():
+        useful = set(nodes) | set(holders[digest])
         for i, name in enumerate(nodes):
             entry = per_node[name][digest]
             if seeder.get(digest) == name:
                 entry.source = "Upstream"
+                continue
+            kept = before.get(name, {}).get(digest)
+            if kept and kept[0] == "Peer" and kept[1] and set(kept[1]) <= useful:
+                entry.peers = list(kept[1])
                 continue
             # Holders first, then the seeder, then the others in rotation from this node.
             later = nodes[i + 1:] + nodes[:i]
@@ -105,13 +129,18 @@ def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Dige
 
 
 def _seeders(wanting: Mapping[Digest, list[str]], holders: Mapping[Digest, list[str]],
-             sizes: Mapping[Digest, int]) -> dict[Digest, str]:
+             sizes: Mapping[Digest, int], previous: Previous) -> dict[Digest, str]:
     assigned: dict[str, int] = {}
     seeder = {}
     for digest in sorted(wanting, key=lambda d: (-sizes[d], d)):
-        if holders[digest]:
+        kept = [n for n in wanting[digest]
+                if previous.get(n, {}).get(digest, ("",))[0] == "Upstream"]
+        if kept:  # sticky: the node that was seeding it goes on (it may hold it by now)
+            name = kept[0]
+        elif holders[digest]:
             continue
-        name = min(wanting[digest], key=lambda n: (assigned.get(n, 0), n))
+        else:
+            name = min(wanting[digest], key=lambda n: (assigned.get(n, 0), n))
         assigned[name] = assigned.get(name, 0) + sizes[digest]
         seeder[digest] = name
     return seeder

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layercache.digest import Digest
-from layercache.distribute import CachePlan, distribute, node_spec
+from layercache.distribute import CachePlan, distribute, node_spec, previous_assignments
 from layercache.kube import KubeApi, NodeInfo, SecretMissingError, merged_docker_config
 from layercache.planner import Node, Plan, PlanInputError, PlanOptions, plan
 from layercache.platform import Platform, parse_platform
@@ -218,7 +218,8 @@ class Reconciler:
             cache_plan = self._plan_cache(state, nodes, present)
             if cache_plan is not None:
                 plans.append(cache_plan)
-        per_node = distribute(plans, present)
+        previous = previous_assignments({n: o.get("spec") or {} for n, o in existing.items()})
+        per_node = distribute(plans, present, previous)
         written = {}
         node_names = {n.name for n in nodes}
         for name in sorted(node_names | set(existing)):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layercache.digest import Digest
-from layercache.distribute import CachePlan, distribute, node_spec
+from layercache.distribute import CachePlan, distribute, node_spec, previous_assignments
 from layercache.planner import Layer, Node, ResolvedImage, plan
 from layercache.platform import Platform
 
@@ -72,6 +72,21 @@ def test_a_held_layer_has_no_seeder_and_holders_come_first() -> None:
     assert all(e.source == "Peer" for e in base_entries.values())
     assert base_entries["n1"].peers[0] == "n2"
     assert base_entries["n3"].peers[0] == "n2"
+
+
+def test_assignments_are_sticky_when_inventories_change() -> None:
+    nodes = ["n1", "n2", "n3"]
+    cache = _cache("ns/c", {"app-a": (BASE, PY, APP_A)}, nodes)
+    first = distribute([cache], {})
+    specs = {n: node_spec(n, first[n], [cache]) for n in nodes}
+    # Every node now reports holding everything: nothing it was told may change.
+    held = {n: frozenset({BASE.digest, PY.digest, APP_A.digest}) for n in nodes}
+    again = distribute([cache], held, previous_assignments(specs))
+    assert {n: node_spec(n, again[n], [cache]) for n in nodes} == specs
+    # A new node is warmed from the holders, never from upstream.
+    grown = _cache("ns/c", {"app-a": (BASE, PY, APP_A)}, [*nodes, "n4"], held)
+    late = distribute([grown], held, previous_assignments(specs))["n4"]
+    assert all(e.source == "Peer" and e.peers[0] == "n1" for e in late)
 
 
 def test_two_caches_share_a_layer_once_and_both_are_named() -> None:
