@@ -69,7 +69,7 @@ class CacheState:
     resolved_at: float = 0.0
     resolved_time: str | None = None
     plan: Plan | None = None
-    desired_nodes: tuple[str, ...] = ()
+    desired_nodes: tuple[str, ...] | None = None  # None until the first plan
     last_status: dict[str, Any] | None = None
     retry_transient: bool = False
 

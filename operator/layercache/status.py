@@ -75,7 +75,8 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
             _condition(previous, "Ready", False, "InvalidSpec", state.invalid, gen, now),
             _condition(previous, "Progressing", False, "InvalidSpec", state.invalid, gen, now),
             _condition(previous, "Degraded", True, "InvalidSpec", state.invalid, gen, now)]}
-    nodes = state.desired_nodes
+    planned = state.desired_nodes is not None
+    nodes = state.desired_nodes or ()
     ready_nodes, failing, upstream, peer = 0, [], 0, 0
     for name in nodes:
         obj = node_caches.get(name)
@@ -94,12 +95,12 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
     problems = [f"{e.reference or 'pull secret'}"
                 f"{' (' + e.platform + ')' if e.platform else ''}: {e.reason}: {e.message}"
                 for e in state.errors]
-    if not nodes:
+    if planned and not nodes:
         problems.append("no node matches nodeSelector and tolerations")
     if skipped:
         problems.append(f"{skipped} node(s) skip layers for maxBytesPerNode")
-    degraded_reason = ("NoMatchingNodes" if not nodes else
-                       state.errors[0].reason if state.errors else
+    degraded_reason = (state.errors[0].reason if state.errors else
+                       "NoMatchingNodes" if planned and not nodes else
                        "BudgetExceeded" if skipped else "AsExpected")
     all_ready = bool(nodes) and ready_nodes == len(nodes)
     failing_fetch = [f for f in failing if f["reason"] not in ("Fetching", "AgentNotCaughtUp",
@@ -112,7 +113,8 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
                    "AllNodesReady" if all_ready and not state.errors else
                    "ImagesUnresolved" if state.errors else "NodesNotReady",
                    f"{ready_nodes}/{len(nodes)} nodes hold their layers", gen, now),
-        _condition(previous, "Progressing", bool(nodes) and not all_ready,
+        _condition(previous, "Progressing", not planned or (bool(nodes) and not all_ready),
+                   "Planning" if not planned else
                    "Fetching" if nodes and not all_ready else "Complete",
                    f"{len(nodes) - ready_nodes} node(s) still fetching", gen, now),
         _condition(previous, "Degraded", degraded_reason != "AsExpected", degraded_reason,
