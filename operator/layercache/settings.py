@@ -30,9 +30,9 @@ class OperatorSettings(BaseSettings):
         "layercache-peer-token", description="Secret (in `namespace`) with the agents' token.")
     metrics_port: int = Field(8080, description="Prometheus metrics port (0: off).")
     health_port: int = Field(8081, description="Liveness endpoint port (kopf's /healthz).")
-    insecure_registries: list[str] = Field(
-        default_factory=list,
-        description="Registry hosts (host:port) spoken to over plain HTTP, e.g. a local one.")
+    insecure_registries: str = Field(
+        "", description="Comma-separated registry hosts (host:port) spoken to over plain "
+                        "HTTP, e.g. a local registry; the same variable the agent reads.")
     registry_ca_file: Path | None = Field(
         None, description="Extra CA certificates (PEM) trusted for every registry.")
     resolve_concurrency: int = Field(8, ge=1, description="Concurrent image resolutions.")
@@ -46,7 +46,8 @@ class OperatorSettings(BaseSettings):
     def registry_options(self) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
         """Per-registry options for insecure hosts, and the default for all others."""
         default = RegistryOptions(ca_file=self.registry_ca_file)
-        return {h: RegistryOptions(insecure=True) for h in self.insecure_registries}, default
+        hosts = [h.strip() for h in self.insecure_registries.split(",") if h.strip()]
+        return {h: RegistryOptions(insecure=True) for h in hosts}, default
 
     def summary(self) -> str:
         """One line for the start-up log (no secrets: there are none in settings)."""

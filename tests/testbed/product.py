@@ -6,7 +6,6 @@ would have: its own ServiceAccount token, the RBAC from `manifests/`, settings f
 
 from __future__ import annotations
 
-import json
 import sys
 import urllib.request
 from pathlib import Path
@@ -47,7 +46,7 @@ def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool
     env = {
         "KUBECONFIG": str(kubeconfig), "LAYERCACHE_NAMESPACE": NAMESPACE,
         "LAYERCACHE_METRICS_PORT": str(metrics), "LAYERCACHE_HEALTH_PORT": str(health),
-        "LAYERCACHE_INSECURE_REGISTRIES": json.dumps(insecure),
+        "LAYERCACHE_INSECURE_REGISTRIES": ",".join(insecure),
         "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
         "LAYERCACHE_STANDALONE": "true" if standalone else "false",
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
