@@ -1,7 +1,8 @@
 """Fetch one layer into containerd: from a peer that holds it, else from the registry.
 
 For a ``Peer`` layer, the listed peers are probed with a cheap ``HEAD`` (most likely first)
-every `AgentSettings.peer_poll_seconds` until one holds the blob — then it is copied from
+every `AgentSettings.peer_poll_seconds` — growing to 5 times that, with jitter, so that many
+waiting nodes do not poll a seeder in step — until one holds the blob — then it is copied from
 there — or until `AgentSettings.peer_wait_seconds` have passed; then the registry. An
 ``Upstream`` layer (this node seeds it) goes to the registry at once. Either way:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from layercache.containerd.ingest import (
     SourceSizeError,
     ingest_lease_id,
 )
-from layercache.digest import DigestMismatchError
+from layercache.digest import Digest, DigestMismatchError
 from layercache.metrics import AgentMetrics, FetchSource
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import (
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 
 #: Label naming where a blob's bytes came from (``upstream`` or ``peer``).
 SOURCE_LABEL = "layercache.dev/source"
+#: A peer wait polls every ``peer_poll`` seconds at first, growing to this many times that.
+POLL_GROWTH = 5.0
 #: containerd's own label for the repository a blob was pulled from, per registry host.
 DISTRIBUTION_SOURCE_PREFIX = "containerd.io/distribution.source."
 
@@ -141,6 +145,7 @@ class LayerFetcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.peer_wait
         refused: set[str] = set()
+        delay = self.config.peer_poll
         while True:
             for node in peers:
                 endpoint = await self.directory.endpoint(node)
@@ -166,7 +171,10 @@ class LayerFetcher:
                 log.info("no peer served %s in %.0f s: fetching upstream", layer.digest.short,
                          self.config.peer_wait, extra={"digest": layer.digest})
                 return False
-            await asyncio.sleep(self.config.peer_poll)
+            # Jittered and growing: many nodes waiting on one seeder must not poll in step.
+            await asyncio.sleep(min(delay * random.uniform(0.5, 1.0),  # noqa: S311 - jitter
+                                    max(0.0, deadline - loop.time())))
+            delay = min(delay * 1.5, self.config.peer_poll * POLL_GROWTH)
 
     async def _from_upstream(self, layer: WantedLayer, caches: Sequence[str]) -> None:
         """Copy ``layer`` from its registry; transient failures retry and resume."""
@@ -207,7 +215,7 @@ class LayerFetcher:
             except (DigestMismatchError, SourceSizeError) as error:
                 if not isinstance(error, ContentDigestMismatchError):
                     # Kept for a resume by keep_on_error, but these bytes are wrong: drop them.
-                    await asyncio.shield(self._drop(ref))
+                    await asyncio.shield(self.drop_ingest(layer.digest))
                 raise
             finally:
                 self.disk.release(need)
@@ -217,6 +225,8 @@ class LayerFetcher:
                         "resumed_from": result.resumed_from, "written": result.written,
                         "already_existed": result.already_existed})
 
-    async def _drop(self, ref: str) -> None:
+    async def drop_ingest(self, digest: Digest) -> None:
+        """Abort the ingest of ``digest`` and delete its lease (logging, not raising)."""
+        ref = ingest_ref(digest)
         await self.store.abort_quietly(ref)
         await self.store.leases.delete_quietly(ingest_lease_id(ref))

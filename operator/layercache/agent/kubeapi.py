@@ -2,7 +2,7 @@
 
 Least privilege (the agent's ClusterRole and Role, see ``manifests/``): ``get``/``list``/
 ``watch`` on ``nodelayercaches`` (its own, by a ``metadata.name`` field selector; others
-by name, for their ``status.peerEndpoint``), ``get``/``patch`` on ``nodelayercaches/status``
+by name, for their ``status.peerEndpoint``), ``patch`` on ``nodelayercaches/status``
 (its own), ``get`` on its ``nodes``, and ``get`` on two Secrets of its namespace, by name.
 
 The kubernetes client is blocking: every call runs in a worker thread (`asyncio.to_thread`),

@@ -176,6 +176,11 @@ class Reconciler:
         digest = layer.digest
         try:
             await self.fetcher.fetch(layer, caches)
+        except asyncio.CancelledError:
+            if self.spec is None or digest not in self.spec.wanted:
+                # Unwanted now: its ingest would only hold disk until the lease expires.
+                await asyncio.shield(self.fetcher.drop_ingest(digest))
+            raise
         except DiskPressureError as error:
             if self._pressure_reason != error.reason:  # once per episode, not per layer
                 self._pressure_reason = error.reason

@@ -52,7 +52,7 @@ class AgentSettings(BaseSettings):
     peer_wait_seconds: float = Field(
         120.0, ge=0, description="How long a Peer layer waits for a peer (s) before upstream.")
     peer_poll_seconds: float = Field(
-        2.0, gt=0, description="Interval between peer HEAD probes while waiting (s).")
+        2.0, gt=0, description="First wait between peer HEAD probes (s); grows to 5x, jittered.")
     min_free_percent: float = Field(
         10.0, ge=0, le=100,
         description="Fetch only while the image filesystem keeps this much free after it (%).")
