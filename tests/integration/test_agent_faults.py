@@ -22,7 +22,7 @@ from test_agent_harness import (
     condition,
     held,
     ingests,
-    install,
+    installed,  # noqa: F401 - autouse fixture: CRDs, RBAC and Secrets for the module
     layer_entry,
     one_agent,
     our_leases,
@@ -41,11 +41,6 @@ from testbed.kube import Kube, wait_for
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _installed(bed: BedState, kube: Kube) -> None:
-    """CRDs, the agent's ServiceAccount, RBAC and Secrets."""
-    install(kube, bed)
 
 
 def _layer(family: Family, index: int) -> Layer:

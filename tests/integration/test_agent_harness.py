@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from kubernetes.client.exceptions import ApiException
 
 from layercache.containerd.content import ContentStore
@@ -47,7 +48,7 @@ CACHE = "agent-test/warm"
 CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": ["nodelayercaches"],
      "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [GROUP], "resources": ["nodelayercaches/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [GROUP], "resources": ["nodelayercaches/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
 ]
 #: The agent's rules in its own namespace: the two Secrets, by name only.
@@ -95,6 +96,12 @@ def install(kube: Kube, bed: BedState) -> None:
     ]
     kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                        "items": objects}))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed(bed: BedState, kube: Kube) -> None:
+    """`install`, once per module that imports this fixture (it is autouse there)."""
+    install(kube, bed)
 
 
 def runnable_layers(family: Family) -> list[Layer]:

@@ -1,0 +1,119 @@
+"""Streaming verification, skipping, the shared rate cap, backoff and the disk guard."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from layercache.agent.backoff import RetryTimes
+from layercache.agent.disk import DiskGuard, DiskPressureError
+from layercache.agent.fetch import failure_reason
+from layercache.agent.peers import PeerError, PeerUnauthorizedError
+from layercache.agent.transfer import ByteRate, metered, skip
+from layercache.digest import Digest, DigestMismatchError
+from layercache.registry.errors import BlobNotFoundError, RateLimitedError, ServerError
+
+BLOB = bytes(range(256)) * 40
+
+
+async def _chunks(data: bytes, size: int = 1000) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
+
+
+async def _collect(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+async def test_metered_verifies_from_byte_zero_and_counts() -> None:
+    counted: list[int] = []
+    out = await _collect(metered(_chunks(BLOB), digest=Digest.from_bytes(BLOB), size=len(BLOB),
+                                 offset=0, rate=ByteRate(None), on_bytes=counted.append))
+    assert out == BLOB and sum(counted) == len(BLOB)
+
+
+async def test_metered_raises_after_the_last_byte_on_a_mismatch() -> None:
+    corrupt = BLOB[:-1] + b"\x00"
+    seen = bytearray()
+    stream = metered(_chunks(corrupt), digest=Digest.from_bytes(BLOB), size=len(BLOB),
+                     offset=0, rate=ByteRate(None), on_bytes=lambda _n: None)
+    with pytest.raises(DigestMismatchError):
+        async for chunk in stream:
+            seen += chunk
+    assert bytes(seen) == corrupt  # every byte passed, the error came before any COMMIT
+
+
+async def test_metered_leaves_a_resumed_write_to_containerds_check() -> None:
+    tail = await _collect(metered(_chunks(b"not the blob"), digest=Digest.from_bytes(BLOB),
+                                  size=len(BLOB), offset=10, rate=ByteRate(None),
+                                  on_bytes=lambda _n: None))
+    assert tail == b"not the blob"
+
+
+async def test_skip_drops_what_containerd_already_holds() -> None:
+    assert await _collect(skip(_chunks(BLOB, 300), 1234)) == BLOB[1234:]
+
+
+async def test_byte_rate_caps_the_sum_of_transfers() -> None:
+    rate = ByteRate(100_000)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.gather(*(rate.take(10_000) for _ in range(3)))
+    assert loop.time() - started >= 0.29  # 30 kB at 100 kB/s, shared
+
+
+def test_backoff_doubles_to_a_cap_and_forgets_on_success() -> None:
+    retry = RetryTimes(2.0, 5.0)
+    assert retry.failed("a", 100.0) == 102.0
+    assert retry.failed("a", 100.0) == 104.0
+    assert retry.failed("a", 100.0) == 105.0
+    assert not retry.ready("a", 104.0) and retry.ready("a", 105.0)
+    assert retry.earliest() == 105.0
+    retry.succeeded("a")
+    assert retry.ready("a", 0.0) and retry.earliest() is None
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (DigestMismatchError(Digest.from_bytes(b"a"), Digest.from_bytes(b"b"), 1), "DigestMismatch"),
+    (BlobNotFoundError(404, "GET x"), "UpstreamNotFound"),
+    (RateLimitedError("GET x"), "UpstreamRateLimited"),
+    (ServerError(503, "GET x"), "UpstreamUnavailable"),
+    (PeerUnauthorizedError("401"), "PeerUnauthorized"),
+    (PeerError("reset"), "PeerUnavailable"),
+    (DiskPressureError("NodeDiskPressure", "full"), "NodeDiskPressure"),
+    (RuntimeError("?"), "InternalError"),
+])
+def test_failure_reasons_are_camel_case(error: BaseException, reason: str) -> None:
+    assert failure_reason(error) == reason
+
+
+async def test_disk_guard_reserves_and_refuses(tmp_path: Path) -> None:
+    async def locate() -> Path:
+        return tmp_path
+
+    stat = os.statvfs(tmp_path)
+    available = stat.f_bavail * stat.f_frsize
+    guard = DiskGuard(locate, min_free_percent=0)
+    await guard.reserve(available // 2)
+    assert guard.reserved == available // 2 and guard.refusal is None
+    with pytest.raises(DiskPressureError) as refused:
+        await guard.reserve(available)  # with the first reservation: more than is free
+    assert refused.value.reason == "DiskPressure" and guard.refusal is refused.value
+    guard.release(available // 2)
+    guard.node_pressure = True
+    with pytest.raises(DiskPressureError, match="DiskPressure") as node:
+        await guard.reserve(1)
+    assert node.value.reason == "NodeDiskPressure"
+
+
+async def test_disk_guard_refuses_when_the_filesystem_is_unknown(tmp_path: Path) -> None:
+    async def locate() -> Path:
+        return tmp_path / "missing"
+
+    with pytest.raises(DiskPressureError) as refused:
+        await DiskGuard(locate, 10).reserve(1)
+    assert refused.value.reason == "ImageFsUnknown"
