@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BED_DIR ?= /tmp/layercache-testbed
+DEMO_DIR ?= /tmp/layercache-demo
 NODES ?= 3
 PYTEST_ARGS ?=
 
@@ -57,6 +58,14 @@ testbed-status: venv ## Show each bed component; non-zero exit unless all are re
 .PHONY: testbed-down
 testbed-down: venv ## Stop the test bed and remove its state
 	$(VENV)/bin/layercache-testbed down --dir $(BED_DIR)
+
+.PHONY: demo
+demo: setup ## The main job: layercache on a local 3-node cluster with real images, and the savings
+	$(VENV)/bin/layercache-testbed demo --dir $(DEMO_DIR) --report out/demo-report.json
+
+.PHONY: demo-down
+demo-down: venv ## Tear the demo cluster down
+	$(VENV)/bin/layercache-testbed down --dir $(DEMO_DIR)
 
 .PHONY: clean
 clean: ## Remove build outputs (not the tool and image caches)

@@ -61,6 +61,25 @@ def status(directory: DirOption = DEFAULT_DIR) -> None:
 
 
 @app.command()
+def demo(directory: DirOption = Path("/tmp/layercache-demo"),
+         report: Annotated[Path, typer.Option(help="Where to write the JSON report.")] = Path(
+             "out/demo-report.json")) -> None:
+    """Run layercache on a fresh bed with real images; print and write what it saved."""
+    from testbed.demo import run  # the demo pulls in the product; other commands need not
+
+    if (directory / "state.json").exists():
+        stop_bed(directory)
+    try:
+        run(directory, report, console)
+    except (ComponentError, MissingToolError, TimeoutError) as e:
+        console.print(f"[red]demo failed[/]: {e}")
+        console.print(f"logs: {directory}; tear down with: make demo-down")
+        raise typer.Exit(1) from None
+    console.print(f"report: {report}; the cluster is still up "
+                  f"(KUBECONFIG={directory}/control-plane/admin.kubeconfig); make demo-down")
+
+
+@app.command()
 def down(directory: DirOption = DEFAULT_DIR) -> None:
     """Stop every process of the bed, unmount its mounts and remove its directory."""
     stopped = stop_bed(directory)

@@ -10,7 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from testbed.bed import BedState
+from testbed.bed import BedState, NodeRecord
 from testbed.kube import Kube, service_account_kubeconfig
 from testbed.paths import REPO
 from testbed.procs import Process, free_port
@@ -29,6 +29,12 @@ def install(kube: Kube, *files: str) -> None:
         kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / name))
 
 
+def _insecure(bed: BedState) -> list[str]:
+    # The bed's plain-HTTP registries: the proxy (the upstream clients use), plain, basic.
+    hosts = [bed.registries["plain"].host, bed.registries["basic"].host]
+    return [*hosts, bed.proxy_url.removeprefix("http://")] if bed.proxy_url else hosts
+
+
 def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool = True,
                    name: str = "operator") -> tuple[Process, int]:
     """Start the operator as ServiceAccount layercache-operator; returns (process, metrics port).
@@ -40,13 +46,10 @@ def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool
     kubeconfig = service_account_kubeconfig(kube, NAMESPACE, "layercache-operator",
                                             workdir / f"{name}.kubeconfig")
     metrics, health = free_port(), free_port()
-    insecure = [bed.registries["plain"].host, bed.registries["basic"].host]
-    if bed.proxy_url:
-        insecure.append(bed.proxy_url.removeprefix("http://"))
     env = {
         "KUBECONFIG": str(kubeconfig), "LAYERCACHE_NAMESPACE": NAMESPACE,
         "LAYERCACHE_METRICS_PORT": str(metrics), "LAYERCACHE_HEALTH_PORT": str(health),
-        "LAYERCACHE_INSECURE_REGISTRIES": ",".join(insecure),
+        "LAYERCACHE_INSECURE_REGISTRIES": ",".join(_insecure(bed)),
         "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
         "LAYERCACHE_STANDALONE": "true" if standalone else "false",
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
@@ -59,3 +62,28 @@ def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool
             return r.status == 200
     proc.wait_ready(alive, 60)
     return proc, metrics
+
+
+def start_agent(bed: BedState, kube: Kube, node: NodeRecord, workdir: Path,
+                ) -> tuple[Process, int, int]:
+    """Start node `node`'s agent as ServiceAccount layercache-agent.
+
+    Returns (process, peer port, metrics port). Readiness is its NodeLayerCache status;
+    the caller polls that.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    kubeconfig = service_account_kubeconfig(kube, NAMESPACE, "layercache-agent",
+                                            workdir / f"agent-{node.name}.kubeconfig")
+    peer, metrics = free_port(), free_port()
+    env = {
+        "LAYERCACHE_NODE_NAME": node.name, "LAYERCACHE_NAMESPACE": NAMESPACE,
+        "LAYERCACHE_KUBECONFIG": str(kubeconfig), "LAYERCACHE_CONTAINERD_SOCKET": node.socket,
+        "LAYERCACHE_PEER_BIND": "127.0.0.1", "LAYERCACHE_PEER_PORT": str(peer),
+        "LAYERCACHE_METRICS_BIND": "127.0.0.1", "LAYERCACHE_METRICS_PORT": str(metrics),
+        "LAYERCACHE_INSECURE_REGISTRIES": ",".join(_insecure(bed)),
+        "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
+        "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
+    }
+    proc = Process(f"agent[{node.name}]", [sys.executable, "-m", "layercache.agent"],
+                   workdir / f"agent-{node.name}.log", env=env).start()
+    return proc, peer, metrics
