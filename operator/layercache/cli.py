@@ -78,6 +78,24 @@ def main() -> None:
     """Plan, pre-pull and de-duplicate shared container-image layers across nodes."""
 
 
+@app.command("operator")
+def operator_command(
+    verbose: Annotated[bool, typer.Option("--verbose", help="kopf debug logging.")] = False,
+) -> None:
+    """Run the operator; settings come from LAYERCACHE_* variables (docs/configuration.md)."""
+    from layercache.operator_main import run_operator  # kopf loads only for this command
+
+    run_operator(verbose=verbose)
+
+
+@app.command("agent")
+def agent_command() -> None:
+    """Run the node agent; settings come from LAYERCACHE_* variables (NODE_NAME required)."""
+    from layercache.agent.cli import main as agent_main
+
+    agent_main()
+
+
 def read_image_file(path: Path) -> list[str]:
     """Image references from a file, one per line; blank lines and ``#`` comments skipped.
 
