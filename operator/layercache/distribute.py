@@ -25,11 +25,14 @@ from typing import Any
 from layercache.digest import Digest
 from layercache.planner import Layer, Plan
 
-__all__ = ["MAX_PEERS", "CachePlan", "NodeLayer", "Previous", "distribute", "node_spec",
-           "previous_assignments"]
+__all__ = ["MAX_NODE_LAYERS", "MAX_PEERS", "CachePlan", "NodeLayer", "Previous", "distribute",
+           "node_spec", "previous_assignments"]
 
 #: Candidate peers listed per layer (the CRD caps the list at 8).
 MAX_PEERS = 8
+#: Layers listed per node (the CRD's maxItems): a spec must fit etcd's object size limit,
+#: and a larger one would fail the write and with it the whole replan.
+MAX_NODE_LAYERS = 5000
 
 
 @dataclass(frozen=True)
@@ -153,14 +156,15 @@ def node_spec(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan
     ``images`` lists the mode-Images images all of whose layers the node holds; ``paused``
     is set when every cache wanting something here is paused.
     """
-    held = {entry.layer.digest for entry in layers}
+    held = {entry.layer.digest for entry in layers[:MAX_NODE_LAYERS]}
     wanting = sorted({c for entry in layers for c in entry.caches})
     by_key = {c.key: c for c in caches}
     images = sorted({ref for key in wanting for ref, digests in by_key[key].images
                      if digests <= held})
+    # Layers are in priority order, each after those beneath it: a prefix stays complete.
     return {
         "nodeName": name,
-        "layers": [entry.to_spec() for entry in layers],
+        "layers": [entry.to_spec() for entry in layers[:MAX_NODE_LAYERS]],
         "images": [{"reference": ref} for ref in images],
         "caches": wanting,
         "paused": bool(wanting) and all(by_key[k].paused for k in wanting),

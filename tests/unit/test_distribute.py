@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layercache.digest import Digest
-from layercache.distribute import CachePlan, distribute, node_spec, previous_assignments
+from layercache.distribute import (
+    MAX_NODE_LAYERS,
+    CachePlan,
+    distribute,
+    node_spec,
+    previous_assignments,
+)
 from layercache.planner import Layer, Node, ResolvedImage, plan
 from layercache.platform import Platform
 
@@ -126,3 +132,13 @@ def test_properties(image_layers: list[list[int]], node_count: int,
             assert len(e.peers) <= 8
             if e.source == "Peer" and len(entries) > 1:
                 assert e.peers
+
+
+def test_node_spec_is_capped_at_the_crd_limit() -> None:
+    many = tuple(_layer(f"m{i}", 1) for i in range(MAX_NODE_LAYERS + 10))
+    cache = _cache("ns/c", {"huge": many}, ["n1"], mode_images=True)
+    spec = node_spec("n1", distribute([cache], {})["n1"], [cache])
+    assert len(spec["layers"]) == MAX_NODE_LAYERS
+    assert [e["digest"] for e in spec["layers"]] == [str(x.digest) for x in many[:MAX_NODE_LAYERS]]
+    # An image not wholly held is not materialised.
+    assert spec["images"] == []
