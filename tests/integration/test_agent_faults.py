@@ -18,6 +18,7 @@ import pytest
 from test_agent_harness import (
     PEER_TOKEN,
     Agent,
+    add_stale_lease,
     blob_path,
     condition,
     held,
@@ -88,6 +89,7 @@ def test_kill_9_mid_ingest_resumes_from_containerds_offset(
         assert len(leases) == 1, leases  # the ingest's lease, kept for the resume...
         assert GC_EXPIRE_LABEL in next(iter(leases.values()))  # ...with a GC backstop
         assert held(node.socket).get(layer.digest) is None
+        add_stale_lease(node.socket, "layercache-stale-from-an-old-plan")
         before = _stable_bytes(proxy, path)
         restarted = Agent(agent.node, agent.kubeconfig, agent.workdir, agent.env).start()
         try:
@@ -100,10 +102,25 @@ def test_kill_9_mid_ingest_resumes_from_containerds_offset(
             assert stored_sha256(node.socket, layer.digest) == layer.digest
             assert held(node.socket)[layer.digest] == layer.size
             assert ref not in ingests(node.socket)
-            assert our_leases(node.socket) == {}  # the resumed write deleted its lease
+            # The stale lease went at start-up, the resumed write's lease when it committed.
+            assert our_leases(node.socket) == {}
             assert final["bytes"]["upstream"] >= counted  # counters continue, never reset
         finally:
             restarted.terminate()
+
+
+def test_peer_layer_falls_back_to_upstream_when_no_peer_serves_in_time(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    node, absent = bed.nodes[2], bed.nodes[1]  # no agent (and no endpoint) on `absent`
+    layer = _layer(family, 5)
+    entry = layer_entry(family, proxy.host, layer, "Peer", [absent.name])
+    env = _env(proxy, LAYERCACHE_PEER_WAIT_SECONDS="3", LAYERCACHE_PEER_POLL_SECONDS="0.5")
+    with one_agent(kube, node, [entry], tmp_path, env) as agent:
+        found = wait_ready(kube, agent, 120)
+        assert found["bytes"] == {"upstream": layer.size, "peer": 0, "servedToPeers": 0}
+        assert proxy.stats().bytes_by_path[blob_path(family, layer.digest)] == layer.size
+        assert stored_sha256(node.socket, layer.digest) == layer.digest
 
 
 def test_corrupt_upstream_body_is_never_committed_and_is_retried(

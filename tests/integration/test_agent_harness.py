@@ -351,6 +351,13 @@ def our_leases(socket: str) -> dict[str, dict[str, str]]:
     return result
 
 
+def add_stale_lease(socket: str, lease_id: str) -> None:
+    """A lease labelled as ours, as a killed agent of an older plan would leave behind."""
+    async def work(store: ContentStore) -> None:
+        await store.leases.create(lease_id, {MANAGED_BY_LABEL: MANAGED_BY})
+    _run(_with_store(socket, work))
+
+
 def clear_node(socket: str, digests: Sequence[str]) -> None:
     """Forget the family on a node: its CRI images, these blobs, our ingests and leases."""
     async def work(store: ContentStore) -> None:
