@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["AgentGauges", "AgentMetrics", "FetchSource"]
+__all__ = ["AgentGauges", "AgentMetrics", "CacheStatuses", "FetchSource", "OperatorMetrics"]
 
 # --- agent ---------------------------------------------------------------------------------
 
@@ -116,3 +116,78 @@ class AgentMetrics:
     def track(self, snapshot: Callable[[], AgentGauges]) -> None:
         """Export the gauges of `AgentGauges`, read from ``snapshot`` at each scrape."""
         self.registry.register(_AgentGaugeCollector(self.node, snapshot))
+
+
+# --- operator ------------------------------------------------------------------------------
+
+#: A cache's status figures at scrape time: ("namespace/name", its status dict).
+CacheStatuses = Callable[[], list[tuple[str, dict[str, Any]]]]
+
+#: Status byte counts exported per cache, status key → metric name suffix.
+_CACHE_BYTES: Final = {"unique": "unique", "naive": "naive", "expectedUpstream":
+                       "expected_upstream", "upstream": "upstream", "peer": "peer",
+                       "saved": "saved"}
+
+
+class _CacheCollector(Collector):
+    """Per-cache gauges read from the operator's last written statuses at scrape time."""
+
+    def __init__(self, statuses: CacheStatuses) -> None:
+        self._statuses = statuses
+
+    def collect(self) -> Iterator[Metric]:
+        byte_families = {
+            key: GaugeMetricFamily(f"layercache_cache_{name}_bytes",
+                                   f"Compressed layer bytes: {key} (see LayerCache status).",
+                                   labels=["cache"])
+            for key, name in _CACHE_BYTES.items()}
+        nodes = GaugeMetricFamily("layercache_cache_nodes", "Nodes of a cache, by state.",
+                                  labels=["cache", "state"])
+        shared = GaugeMetricFamily("layercache_cache_shared_layers",
+                                   "Layers used by two or more of a cache's images.",
+                                   labels=["cache"])
+        ready = GaugeMetricFamily("layercache_cache_ready",
+                                  "1 when the cache's Ready condition is True.",
+                                  labels=["cache"])
+        degraded = GaugeMetricFamily("layercache_cache_degraded",
+                                     "1 when the cache's Degraded condition is True.",
+                                     labels=["cache"])
+        for cache, status in self._statuses():
+            for key, family in byte_families.items():
+                family.add_metric([cache], float((status.get("bytes") or {}).get(key, 0)))
+            counts = status.get("nodes") or {}
+            nodes.add_metric([cache, "desired"], float(counts.get("desired", 0)))
+            nodes.add_metric([cache, "ready"], float(counts.get("ready", 0)))
+            shared.add_metric([cache], float((status.get("layers") or {}).get("shared", 0)))
+            conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+            ready.add_metric([cache], 1.0 if conditions.get("Ready") == "True" else 0.0)
+            degraded.add_metric([cache], 1.0 if conditions.get("Degraded") == "True" else 0.0)
+        yield from byte_families.values()
+        yield from (nodes, shared, ready, degraded)
+
+
+class OperatorMetrics:
+    """The operator's metrics on ``registry``.
+
+    Counters ``layercache_operator_replans_total{result}`` (``ok``/``error``),
+    ``layercache_operator_node_spec_writes_total``,
+    ``layercache_operator_resolve_errors_total{reason}``; histogram
+    ``layercache_operator_replan_duration_seconds``; and per-cache gauges
+    (``layercache_cache_*``, label ``cache`` = "namespace/name") from `statuses` at scrape
+    time.
+    """
+
+    def __init__(self, registry: CollectorRegistry, statuses: CacheStatuses) -> None:
+        self.replans = Counter("layercache_operator_replans",
+                               "Cluster replans, by result.", ["result"], registry=registry)
+        self.spec_writes = Counter("layercache_operator_node_spec_writes",
+                                   "NodeLayerCache specs created or changed.", registry=registry)
+        self.resolve_errors = Counter("layercache_operator_resolve_errors",
+                                      "Images that failed to resolve, by reason.", ["reason"],
+                                      registry=registry)
+        self.replan_duration = Histogram("layercache_operator_replan_duration_seconds",
+                                         "Time of one replan (plan, distribute, writes).",
+                                         registry=registry)
+        for result in ("ok", "error"):
+            self.replans.labels(result)
+        registry.register(_CacheCollector(statuses))

@@ -18,9 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from layercache.digest import Digest
 from layercache.distribute import CachePlan, distribute, node_spec, previous_assignments
 from layercache.kube import KubeApi, NodeInfo, SecretMissingError, merged_docker_config
+from layercache.metrics import OperatorMetrics
 from layercache.planner import Node, Plan, PlanInputError, PlanOptions, plan
 from layercache.platform import Platform, parse_platform
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
@@ -86,13 +89,16 @@ class CacheState:
 class Reconciler:
     """Holds every cache's state and plans the cluster; see the module docstring."""
 
-    def __init__(self, kube: KubeApi, settings: OperatorSettings) -> None:
+    def __init__(self, kube: KubeApi, settings: OperatorSettings,
+                 registry: CollectorRegistry | None = None) -> None:
         self.kube = kube
         self.settings = settings
         self.caches: dict[str, CacheState] = {}
+        # Registration already collects once, so the state it reads must exist first.
+        self.metrics = OperatorMetrics(registry or CollectorRegistry(), lambda: [
+            (s.key, s.last_status) for s in list(self.caches.values()) if s.last_status])
         self._dirty = asyncio.Event()
         self._credentials: str | None = None
-        self.replans = 0
 
     # -- resolution -----------------------------------------------------------------
     async def resolve(self, namespace: str, name: str, generation: int,
@@ -134,7 +140,10 @@ class Reconciler:
                             "Error") or "RegistryError", str(e))
             results = await asyncio.gather(*(one(r, p) for r in refs for p in platforms))
         state.resolved = [r for r in results if isinstance(r, ResolvedImage)]
-        state.errors += [r for r in results if isinstance(r, ImageError)]
+        failed = [r for r in results if isinstance(r, ImageError)]
+        for error in failed:
+            self.metrics.resolve_errors.labels(error.reason).inc()
+        state.errors += failed
         state.resolved_at, state.resolved_time = time.monotonic(), now_iso()
         self.caches[state.key] = state
         return state
@@ -199,8 +208,11 @@ class Reconciler:
             await asyncio.sleep(self.settings.replan_debounce_seconds)
             self._dirty.clear()
             try:
-                await self.replan()
+                with self.metrics.replan_duration.time():
+                    await self.replan()
+                self.metrics.replans.labels("ok").inc()
             except Exception:
+                self.metrics.replans.labels("error").inc()
                 log.exception("replan failed; retrying in 10 s")
                 await asyncio.sleep(10)
                 self._dirty.set()
@@ -232,7 +244,7 @@ class Reconciler:
             written[name] = await asyncio.to_thread(self.kube.write_node_spec,
                                                     existing.get(name), name, spec)
         await self._write_credentials()
-        self.replans += 1
+        self.metrics.spec_writes.inc(sum(written.values()))
         return written
 
     def _plan_cache(self, state: CacheState, nodes: list[NodeInfo],

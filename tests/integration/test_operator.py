@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.bed import BedState
 from testbed.images import Family
@@ -23,10 +25,16 @@ GROUP, VERSION = "layercache.dev", "v1alpha1"
 
 
 @pytest.fixture(scope="module")
+def operator_metrics(operator: Process) -> int:
+    return operator.metrics_port  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture(scope="module")
 def operator(bed: BedState, kube: Kube, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[Process]:
     install(kube, "rbac-operator.yaml")
-    proc, _ = start_operator(bed, kube, tmp_path_factory.mktemp("operator"))
+    proc, metrics = start_operator(bed, kube, tmp_path_factory.mktemp("operator"))
+    proc.metrics_port = metrics  # type: ignore[attr-defined]
     yield proc
     proc.stop()
     kube.kubectl("delete", "layercaches", "--all", "--all-namespaces", "--wait=false")
@@ -67,8 +75,16 @@ def _images(bed: BedState, family: Family, *names: str) -> list[str]:
     return [f"{host}/{family.images[n].reference}" for n in names]
 
 
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 def test_plan_reaches_every_node_with_one_seeder_per_layer(
-        operator: Process, bed: BedState, kube: Kube, family: Family, namespace: str) -> None:
+        operator: Process, operator_metrics: int, bed: BedState, kube: Kube, family: Family,
+        namespace: str) -> None:
     apps = ("app-py-a", "app-py-b", "app-curl")
     _apply(kube, namespace, "apps", {"images": _images(bed, family, *apps)})
 
@@ -99,6 +115,14 @@ def test_plan_reaches_every_node_with_one_seeder_per_layer(
     assert obj["status"]["bytes"]["naive"] == len(bed.nodes) * family.unique_layer_bytes(apps)
     # No agents report yet: progressing, not ready.
     assert (_condition(obj, "Ready") or {}).get("status") == "False"
+    # The operator exports what the status says, per cache, at scrape time.
+    cache = (("cache", f"{namespace}/apps"),)
+    metrics = wait_for(lambda: (m := _scrape(operator_metrics)).get(
+        ("layercache_cache_unique_bytes", cache)) and m, what="cache metrics")
+    assert metrics[("layercache_cache_unique_bytes", cache)] == family.unique_layer_bytes(apps)
+    assert metrics[("layercache_cache_nodes", (*cache, ("state", "desired")))] == len(bed.nodes)
+    assert metrics[("layercache_cache_ready", cache)] == 0
+    assert metrics[("layercache_operator_replans_total", (("result", "ok"),))] >= 1
 
 
 def test_bad_inputs_are_reported_not_fatal(operator: Process, bed: BedState, kube: Kube,

@@ -8,6 +8,7 @@ from typing import Any
 
 import kopf
 from kubernetes import client, config
+from prometheus_client import REGISTRY
 
 from layercache.kube import KubeApi
 from layercache.reconciler import Reconciler
@@ -36,7 +37,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     api = api_client()
     kube = KubeApi(api)
     await asyncio.to_thread(kube.ensure_peer_token, ours.namespace, ours.peer_token_secret)
-    reconciler = Reconciler(kube, ours)
+    # The default registry is what start_http_server (operator_main) exports.
+    reconciler = Reconciler(kube, ours, REGISTRY)
     memo.settings, memo.api, memo.reconciler = ours, api, reconciler
     memo.tasks = [asyncio.create_task(reconciler.run(), name="replan"),
                   asyncio.create_task(_aggregate_forever(reconciler), name="status")]
