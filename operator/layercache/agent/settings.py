@@ -28,7 +28,7 @@ class AgentSettings(BaseSettings):
         min_length=1, validation_alias=AliasChoices("LAYERCACHE_NODE_NAME", "NODE_NAME"),
         description="This node's name; also the name of the NodeLayerCache the agent serves.")
     namespace: str = Field(
-        "layercache", min_length=1,
+        "layercache-system", min_length=1,
         validation_alias=AliasChoices("LAYERCACHE_NAMESPACE", "POD_NAMESPACE"),
         description="The agent's namespace: where its Secrets are read.")
     kubeconfig: Path | None = Field(
