@@ -11,7 +11,6 @@ peer, a second replica never writes anything.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import time
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from layercache.conditions import now_iso
 from layercache.digest import Digest
 from layercache.distribute import CachePlan, distribute, node_spec, previous_assignments
 from layercache.kube import KubeApi, NodeInfo, SecretMissingError, merged_docker_config
@@ -40,11 +40,6 @@ __all__ = ["CacheState", "ImageError", "Reconciler"]
 log = logging.getLogger(__name__)
 #: Seconds before a cache whose resolution failed transiently is resolved again.
 TRANSIENT_RETRY_SECONDS = 30.0
-
-
-def now_iso() -> str:
-    """The current time as RFC 3339 UTC, as Kubernetes writes it."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

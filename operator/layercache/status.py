@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from layercache.reconciler import CacheState
 
+from layercache.conditions import condition, now_iso
+
 __all__ = ["MAX_FAILING", "cache_status", "human_bytes"]
 
 MAX_FAILING = 20
@@ -49,15 +51,6 @@ def _node_state(obj: Mapping[str, Any] | None) -> tuple[bool, str, str]:
     return False, ready.get("reason", "Fetching"), ready.get("message", "")
 
 
-def _condition(previous: Mapping[str, Any], kind: str, ok: bool, reason: str, message: str,
-               generation: int, now: str) -> dict[str, Any]:
-    old = previous.get(kind) or {}
-    status = "True" if ok else "False"
-    since = old.get("lastTransitionTime") if old.get("status") == status else None
-    return {"type": kind, "status": status, "reason": reason, "message": message[:2048],
-            "lastTransitionTime": since or now, "observedGeneration": generation}
-
-
 def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]],
                  last: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The `status` of `state`'s LayerCache (the CRD's camelCase dict).
@@ -65,16 +58,14 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
     `node_caches` are all NodeLayerCache objects by name; `last` the status written before
     (to keep condition transition times).
     """
-    from layercache.reconciler import now_iso
-
     now = now_iso()
     previous = {c["type"]: c for c in (last or {}).get("conditions") or []}
     gen = state.generation
     if state.invalid is not None:
         return {"observedGeneration": gen, "conditions": [
-            _condition(previous, "Ready", False, "InvalidSpec", state.invalid, gen, now),
-            _condition(previous, "Progressing", False, "InvalidSpec", state.invalid, gen, now),
-            _condition(previous, "Degraded", True, "InvalidSpec", state.invalid, gen, now)]}
+            condition(previous, "Ready", False, "InvalidSpec", state.invalid, gen, now),
+            condition(previous, "Progressing", False, "InvalidSpec", state.invalid, gen, now),
+            condition(previous, "Degraded", True, "InvalidSpec", state.invalid, gen, now)]}
     planned = state.desired_nodes is not None
     nodes = state.desired_nodes or ()
     ready_nodes, failing, upstream, peer = 0, [], 0, 0
@@ -109,15 +100,15 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
         degraded_reason = "NodeErrors"
         problems.append("; ".join(f"{f['name']}: {f['reason']}" for f in failing_fetch[:5]))
     conditions = [
-        _condition(previous, "Ready", all_ready and not state.errors,
+        condition(previous, "Ready", all_ready and not state.errors,
                    "AllNodesReady" if all_ready and not state.errors else
                    "ImagesUnresolved" if state.errors else "NodesNotReady",
                    f"{ready_nodes}/{len(nodes)} nodes hold their layers", gen, now),
-        _condition(previous, "Progressing", not planned or (bool(nodes) and not all_ready),
+        condition(previous, "Progressing", not planned or (bool(nodes) and not all_ready),
                    "Planning" if not planned else
                    "Fetching" if nodes and not all_ready else "Complete",
                    f"{len(nodes) - ready_nodes} node(s) still fetching", gen, now),
-        _condition(previous, "Degraded", degraded_reason != "AsExpected", degraded_reason,
+        condition(previous, "Degraded", degraded_reason != "AsExpected", degraded_reason,
                    "; ".join(problems), gen, now),
     ]
     images = [{"reference": str(r.reference), "digest": str(r.digest),

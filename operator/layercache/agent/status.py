@@ -15,7 +15,6 @@ scrubbed of every secret value the agent holds and cut to the CRD's 512 characte
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from typing import Any, Final
 from kubernetes.client.exceptions import ApiException
 
 from layercache.agent.nodespec import Counters
+from layercache.conditions import condition, now_iso
 from layercache.containerd.errors import redact
 from layercache.metrics import AgentMetrics, FetchSource
 
@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 
 MAX_ERRORS: Final = 20
 MAX_ERROR_MESSAGE: Final = 512
-MAX_CONDITION_MESSAGE: Final = 2048
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -158,19 +153,15 @@ class StatusBook:
         return {"upstream": self.upstream, "peer": self.peer, "servedToPeers": self.served}
 
     def _condition(self, kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
-        before = self.previous.get(kind) or {}
-        since = before.get("lastTransitionTime") if before.get("status") == status else None
-        condition = {"type": kind, "status": status, "reason": reason,
-                     "message": message[:MAX_CONDITION_MESSAGE],
-                     "lastTransitionTime": since or _now(),
-                     "observedGeneration": self.generation}
-        self.previous[kind] = condition
-        return condition
+        built = condition(self.previous, kind, status, reason,
+                          message, self.generation)
+        self.previous[kind] = built
+        return built
 
     def body(self) -> dict[str, Any]:
         """The ``status`` object to patch: whole once synced, else endpoint and counters."""
         if not self.synced:  # claim nothing about layers before containerd was asked
-            early: dict[str, Any] = {"bytes": self._bytes(), "lastSync": _now()}
+            early: dict[str, Any] = {"bytes": self._bytes(), "lastSync": now_iso()}
             if self.peer_endpoint is not None:
                 early["peerEndpoint"] = self.peer_endpoint
             return early
@@ -182,7 +173,7 @@ class StatusBook:
             "errors": [entry.to_status() for entry in self.errors],
             "diskPressure": self.pressure is not None,
             "conditions": self.conditions(),
-            "lastSync": _now(),
+            "lastSync": now_iso(),
         }
         if self.peer_endpoint is not None:
             status["peerEndpoint"] = self.peer_endpoint
