@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from layercache.settings import OperatorSettings
 from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
 from layercache.status import cache_status
 
-__all__ = ["CacheState", "ImageError", "Reconciler"]
+__all__ = ["CacheState", "ImageError", "MovedCallback", "Reconciler"]
 
 log = logging.getLogger(__name__)
 #: Seconds before a cache whose resolution failed transiently is resolved again.
@@ -70,6 +70,8 @@ class CacheState:
     desired_nodes: tuple[str, ...] | None = None  # None until the first plan
     last_status: dict[str, Any] | None = None
     retry_transient: bool = False
+    raw_spec: Mapping[str, Any] = field(default_factory=dict)
+    uid: str = ""
 
     @property
     def key(self) -> str:
@@ -79,6 +81,10 @@ class CacheState:
     def digests(self) -> dict[tuple[str, str], Digest]:
         """(reference, platform) → resolved digest, to notice a moved tag."""
         return {(str(r.reference), str(r.platform)): r.digest for r in self.resolved}
+
+
+#: Told when a refresh finds references resolving to new digests: (cache, references).
+MovedCallback = Callable[[CacheState, list[str]], None]
 
 
 class Reconciler:
@@ -97,13 +103,13 @@ class Reconciler:
 
     # -- resolution -----------------------------------------------------------------
     async def resolve(self, namespace: str, name: str, generation: int,
-                      raw_spec: Mapping[str, Any]) -> CacheState:
+                      raw_spec: Mapping[str, Any], uid: str = "") -> CacheState:
         """Parse the spec and resolve every image for every platform; store and return it.
 
         Never raises for bad input: an invalid spec sets `invalid`, an image that fails
         adds an `ImageError` (the other images still resolve).
         """
-        state = CacheState(namespace, name, generation)
+        state = CacheState(namespace, name, generation, raw_spec=dict(raw_spec), uid=uid)
         try:
             state.spec = parse_spec(state.key, raw_spec)
         except InvalidSpecError as e:
@@ -187,6 +193,31 @@ class Reconciler:
         # Transient failures (connection, 5xx, 429) may succeed soon; bad input will not.
         wait = TRANSIENT_RETRY_SECONDS if state.retry_transient else state.spec.refresh_seconds
         return time.monotonic() - state.resolved_at >= wait
+
+    async def refresh_forever(self, on_moved: MovedCallback, interval: float = 15.0) -> None:
+        """Every `interval` seconds, re-resolve caches whose refreshInterval has passed.
+
+        A loop of our own rather than a kopf timer: kopf guards timers with a finalizer,
+        and a finalizer would block deleting a LayerCache while the operator is down.
+        `on_moved(state, refs)` is told which references now resolve to new digests.
+        """
+        while True:
+            await asyncio.sleep(interval)
+            for key in [k for k in list(self.caches) if self.due_for_refresh(k)]:
+                old = self.caches[key]
+                try:
+                    new = await self.resolve(old.namespace, old.name, old.generation,
+                                             old.raw_spec, old.uid)
+                except Exception:
+                    log.exception("refresh of LayerCache %s failed; retrying later", key)
+                    continue
+                new.last_status = old.last_status
+                before = old.digests()
+                moved = sorted(f"{ref} ({platform})" for (ref, platform), digest
+                               in new.digests().items() if before.get((ref, platform)) != digest)
+                if moved:
+                    on_moved(new, moved)
+                self.trigger()
 
     # -- planning -------------------------------------------------------------------
     def trigger(self) -> None:

@@ -42,6 +42,9 @@ class OperatorSettings(BaseSettings):
         5.0, gt=0, description="Seconds between LayerCache status aggregations.")
     peering: str = Field("layercache", description="kopf peering name (2 replicas: one active).")
     standalone: bool = Field(False, description="Run without peering (single replica, tests).")
+    priority: int | None = Field(
+        None, ge=0, description="Peering priority; the highest live replica is active. Unset: "
+                                "random, since kopf freezes every replica of equal priority.")
 
     def registry_options(self) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
         """Per-registry options for insecure hosts, and the default for all others."""

@@ -36,7 +36,7 @@ def _insecure(bed: BedState) -> list[str]:
 
 
 def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool = True,
-                   name: str = "operator") -> tuple[Process, int]:
+                   name: str = "operator", priority: int | None = None) -> tuple[Process, int]:
     """Start the operator as ServiceAccount layercache-operator; returns (process, metrics port).
 
     The bed's proxy host (plain HTTP) is an insecure registry; the token registry's CA is
@@ -53,6 +53,7 @@ def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool
         "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
         "LAYERCACHE_STANDALONE": "true" if standalone else "false",
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
+        **({"LAYERCACHE_PRIORITY": str(priority)} if priority is not None else {}),
     }
     proc = Process(name, [sys.executable, "-m", "layercache.operator_main"],
                    workdir / f"{name}.log", env=env).start()

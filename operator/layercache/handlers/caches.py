@@ -1,8 +1,12 @@
-"""LayerCache handlers: resolve on create/resume/spec change, refresh tags, release on delete."""
+"""LayerCache handlers: resolve on create/resume/spec change, release on delete.
+
+Tags are refreshed by the reconciler's own loop (`Reconciler.refresh_forever`), not a kopf
+timer: timers make kopf add a finalizer, which would block deleting a cache while the
+operator is down. The delete handler is optional for the same reason.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import kopf
@@ -11,8 +15,6 @@ from layercache.kube import GROUP, LC_PLURAL, VERSION
 from layercache.reconciler import CacheState, Reconciler
 
 RESOURCE = (GROUP, VERSION, LC_PLURAL)
-#: How often each cache checks whether its refreshInterval has passed (seconds).
-REFRESH_CHECK_SECONDS = 15.0
 
 
 def _report(state: CacheState, body: kopf.Body) -> None:
@@ -34,29 +36,12 @@ async def reconcile(namespace: str | None, name: str, spec: kopf.Spec, meta: kop
     """
     reconciler: Reconciler = memo.reconciler
     assert namespace is not None  # LayerCache is namespaced
-    state = await reconciler.resolve(namespace, name, meta.get("generation", 0), dict(spec))
+    state = await reconciler.resolve(namespace, name, meta.get("generation", 0), dict(spec),
+                                     meta.get("uid", ""))
     _report(state, body)
     if state.spec is not None and not state.invalid:
         kopf.info(body, reason="Resolved",
                   message=f"{len(state.resolved)} image(s) resolved, {len(state.errors)} failed")
-    reconciler.trigger()
-
-
-@kopf.timer(*RESOURCE, interval=REFRESH_CHECK_SECONDS, initial_delay=REFRESH_CHECK_SECONDS)
-async def refresh(namespace: str | None, name: str, spec: kopf.Spec, meta: kopf.Meta,
-                  body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Re-resolve tags every refreshInterval; a moved tag replans the cache."""
-    reconciler: Reconciler = memo.reconciler
-    assert namespace is not None
-    key = f"{namespace}/{name}"
-    if not reconciler.due_for_refresh(key):
-        return
-    before = reconciler.caches[key].digests()
-    state = await reconciler.resolve(namespace, name, meta.get("generation", 0), dict(spec))
-    moved = sorted(ref for ref, digest in state.digests().items() if before.get(ref) != digest)
-    if moved:
-        kopf.info(body, reason="TagMoved",
-                  message=f"re-resolved: {', '.join(r for r, _ in moved[:5])}"[:1024])
     reconciler.trigger()
 
 
@@ -67,4 +52,10 @@ async def release(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -
     assert namespace is not None
     reconciler.forget(namespace, name)
     reconciler.trigger()
-    await asyncio.sleep(0)
+
+
+def tag_moved(state: CacheState, moved: list[str]) -> None:
+    """Post a `TagMoved` Event on the cache (the reconciler's refresh loop calls this)."""
+    body = kopf.Body({"apiVersion": f"{GROUP}/{VERSION}", "kind": "LayerCache", "metadata": {
+        "name": state.name, "namespace": state.namespace, "uid": state.uid}})
+    kopf.info(body, reason="TagMoved", message=f"re-resolved: {', '.join(moved[:5])}"[:1024])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import kopf
 from kubernetes import client, config
 from prometheus_client import REGISTRY
 
+from layercache.handlers.caches import tag_moved
 from layercache.kube import KubeApi
 from layercache.reconciler import Reconciler
 from layercache.settings import OperatorSettings
@@ -32,6 +34,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     ours = OperatorSettings()
     log.info("layercache operator starting: %s", ours.summary())
     settings.persistence.finalizer = "layercache.dev/finalizer"
+    # kopf freezes every replica when two share a priority; distinct ones make the highest
+    # active and the others stand by until it is gone.
+    settings.peering.priority = (ours.priority if ours.priority is not None
+                                 else secrets.randbelow(1_000_000) + 1)
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     api = api_client()
@@ -41,7 +47,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     reconciler = Reconciler(kube, ours, REGISTRY)
     memo.settings, memo.api, memo.reconciler = ours, api, reconciler
     memo.tasks = [asyncio.create_task(reconciler.run(), name="replan"),
-                  asyncio.create_task(_aggregate_forever(reconciler), name="status")]
+                  asyncio.create_task(_aggregate_forever(reconciler), name="status"),
+                  asyncio.create_task(reconciler.refresh_forever(tag_moved), name="refresh")]
 
 
 async def _aggregate_forever(reconciler: Reconciler) -> None:
