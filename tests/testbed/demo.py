@@ -142,7 +142,9 @@ def _print(console: Console, result: dict[str, Any], nodes: dict[str, Any],
     totals = Table("measure", "bytes", "note", title="cluster")
     unique, naive, up = (result["unique_bytes"], result["naive_upstream_bytes"],
                          result["upstream_bytes"])
-    totals.add_row("unique layer bytes", human(unique), f"{result['shared_layers']} shared layers")
+    shared = result["shared_layers"]
+    totals.add_row("unique layer bytes", human(unique),
+                   f"{shared} layer{'s' if shared != 1 else ''} shared by several images")
     totals.add_row("naive upstream", human(naive), "every node pulls every image itself")
     totals.add_row("upstream, measured", human(up),
                    f"{up / unique:.3f} x unique, at the registry proxy")
