@@ -1,0 +1,441 @@
+"""layercache end to end on the bed: the real operator and real agents, real images.
+
+One operator and one agent per node run for the whole module, as processes under their
+own ServiceAccounts with the RBAC from `manifests/` (`testbed.e2e`). Each test applies
+LayerCaches in a namespace of its own and asserts on what the product leaves behind:
+LayerCache status and Events in the apiserver, blobs and their GC labels in each node's
+containerd (content API), and the bytes the fault proxy in front of the plain registry
+relayed — the ground truth for upstream traffic. After each test its caches are deleted,
+the nodes release what they held and the family's blobs are removed from every node, so
+the next test (and the next module on the session bed) starts from empty nodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from layercache.containerd.labels import (
+    CACHE_LABEL_PREFIX,
+    GC_ROOT_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    caches_of,
+)
+from testbed.bed import BedState, node_name
+from testbed.e2e import (
+    LayerCacheCluster,
+    apply_cache,
+    blob_infos,
+    clear_family,
+    condition,
+    delete_caches,
+    events,
+    extra_node,
+    ingest_refs,
+    is_ready,
+    node_caches,
+    wait_cache,
+    wait_released,
+)
+from testbed.faultproxy import BLOB_PATH, FaultProxy, ProxyStats
+from testbed.images import Family
+from testbed.kube import Kube, wait_for
+from testbed.paths import tool
+from testbed.procs import run
+
+pytestmark = pytest.mark.integration
+
+#: The agents re-read the registry credentials Secret this often (s) instead of every 60 s,
+#: so a pull secret added by a test reaches them within the test's time (see test 4).
+SECRET_REFRESH_SECONDS = "3"
+#: How long nodes get to let go of a deleted cache (spec write, watch, label update).
+RELEASE_SECONDS = 15.0
+#: The window in which idle nodes are watched for status writes (s).
+IDLE_SECONDS = 8.0
+
+
+@pytest.fixture(scope="module")
+def cluster(bed: BedState, kube: Kube, family: Family,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LayerCacheCluster]:
+    """The operator and three agents on empty nodes; all stopped and cleaned afterwards."""
+    digests = [layer.digest for layer in family.layers]
+    for node in bed.nodes:  # what earlier modules left must not count as already held
+        clear_family(node.socket, digests)
+    product = LayerCacheCluster(bed, kube, tmp_path_factory.mktemp("e2e"))
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("LAYERCACHE_SECRET_REFRESH_SECONDS", SECRET_REFRESH_SECONDS)
+            product.start()
+        yield product
+    finally:
+        try:
+            for ns in kube.core.list_namespace().items:
+                if ns.metadata.name.startswith("e2e-"):
+                    delete_caches(kube, ns.metadata.name)
+            _release(product, bed, kube)
+        finally:
+            product.stop()
+            kube.kubectl("delete", "nodelayercaches", "--all", "--wait=false")
+            for node in bed.nodes:
+                clear_family(node.socket, digests)
+
+
+@pytest.fixture
+def namespace(cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family
+              ) -> Iterator[str]:
+    """A fresh namespace; afterwards its caches are deleted and the nodes emptied."""
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    kube.core.create_namespace({"metadata": {"name": name}})
+    yield name
+    try:
+        delete_caches(kube, name)
+        kube.core.delete_namespace(name)
+        _release(cluster, bed, kube)
+    finally:
+        for node in bed.nodes:
+            clear_family(node.socket, [layer.digest for layer in family.layers])
+
+
+def _release(cluster: LayerCacheCluster, bed: BedState, kube: Kube) -> None:
+    """Wait until the nodes let go of deleted caches; if they do not, make them, and fail.
+
+    A fresh operator plans only the caches that exist, so restarting it gets the next
+    test clean nodes even when the running one missed a deletion; the error stays.
+    """
+    nodes = [n.name for n in bed.nodes]
+    try:
+        wait_released(kube, nodes, RELEASE_SECONDS)
+    except TimeoutError as error:
+        cluster.stop_operator()
+        cluster.start_operator()
+        wait_released(kube, nodes)
+        raise AssertionError(f"deleted LayerCaches were released only after an operator "
+                             f"restart: {error}") from None
+
+
+def _via_proxy(bed: BedState, family: Family, *names: str) -> list[str]:
+    host = (bed.proxy_url or "").removeprefix("http://")
+    return [f"{host}/{family.images[n].reference}" for n in names]
+
+
+def _layers(family: Family, *names: str) -> set[str]:
+    return {d for n in names for d in family.images[n].resolve().layers}
+
+
+def _layer_bytes(stats: ProxyStats, digests: Iterable[str]) -> dict[str, int]:
+    """Blob bytes the proxy relayed per layer digest (every repository's path counted)."""
+    wanted = set(digests)
+    found = dict.fromkeys(wanted, 0)
+    for path, count in stats.bytes_by_path.items():
+        digest = path.rsplit("/", 1)[-1]
+        if BLOB_PATH.match(path) and digest in wanted:
+            found[digest] += count
+    return found
+
+
+def _holds(socket: str, family: Family, digests: Iterable[str]) -> bool:
+    """Whether the node holds every blob of `digests`, pinned, at the family's sizes."""
+    infos = blob_infos(socket, digests)
+    return all(i is not None and i.size == family.layer(d).size and i.pinned
+               for d, i in infos.items())
+
+
+def _ours(labels: dict[str, str]) -> dict[str, str]:
+    """The labels layercache sets (`layercache.containerd.labels.pin_labels`)."""
+    return {k: v for k, v in labels.items()
+            if k in (GC_ROOT_LABEL, MANAGED_BY_LABEL) or k.startswith(CACHE_LABEL_PREFIX)}
+
+
+# --- 1 ----------------------------------------------------------------------------------
+
+
+def test_three_nodes_warm_with_each_layer_fetched_upstream_once(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        proxy: FaultProxy, namespace: str) -> None:
+    names = ("app-py-a", "app-py-b")  # both on python, on base: 2 of 4 layers shared
+    planned = _layers(family, *names)
+    unique = family.unique_layer_bytes(names)
+    nodes = [n.name for n in bed.nodes]
+    apply_cache(kube, namespace, "warm", {"images": _via_proxy(bed, family, *names)})
+    obj = wait_cache(kube, namespace, "warm", is_ready, "Ready", cluster)
+
+    for node in bed.nodes:
+        infos = blob_infos(node.socket, planned)
+        for digest, info in infos.items():
+            assert info is not None, f"{node.name} lacks {digest}"
+            assert info.size == family.layer(digest).size, (node.name, digest)
+            assert info.pinned and info.managed, (node.name, digest, info.labels)
+    stats = proxy.stats()
+    per_layer = _layer_bytes(stats, planned)
+    # Each layer crossed the upstream link exactly once for the whole cluster.
+    assert per_layer == {d: family.layer(d).size for d in planned}
+    assert sum(per_layer.values()) == unique
+    # Blobs beyond the layers: only the configs the operator verifies diff IDs against.
+    assert unique < stats.blob_bytes <= 1.02 * family.unique_blob_bytes(names)
+
+    status = obj["status"]
+    assert status["layers"] == {"total": len(planned), "shared": 2, "skippedForBudget": 0}
+    assert status["bytes"]["unique"] == unique
+    # The plan made before any node held a layer expected `unique`; replans since count
+    # what the nodes hold, so once warm nothing more is expected from upstream.
+    assert 0 <= status["bytes"]["expectedUpstream"] <= unique
+    assert status["bytes"]["naive"] == len(nodes) * unique
+    # The agents' own counts agree with the proxy: upstream once, every other copy a peer's.
+    assert status["bytes"]["upstream"] == unique
+    assert status["bytes"]["upstream"] + status["bytes"]["peer"] == len(nodes) * unique
+    assert status["bytes"]["saved"] == status["bytes"]["naive"] - status["bytes"]["upstream"]
+    assert status["nodes"]["summary"] == f"{len(nodes)}/{len(nodes)}"
+    assert {i["digest"] for i in status["images"]} == {
+        family.images[n].manifest_digest for n in names}
+
+
+# --- 2 ----------------------------------------------------------------------------------
+
+
+def _retag(bed: BedState, family: Family, source: str, target: str) -> None:
+    plain = bed.registries["plain"].host
+    run([tool("skopeo"), "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+         f"docker://{plain}/{family.images[source].reference}", f"docker://{plain}/{target}"])
+
+
+def test_a_moved_tag_is_picked_up_on_refresh(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        proxy: FaultProxy, namespace: str) -> None:
+    repository, old, new = "family/moving", family.images["app-py-a"], family.images["app-py-b"]
+    host = (bed.proxy_url or "").removeprefix("http://")
+    new_top = new.layers[-1]
+    _retag(bed, family, "app-py-a", f"{repository}:v1")
+    try:
+        apply_cache(kube, namespace, "moving", {"images": [f"{host}/{repository}:v1"],
+                                                "refreshInterval": "5s"})
+        obj = wait_cache(kube, namespace, "moving", is_ready, "Ready on app-py-a", cluster)
+        assert [i["digest"] for i in obj["status"]["images"]] == [old.manifest_digest]
+        assert not any(_holds(n.socket, family, [new_top]) for n in bed.nodes)
+
+        _retag(bed, family, "app-py-b", f"{repository}:v1")
+
+        def moved(obj: dict[str, Any]) -> bool:
+            digests = [i.get("digest") for i in obj["status"].get("images") or []]
+            return (digests == [new.manifest_digest] and is_ready(obj)
+                    and all(_holds(n.socket, family, [new_top]) for n in bed.nodes))
+        obj = wait_cache(kube, namespace, "moving", moved,
+                         "re-resolved to app-py-b, Ready, its top layer on every node",
+                         cluster, timeout=60)
+        found = events(kube, namespace, "moving", "TagMoved")
+        assert found, "no TagMoved Event"
+        assert f"{host}/{repository}:v1" in found[-1].message
+        # The old image's own layer is no longer wanted: every node lets go of it.
+        old_top = old.layers[-1]
+        wait_for(lambda: all(not (i and i.pinned) for n in bed.nodes
+                             for i in blob_infos(n.socket, [old_top]).values()),
+                 30, 0.5, "app-py-a's top layer unpinned on every node")
+        assert obj["status"]["bytes"]["unique"] == family.unique_layer_bytes(["app-py-b"])
+        # This cache's byte counts are this cache's: what the proxy relayed for it (app-py-a,
+        # then app-py-b's own layer), not what the nodes fetched for earlier caches.
+        fetched = sum(_layer_bytes(proxy.stats(), [*old.layers, new_top]).values())
+        assert fetched == family.unique_layer_bytes(["app-py-a"]) + family.layer(new_top).size
+        assert obj["status"]["bytes"]["upstream"] == fetched, obj["status"]["bytes"]
+        assert (obj["status"]["bytes"]["upstream"] + obj["status"]["bytes"]["peer"]
+                == len(bed.nodes) * fetched), obj["status"]["bytes"]
+    finally:
+        delete_caches(kube, namespace)
+        plain = bed.registries["plain"].url
+        for digest in (old.manifest_digest, new.manifest_digest):
+            httpx.delete(f"{plain}/v2/{repository}/manifests/{digest}", timeout=10)
+
+
+# --- 3 ----------------------------------------------------------------------------------
+
+
+def test_deleting_a_cache_releases_only_what_no_other_cache_wants(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        namespace: str) -> None:
+    left, right = "app-curl", "app-web"  # curl and nginx apps: the base layer is shared
+    shared = _layers(family, left) & _layers(family, right)
+    left_only, right_only = _layers(family, left) - shared, _layers(family, right) - shared
+    assert shared and left_only and right_only
+    # One after the other, as caches come and go in a real cluster.
+    apply_cache(kube, namespace, "left", {"images": _via_proxy(bed, family, left)})
+    wait_cache(kube, namespace, "left", is_ready, "Ready", cluster)
+    apply_cache(kube, namespace, "right", {"images": _via_proxy(bed, family, right)})
+    wait_cache(kube, namespace, "right", is_ready, "Ready", cluster)
+    for node in bed.nodes:
+        assert _holds(node.socket, family, shared | left_only | right_only), node.name
+
+    kube.kubectl("-n", namespace, "delete", "layercaches.layercache.dev", "left", "--timeout=60s")
+
+    def unpinned() -> bool:
+        return all(not (i and i.pinned) for n in bed.nodes
+                   for i in blob_infos(n.socket, left_only).values())
+    wait_for(unpinned, RELEASE_SECONDS, 0.5,
+             "the deleted cache's own layers unpinned on every node")
+    for node in bed.nodes:
+        for digest, info in blob_infos(node.socket, left_only).items():
+            # Gone already (containerd's GC) or kept without any label of ours.
+            assert info is None or not _ours(dict(info.labels)), (node.name, digest, info)
+        for digest, info in blob_infos(node.socket, shared | right_only).items():
+            assert info is not None, (node.name, digest)
+            labels = dict(info.labels)
+            assert GC_ROOT_LABEL in labels, (node.name, digest, labels)
+            assert labels.get(MANAGED_BY_LABEL) == MANAGED_BY, (node.name, digest, labels)
+    assert is_ready(wait_cache(kube, namespace, "right", is_ready, "still Ready", cluster))
+    # Pinned FOR the other cache: the labels name the caches that want the blob
+    # (layercache.containerd.labels), so the deleted cache's name is gone and the
+    # remaining cache's is there.
+    for node in bed.nodes:
+        for digest, info in blob_infos(node.socket, shared | right_only).items():
+            assert info is not None
+            assert caches_of(dict(info.labels)) == {f"{namespace}/right"}, (
+                node.name, digest, dict(info.labels))
+
+
+# --- 4 ----------------------------------------------------------------------------------
+
+
+def test_token_registry_needs_its_pull_secret(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        namespace: str) -> None:
+    token = bed.registries["token"]
+    image = family.images["app-curl"]
+    reference = f"{token.host}/{image.reference}"
+    layers = _layers(family, "app-curl")
+
+    # Without the secret: resolution fails at the registry's auth; nothing is fetched.
+    apply_cache(kube, namespace, "private", {"images": [reference]})
+    obj = wait_cache(kube, namespace, "private",
+                     lambda o: condition(o, "Degraded").get("status") == "True",
+                     "Degraded", cluster, timeout=60)
+    degraded = condition(obj, "Degraded")
+    assert re.fullmatch(r"[A-Z][A-Za-z0-9]+", degraded["reason"]), degraded
+    assert re.search(r"Auth|Unauthori[sz]ed|Denied", degraded["reason"]), degraded
+    assert reference in degraded["message"], degraded
+    assert condition(obj, "Ready").get("status") == "False"
+    assert [i["reference"] for i in obj["status"]["images"] if i.get("error")] == [reference]
+    for name, nlc in node_caches(kube).items():
+        assert f"{namespace}/private" not in (nlc.get("spec") or {}).get("caches", []), name
+    for node in bed.nodes:
+        assert ingest_refs(node.socket) == [], node.name
+        assert all(i is None for i in blob_infos(node.socket, layers).values()), node.name
+
+    # With it: the operator resolves, the agents fetch from the token registry.
+    auth = base64.b64encode(f"{token.username}:{token.password}".encode()).decode()
+    kube.core.create_namespaced_secret(namespace, {
+        "metadata": {"name": "token-pull"}, "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": json.dumps({"auths": {token.host: {"auth": auth}}})},
+    })
+    apply_cache(kube, namespace, "private", {"images": [reference],
+                                             "pullSecrets": [{"name": "token-pull"}]})
+    obj = wait_cache(kube, namespace, "private", is_ready, "Ready with the pull secret",
+                     cluster)
+    assert condition(obj, "Degraded").get("status") == "False"
+    assert [i["digest"] for i in obj["status"]["images"]] == [image.manifest_digest]
+    for node in bed.nodes:
+        assert _holds(node.socket, family, layers), node.name
+        assert ingest_refs(node.socket) == [], node.name
+
+
+# --- 5 ----------------------------------------------------------------------------------
+
+
+def test_operator_restart_does_no_work_twice(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        proxy: FaultProxy, namespace: str) -> None:
+    names = ("app-py-a",)
+    apply_cache(kube, namespace, "steady", {"images": _via_proxy(bed, family, *names)})
+    before = wait_cache(kube, namespace, "steady", is_ready, "Ready", cluster)
+    specs = {name: (obj["metadata"]["generation"], obj["metadata"]["resourceVersion"],
+                    obj["spec"]) for name, obj in node_caches(kube).items()}
+    assert set(specs) >= {n.name for n in bed.nodes}
+    proxy.reset()
+
+    cluster.stop_operator()
+    cluster.start_operator()
+
+    def refreshed(obj: dict[str, Any]) -> bool:
+        return (obj["status"].get("lastResolved") or "") > before["status"]["lastResolved"] \
+            and is_ready(obj)
+    after = wait_cache(kube, namespace, "steady", refreshed,
+                       "status written by the new operator", cluster, timeout=90)
+    for name, obj in node_caches(kube).items():
+        generation, version, spec = specs[name]
+        # Status patches by the agents move resourceVersion; the spec must not move.
+        assert obj["metadata"]["generation"] == generation, (name, version)
+        assert obj["spec"] == spec, name
+    stats = proxy.stats()
+    assert sum(_layer_bytes(stats, _layers(family, *names)).values()) == 0
+    # Re-resolving reads manifests and configs again, never a layer.
+    configs = {family.images[n].resolve().config_digest for n in names}
+    assert stats.blob_bytes <= sum(family.images[n].resolve().config_size for n in names), (
+        stats.bytes_by_path, configs)
+    assert after["status"]["bytes"] == before["status"]["bytes"]
+    assert after["status"]["nodes"] == before["status"]["nodes"]
+    # Nothing transitioned: a condition's lastTransitionTime survives the restart.
+    for kind in ("Ready", "Progressing", "Degraded"):
+        assert condition(after, kind)["status"] == condition(before, kind)["status"], kind
+        assert (condition(after, kind)["lastTransitionTime"]
+                == condition(before, kind)["lastTransitionTime"]), kind
+
+
+# --- 6 ----------------------------------------------------------------------------------
+
+
+def test_a_fourth_node_is_warmed_from_peers(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        proxy: FaultProxy, namespace: str, tmp_path: Path) -> None:
+    names = ("app-web",)
+    planned = _layers(family, *names)
+    apply_cache(kube, namespace, "fleet", {"images": _via_proxy(bed, family, *names)})
+    wait_cache(kube, namespace, "fleet", is_ready, "Ready on 3 nodes", cluster)
+    proxy.reset()
+
+    fourth = node_name(len(bed.nodes))
+    with extra_node(bed, cluster, fourth, tmp_path / "node") as node:
+        def four_ready(obj: dict[str, Any]) -> bool:
+            return is_ready(obj) and obj["status"]["nodes"]["desired"] == len(bed.nodes) + 1
+        obj = wait_cache(kube, namespace, "fleet", four_ready, "Ready on 4 nodes", cluster)
+        assert _holds(node.socket, family, planned)
+        mine = node_caches(kube)[fourth]
+        assert {e["digest"] for e in mine["spec"]["layers"]} == planned
+        assert all(e["source"] == "Peer" for e in mine["spec"]["layers"]), mine["spec"]
+        counted = mine["status"]["bytes"]
+        assert counted["upstream"] == 0, counted
+        assert counted["peer"] == family.unique_layer_bytes(names), counted
+        assert obj["status"]["nodes"]["summary"] == f"{len(bed.nodes) + 1}/{len(bed.nodes) + 1}"
+        stats = proxy.stats()
+        assert sum(_layer_bytes(stats, planned).values()) == 0, stats.bytes_by_path
+        assert stats.blob_bytes == 0, stats.bytes_by_path
+
+
+# --- 7 ----------------------------------------------------------------------------------
+
+
+def test_idle_nodes_leave_their_status_alone(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        namespace: str) -> None:
+    # Every status write is an etcd write and a watch event for the operator and every
+    # agent's peer lookups: with nothing to do, an agent has nothing to report (at 1,000
+    # nodes a write per node every couple of seconds is hundreds of writes a second).
+    apply_cache(kube, namespace, "idle", {"images": _via_proxy(bed, family, "app-curl")})
+    wait_cache(kube, namespace, "idle", is_ready, "Ready", cluster)
+    nodes = [n.name for n in bed.nodes]
+    seen: dict[str, set[str]] = {name: set() for name in nodes}
+    deadline = time.monotonic() + IDLE_SECONDS
+    while time.monotonic() < deadline:  # sampling a window: what changes in it is the test
+        caches = node_caches(kube)
+        for name in nodes:
+            seen[name].add(caches[name]["metadata"]["resourceVersion"])
+        time.sleep(0.25)
+    # One write may still land (the last report after Ready, or a resync's); not a stream.
+    writes = {name: len(versions) - 1 for name, versions in seen.items()}
+    assert all(n <= 1 for n in writes.values()), (
+        f"NodeLayerCache writes in {IDLE_SECONDS:.0f} s of idling: {writes}")

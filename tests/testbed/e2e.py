@@ -1,0 +1,280 @@
+"""layercache whole on the bed, for end-to-end tests: operator, agents, an extra node, probes.
+
+`LayerCacheCluster` is the running product: the manifests installed, one operator and one
+agent per node, each a real process under its own ServiceAccount (`testbed.product`).
+`extra_node` brings up one more simulated node (containerd, Node object, agent) for the
+life of a `with` block, as a node joining the cluster would. The probes read what tests
+assert on: LayerCache status and Events from the apiserver, blobs, labels and ingests from
+each node's containerd through the content API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from layercache.containerd.content import BlobInfo, ContentStore
+from layercache.containerd.cri import CRIImages
+from layercache.containerd.errors import NotFound
+from layercache.containerd.labels import MANAGED_BY, MANAGED_BY_LABEL
+from testbed.bed import BedState, NodeRecord, register_nodes
+from testbed.kube import Kube, wait_for
+from testbed.nodes import RegistryHost, SimNode
+from testbed.procs import Process
+from testbed.product import NAMESPACE, install, start_agent, start_operator
+
+GROUP, VERSION = "layercache.dev", "v1alpha1"
+#: The pause image the bed's containerd daemons are configured with (never pulled here).
+SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
+T = TypeVar("T")
+
+
+# --- the product ------------------------------------------------------------------------
+
+
+@dataclass
+class LayerCacheCluster:
+    """The operator and one agent per node, running on the bed; `stop` ends them."""
+
+    bed: BedState
+    kube: Kube
+    workdir: Path
+    operator: Process | None = None
+    agents: dict[str, Process] = field(default_factory=dict)
+    operator_starts: int = 0
+
+    def start(self) -> LayerCacheCluster:
+        """Install the manifests, start the operator, then an agent on every bed node."""
+        install(self.kube, "rbac-operator.yaml", "rbac-agent.yaml")
+        self.start_operator()
+        # The operator creates the agents' peer token on start-up; agents read it at theirs.
+        wait_for(lambda: self.kube.core.list_namespaced_secret(
+            NAMESPACE, field_selector="metadata.name=layercache-peer-token").items,
+            what="the peer token Secret")
+        for node in self.bed.nodes:
+            self.start_agent(node)
+        return self
+
+    def start_operator(self) -> Process:
+        """Start an operator (a new log per start); returns its process."""
+        self.operator_starts += 1
+        self.operator, _ = start_operator(self.bed, self.kube, self.workdir,
+                                          name=f"operator-{self.operator_starts}")
+        return self.operator
+
+    def stop_operator(self) -> None:
+        """SIGTERM the operator and wait for it to exit."""
+        if self.operator is not None:
+            self.operator.stop()
+
+    def start_agent(self, node: NodeRecord) -> Process:
+        """Start `node`'s agent (readiness: its NodeLayerCache status)."""
+        self.agents[node.name] = start_agent(self.bed, self.kube, node, self.workdir)[0]
+        return self.agents[node.name]
+
+    def stop_agent(self, name: str) -> None:
+        """Stop node `name`'s agent, if it runs."""
+        agent = self.agents.pop(name, None)
+        if agent is not None:
+            agent.stop(grace=15)
+
+    def alive(self) -> list[str]:
+        """Names of the product processes that exited (empty while all run)."""
+        procs = [p for p in (self.operator, *self.agents.values()) if p is not None]
+        return [p.name for p in procs if p.popen is None or p.popen.poll() is not None]
+
+    def stop(self) -> None:
+        """Stop every agent, then the operator."""
+        for name in list(self.agents):
+            self.stop_agent(name)
+        self.stop_operator()
+
+
+@contextlib.contextmanager
+def extra_node(bed: BedState, cluster: LayerCacheCluster, name: str, workdir: Path
+               ) -> Iterator[NodeRecord]:
+    """One more node for the block: containerd, a Ready untainted Node, its agent.
+
+    The node is configured as the bed's own are (`testbed.bed.TestBed`): registry host
+    configs for the fault proxy and every registry, then registered with a kubelet-like
+    status. Afterwards the agent and containerd stop, the Node is deleted and, once the
+    operator dropped the node's NodeLayerCache, the node's files are removed.
+    """
+    node = SimNode(name, workdir)
+    node.start(SANDBOX_IMAGE)
+    record = NodeRecord(name, str(node.socket), str(workdir))
+    registered = False
+    try:
+        node.wait()
+        hosts = [RegistryHost((bed.proxy_url or "").removeprefix("http://"),
+                              bed.proxy_url or "")]
+        hosts += [RegistryHost(r.host, r.url, Path(r.ca_file) if r.ca_file else None)
+                  for r in bed.registries.values()]
+        node.configure_registries(hosts)
+        register_nodes(Path(bed.kubeconfig), [node])
+        registered = True
+        cluster.start_agent(record)
+        yield record
+    finally:
+        cluster.stop_agent(name)
+        node.stop()
+        if registered:
+            with contextlib.suppress(ApiException):
+                cluster.kube.core.delete_node(name)
+            wait_for(lambda: name not in node_caches(cluster.kube), 60,
+                     what=f"NodeLayerCache {name} deleted with its Node")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- LayerCache and NodeLayerCache objects ----------------------------------------------
+
+
+def apply_cache(kube: Kube, namespace: str, name: str, spec: Mapping[str, Any]) -> None:
+    """Create or update LayerCache `namespace/name` with `spec` (kubectl apply)."""
+    kube.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LayerCache",
+         "metadata": {"name": name}, "spec": dict(spec)}))
+
+
+def get_cache(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
+    """LayerCache `namespace/name`, or None when it does not exist."""
+    try:
+        obj: dict[str, Any] = kube.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "layercaches", name)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return obj
+
+
+def condition(obj: Mapping[str, Any] | None, kind: str) -> dict[str, Any]:
+    """Condition `kind` of an object's status ({} when absent)."""
+    found: dict[str, Any] = next((c for c in ((obj or {}).get("status") or {}).get(
+        "conditions") or () if c["type"] == kind), {})
+    return found
+
+
+def is_ready(obj: Mapping[str, Any] | None) -> bool:
+    """Ready=True for the object's current generation, every desired node ready."""
+    if obj is None:
+        return False
+    status = obj.get("status") or {}
+    nodes = status.get("nodes") or {}
+    return (condition(obj, "Ready").get("status") == "True"
+            and status.get("observedGeneration") == obj["metadata"]["generation"]
+            and nodes.get("desired", 0) > 0 and nodes.get("ready") == nodes.get("desired"))
+
+
+def wait_cache(kube: Kube, namespace: str, name: str, probe: Callable[[dict[str, Any]], bool],
+               what: str, cluster: LayerCacheCluster | None = None, timeout: float = 120
+               ) -> dict[str, Any]:
+    """Poll LayerCache `namespace/name` until `probe(obj)`; returns the object.
+
+    With `cluster`, fails at once (AssertionError) when a product process exited.
+    """
+    def check() -> dict[str, Any] | None:
+        if cluster is not None:
+            assert not cluster.alive(), f"exited: {cluster.alive()}"
+        obj = get_cache(kube, namespace, name)
+        return obj if obj is not None and probe(obj) else None
+    return wait_for(check, timeout, 0.5, f"LayerCache {namespace}/{name}: {what}")
+
+
+def node_caches(kube: Kube) -> dict[str, dict[str, Any]]:
+    """Every NodeLayerCache by name."""
+    items = kube.custom.list_cluster_custom_object(GROUP, VERSION, "nodelayercaches")["items"]
+    return {i["metadata"]["name"]: i for i in items}
+
+
+def events(kube: Kube, namespace: str, name: str, reason: str) -> list[Any]:
+    """Events about object `name` in `namespace` with `reason` (core/v1)."""
+    found = kube.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name},reason={reason}").items
+    return list(found)
+
+
+def delete_caches(kube: Kube, namespace: str, timeout: float = 60) -> None:
+    """Delete every LayerCache in `namespace` and wait until the operator let them go."""
+    kube.kubectl("-n", namespace, "delete", "layercaches", "--all", "--wait=false")
+
+    def gone() -> bool:
+        listed = kube.custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                           "layercaches")
+        return not listed["items"]
+    wait_for(gone, timeout, 0.5, f"LayerCaches in {namespace} deleted (finalizer released)")
+
+
+def wait_released(kube: Kube, names: Iterable[str], timeout: float = 60) -> None:
+    """Wait until nodes `names` want no layers and their agents have acted on that."""
+    def released() -> bool:
+        caches = node_caches(kube)
+        for name in names:
+            obj = caches.get(name)
+            if obj is None:
+                continue
+            status = obj.get("status") or {}
+            if (obj.get("spec") or {}).get("layers") or status.get(
+                    "observedGeneration") != obj["metadata"]["generation"] or (
+                    status.get("layers") or {}).get("wanted"):
+                return False
+        return True
+    wait_for(released, timeout, 0.5, "every node releases its layers")
+
+
+# --- containerd, through the content API ------------------------------------------------
+
+
+def _run(socket: str, work: Callable[[ContentStore], Coroutine[Any, Any, T]]) -> T:
+    async def main() -> T:
+        async with ContentStore(socket) as store:
+            return await work(store)
+    return asyncio.run(main())
+
+
+def blob_infos(socket: str, digests: Iterable[str]) -> dict[str, BlobInfo | None]:
+    """Digest → its blob in the node's `k8s.io` content store (None when absent)."""
+    wanted = list(digests)
+
+    async def work(store: ContentStore) -> dict[str, BlobInfo | None]:
+        return {d: await store.info(d) for d in wanted}
+    return _run(socket, work)
+
+
+def ingest_refs(socket: str) -> list[str]:
+    """Refs of every ingest in progress in the node's `k8s.io` namespace."""
+    async def work(store: ContentStore) -> list[str]:
+        return [s.ref for s in await store.list_statuses()]
+    return _run(socket, work)
+
+
+def clear_family(socket: str, digests: Iterable[str]) -> None:
+    """Forget the image family on a node: CRI images, these blobs, our ingests and leases.
+
+    What `test_agent_harness.clear_node` does, for use between product runs: a test that
+    measures upstream bytes needs nodes that do not hold the layers already.
+    """
+    doomed = list(digests)
+
+    async def work(store: ContentStore) -> None:
+        cri = CRIImages(socket, channel=store.channel)
+        for image in await cri.list():
+            if any("/family/" in n for n in (*image.repo_tags, *image.repo_digests)):
+                await cri.remove(image.id)
+        for ingest in await store.list_statuses():
+            if ingest.ref.startswith("layercache-"):
+                await store.abort(ingest.ref)
+        for lease in await store.leases.list([f'labels."{MANAGED_BY_LABEL}"=={MANAGED_BY}']):
+            await store.leases.delete(lease.id, missing_ok=True, sync=True)
+        for digest in doomed:
+            with contextlib.suppress(NotFound):  # absent, or collected by containerd's GC
+                await store.delete(digest)
+    _run(socket, work)
