@@ -108,6 +108,20 @@ class KubeApi:
         self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, LC_PLURAL, name, {"status": status})
 
+    def post_event(self, namespace: str, name: str, uid: str, reason: str, message: str,
+                   event_type: str = "Normal") -> None:
+        """Post a core/v1 Event about LayerCache `namespace/name` (outside kopf handlers)."""
+        from layercache.conditions import now_iso
+
+        now = now_iso()
+        self.core.create_namespaced_event(namespace, {  # type: ignore[arg-type]
+            "metadata": {"generateName": f"{name}.", "namespace": namespace},
+            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LayerCache",
+                               "name": name, "namespace": namespace, "uid": uid},
+            "reason": reason, "message": message[:1024], "type": event_type,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": "layercache-operator"}})
+
     def docker_config(self, namespace: str, name: str) -> str:
         """The `.dockerconfigjson` of Secret `namespace/name` (JSON text).
 

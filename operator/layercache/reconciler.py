@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from layercache.settings import OperatorSettings
 from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
 from layercache.status import cache_status
 
-__all__ = ["CacheState", "ImageError", "MovedCallback", "Reconciler"]
+__all__ = ["CacheState", "ImageError", "Reconciler"]
 
 log = logging.getLogger(__name__)
 #: Seconds before a cache whose resolution failed transiently is resolved again.
@@ -72,6 +72,14 @@ class CacheState:
     retry_transient: bool = False
     raw_spec: Mapping[str, Any] = field(default_factory=dict)
     uid: str = ""
+    #: Per node, the agent's (upstream, peer) byte counters when this cache first planned
+    #: there; the cache's own bytes are what the counters grew by since (plus `carried`).
+    baseline: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: (upstream, peer) bytes reported before an operator restart, kept across it.
+    carried: tuple[int, int] = (0, 0)
+    #: True once a replan has written node specs for this resolution; before that, node
+    #: statuses say nothing about it.
+    planned: bool = False
 
     @property
     def key(self) -> str:
@@ -81,10 +89,6 @@ class CacheState:
     def digests(self) -> dict[tuple[str, str], Digest]:
         """(reference, platform) → resolved digest, to notice a moved tag."""
         return {(str(r.reference), str(r.platform)): r.digest for r in self.resolved}
-
-
-#: Told when a refresh finds references resolving to new digests: (cache, references).
-MovedCallback = Callable[[CacheState, list[str]], None]
 
 
 class Reconciler:
@@ -103,13 +107,24 @@ class Reconciler:
 
     # -- resolution -----------------------------------------------------------------
     async def resolve(self, namespace: str, name: str, generation: int,
-                      raw_spec: Mapping[str, Any], uid: str = "") -> CacheState:
+                      raw_spec: Mapping[str, Any], uid: str = "",
+                      stored_status: Mapping[str, Any] | None = None) -> CacheState:
         """Parse the spec and resolve every image for every platform; store and return it.
 
         Never raises for bad input: an invalid spec sets `invalid`, an image that fails
-        adds an `ImageError` (the other images still resolve).
+        adds an `ImageError` (the other images still resolve). What the previous state knew
+        (status written, nodes, byte baselines) carries over; after an operator restart,
+        `stored_status` (the object's status) seeds it, so nothing flaps or restarts at 0.
         """
         state = CacheState(namespace, name, generation, raw_spec=dict(raw_spec), uid=uid)
+        before = self.caches.get(state.key)
+        if before is not None:
+            state.last_status, state.desired_nodes = before.last_status, before.desired_nodes
+            state.baseline, state.carried = before.baseline, before.carried
+        elif stored_status:
+            state.last_status = dict(stored_status)
+            bytes_ = stored_status.get("bytes") or {}
+            state.carried = (int(bytes_.get("upstream", 0)), int(bytes_.get("peer", 0)))
         try:
             state.spec = parse_spec(state.key, raw_spec)
         except InvalidSpecError as e:
@@ -194,12 +209,13 @@ class Reconciler:
         wait = TRANSIENT_RETRY_SECONDS if state.retry_transient else state.spec.refresh_seconds
         return time.monotonic() - state.resolved_at >= wait
 
-    async def refresh_forever(self, on_moved: MovedCallback, interval: float = 15.0) -> None:
+    async def refresh_forever(self, interval: float = 15.0) -> None:
         """Every `interval` seconds, re-resolve caches whose refreshInterval has passed.
 
         A loop of our own rather than a kopf timer: kopf guards timers with a finalizer,
         and a finalizer would block deleting a LayerCache while the operator is down.
-        `on_moved(state, refs)` is told which references now resolve to new digests.
+        References that now resolve to new digests get a `TagMoved` Event. Failures are
+        logged; the loop never ends.
         """
         while True:
             await asyncio.sleep(interval)
@@ -216,7 +232,12 @@ class Reconciler:
                 moved = sorted(f"{ref} ({platform})" for (ref, platform), digest
                                in new.digests().items() if before.get((ref, platform)) != digest)
                 if moved:
-                    on_moved(new, moved)
+                    try:
+                        await asyncio.to_thread(
+                            self.kube.post_event, new.namespace, new.name, new.uid, "TagMoved",
+                            f"re-resolved: {', '.join(moved[:5])}")
+                    except Exception:
+                        log.exception("TagMoved event for %s not posted", key)
                 self.trigger()
 
     # -- planning -------------------------------------------------------------------
@@ -251,11 +272,15 @@ class Reconciler:
         nodes = await asyncio.to_thread(self.kube.nodes)
         existing = await asyncio.to_thread(self.kube.node_layer_caches)
         present = {name: _held(obj) for name, obj in existing.items()}
-        plans = []
-        for state in sorted(self.caches.values(), key=lambda s: s.key):
+        plans, planned = [], list(self.caches.values())
+        for state in sorted(planned, key=lambda s: s.key):
             cache_plan = self._plan_cache(state, nodes, present)
             if cache_plan is not None:
                 plans.append(cache_plan)
+                # Counters as they stand before this cache's layers reach a node's spec:
+                # nothing fetched for it can be in them yet.
+                for name in state.desired_nodes or ():
+                    state.baseline.setdefault(name, _counters(existing.get(name)))
         previous = previous_assignments({n: o.get("spec") or {} for n, o in existing.items()})
         per_node = distribute(plans, present, previous)
         written = {}
@@ -270,6 +295,8 @@ class Reconciler:
             written[name] = await asyncio.to_thread(self.kube.write_node_spec,
                                                     existing.get(name), name, spec)
         await self._write_credentials()
+        for state in planned:
+            state.planned = True
         self.metrics.spec_writes.inc(sum(written.values()))
         return written
 
@@ -313,6 +340,10 @@ class Reconciler:
         existing = await asyncio.to_thread(self.kube.node_layer_caches)
         writes = 0
         for state in list(self.caches.values()):
+            if not state.planned and state.last_status is not None:
+                # Resumed or changed, not planned yet: the status written before stands
+                # until node specs reflect this resolution (no flapping, no early Ready).
+                continue
             status = cache_status(state, existing, state.last_status)
             if status != state.last_status:
                 try:
@@ -324,6 +355,12 @@ class Reconciler:
                 state.last_status = status
                 writes += 1
         return writes
+
+
+def _counters(obj: Mapping[str, Any] | None) -> tuple[int, int]:
+    """A NodeLayerCache's (upstream, peer) byte counters, (0, 0) when it has none."""
+    bytes_ = ((obj or {}).get("status") or {}).get("bytes") or {}
+    return int(bytes_.get("upstream", 0)), int(bytes_.get("peer", 0))
 
 
 def _node_platform(node: NodeInfo) -> Platform:

@@ -68,13 +68,17 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
             condition(previous, "Degraded", True, "InvalidSpec", state.invalid, gen, now)]}
     planned = state.desired_nodes is not None
     nodes = state.desired_nodes or ()
-    ready_nodes, failing, upstream, peer = 0, [], 0, 0
+    ready_nodes, failing = 0, []
+    upstream, peer = state.carried
     for name in nodes:
         obj = node_caches.get(name)
         ok, reason, message = _node_state(obj)
         bytes_ = ((obj or {}).get("status") or {}).get("bytes") or {}
-        upstream += int(bytes_.get("upstream", 0))
-        peer += int(bytes_.get("peer", 0))
+        base_up, base_peer = state.baseline.get(name, (0, 0))
+        # Node counters are cumulative over every cache; ours is what they grew by since
+        # this cache was first planned there (an agent restart never lowers them).
+        upstream += max(int(bytes_.get("upstream", 0)) - base_up, 0)
+        peer += max(int(bytes_.get("peer", 0)) - base_peer, 0)
         if ok:
             ready_nodes += 1
         else:

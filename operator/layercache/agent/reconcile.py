@@ -140,9 +140,14 @@ class Reconciler:
         self.images.forget()
         if spec is None:
             return  # no object: keep what we hold until the operator says otherwise
+        wanting = frozenset(spec.caches)
         for digest in self.held:
-            if not (blobs[digest].pinned and blobs[digest].managed):
+            info = blobs[digest]
+            if not (info.pinned and info.managed) or info.caches != wanting:
                 await self.store.pin(digest, spec.caches)
+                stale = info.caches - wanting
+                if stale:  # caches that no longer want anything here let go of it
+                    await self.store.release(digest, stale)
         for digest, info in blobs.items():
             if info.managed and info.pinned and digest not in wanted:
                 await self.store.release(digest)

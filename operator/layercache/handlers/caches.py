@@ -1,8 +1,8 @@
-"""LayerCache handlers: resolve on create/resume/spec change, release on delete.
+"""LayerCache handlers: resolve on create/resume/spec change, release on deletion.
 
 Tags are refreshed by the reconciler's own loop (`Reconciler.refresh_forever`), not a kopf
 timer: timers make kopf add a finalizer, which would block deleting a cache while the
-operator is down. The delete handler is optional for the same reason.
+operator is down. Deletion is seen as a DELETED event for the same reason.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _report(state: CacheState, body: kopf.Body) -> None:
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
 async def reconcile(namespace: str | None, name: str, spec: kopf.Spec, meta: kopf.Meta,
-                    body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+                    status: kopf.Status, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Resolve the cache's images and ask for a replan; bad input is reported, not raised.
 
     One bad LayerCache never stops the others: every error ends in its status and Events.
@@ -37,7 +37,7 @@ async def reconcile(namespace: str | None, name: str, spec: kopf.Spec, meta: kop
     reconciler: Reconciler = memo.reconciler
     assert namespace is not None  # LayerCache is namespaced
     state = await reconciler.resolve(namespace, name, meta.get("generation", 0), dict(spec),
-                                     meta.get("uid", ""))
+                                     meta.get("uid", ""), dict(status))
     _report(state, body)
     if state.spec is not None and not state.invalid:
         kopf.info(body, reason="Resolved",
@@ -45,17 +45,16 @@ async def reconcile(namespace: str | None, name: str, spec: kopf.Spec, meta: kop
     reconciler.trigger()
 
 
-@kopf.on.delete(*RESOURCE, optional=True)
-async def release(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
-    """Forget the cache; the replan releases layers no other cache wants."""
+@kopf.on.event(*RESOURCE)
+async def gone(event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo,
+               **_: Any) -> None:
+    """Forget a deleted cache; the replan releases layers no other cache wants.
+
+    An event handler, not `on.delete`: with no finalizer (on purpose, so deletion never
+    waits for the operator) kopf calls no delete handler, but it still sees DELETED.
+    """
+    if event.get("type") != "DELETED" or namespace is None:
+        return
     reconciler: Reconciler = memo.reconciler
-    assert namespace is not None
     reconciler.forget(namespace, name)
     reconciler.trigger()
-
-
-def tag_moved(state: CacheState, moved: list[str]) -> None:
-    """Post a `TagMoved` Event on the cache (the reconciler's refresh loop calls this)."""
-    body = kopf.Body({"apiVersion": f"{GROUP}/{VERSION}", "kind": "LayerCache", "metadata": {
-        "name": state.name, "namespace": state.namespace, "uid": state.uid}})
-    kopf.info(body, reason="TagMoved", message=f"re-resolved: {', '.join(moved[:5])}"[:1024])

@@ -11,7 +11,6 @@ import kopf
 from kubernetes import client, config
 from prometheus_client import REGISTRY
 
-from layercache.handlers.caches import tag_moved
 from layercache.kube import KubeApi
 from layercache.reconciler import Reconciler
 from layercache.settings import OperatorSettings
@@ -48,7 +47,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.settings, memo.api, memo.reconciler = ours, api, reconciler
     memo.tasks = [asyncio.create_task(reconciler.run(), name="replan"),
                   asyncio.create_task(_aggregate_forever(reconciler), name="status"),
-                  asyncio.create_task(reconciler.refresh_forever(tag_moved), name="refresh")]
+                  asyncio.create_task(reconciler.refresh_forever(), name="refresh")]
 
 
 async def _aggregate_forever(reconciler: Reconciler) -> None:

@@ -24,7 +24,7 @@ def _node_key(body: kopf.Body) -> tuple[Any, ...]:
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def node_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Replan when a node is added, deleted, relabelled, (un)tainted or cordoned."""
     reconciler: Reconciler | None = getattr(memo, "reconciler", None)
     if reconciler is None:
@@ -38,7 +38,7 @@ def node_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: An
 
 
 @kopf.on.event(GROUP, VERSION, NLC_PLURAL)
-def inventory_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
+async def inventory_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
                       **_: Any) -> None:
     """Replan when what a node holds changes (new holders change sources and peers)."""
     reconciler: Reconciler | None = getattr(memo, "reconciler", None)
