@@ -27,9 +27,9 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from layercache.containerd.content import ContentStore
-from layercache.containerd.cri import CRIImages
 from layercache.containerd.labels import MANAGED_BY, MANAGED_BY_LABEL
 from testbed.bed import BedState, NodeRecord
+from testbed.e2e import clear_family
 from testbed.images import Family, Layer
 from testbed.kube import Kube, service_account_kubeconfig, wait_for
 from testbed.paths import REPO
@@ -360,17 +360,4 @@ def add_stale_lease(socket: str, lease_id: str) -> None:
 
 def clear_node(socket: str, digests: Sequence[str]) -> None:
     """Forget the family on a node: its CRI images, these blobs, our ingests and leases."""
-    async def work(store: ContentStore) -> None:
-        cri = CRIImages(socket, channel=store.channel)
-        for image in await cri.list():
-            if any("/family/" in name for name in (*image.repo_tags, *image.repo_digests)):
-                await cri.remove(image.id)
-        for status_ in await store.list_statuses():
-            if status_.ref.startswith("layercache-"):
-                await store.abort(status_.ref)
-        for lease in await store.leases.list([f'labels."{MANAGED_BY_LABEL}"=={MANAGED_BY}']):
-            await store.leases.delete(lease.id, missing_ok=True, sync=True)
-        for digest in digests:
-            with contextlib.suppress(Exception):
-                await store.delete(digest)
-    _run(_with_store(socket, work))
+    clear_family(socket, digests)

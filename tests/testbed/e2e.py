@@ -259,8 +259,8 @@ def ingest_refs(socket: str) -> list[str]:
 def clear_family(socket: str, digests: Iterable[str]) -> None:
     """Forget the image family on a node: CRI images, these blobs, our ingests and leases.
 
-    What `test_agent_harness.clear_node` does, for use between product runs: a test that
-    measures upstream bytes needs nodes that do not hold the layers already.
+    For use between product runs: a test that measures upstream bytes needs nodes that do
+    not hold the layers already.
     """
     doomed = list(digests)
 
