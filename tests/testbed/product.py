@@ -61,7 +61,11 @@ def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool
     def alive() -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as r:
             return r.status == 200
-    proc.wait_ready(alive, 60)
+    try:
+        proc.wait_ready(alive, 60)
+    except BaseException:
+        proc.stop()  # the caller gets no handle to stop it with: never leave it running
+        raise
     return proc, metrics
 
 
