@@ -43,9 +43,20 @@ unit: venv ## Run the unit tests only (no I/O)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: venv ## ruff and mypy
+lint: venv tools ## ruff, mypy, yamllint, helm lint of the chart (every ci/ values file), dashboard + alert rules
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/yamllint --strict -c .yamllint.yaml .
+	bash .ci/lint-chart.sh
+	$(PY) -m testbed.observe lint
+
+.PHONY: bench
+bench: setup ## Benchmarks against their baselines (A fan-out, B ingest, C pull after warm, D scale) -> out/bench
+	$(PY) -m bench.run --out out/bench $(BENCH_ARGS)
+
+.PHONY: image
+image: setup ## Build the layercache container image without Docker (mmdebstrap + wheel + umoci) into out/image
+	$(VENV)/bin/layercache-testbed image --out out/image $(IMAGE_ARGS)
 
 .PHONY: testbed-up
 testbed-up: setup ## Start the local test bed (BED_DIR, NODES) and leave it running

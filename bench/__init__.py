@@ -1,0 +1,1 @@
+"""Benchmarks against their baselines; `make bench` runs `python -m bench.run`."""
