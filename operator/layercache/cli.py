@@ -43,6 +43,7 @@ from layercache.registry import (
     resolve,
 )
 from layercache.registry.credentials import InvalidDockerConfigError, registry_key
+from layercache.units import human_bytes
 
 __all__ = ["app"]
 
@@ -335,16 +336,6 @@ def _image_json(image: ResolvedImage) -> dict[str, Any]:
             for layer in image.layers
         ],
     }
-
-
-def human_bytes(size: int) -> str:
-    """``size`` bytes in SI units for people, e.g. ``63.4 MB``."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 def _short(digest: str) -> str:

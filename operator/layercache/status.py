@@ -16,20 +16,11 @@ if TYPE_CHECKING:
     from layercache.reconciler import CacheState
 
 from layercache.conditions import condition, now_iso
+from layercache.units import human_bytes
 
-__all__ = ["MAX_FAILING", "cache_status", "human_bytes"]
+__all__ = ["MAX_FAILING", "cache_status"]
 
 MAX_FAILING = 20
-
-
-def human_bytes(n: int) -> str:
-    """`n` bytes in binary units with one decimal, e.g. ``1.5 GiB``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _node_state(obj: Mapping[str, Any] | None) -> tuple[bool, str, str]:

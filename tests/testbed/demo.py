@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from layercache.units import human_bytes
 from testbed.bed import BedState, ProcessRecord, TestBed
 from testbed.cri import pull
 from testbed.faultproxy import FaultProxy
@@ -31,11 +32,6 @@ EXAMPLE = REPO / "examples" / "layercache.yaml"
 EXAMPLE_REGISTRY = "127.0.0.1:5000"
 #: The app the demo pulls after warming: built on python, which the example caches.
 APP = "app-py-b"
-
-
-def human(n: float) -> str:
-    """Bytes as MB with one decimal (10^6: what registries and networks count in)."""
-    return f"{n / 1e6:,.1f} MB"
 
 
 def run(workdir: Path, report: Path, console: Console) -> dict[str, Any]:
@@ -136,20 +132,21 @@ def _print(console: Console, result: dict[str, Any], nodes: dict[str, Any],
         st = obj.get("status") or {}
         table.add_row(name, f"{st.get('layers', {}).get('held', 0)}"
                       f"/{st.get('layers', {}).get('wanted', 0)}",
-                      human(st.get("bytes", {}).get("upstream", 0)),
-                      human(st.get("bytes", {}).get("peer", 0)))
+                      human_bytes(st.get("bytes", {}).get("upstream", 0)),
+                      human_bytes(st.get("bytes", {}).get("peer", 0)))
     console.print(table)
     totals = Table("measure", "bytes", "note", title="cluster")
     unique, naive, up = (result["unique_bytes"], result["naive_upstream_bytes"],
                          result["upstream_bytes"])
     shared = result["shared_layers"]
-    totals.add_row("unique layer bytes", human(unique),
+    totals.add_row("unique layer bytes", human_bytes(unique),
                    f"{shared} layer{'s' if shared != 1 else ''} shared by several images")
-    totals.add_row("naive upstream", human(naive), "every node pulls every image itself")
-    totals.add_row("upstream, measured", human(up),
+    totals.add_row("naive upstream", human_bytes(naive), "every node pulls every image itself")
+    totals.add_row("upstream, measured", human_bytes(up),
                    f"{up / unique:.3f} x unique, at the registry proxy")
-    totals.add_row("from peers", human(result["peer_bytes"]), "agent to agent")
-    totals.add_row("saved upstream", human(naive - up), f"{(naive - up) / naive:.0%} of naive")
+    totals.add_row("from peers", human_bytes(result["peer_bytes"]), "agent to agent")
+    totals.add_row("saved upstream", human_bytes(naive - up),
+                   f"{(naive - up) / naive:.0%} of naive")
     totals.add_row("ready after", f"{result['seconds_to_ready']} s",
                    f"{result['nodes_ready']}/{result['nodes']} nodes Ready")
     console.print(totals)
@@ -157,6 +154,6 @@ def _print(console: Console, result: dict[str, Any], nodes: dict[str, Any],
         f"kubelet-style pull of {result['app_image']} on one node: registry served "
         f"{result['app_pull_registry_bytes']:,} bytes (expected "
         f"{result['app_pull_expected_bytes']:,}: its own layer, config and manifest) of a "
-        f"{human(result['app_image_bytes'])} image.")
+        f"{human_bytes(result['app_image_bytes'])} image.")
     console.print(f"LayerCache status: {status['nodes']['summary']} nodes, "
                   f"saved {status['bytes']['savedHuman']}")
