@@ -399,3 +399,103 @@ def print_tables(console: Console, report: dict[str, Any]) -> None:
             f"upstream traffic: {100 * s['expected_upstream_bytes'] / naive:.1f} % "
             "of pulling image by image"
         )
+
+
+@app.command("status")
+def status_command(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A LayerCache; without it, one line per LayerCache.",
+                       show_default=False),
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option("--namespace", "-n",
+                     help="Namespace (default: the kubeconfig context's, else 'default').",
+                     show_default=False),
+    ] = None,
+    all_namespaces: Annotated[
+        bool, typer.Option("--all-namespaces", "-A", help="List LayerCaches in every namespace.")
+    ] = False,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option("--kubeconfig", dir_okay=False,
+                     help="Kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster).",
+                     show_default=False),
+    ] = None,
+    context: Annotated[
+        str | None,
+        typer.Option("--context", help="Kubeconfig context (default: the current one).",
+                     show_default=False),
+    ] = None,
+    output: Annotated[
+        OutputFormat, typer.Option("--output", "-o", help="Output format (json/yaml: raw status).")
+    ] = OutputFormat.table,
+    stale_after: Annotated[
+        float | None,
+        typer.Option("--stale-after", min=1,
+                     help="Seconds after which a status not rewritten is flagged stale "
+                          "(default: the cache's refreshInterval + 120).",
+                     show_default=False),
+    ] = None,
+) -> None:
+    """Show LayerCache status: per-node progress and what the cache saved (read-only)."""
+    from layercache.statusapi import StatusApi, StatusApiError
+
+    err = Console(stderr=True)
+    if name is not None and all_namespaces:
+        err.print("[red]error:[/red] a NAME is looked up in one namespace: drop -A",
+                  highlight=False)
+        raise typer.Exit(2)
+    try:
+        api = StatusApi(kubeconfig, context)
+    except StatusApiError as error:
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_UNRESOLVED) from None
+    try:
+        _status(api, name, None if all_namespaces else namespace or api.default_namespace,
+                output, stale_after, err)
+    except StatusApiError as error:
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_UNRESOLVED) from None
+    finally:
+        api.close()
+
+
+def _status(api: Any, name: str | None, namespace: str | None, output: OutputFormat,
+            stale_after: float | None, err: Console) -> None:
+    """`status_command`'s work on an open `layercache.statusapi.StatusApi`."""
+    import datetime
+
+    from layercache import statusview
+    from layercache.statusapi import StatusApiError
+
+    now = datetime.datetime.now(datetime.UTC)
+    data: dict[str, Any]
+    if name is None:
+        caches = api.list_caches(namespace)
+        data = statusview.list_json(caches)
+        if output is OutputFormat.table:
+            if not caches:
+                where = f"namespace {namespace}" if namespace else "any namespace"
+                err.print(f"No LayerCaches in {where}.", highlight=False)
+                return
+            statusview.render_list(Console(), caches, now, stale_after)
+            return
+    else:
+        assert namespace is not None
+        cache = api.get_cache(namespace, name)
+        nodes: list[dict[str, Any]] | None
+        nodes_error = None
+        try:
+            nodes = api.list_node_caches()
+        except StatusApiError as error:  # e.g. may read LayerCaches but not NodeLayerCaches
+            nodes, nodes_error = None, str(error)
+        data = statusview.cache_json(cache, nodes)
+        if output is OutputFormat.table:
+            statusview.render_detail(Console(), cache, nodes, now, stale_after, nodes_error)
+            return
+    if output is OutputFormat.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,420 @@
+"""Pure: `layercache status` rendered from LayerCache and NodeLayerCache objects (rich).
+
+Input is what the API returns (dicts in the CRDs' camelCase, `manifests/crds/`): a
+LayerCache's ``status`` is written by the operator (`layercache.status.cache_status`), a
+NodeLayerCache's by its node's agent (`layercache.agent.status.StatusBook`). Nothing here
+does I/O except printing to the `rich.console.Console` it is given, so a console built
+with ``Console()`` prints colour to a terminal and plain text to a pipe or with NO_COLOR
+(rich's own rules), and tests render into a recording console at a fixed clock.
+
+Honesty rules: a missing status says so (the operator has not reported yet); a status
+for an older generation than the spec says so; a status not rewritten for longer than
+the cache's ``refreshInterval`` plus `STALE_GRACE_SECONDS` is flagged stale (a running
+operator re-resolves tags every refreshInterval and writes ``lastResolved`` each time, so
+an older status means the operator is down, stuck or has lost the cache). Node progress
+comes from each node's agent and counts every cache on that node; the view says so
+when a node serves more than this cache.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from rich.console import Console, RenderableType
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from layercache.spec import parse_duration
+from layercache.units import human_bytes
+
+__all__ = [
+    "STALE_GRACE_SECONDS",
+    "NodeRow",
+    "age",
+    "cache_json",
+    "cache_key",
+    "list_json",
+    "node_rows",
+    "render_detail",
+    "render_list",
+    "stale_notes",
+    "status_written",
+]
+
+Obj = Mapping[str, Any]
+
+#: Seconds past ``refreshInterval`` before a status that was not rewritten counts as stale
+#: (the operator's refresh loop wakes every 15 s, then replans after a debounce and
+#: writes status on its next aggregation pass).
+STALE_GRACE_SECONDS: Final = 120.0
+#: ``refreshInterval``'s CRD default, when a spec leaves it out.
+DEFAULT_REFRESH_SECONDS: Final = 600.0
+BAR_WIDTH: Final = 20
+
+
+def _parse_time(text: object) -> datetime.datetime | None:
+    """An RFC 3339 timestamp as the API writes it (``2026-11-29T19:00:00Z``), or None."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+
+
+def age(seconds: float) -> str:
+    """A duration as kubectl prints ages: ``45s``, ``7m``, ``5h``, ``3d`` (floor)."""
+    s = max(int(seconds), 0)
+    if s < 120:
+        return f"{s}s"
+    if s < 120 * 60:
+        return f"{s // 60}m"
+    if s < 48 * 3600:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def cache_key(obj: Obj) -> str:
+    """``namespace/name`` of a LayerCache: the key NodeLayerCache ``spec.caches`` lists."""
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def status_written(obj: Obj) -> datetime.datetime | None:
+    """When the object's status was last written, or None if it never was.
+
+    The apiserver records each writer's last update of the status subresource in
+    ``metadata.managedFields`` (server-side field management); without those entries
+    (a client that strips them), the newest of ``lastResolved`` and the conditions'
+    ``lastTransitionTime`` stands in, which can only make the status look older.
+    """
+    if not obj.get("status"):
+        return None
+    meta = obj.get("metadata") or {}
+    times = [_parse_time(entry.get("time")) for entry in meta.get("managedFields") or ()
+             if entry.get("subresource") == "status"]
+    if not any(times):
+        status = obj["status"]
+        times = [_parse_time(status.get("lastResolved"))]
+        times += [_parse_time(c.get("lastTransitionTime")) for c in
+                  status.get("conditions") or ()]
+    found = [t for t in times if t is not None]
+    return max(found) if found else None
+
+
+def _refresh_seconds(obj: Obj) -> float:
+    try:
+        return parse_duration(str((obj.get("spec") or {}).get("refreshInterval") or "10m"))
+    except ValueError:
+        return DEFAULT_REFRESH_SECONDS
+
+
+def stale_notes(obj: Obj, now: datetime.datetime, stale_after: float | None = None
+                ) -> list[str]:
+    """Why a LayerCache's status cannot be taken at face value; empty when it can.
+
+    ``stale_after`` (seconds) overrides the cache's own ``refreshInterval`` plus
+    `STALE_GRACE_SECONDS`. A paused cache is never re-resolved, so it is never stale by age.
+    """
+    status = obj.get("status") or {}
+    meta = obj.get("metadata") or {}
+    if not status:
+        return ["no status yet: the operator has not reported on this LayerCache "
+                "(is it running?)"]
+    notes = []
+    generation, observed = meta.get("generation"), status.get("observedGeneration")
+    if generation is not None and observed != generation:
+        notes.append(f"status is for generation {observed}, the spec is at generation "
+                     f"{generation}: the operator has not caught up with the last change")
+    written = status_written(obj)
+    paused = bool((obj.get("spec") or {}).get("paused"))
+    limit = stale_after if stale_after is not None else (
+        _refresh_seconds(obj) + STALE_GRACE_SECONDS)
+    if written is not None and not paused:
+        behind = (now - written).total_seconds()
+        if behind > limit:
+            notes.append(f"status last written {age(behind)} ago (more than {age(limit)}): "
+                         "the operator rewrites it at least every refreshInterval; "
+                         "is it running?")
+    return notes
+
+
+def _conditions(status: Obj) -> dict[str, Obj]:
+    return {c.get("type", ""): c for c in status.get("conditions") or ()}
+
+
+def _reason(status: Obj) -> str:
+    """The one reason a list row shows: Degraded's when degraded, else Ready's."""
+    conditions = _conditions(status)
+    degraded = conditions.get("Degraded") or {}
+    if degraded.get("status") == "True":
+        return str(degraded.get("reason", "Degraded"))
+    return str((conditions.get("Ready") or {}).get("reason", "-"))
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole > 0 else "-"
+
+
+def _table(title: str | None, *columns: str) -> Table:
+    # A trailing "#" marks a numeric column: right-aligned (as cli.print_tables does).
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column.rstrip("#"), justify="right" if column.endswith("#") else "left")
+    return table
+
+
+def render_list(console: Console, caches: Sequence[Obj], now: datetime.datetime,
+                stale_after: float | None = None) -> None:
+    """One row per LayerCache, then a line per cache whose status is missing or stale.
+
+    Columns: NAMESPACE, NAME, READY (Ready condition), NODES (ready/desired), LAYERS
+    (distinct, shared in brackets), UNIQUE and UPSTREAM (bytes), SAVED (saved bytes as a
+    share of naive bytes), REASON (Degraded's reason when degraded, else Ready's), AGE.
+    """
+    table = _table(None, "NAMESPACE", "NAME", "READY", "NODES#", "LAYERS#", "UNIQUE#",
+                   "UPSTREAM#", "SAVED#", "REASON", "AGE#")
+    notes: list[str] = []
+    for obj in caches:
+        meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+        nodes, layers, bytes_ = (status.get("nodes") or {}, status.get("layers") or {},
+                                 status.get("bytes") or {})
+        created = _parse_time(meta.get("creationTimestamp"))
+        ready = (_conditions(status).get("Ready") or {}).get("status", "-")
+        table.add_row(
+            meta.get("namespace", ""), meta.get("name", ""), ready,
+            f"{nodes.get('ready', 0)}/{nodes.get('desired', 0)}" if status else "-",
+            f"{layers.get('total', 0)} ({layers.get('shared', 0)})" if status else "-",
+            human_bytes(int(bytes_.get("unique", 0))) if status else "-",
+            human_bytes(int(bytes_.get("upstream", 0))) if status else "-",
+            _percent(int(bytes_.get("saved", 0)), int(bytes_.get("naive", 0))),
+            _reason(status) if status else "NoStatus",
+            age((now - created).total_seconds()) if created else "-",
+        )
+        notes += [f"{cache_key(obj)}: {note}" for note in stale_notes(obj, now, stale_after)]
+    console.print(table)
+    for note in notes:
+        console.print(Text(f"! {note}"), soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One node of a LayerCache as the detail view shows it.
+
+    ``held``/``wanted`` are layers and ``bytes_held``, ``upstream``, ``peer`` bytes, all
+    from the node's agent (None when it has not reported); ``state`` is the cache's verdict
+    on the node (its ``status.nodes.failing`` reason) or else the agent's Ready reason;
+    ``caches`` how many LayerCaches want layers on the node; ``synced`` the agent's
+    ``lastSync``.
+    """
+
+    name: str
+    held: int | None
+    wanted: int | None
+    bytes_held: int | None
+    upstream: int | None
+    peer: int | None
+    state: str
+    message: str
+    caches: int
+    synced: datetime.datetime | None
+
+
+def node_rows(cache: Obj, node_caches: Iterable[Obj]) -> list[NodeRow]:
+    """The nodes of LayerCache ``cache``, sorted by name.
+
+    Those whose NodeLayerCache spec lists the cache, and those its status lists as failing
+    (a node without a NodeLayerCache shows up only there).
+    """
+    key = cache_key(cache)
+    failing = {f.get("name", ""): f for f in
+               ((cache.get("status") or {}).get("nodes") or {}).get("failing") or ()}
+    rows: dict[str, NodeRow] = {}
+    for obj in node_caches:
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        if key not in (spec.get("caches") or ()) and name not in failing:
+            continue
+        layers, bytes_ = status.get("layers"), status.get("bytes") or {}
+        ready = _conditions(status).get("Ready") or {}
+        verdict = failing.get(name)
+        rows[name] = NodeRow(
+            name=name,
+            held=int(layers.get("held", 0)) if layers else None,
+            wanted=int(layers.get("wanted", 0)) if layers else None,
+            bytes_held=int(layers.get("bytesHeld", 0)) if layers else None,
+            upstream=int(bytes_["upstream"]) if "upstream" in bytes_ else None,
+            peer=int(bytes_["peer"]) if "peer" in bytes_ else None,
+            state=str(verdict.get("reason") if verdict else ready.get("reason", "NoStatus")),
+            message=str(verdict.get("message", "") if verdict else ""),
+            caches=len(spec.get("caches") or ()),
+            synced=_parse_time(status.get("lastSync")),
+        )
+    for name, verdict in failing.items():
+        rows.setdefault(name, NodeRow(name, None, None, None, None, None,
+                                      str(verdict.get("reason", "")),
+                                      str(verdict.get("message", "")), 0, None))
+    return [rows[name] for name in sorted(rows)]
+
+
+def _bar(row: NodeRow) -> RenderableType:
+    if row.held is None or row.wanted is None:
+        return Text("no report", style="dim")
+    if row.wanted == 0:
+        return Text("nothing wanted", style="dim")
+    return ProgressBar(total=row.wanted, completed=min(row.held, row.wanted), width=BAR_WIDTH)
+
+
+def _opt_bytes(value: int | None) -> str:
+    return human_bytes(value) if value is not None else "-"
+
+
+def render_detail(console: Console, cache: Obj, node_caches: Sequence[Obj] | None,
+                  now: datetime.datetime, stale_after: float | None = None,
+                  nodes_error: str | None = None) -> None:
+    """One LayerCache in full: header, images, conditions, nodes with bars, savings.
+
+    ``node_caches`` are the cluster's NodeLayerCaches (None when they could not be read;
+    ``nodes_error`` says why, e.g. RBAC). Byte figures are compressed blob bytes.
+    """
+    meta, status = cache.get("metadata") or {}, cache.get("status") or {}
+    created = _parse_time(meta.get("creationTimestamp"))
+    written = status_written(cache)
+    header = Text.assemble(
+        ("LayerCache ", "bold"), (cache_key(cache), "bold cyan"),
+        f"  generation {meta.get('generation', '-')}",
+        f", status for generation {status.get('observedGeneration', '-')}" if status else "",
+        f", status written {age((now - written).total_seconds())} ago" if written else "",
+        f", age {age((now - created).total_seconds())}" if created else "",
+    )
+    console.print(header, soft_wrap=True)
+    for note in stale_notes(cache, now, stale_after):
+        console.print(Text(f"! {note}", style="yellow"), soft_wrap=True)
+    if not status:
+        return
+    _print_images(console, status)
+    _print_conditions(console, status, now)
+    _print_nodes(console, cache, node_caches, now, nodes_error)
+    _print_savings(console, status)
+
+
+def _print_images(console: Console, status: Obj) -> None:
+    images = _table("Images", "IMAGE", "PLATFORM", "DIGEST", "LAYERS#")
+    for image in status.get("images") or ():
+        error = image.get("error")
+        digest = str(image.get("digest", ""))
+        images.add_row(escape(str(image.get("reference", ""))), image.get("platform", "") or "-",
+                       Text(f"error: {error}", style="red") if error else
+                       digest[:19] + ("…" if len(digest) > 19 else ""),
+                       str(image.get("layers", "-")) if not error else "-")
+    console.print(images)
+
+
+def _print_conditions(console: Console, status: Obj, now: datetime.datetime) -> None:
+    table = _table("Conditions", "TYPE", "STATUS", "REASON", "MESSAGE", "SINCE#")
+    for c in status.get("conditions") or ():
+        since = _parse_time(c.get("lastTransitionTime"))
+        table.add_row(c.get("type", ""), Text(str(c.get("status", "")), style=_tone(c)),
+                      c.get("reason", ""), escape(str(c.get("message", ""))),
+                      age((now - since).total_seconds()) if since else "-")
+    console.print(table)
+
+
+def _tone(c: Obj) -> str:
+    """Colour of a condition's status: Ready good when True, Degraded bad when True."""
+    true = c.get("status") == "True"
+    if c.get("type") == "Ready":
+        return "green" if true else "yellow"
+    if c.get("type") == "Degraded":
+        return "red" if true else "green"
+    return ""
+
+
+def _print_nodes(console: Console, cache: Obj, node_caches: Sequence[Obj] | None,
+                 now: datetime.datetime, nodes_error: str | None) -> None:
+    nodes = (cache.get("status") or {}).get("nodes") or {}
+    title = f"Nodes: {nodes.get('ready', 0)}/{nodes.get('desired', 0)} ready"
+    rows = node_rows(cache, node_caches or ())
+    table = _table(title, "NODE", "PROGRESS", "LAYERS#", "%#", "HELD#", "UPSTREAM#", "PEER#",
+                   "STATE", "SYNCED#")
+    for row in rows:
+        layers = f"{row.held}/{row.wanted}" if row.held is not None else "-"
+        share = _percent(row.held or 0, row.wanted or 0) if row.held is not None else "-"
+        state = row.state + (f": {row.message}" if row.message else "")
+        table.add_row(row.name, _bar(row), layers, share, _opt_bytes(row.bytes_held),
+                      _opt_bytes(row.upstream), _opt_bytes(row.peer), escape(state),
+                      age((now - row.synced).total_seconds()) if row.synced else "-")
+    console.print(table)
+    if node_caches is None:
+        console.print(Text(f"! per-node progress unavailable: {nodes_error or 'not read'}",
+                           style="yellow"), soft_wrap=True)
+    shared = [row.name for row in rows if row.caches > 1]
+    notes = ["LAYERS, HELD, UPSTREAM and PEER are the node agent's counters for everything "
+             "it holds"]
+    if shared:
+        notes.append(f"{', '.join(shared)} also serve{'s' if len(shared) == 1 else ''} "
+                     "other LayerCaches")
+    console.print(Text("; ".join(notes) + ".", style="dim"), soft_wrap=True)
+
+
+def _print_savings(console: Console, status: Obj) -> None:
+    b = {k: int(v) for k, v in (status.get("bytes") or {}).items() if k != "savedHuman"}
+    unique, naive, upstream, peer = (b.get("unique", 0), b.get("naive", 0),
+                                     b.get("upstream", 0), b.get("peer", 0))
+    fetched = upstream + peer
+    layers = status.get("layers") or {}
+    table = _table("Savings (this LayerCache)", "MEASURE", "BYTES#", "NOTE")
+    table.add_row("unique layer bytes", human_bytes(unique),
+                  f"{layers.get('total', 0)} distinct layers, {layers.get('shared', 0)} shared "
+                  "by several images")
+    table.add_row("naive upstream", human_bytes(naive), "every node pulls every image itself")
+    table.add_row("expected upstream", human_bytes(b.get("expectedUpstream", 0)),
+                  "the plan: each layer crosses the upstream link once")
+    table.add_row("from upstream, measured", human_bytes(upstream),
+                  f"{_percent(upstream, fetched)} of fetched bytes; "
+                  + (f"{upstream / unique:.3f} x unique" if unique else "no layers planned"))
+    table.add_row("from peers, measured", human_bytes(peer),
+                  f"{_percent(peer, fetched)} of fetched bytes, agent to agent")
+    table.add_row("saved upstream", human_bytes(b.get("saved", 0)),
+                  f"{_percent(b.get('saved', 0), naive)} of naive"
+                  + ("" if (status.get("nodes") or {}).get("ready") ==
+                     (status.get("nodes") or {}).get("desired") else
+                     " (counted once every node is ready)"))
+    if layers.get("skippedForBudget"):
+        table.add_row("skipped for budget", "-",
+                      f"{layers['skippedForBudget']} layer(s) over maxBytesPerNode")
+    console.print(table)
+
+
+def cache_json(cache: Obj, node_caches: Sequence[Obj] | None) -> dict[str, Any]:
+    """``-o json|yaml`` for one LayerCache: its identity, raw status, its nodes' raw status.
+
+    Shape: ``{"metadata": {namespace, name, generation, creationTimestamp}, "status": {…},
+    "nodes": {node: {"caches": [...], "status": {…}}}}``; ``nodes`` is null when the
+    NodeLayerCaches could not be read.
+    """
+    key = cache_key(cache)
+    nodes = None if node_caches is None else {
+        str(o["metadata"]["name"]): {"caches": list((o.get("spec") or {}).get("caches") or ()),
+                                     "status": o.get("status") or {}}
+        for o in node_caches if key in ((o.get("spec") or {}).get("caches") or ())}
+    return {"metadata": _identity(cache), "status": cache.get("status") or {}, "nodes": nodes}
+
+
+def list_json(caches: Sequence[Obj]) -> dict[str, Any]:
+    """``-o json|yaml`` without a name: ``{"items": [{"metadata": …, "status": …}]}``."""
+    return {"items": [{"metadata": _identity(c), "status": c.get("status") or {}}
+                      for c in caches]}
+
+
+def _identity(obj: Obj) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    return {k: meta[k] for k in ("namespace", "name", "generation", "creationTimestamp")
+            if k in meta}
+
