@@ -1,0 +1,129 @@
+{{/*
+Names and labels. Object names start with the release's full name, so two releases (and the
+plain manifests) can live in one cluster without sharing any cluster-scoped object.
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "layercache.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* `<release>-<chart>`, or the release name when it already contains the chart name. */}}
+{{- define "layercache.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* `name-version` for the helm.sh/chart label. */}}
+{{- define "layercache.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels: never change across upgrades (selectors are immutable). */}}
+{{- define "layercache.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "layercache.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of every object: the selector labels plus chart and version. */}}
+{{- define "layercache.labels" -}}
+helm.sh/chart: {{ include "layercache.chart" . }}
+{{ include "layercache.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: layercache
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Per-component names, labels and selectors; call with (dict "ctx" $ "component" "operator").
+Pod-template labels are the selector labels only, without the chart version, so an upgrade
+that changes nothing in a Pod does not roll every agent.
+*/}}
+{{- define "layercache.componentName" -}}
+{{- printf "%s-%s" (include "layercache.fullname" .ctx) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "layercache.componentLabels" -}}
+{{ include "layercache.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "layercache.componentSelectorLabels" -}}
+{{ include "layercache.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* The image reference: repository@digest, or repository:tag (default: appVersion). */}}
+{{- define "layercache.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The kopf peering (a ClusterKopfPeering) the operator replicas elect their leader in. */}}
+{{- define "layercache.peering" -}}
+{{- include "layercache.fullname" . }}
+{{- end }}
+
+{{/* Where registryCA's ConfigMap is mounted, and the file the settings point at. */}}
+{{- define "layercache.registryCADir" -}}
+/etc/layercache/registry-ca
+{{- end }}
+
+{{/* Settings both workloads share: insecure registries and the registry CA. */}}
+{{- define "layercache.sharedEnv" -}}
+{{- with .Values.insecureRegistries }}
+- name: LAYERCACHE_INSECURE_REGISTRIES
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- if .Values.registryCA.configMap }}
+- name: LAYERCACHE_REGISTRY_CA_FILE
+  value: {{ printf "%s/%s" (include "layercache.registryCADir" .) .Values.registryCA.key | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+User settings (`env`: a map of LAYERCACHE_* to values) as env entries, sorted by name. A
+variable the chart sets itself (`reserved`) fails the render instead of silently doubling.
+Call with (dict "env" .Values.x.env "reserved" (list "NAME" ...) "what" "x.env").
+*/}}
+{{- define "layercache.userEnv" -}}
+{{- $reserved := concat .reserved (list "LAYERCACHE_INSECURE_REGISTRIES" "LAYERCACHE_REGISTRY_CA_FILE") }}
+{{- range $name, $value := .env }}
+{{- if has $name $reserved }}
+{{- fail (printf "%s.%s is set by the chart; use the chart's own value for it" $.what $name) }}
+{{- end }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The registry CA volume mount and volume, when registryCA.configMap is set. */}}
+{{- define "layercache.registryCAMount" -}}
+{{- if .Values.registryCA.configMap }}
+- name: registry-ca
+  mountPath: {{ include "layercache.registryCADir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "layercache.registryCAVolume" -}}
+{{- if .Values.registryCA.configMap }}
+- name: registry-ca
+  configMap:
+    name: {{ .Values.registryCA.configMap }}
+{{- end }}
+{{- end }}
