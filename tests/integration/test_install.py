@@ -1,0 +1,272 @@
+"""Both install paths: the Helm chart and manifests/, linted, rendered, and on the real bed.
+
+- `helm lint --strict` (values.schema.json applied) and `helm template` with the default
+  values and every ci/ values file; the schema refuses typos and wrong types;
+- the chart renders exactly what manifests/ holds (whole objects, release labels aside);
+- the apiserver accepts both renderings (`kubectl apply --dry-run=server`), and its
+  PodSecurity admission finds only the agent outside `restricted`, for the socket alone.
+  The bed has no Prometheus Operator CRDs: PodMonitor/PrometheusRule are left out of the
+  dry run (they are checked as rendered objects instead);
+- a real `helm install` creates the operator's two Pods and one agent Pod bound to each
+  Node (no kubelet runs them: they stay Pending), and `helm uninstall` leaves nothing.
+  `helm test` needs running Pods, so its hook Pod is rendered and dry-run only.
+
+The release lives in its own namespace with its own cluster-scoped names, next to the
+layercache-system install the operator and end-to-end tests use on the same bed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from testbed.bed import BedState
+from testbed.install import (
+    CHART,
+    MONITORING_GROUP,
+    Obj,
+    by_key,
+    helm,
+    is_hook,
+    kustomize,
+    lint_chart,
+    release_neutral,
+    render_chart,
+    server_dry_run,
+    without_monitoring,
+)
+from testbed.kube import Kube, wait_for
+from testbed.procs import ComponentError
+from testbed.product import install
+
+pytestmark = pytest.mark.integration
+
+RELEASE = NAMESPACE = "layercache-helm"
+INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+#: What PodSecurity's `restricted` level must refuse in the agent, and nothing more: the
+#: hostPath mounts of the containerd socket and image filesystem, and root for the socket.
+AGENT_VIOLATIONS = {"restricted volume types", "runAsNonRoot != true", "runAsUser=0"}
+
+
+def kinds(objects: list[Obj]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for obj in objects:
+        counts[obj["kind"]] = counts.get(obj["kind"], 0) + 1
+    return counts
+
+
+def pod_spec(objects: list[Obj], kind: str) -> dict[str, Any]:
+    [workload] = [o for o in objects if o["kind"] == kind]
+    spec: dict[str, Any] = workload["spec"]["template"]
+    return spec
+
+
+# --- chart, no cluster ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES],
+                         ids=["defaults", *(p.stem for p in CI_VALUES)])
+def test_chart_lints_and_renders(values: Path | None) -> None:
+    files = [values] if values else []
+    report = lint_chart(files)
+    assert "1 chart(s) linted, 0 chart(s) failed" in report
+    objects = render_chart(RELEASE, NAMESPACE, files)
+    counts = kinds(objects)
+    assert counts["Deployment"] == counts["DaemonSet"] == 1
+    assert counts["ClusterRole"] == counts["ClusterRoleBinding"] == 2
+    # Cluster-scoped names carry the release's name, so releases never share one.
+    fullname = (yaml.safe_load(values.read_text()) if values else {}).get(
+        "fullnameOverride", RELEASE)
+    for obj in objects:
+        if obj["kind"] in {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}:
+            assert obj["metadata"]["name"].startswith(fullname)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    operator = pod_spec(objects, "Deployment")["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    assert env["LAYERCACHE_STANDALONE"] == "false"
+    assert env["LAYERCACHE_PEERING"] == fullname
+    [peering] = [o for o in objects if o["kind"] == "ClusterKopfPeering"]
+    assert peering["metadata"]["name"] == fullname
+
+
+def test_schema_refuses_typos_and_wrong_types() -> None:
+    for bad, where in (("operator.replicas=two", "/operator/replicas"),
+                       ("operator.replica=2", "'replica' not allowed"),
+                       ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+                       ("agent.containerd.socket=relative.sock", "/agent/containerd/socket")):
+        with pytest.raises(ComponentError, match="values don't meet the specifications") as err:
+            render_chart(sets=[bad])
+        assert where in str(err.value)
+
+
+def test_settings_the_chart_owns_cannot_be_overridden_by_env() -> None:
+    with pytest.raises(ComponentError, match=r"agent\.env\.POD_IP is set by the chart"):
+        render_chart(sets=["agent.env.POD_IP=10.0.0.1"])
+    objects = render_chart(sets=["agent.env.LAYERCACHE_CONCURRENCY=8"])
+    env = pod_spec(objects, "DaemonSet")["spec"]["containers"][0]["env"]
+    assert {"name": "LAYERCACHE_CONCURRENCY", "value": "8"} in env
+
+
+def test_chart_renders_what_the_manifests_hold() -> None:
+    # Release "layercache" in layercache-system gives the manifests' names: every object must
+    # then be the same, whole, once release and chart labels are set aside.
+    chart = by_key(release_neutral(o) for o in render_chart("layercache", "layercache-system")
+                   if not is_hook(o))
+    manifests = by_key(release_neutral(o) for o in kustomize()
+                       if o["kind"] not in {"CustomResourceDefinition", "Namespace"})
+    assert sorted(chart) == sorted(manifests)
+    for key, obj in manifests.items():
+        assert chart[key] == obj, f"chart and manifests/ differ in {key}"
+    rbac = [k for k in manifests if k[0] in {"ClusterRole", "Role"}]
+    assert len(rbac) == 4 and all(chart[k]["rules"] == manifests[k]["rules"] for k in rbac)
+
+
+def test_pod_templates_do_not_change_with_the_chart_version(tmp_path: Path) -> None:
+    # An upgrade that only bumps the chart must not roll every agent: no chart version in
+    # pod templates (object labels may carry it).
+    bumped = tmp_path / "layercache"
+    shutil.copytree(CHART, bumped)
+    meta = yaml.safe_load((bumped / "Chart.yaml").read_text())
+    meta["version"] = "9.9.9"
+    (bumped / "Chart.yaml").write_text(yaml.safe_dump(meta))
+    before, after = render_chart(), render_chart(chart=bumped)
+    for kind in ("Deployment", "DaemonSet"):
+        assert pod_spec(after, kind) == pod_spec(before, kind)
+        [obj] = [o for o in after if o["kind"] == kind]
+        assert obj["metadata"]["labels"]["helm.sh/chart"] == "layercache-9.9.9"
+
+
+def test_monitoring_objects_follow_their_toggles_and_files(tmp_path: Path) -> None:
+    chart = tmp_path / "layercache"
+    shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("files"))
+    on = ["monitoring.podMonitor.enabled=true", "monitoring.prometheusRule.enabled=true",
+          "monitoring.dashboard.enabled=true"]
+    # No files/ (the dashboard and the rules are optional): only the PodMonitors.
+    counts = kinds(render_chart(sets=on, chart=chart))
+    assert counts.get("PodMonitor") == 2
+    assert "PrometheusRule" not in counts and "ConfigMap" not in counts
+    groups = [{"name": "layercache", "rules": [{"alert": "LayerCacheDegraded",
+               "expr": "max by (namespace, cache) (layercache_cache_degraded) == 1",
+               "for": "15m", "annotations": {"summary": "{{ $labels.cache }} is degraded"}}]}]
+    (chart / "files").mkdir()
+    (chart / "files" / "alerts.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    dashboard = '{"title": "layercache", "panels": []}\n'
+    (chart / "files" / "dashboard.json").write_text(dashboard)
+    objects = render_chart(sets=[*on, "monitoring.dashboard.namespace=grafana"], chart=chart)
+    [rule] = [o for o in objects if o["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == groups  # Prometheus templates pass through untouched
+    [config] = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config["metadata"]["namespace"] == "grafana"
+    assert config["data"]["layercache.json"] == dashboard.rstrip("\n")
+    # Toggles off (the default): none of them, files or not.
+    assert not {"PodMonitor", "PrometheusRule", "ConfigMap"} & set(kinds(
+        render_chart(chart=chart)))
+
+
+# --- on the bed ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def release_namespace(kube: Kube) -> Iterator[str]:
+    """The release's namespace; PodSecurity warns at `restricted`, so dry runs report it."""
+    install(kube)  # the shared CRDs and layercache-system, as the other bed tests have them
+    kube.core.create_namespace({"metadata": {"name": NAMESPACE, "labels": {
+        "pod-security.kubernetes.io/warn": "restricted"}}})
+    yield NAMESPACE
+    _force_delete_pods(kube)
+    kube.core.delete_namespace(NAMESPACE)
+
+
+def _force_delete_pods(kube: Kube) -> None:
+    # No kubelet confirms a bound Pod's deletion on the bed: do what it would have done.
+    kube.kubectl("-n", NAMESPACE, "delete", "pods", "-l", INSTANCE, "--grace-period=0",
+                 "--force", "--ignore-not-found")
+
+
+def test_manifests_pass_a_server_dry_run(kube: Kube, release_namespace: str) -> None:
+    objects = kustomize()
+    result = server_dry_run(kube.kubeconfig, objects)
+    assert len(result.applied) == len(objects)
+    # layercache-system warns at `restricted`: the operator meets it, the agent misses only
+    # what the containerd socket requires.
+    assert result.pod_security() == [AGENT_VIOLATIONS]
+
+
+# ci/default-values.yaml stands for the defaults here (the bed's time is shared).
+@pytest.mark.parametrize("values", CI_VALUES, ids=[p.stem for p in CI_VALUES])
+def test_chart_passes_a_server_dry_run(kube: Kube, release_namespace: str,
+                                       values: Path) -> None:
+    # The dashboard's own namespace is a ci/ choice; on the bed it goes to the release's.
+    objects = render_chart(RELEASE, release_namespace, [values],
+                           ["monitoring.dashboard.namespace=" + release_namespace])
+    served = without_monitoring(objects)
+    skipped = {o["kind"] for o in objects} - {o["kind"] for o in served}
+    assert skipped <= {"PodMonitor", "PrometheusRule"}
+    result = server_dry_run(kube.kubeconfig, served)
+    assert len(result.applied) == len(served)
+    assert any(is_hook(o) and o["kind"] == "Pod" for o in served)  # `helm test`, dry-run
+    # The operator and the `helm test` Pod meet `restricted`; the agent as above.
+    assert result.pod_security() == [AGENT_VIOLATIONS]
+    assert all(not o["apiVersion"].startswith(MONITORING_GROUP) for o in served)
+
+
+def test_helm_install_schedules_the_operator_and_one_agent_per_node(
+        bed: BedState, kube: Kube, release_namespace: str) -> None:
+    started = time.monotonic()
+    helm("install", RELEASE, CHART, "--namespace", release_namespace,
+         kubeconfig=kube.kubeconfig)
+    try:
+        nodes = sorted(n.metadata.name for n in kube.core.list_node(
+            label_selector="kubernetes.io/os=linux").items)
+        assert len(nodes) >= len(bed.nodes)
+
+        def pods(component: str) -> list[Any]:
+            items = kube.core.list_namespaced_pod(
+                release_namespace, label_selector=f"{INSTANCE},app.kubernetes.io/component="
+                                                  f"{component}").items
+            return [p for p in items if p.spec.node_name]  # created and bound by the scheduler
+        operators = wait_for(lambda: (p := pods("operator")) and len(p) == 2 and p,
+                             timeout=30, what="2 operator Pods bound to nodes")
+        # Soft anti-affinity, three free nodes: the scheduler spreads the replicas.
+        assert len({p.spec.node_name for p in operators}) == 2
+        agents = wait_for(lambda: (p := pods("agent")) and len(p) == len(nodes) and p,
+                          timeout=30, what=f"{len(nodes)} agent Pods bound to nodes")
+        assert sorted(p.spec.node_name for p in agents) == nodes  # each node exactly once
+        for pod in [*operators, *agents]:
+            assert pod.status.phase == "Pending"  # no kubelet on the bed runs them
+            assert pod.spec.service_account_name.startswith(RELEASE)
+        daemonset = kube.apps.read_namespaced_daemon_set(f"{RELEASE}-agent", release_namespace)
+        assert daemonset.status.desired_number_scheduled == len(nodes)
+        peering = kube.kubectl("get", "clusterkopfpeering", RELEASE, "-o", "name")
+        assert peering.strip() == f"clusterkopfpeering.kopf.dev/{RELEASE}"
+    finally:
+        helm("uninstall", RELEASE, "--namespace", release_namespace,
+             kubeconfig=kube.kubeconfig)
+    # The garbage collector takes the Pods with their owners; without a kubelet they wait
+    # for its confirmation, so once all are marked for deletion, confirm in its place.
+    wait_for(lambda: all(p.metadata.deletion_timestamp for p in kube.core.list_namespaced_pod(
+        release_namespace, label_selector=INSTANCE).items), timeout=30,
+        what="the release's Pods marked for deletion")
+    _force_delete_pods(kube)
+    wait_for(lambda: _leftovers(kube, release_namespace) == "", timeout=30,
+             what="nothing of the release left")
+    assert helm("list", "--namespace", release_namespace, "--short",
+                kubeconfig=kube.kubeconfig).strip() == ""
+    assert time.monotonic() - started < 60
+
+
+def _leftovers(kube: Kube, namespace: str) -> str:
+    namespaced = kube.kubectl("-n", namespace, "get", "all,serviceaccounts,roles,rolebindings,"
+                              "poddisruptionbudgets,configmaps,secrets", "-l", INSTANCE,
+                              "-o", "name")
+    releases = kube.kubectl("-n", namespace, "get", "secrets", "-l", f"name={RELEASE}",
+                            "-o", "name")  # Helm's release records
+    cluster = kube.kubectl("get", "clusterroles,clusterrolebindings,clusterkopfpeerings",
+                           "-l", INSTANCE, "-o", "name")
+    return (namespaced + releases + cluster).strip()
