@@ -190,10 +190,16 @@ class ProxyStats:
 class SharedRate:
     """One byte-rate cap shared by every connection, like a single uplink.
 
-    A token bucket without burst: each write reserves the next `n / rate` seconds of the
-    link's time, so concurrent responses queue behind each other and their total never
-    exceeds the rate. `None` means no cap.
+    A token bucket: each write reserves the next `n / rate` seconds of the link's time, so
+    concurrent responses queue behind each other. The link may catch up on at most
+    `CATCH_UP_SECONDS` of time it sat idle, so the time a writer spends between writes
+    (event loop, socket drain) is not lost from the rate: a single stream gets the set rate,
+    not a fraction of it, and the total never exceeds rate × (elapsed + CATCH_UP_SECONDS).
+    `None` means no cap.
     """
+
+    #: Idle link time (s) that may be made up by later writes: the bucket's burst size.
+    CATCH_UP_SECONDS = 0.05
 
     def __init__(self) -> None:
         self.bytes_per_second: int | None = None
@@ -217,7 +223,7 @@ class SharedRate:
         if self.bytes_per_second is None:
             return
         now = asyncio.get_running_loop().time()
-        start = max(now, self._link_free_at)
+        start = max(now - self.CATCH_UP_SECONDS, self._link_free_at)
         self._link_free_at = start + n / self.bytes_per_second
         await asyncio.sleep(self._link_free_at - now)
 
