@@ -93,8 +93,13 @@ class AgentMetrics:
             "layercache_agent_ingest_duration_seconds",
             "Time to write one layer into containerd, transfer included.",
             ["node", "source", "result"], buckets=INGEST_BUCKETS, registry=registry)
-        for source in ("upstream", "peer"):  # zero series exist before the first byte
+        # Zero series exist before the first byte or ingest: rate() and histogram_quantile()
+        # only see increases after a series' first scrape, so a series born at its first
+        # observation would hide that observation from the dashboard.
+        for source in ("upstream", "peer"):
             self.fetched_bytes.labels(node, source)
+            for result in ("ok", "error"):
+                self.ingest_duration.labels(node, source, result)
         self.served_bytes.labels(node)
 
     def fetched(self, source: FetchSource, size: int) -> None:

@@ -50,6 +50,8 @@ class LayerCacheCluster:
     operator: Process | None = None
     agents: dict[str, Process] = field(default_factory=dict)
     operator_starts: int = 0
+    #: Metrics port of the running operator ("operator") and of each node's agent.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def start(self) -> LayerCacheCluster:
         """Install the manifests, start the operator, then an agent on every bed node."""
@@ -66,8 +68,8 @@ class LayerCacheCluster:
     def start_operator(self) -> Process:
         """Start an operator (a new log per start); returns its process."""
         self.operator_starts += 1
-        self.operator, _ = start_operator(self.bed, self.kube, self.workdir,
-                                          name=f"operator-{self.operator_starts}")
+        self.operator, self.metrics_ports["operator"] = start_operator(
+            self.bed, self.kube, self.workdir, name=f"operator-{self.operator_starts}")
         return self.operator
 
     def stop_operator(self) -> None:
@@ -77,7 +79,8 @@ class LayerCacheCluster:
 
     def start_agent(self, node: NodeRecord) -> Process:
         """Start `node`'s agent (readiness: its NodeLayerCache status)."""
-        self.agents[node.name] = start_agent(self.bed, self.kube, node, self.workdir)[0]
+        self.agents[node.name], _, self.metrics_ports[node.name] = start_agent(
+            self.bed, self.kube, node, self.workdir)
         return self.agents[node.name]
 
     def stop_agent(self, name: str) -> None:

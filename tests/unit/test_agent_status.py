@@ -101,3 +101,15 @@ def test_gauges_are_read_at_scrape_time() -> None:
     metrics.ingested("peer", ok=True, seconds=0.3)
     assert registry.get_sample_value("layercache_agent_ingest_duration_seconds_count",
                                      {"node": "n1", "source": "peer", "result": "ok"}) == 1
+
+
+def test_every_ingest_series_exists_before_the_first_layer() -> None:
+    # rate() counts only increases after a series' first scrape: a series created by its
+    # first observation would hide that observation from the dashboard's latency panel.
+    registry = CollectorRegistry()
+    AgentMetrics("n1", registry)
+    for source in ("upstream", "peer"):
+        for result in ("ok", "error"):
+            assert registry.get_sample_value(
+                "layercache_agent_ingest_duration_seconds_count",
+                {"node": "n1", "source": source, "result": result}) == 0
