@@ -29,6 +29,7 @@ import yaml
 from testbed.bed import BedState
 from testbed.install import (
     CHART,
+    MANIFESTS,
     MONITORING_GROUP,
     Obj,
     by_key,
@@ -36,6 +37,7 @@ from testbed.install import (
     is_hook,
     kustomize,
     lint_chart,
+    parse,
     release_neutral,
     render_chart,
     server_dry_run,
@@ -93,6 +95,9 @@ def test_chart_lints_and_renders(values: Path | None) -> None:
     assert env["LAYERCACHE_PEERING"] == fullname
     [peering] = [o for o in objects if o["kind"] == "ClusterKopfPeering"]
     assert peering["metadata"]["name"] == fullname
+    # A disruption budget only where a second replica can keep the operator up.
+    replicas = next(o for o in objects if o["kind"] == "Deployment")["spec"]["replicas"]
+    assert counts.get("PodDisruptionBudget", 0) == (1 if replicas >= 2 else 0)
 
 
 def test_schema_refuses_typos_and_wrong_types() -> None:
@@ -125,6 +130,22 @@ def test_chart_renders_what_the_manifests_hold() -> None:
         assert chart[key] == obj, f"chart and manifests/ differ in {key}"
     rbac = [k for k in manifests if k[0] in {"ClusterRole", "Role"}]
     assert len(rbac) == 4 and all(chart[k]["rules"] == manifests[k]["rules"] for k in rbac)
+
+
+def test_podmonitors_select_the_manifests_pods_by_their_metrics_port() -> None:
+    # podmonitor.yaml cannot be dry-run on the bed (no Prometheus Operator CRDs): check
+    # that each PodMonitor finds its workload's Pods and a port named as it says.
+    workloads = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in kustomize()
+                 if o["kind"] in {"Deployment", "DaemonSet"}}
+    monitors = parse((MANIFESTS / "podmonitor.yaml").read_text())
+    assert sorted(m["metadata"]["name"] for m in monitors) == [
+        "layercache-agent", "layercache-operator"]
+    for monitor in monitors:
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        template = workloads[selector["app.kubernetes.io/component"]]["spec"]["template"]
+        assert selector.items() <= template["metadata"]["labels"].items()
+        ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
+        assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
 
 
 def test_pod_templates_do_not_change_with_the_chart_version(tmp_path: Path) -> None:
@@ -196,6 +217,9 @@ def test_manifests_pass_a_server_dry_run(kube: Kube, release_namespace: str) -> 
     # layercache-system warns at `restricted`: the operator meets it, the agent misses only
     # what the containerd socket requires.
     assert result.pod_security() == [AGENT_VIOLATIONS]
+    # The sample cache (applied separately: its CRD must be established first) fits the CRD.
+    sample = parse((MANIFESTS / "samples" / "layercache.yaml").read_text())
+    assert server_dry_run(kube.kubeconfig, sample).applied == ["layercache.layercache.dev/runtimes"]
 
 
 # ci/default-values.yaml stands for the defaults here (the bed's time is shared).
