@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -30,19 +30,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from layercache.digest import Digest
-from layercache.planner import Node, plan
 from layercache.platform import InvalidPlatformError, Platform, parse_platform
-from layercache.reference import InvalidReferenceError, Reference, parse_reference
-from layercache.registry import (
-    DockerConfig,
-    Keyring,
-    RegistryClient,
-    RegistryOptions,
-    ResolvedImage,
-    resolve,
-)
-from layercache.registry.credentials import InvalidDockerConfigError, registry_key
+
+if TYPE_CHECKING:
+    from layercache.registry import Keyring, RegistryOptions, ResolvedImage
+
 from layercache.units import human_bytes
 
 __all__ = ["app"]
@@ -56,6 +48,8 @@ app = typer.Typer(
 
 #: Exit status when some image could not be resolved (usage errors exit 2, as typer does).
 EXIT_UNRESOLVED = 1
+#: Columns of `layercache status` tables written to a pipe without $COLUMNS.
+PIPE_WIDTH = 200
 
 
 class OutputFormat(StrEnum):
@@ -159,6 +153,10 @@ def plan_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log retries.")] = False,
 ) -> None:
     """Resolve IMAGEs, show the layers they share and the savings for N empty nodes."""
+    # The registry client (httpx, h2) loads only for this command: `status` starts faster.
+    from layercache.registry import DockerConfig, Keyring, RegistryOptions
+    from layercache.registry.credentials import InvalidDockerConfigError, registry_key
+
     err = Console(stderr=True)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -215,6 +213,9 @@ async def _resolve_all(
     err: Console,
 ) -> tuple[list[ResolvedImage], list[Failure]]:
     """Resolve every reference concurrently; results in input order, failures apart."""
+    from layercache.reference import InvalidReferenceError, Reference, parse_reference
+    from layercache.registry import RegistryClient, ResolvedImage, resolve
+
     parsed: dict[str, Reference] = {}
     failures: list[Failure] = []
     for text in references:
@@ -267,6 +268,9 @@ def build_report(
     (the planner's model for ``nodes`` identical empty nodes, plus
     ``saved_upstream_bytes``); ``errors``.
     """
+    from layercache.digest import Digest
+    from layercache.planner import Node, plan
+
     node_list = [Node(name=f"node-{i + 1}", platform=platform) for i in range(nodes)]
     result = plan([image.plan_input() for image in images], node_list)
     users: dict[str, list[str]] = {}
@@ -471,6 +475,10 @@ def _status(api: Any, name: str | None, namespace: str | None, output: OutputFor
     from layercache.statusapi import StatusApiError
 
     now = datetime.datetime.now(datetime.UTC)
+    out = Console()
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        # rich lays a pipe out at 80 columns and would wrap numbers; kubectl never does.
+        out = Console(width=PIPE_WIDTH)
     data: dict[str, Any]
     if name is None:
         caches = api.list_caches(namespace)
@@ -480,7 +488,7 @@ def _status(api: Any, name: str | None, namespace: str | None, output: OutputFor
                 where = f"namespace {namespace}" if namespace else "any namespace"
                 err.print(f"No LayerCaches in {where}.", highlight=False)
                 return
-            statusview.render_list(Console(), caches, now, stale_after)
+            statusview.render_list(out, caches, now, stale_after)
             return
     else:
         assert namespace is not None
@@ -493,7 +501,7 @@ def _status(api: Any, name: str | None, namespace: str | None, output: OutputFor
             nodes, nodes_error = None, str(error)
         data = statusview.cache_json(cache, nodes)
         if output is OutputFormat.table:
-            statusview.render_detail(Console(), cache, nodes, now, stale_after, nodes_error)
+            statusview.render_detail(out, cache, nodes, now, stale_after, nodes_error)
             return
     if output is OutputFormat.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -97,8 +97,10 @@ class StatusApi:
         except ApiException as error:
             raise StatusApiError(_explain(what, error), error.status) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
+            # MaxRetryError wraps the cause (refused, TLS, DNS): that is the news.
+            cause = getattr(error, "reason", None) or error
             raise StatusApiError(f"{what}: cannot reach the API server at {self.server}: "
-                                 f"{error}") from None
+                                 f"{cause}") from None
         return result
 
     def get_cache(self, namespace: str, name: str) -> dict[str, Any]:

@@ -375,7 +375,7 @@ def _print_savings(console: Console, status: Obj) -> None:
                   "by several images")
     table.add_row("naive upstream", human_bytes(naive), "every node pulls every image itself")
     table.add_row("expected upstream", human_bytes(b.get("expectedUpstream", 0)),
-                  "the plan: each layer crosses the upstream link once")
+                  "what the latest plan still expects from upstream (0 once all is held)")
     table.add_row("from upstream, measured", human_bytes(upstream),
                   f"{_percent(upstream, fetched)} of fetched bytes; "
                   + (f"{upstream / unique:.3f} x unique" if unique else "no layers planned"))
