@@ -131,3 +131,32 @@ def test_schema_declares_nothing_values_yaml_lacks(schema: dict[str, Any]) -> No
     # `global` is Helm's (passed to every chart); the rest must be real, documented values.
     stale = sorted(p for p in _schema_paths(schema) if p not in in_values and p != "global")
     assert stale == []
+
+
+def _env_names(manifest: str) -> set[str]:
+    [workload] = [d for d in yaml.safe_load_all((REPO / "manifests" / manifest).read_text())
+                  if d["kind"] in {"Deployment", "DaemonSet"}]
+    return {e["name"] for c in workload["spec"]["template"]["spec"]["containers"]
+            for e in c["env"]}
+
+
+def _setting_variables(settings: type[Any]) -> set[str]:
+    """Every environment variable a pydantic-settings class reads (names and aliases)."""
+    names = set()
+    for field, info in settings.model_fields.items():
+        alias = info.validation_alias
+        names |= set(alias.choices) if alias is not None else {f"LAYERCACHE_{field.upper()}"}
+    return {str(n) for n in names}
+
+
+def test_the_workloads_set_only_variables_the_settings_read() -> None:
+    # A misspelt variable would be ignored silently by pydantic-settings: catch it here.
+    from layercache.agent.settings import AgentSettings
+    from layercache.settings import OperatorSettings
+
+    operator = _env_names("deployment-operator.yaml")
+    agent = _env_names("daemonset-agent.yaml")
+    assert operator <= _setting_variables(OperatorSettings)
+    assert agent <= _setting_variables(AgentSettings)
+    assert {"LAYERCACHE_STANDALONE", "LAYERCACHE_PEERING"} <= operator
+    assert {"NODE_NAME", "POD_NAMESPACE", "POD_IP", "LAYERCACHE_CONTAINERD_SOCKET"} <= agent
