@@ -75,6 +75,7 @@ def observed(bed: BedState, kube: Kube, family: Family,
     namespace = f"observe-{uuid.uuid4().hex[:6]}"
     proxy = FaultProxy(bed.proxy_url or "")
     prometheus: PrometheusServer | None = None
+    begun = time.monotonic()
     try:
         with pytest.MonkeyPatch.context() as env:  # a corrupted layer is retried within 1 s
             env.setenv("LAYERCACHE_RETRY_INITIAL_SECONDS", "1")
@@ -88,9 +89,12 @@ def observed(bed: BedState, kube: Kube, family: Family,
         started = time.monotonic()
         prometheus.wait_targets_up()
         kube.core.create_namespace({"metadata": {"name": namespace}})
-        yield Observed(cluster, prometheus, namespace,
-                       _provoke(bed, kube, family, proxy, cluster, namespace), started)
+        good = _provoke(bed, kube, family, proxy, cluster, namespace)
+        print(f"observe: product and Prometheus up in {started - begun:.1f} s, caches "
+              f"Ready/Degraded {time.monotonic() - started:.1f} s later")
+        yield Observed(cluster, prometheus, namespace, good, started)
     finally:
+        ending = time.monotonic()
         try:
             if prometheus is not None:
                 prometheus.stop()
@@ -104,6 +108,7 @@ def observed(bed: BedState, kube: Kube, family: Family,
             cluster.stop()
             kube.kubectl("delete", "nodelayercaches", "--all", "--wait=false")
             _empty_nodes(bed, family)
+            print(f"observe: teardown {time.monotonic() - ending:.1f} s")
 
 
 def _empty_nodes(bed: BedState, family: Family) -> None:
