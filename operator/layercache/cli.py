@@ -1,4 +1,8 @@
-"""The ``layercache`` command line. ``layercache plan`` resolves images and shows what they share.
+"""The ``layercache`` command line (also ``kubectl layercache``): plan, status, operator, agent.
+
+``layercache status [NAME]`` shows LayerCache status read from the API: one row per cache,
+or one cache with per-node progress bars and its savings (`layercache.statusview`,
+`layercache.statusapi`; docs/cli.md).
 
 ``layercache plan IMAGE… [--file F]`` resolves every image for one platform (concurrently,
 through `layercache.registry`), lists the layers two or more of them share, and runs the
