@@ -176,7 +176,8 @@ def render_list(console: Console, caches: Sequence[Obj], now: datetime.datetime,
 
     Columns: NAMESPACE, NAME, READY (Ready condition), NODES (ready/desired), LAYERS
     (distinct, shared in brackets), UNIQUE and UPSTREAM (bytes), SAVED (saved bytes as a
-    share of naive bytes), REASON (Degraded's reason when degraded, else Ready's), AGE.
+    share of naive bytes; "-" until every node is ready), REASON (Degraded's reason when
+    degraded, else Ready's), AGE.
     """
     table = _table(None, "NAMESPACE", "NAME", "READY", "NODES#", "LAYERS#", "UNIQUE#",
                    "UPSTREAM#", "SAVED#", "REASON", "AGE#")
@@ -193,7 +194,9 @@ def render_list(console: Console, caches: Sequence[Obj], now: datetime.datetime,
             f"{layers.get('total', 0)} ({layers.get('shared', 0)})" if status else "-",
             human_bytes(int(bytes_.get("unique", 0))) if status else "-",
             human_bytes(int(bytes_.get("upstream", 0))) if status else "-",
-            _percent(int(bytes_.get("saved", 0)), int(bytes_.get("naive", 0))),
+            # The operator counts savings only once every node is ready (status.py).
+            _percent(int(bytes_.get("saved", 0)), int(bytes_.get("naive", 0)))
+            if nodes.get("desired") and nodes.get("ready") == nodes.get("desired") else "-",
             _reason(status) if status else "NoStatus",
             age((now - created).total_seconds()) if created else "-",
         )

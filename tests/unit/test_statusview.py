@@ -51,7 +51,7 @@ def test_list_view_matches_golden(objs: dict[str, Any]) -> None:
     _golden("statusview_list.txt", text)
     row = next(line for line in text.splitlines() if "runtimes" in line)
     cells = [cell.strip() for cell in row.strip("│").split("│")]
-    assert cells == ["default", "runtimes", "False", "2/4", "3 (1)", "95.8 MB", "95.8 MB", "0%",
+    assert cells == ["default", "runtimes", "False", "2/4", "3 (1)", "95.8 MB", "95.8 MB", "-",
                      "ManifestNotFound", "60m"]
 
 
