@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from layercache.digest import Digest
@@ -114,21 +115,39 @@ def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Dige
     seeder = _seeders(wanting, holders, sizes, before)
     for digest, nodes in wanting.items():
         useful = set(nodes) | set(holders[digest])
+        first = seeder.get(digest)
         for i, name in enumerate(nodes):
             entry = per_node[name][digest]
-            if seeder.get(digest) == name:
+            if first == name:
                 entry.source = "Upstream"
                 continue
             kept = before.get(name, {}).get(digest)
             if kept and kept[0] == "Peer" and kept[1] and set(kept[1]) <= useful:
                 entry.peers = list(kept[1])
                 continue
-            # Holders first, then the seeder, then the others in rotation from this node.
-            later = nodes[i + 1:] + nodes[:i]
-            ordered = [n for n in holders[digest] if n != name]
-            ordered += [n for n in [seeder.get(digest), *later] if n and n not in ordered]
-            entry.peers = ordered[:MAX_PEERS]
+            entry.peers = _peers(name, i, nodes, holders[digest], first)
     return {name: list(layers.values()) for name, layers in per_node.items()}
+
+
+def _peers(name: str, index: int, nodes: Sequence[str], holders: Sequence[str],
+           seeder: str | None) -> list[str]:
+    """Up to `MAX_PEERS` peers of `name` (= ``nodes[index]``), each once, never itself.
+
+    Holders first, then the seeder, then the other wanting nodes in rotation from this one.
+    Lazy on purpose: at 1,000 nodes, building the whole rotation for every (node, layer)
+    pair costs O(nodes²) per layer — a minute of CPU for 200 layers.
+    """
+    count = len(nodes)
+    rotation = (nodes[(index + k) % count] for k in range(1, count))
+    chosen: list[str] = []
+    seen = {name}
+    for candidate in chain(holders, (seeder,) if seeder else (), rotation):
+        if candidate not in seen:
+            seen.add(candidate)
+            chosen.append(candidate)
+            if len(chosen) == MAX_PEERS:
+                break
+    return chosen
 
 
 def _seeders(wanting: Mapping[Digest, list[str]], holders: Mapping[Digest, list[str]],

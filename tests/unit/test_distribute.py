@@ -142,3 +142,30 @@ def test_node_spec_is_capped_at_the_crd_limit() -> None:
     assert [e["digest"] for e in spec["layers"]] == [str(x.digest) for x in many[:MAX_NODE_LAYERS]]
     # An image not wholly held is not materialised.
     assert spec["images"] == []
+
+
+def test_peers_are_holders_then_seeder_then_the_next_nodes_each_once() -> None:
+    # 1,000 nodes, as in the scale benchmark: the list must stay cheap and exact.
+    nodes = [f"n{i:04d}" for i in range(1000)]
+    present = {"n0500": frozenset({BASE.digest}), "n0007": frozenset({BASE.digest})}
+    cache = _cache("ns/c", {"app-a": (BASE, APP_A)}, nodes, present)
+    result = distribute([cache], present)
+    seeder = next(n for n in nodes for e in result[n]
+                  if e.layer.digest == APP_A.digest and e.source == "Upstream")
+    for index, name in enumerate(nodes):
+        for entry in result[name]:
+            if entry.source == "Upstream":
+                continue
+            assert name not in entry.peers
+            assert len(entry.peers) == len(set(entry.peers)) == 8
+            if entry.layer.digest == BASE.digest:  # held by two nodes: no seeder
+                holders = [h for h in ("n0007", "n0500") if h != name]
+                assert entry.peers[:len(holders)] == holders
+                rest = entry.peers[len(holders):]
+                skip = {name, "n0007", "n0500"}
+            else:
+                assert entry.peers[0] == seeder
+                rest = entry.peers[1:]
+                skip = {name, seeder}
+            following = [n for n in nodes[index + 1:] + nodes[:index] if n not in skip]
+            assert rest == following[:len(rest)]
