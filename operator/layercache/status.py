@@ -65,11 +65,14 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
         obj = node_caches.get(name)
         ok, reason, message = _node_state(obj)
         bytes_ = ((obj or {}).get("status") or {}).get("bytes") or {}
-        base_up, base_peer = state.baseline.get(name, (0, 0))
         # Node counters are cumulative over every cache; ours is what they grew by since
-        # this cache was first planned there (an agent restart never lowers them).
-        upstream += max(int(bytes_.get("upstream", 0)) - base_up, 0)
-        peer += max(int(bytes_.get("peer", 0)) - base_peer, 0)
+        # this cache was first planned there (an agent restart never lowers them). A node
+        # with no baseline never had this cache's layers in its spec (e.g. none of its
+        # images resolved): nothing it fetched was for us.
+        if name in state.baseline:
+            base_up, base_peer = state.baseline[name]
+            upstream += max(int(bytes_.get("upstream", 0)) - base_up, 0)
+            peer += max(int(bytes_.get("peer", 0)) - base_peer, 0)
         if ok:
             ready_nodes += 1
         else:
