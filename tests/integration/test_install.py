@@ -9,7 +9,8 @@
   dry run (they are checked as rendered objects instead);
 - a real `helm install` creates the operator's two Pods and one agent Pod bound to each
   Node (no kubelet runs them: they stay Pending), and `helm uninstall` leaves nothing.
-  `helm test` needs running Pods, so its hook Pod is rendered and dry-run only.
+  `helm test` needs running Pods, so its hook Pod is rendered and dry-run, and its script
+  is run as a process against a real operator and agent.
 
 The release lives in its own namespace with its own cluster-scoped names, next to the
 layercache-system install the operator and end-to-end tests use on the same bed.
@@ -18,8 +19,12 @@ layercache-system install the operator and end-to-end tests use on the same bed.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +49,8 @@ from testbed.install import (
     without_monitoring,
 )
 from testbed.kube import Kube, wait_for
-from testbed.procs import ComponentError
-from testbed.product import install
+from testbed.procs import ComponentError, Process
+from testbed.product import install, start_agent, start_operator
 
 pytestmark = pytest.mark.integration
 
@@ -72,19 +77,17 @@ def pod_spec(objects: list[Obj], kind: str) -> dict[str, Any]:
 
 # --- chart, no cluster ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("values", [None, *CI_VALUES],
-                         ids=["defaults", *(p.stem for p in CI_VALUES)])
-def test_chart_lints_and_renders(values: Path | None) -> None:
-    files = [values] if values else []
-    report = lint_chart(files)
+# ci/default-values.yaml is the defaults; `make lint` (.ci/lint-chart.sh) also runs without it.
+@pytest.mark.parametrize("values", CI_VALUES, ids=[p.stem for p in CI_VALUES])
+def test_chart_lints_and_renders(values: Path) -> None:
+    report = lint_chart([values])
     assert "1 chart(s) linted, 0 chart(s) failed" in report
-    objects = render_chart(RELEASE, NAMESPACE, files)
+    objects = render_chart(RELEASE, NAMESPACE, [values])
     counts = kinds(objects)
     assert counts["Deployment"] == counts["DaemonSet"] == 1
     assert counts["ClusterRole"] == counts["ClusterRoleBinding"] == 2
     # Cluster-scoped names carry the release's name, so releases never share one.
-    fullname = (yaml.safe_load(values.read_text()) if values else {}).get(
-        "fullnameOverride", RELEASE)
+    fullname = yaml.safe_load(values.read_text()).get("fullnameOverride", RELEASE)
     for obj in objects:
         if obj["kind"] in {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}:
             assert obj["metadata"]["name"].startswith(fullname)
@@ -294,3 +297,49 @@ def _leftovers(kube: Kube, namespace: str) -> str:
     cluster = kube.kubectl("get", "clusterroles,clusterrolebindings,clusterkopfpeerings",
                            "-l", INSTANCE, "-o", "name")
     return (namespaced + releases + cluster).strip()
+
+
+def test_the_helm_test_script_passes_against_a_real_operator_and_agent(
+        bed: BedState, kube: Kube, tmp_path: Path) -> None:
+    # `helm test` cannot run on the bed (no kubelet), but its script can: run the hook Pod's
+    # own command, with the Pod's env pointed at a real operator and agent (processes under
+    # their ServiceAccounts), instead of the Services' DNS names.
+    [hook] = [o for o in render_chart() if is_hook(o)]
+    [container] = hook["spec"]["containers"]
+    assert container["command"] == ["python3", "-c"]
+    script = container["args"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["OPERATOR_URL"] == ("http://layercache-operator-metrics.layercache-system.svc:"
+                                   "8080/metrics")
+    install(kube, "rbac-operator.yaml", "rbac-agent.yaml")
+    # The agent starts in the background while start_operator waits for the operator.
+    agent, _, agent_port = start_agent(bed, kube, bed.nodes[0], tmp_path / "agent")
+    try:
+        operator, operator_port = start_operator(bed, kube, tmp_path / "operator")
+    except BaseException:
+        agent.stop()
+        raise
+    try:
+        def answers(port: int) -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2):
+                    return True
+            except OSError:
+                return False
+        wait_for(lambda: answers(agent_port), timeout=30, what="the agent's metrics")
+
+        def hook(agent_metrics: int) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                env={**env, "OPERATOR_URL": f"http://127.0.0.1:{operator_port}/metrics",
+                     "AGENT_HOST": "127.0.0.1", "AGENT_PORT": str(agent_metrics)}, check=False)
+        passed = hook(agent_port)
+        assert passed.returncode == 0, passed.stderr
+        assert passed.stdout.splitlines()[-1] == "operator and 1 agents answer"
+        # An endpoint without agent metrics (the operator's, as if it were an agent) fails it.
+        failed = hook(operator_port)
+        assert failed.returncode == 1
+        assert "without layercache_agent_* metrics" in failed.stderr
+    finally:
+        with ThreadPoolExecutor() as pool:  # both shut down gracefully, at the same time
+            list(pool.map(Process.stop, [agent, operator]))

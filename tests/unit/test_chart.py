@@ -160,3 +160,14 @@ def test_the_workloads_set_only_variables_the_settings_read() -> None:
     assert agent <= _setting_variables(AgentSettings)
     assert {"LAYERCACHE_STANDALONE", "LAYERCACHE_PEERING"} <= operator
     assert {"NODE_NAME", "POD_NAMESPACE", "POD_IP", "LAYERCACHE_CONTAINERD_SOCKET"} <= agent
+
+
+def test_ci_default_values_only_restate_the_defaults() -> None:
+    # Tests use ci/default-values.yaml for "the defaults": it must not change any.
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def restated(values: dict[str, Any], base: dict[str, Any]) -> bool:
+        return all(restated(v, base[k]) if isinstance(v, dict) else base.get(k) == v
+                   for k, v in values.items())
+    ci = yaml.safe_load((CHART / "ci" / "default-values.yaml").read_text())
+    assert ci and restated(ci, defaults)
