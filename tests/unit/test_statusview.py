@@ -26,10 +26,13 @@ DATA = Path(__file__).parent / "data"
 NOW = datetime.datetime(2026, 11, 29, 19, 0, 0, tzinfo=datetime.UTC)
 
 
+_OBJS: dict[str, Any] = yaml.safe_load((DATA / "status_runtimes.yaml").read_text())
+
+
 @pytest.fixture
 def objs() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((DATA / "status_runtimes.yaml").read_text())
-    return loaded
+    """A fresh copy of the fixture objects (tests may change them)."""
+    return copy.deepcopy(_OBJS)
 
 
 def _plain(width: int = 130) -> Console:
