@@ -24,7 +24,8 @@ _GO_TOOLS = {
 _DEBIAN = {
     "containerd": "containerd", "runc": "runc", "docker-registry": "docker-registry",
     "skopeo": "skopeo", "umoci": "umoci", "mmdebstrap": "mmdebstrap",
-    "prometheus": "prometheus", "htpasswd": "apache2-utils", "ctr": "containerd",
+    "prometheus": "prometheus", "promtool": "prometheus", "htpasswd": "apache2-utils",
+    "ctr": "containerd",
 }
 
 
