@@ -239,6 +239,36 @@ def split_bytes(stats: ProxyStats, family: Family) -> ByteSplit:
     return ByteSplit(**kinds)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # proc(5): utime and stime are fields 14 and 15; [0] here is field 3 (state).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_component(bench: Bench) -> dict[str, float]:
+    """CPU seconds used so far, by component: agents, operator, containerd, the rest.
+
+    The difference of two calls is where a run's CPU time went (the profile of a run on a
+    machine whose few cores every component shares).
+    """
+    pids = {f"agent[{name}]": p.pid for name, p in bench.cluster.agents.items()}
+    if bench.cluster.operator is not None:
+        pids["operator"] = bench.cluster.operator.pid
+    pids |= {rec.name: rec.pid for rec in bench.state.processes}
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        # agent[node] and containerd[node] → one figure per kind; faultproxy-PORT too.
+        group = name.split("[", 1)[0]
+        group = next((g for g in ("faultproxy", "docker-registry") if group.startswith(g)),
+                     group)
+        out[group] = out.get(group, 0.0) + _cpu_seconds(pid)
+    return out
+
+
 def median(values: Sequence[float]) -> float:
     """The median of `values` (seconds or bytes)."""
     return float(statistics.median(values))

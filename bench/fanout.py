@@ -22,15 +22,28 @@ concurrent streams of known blobs) and written with the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.bedtools import RATE_20MB, Bench, bench_bed, node_status, rounded, split_bytes, wait_warm
+from bench.bedtools import (
+    RATE_20MB,
+    Bench,
+    bench_bed,
+    cpu_by_component,
+    node_status,
+    rounded,
+    split_bytes,
+    wait_warm,
+)
 from bench.common import Row, ratio, write_result
 from testbed.bed import NodeRecord
 from testbed.cri import pull
@@ -57,6 +70,26 @@ def _counters(bench: Bench, nodes: list[NodeRecord]) -> dict[str, tuple[int, int
     return out
 
 
+def timeline(bench: Bench, applied: float) -> dict[str, list[dict[str, Any]]]:
+    """When each running agent held each layer, and from where, from the agents' logs.
+
+    Node name → ``[{"seconds": after apply, "digest": short, "source": upstream|peer}]``:
+    the profile of a run (which layer waited for which) without touching the agents.
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, agent in bench.cluster.agents.items():
+        events = []
+        for line in agent.log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                entry = json.loads(line)
+                if " held (" in entry["message"]:
+                    at = datetime.fromisoformat(entry["time"]).timestamp()
+                    events.append({"seconds": round(at - applied, 2),
+                                   "digest": entry["digest"][:19], "source": entry["source"]})
+        out[name] = sorted(events, key=lambda e: e["seconds"])
+    return out
+
+
 def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int) -> dict[str, Any]:
     """Warm `nodes` with layercache; seconds from apply to all warm and the proxy's bytes."""
     bench.select(nodes)
@@ -67,12 +100,17 @@ def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int) -> dict[s
         # The agents' first status write (their start-up) must not be mistaken for progress.
         before = _counters(bench, nodes)
         bench.proxy.reset()
-        applied = time.monotonic()
+        cpu_before = cpu_by_component(bench)
+        applied, applied_wall = time.monotonic(), time.time()
         bench.apply("fanout", bench.image_refs(IMAGES))
         done = wait_warm(bench.kube, [n.name for n in nodes], layers)
+        cpu = {k: round(v - cpu_before.get(k, 0.0), 2)
+               for k, v in cpu_by_component(bench).items()}
+        load = os.getloadavg()[0]
         stats = bench.proxy.stats()
         after = _counters(bench, nodes)
         split = split_bytes(stats, bench.family)
+        held = timeline(bench, applied_wall)
         bench.release()
     finally:
         bench.stop_agents()
@@ -83,6 +121,9 @@ def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int) -> dict[s
         "bytes": asdict(split) | {"total": split.total},
         "per_node": {name: {"upstream": after[name][0] - before[name][0],
                             "peer": after[name][1] - before[name][1]} for name in after},
+        "held_timeline": held,
+        "cpu_seconds_by_component": cpu,
+        "load_average_1m_at_end": round(load, 2),
     }
 
 
@@ -168,8 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--quick", action="store_true", help="N = 1, 2 on a 2-node bed")
     parser.add_argument("--rate", type=int, default=RATE_20MB, help="uplink cap, bytes/s")
+    parser.add_argument("--counts", help="node counts instead of 1,2,4,6, e.g. 1,6")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="layercache only (for profiling a run; no rows)")
     args = parser.parse_args(argv)
     counts = QUICK_COUNTS if args.quick else COUNTS
+    if args.counts:
+        counts = tuple(int(n) for n in args.counts.split(","))
     started = time.monotonic()
     with bench_bed("fanout", max(counts)) as bench:
         bed_seconds = time.monotonic() - started
@@ -184,13 +230,14 @@ def main(argv: list[str] | None = None) -> None:
         for n in counts:
             nodes = bench.nodes[:n]
             bench.clear(nodes)
-            runs[n] = {"baseline": run_baseline(bench, nodes),
-                       "layercache": run_layercache(bench, nodes, layers)}
-            print(f"N={n}: baseline {runs[n]['baseline']['seconds']} s "
-                  f"{runs[n]['baseline']['bytes']['layers']:,} layer bytes; layercache "
-                  f"{runs[n]['layercache']['seconds']} s "
+            if not args.skip_baseline:
+                runs[n] = {"baseline": run_baseline(bench, nodes)}
+                print(f"N={n}: baseline {runs[n]['baseline']['seconds']} s "
+                      f"{runs[n]['baseline']['bytes']['layers']:,} layer bytes", flush=True)
+            runs.setdefault(n, {})["layercache"] = run_layercache(bench, nodes, layers)
+            print(f"N={n}: layercache {runs[n]['layercache']['seconds']} s "
                   f"{runs[n]['layercache']['bytes']['layers']:,} layer bytes", flush=True)
-    result = rows(runs, unique)
+    result = [] if args.skip_baseline else rows(runs, unique)
     path = write_result(
         args.out, "fanout", result, quick=args.quick, images=list(IMAGES),
         unique_layer_bytes=unique, planned_layers=layers, rate_cap=rate_check,

@@ -61,7 +61,9 @@ def _number(value: float | None) -> str:
         return "-"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
-    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.4f}"
 
 
 def table(rows: list[Row], title: str) -> Table:
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
     args.out.mkdir(parents=True, exist_ok=True)
     console = Console()
+    if console.width < 132:  # not a terminal (make's pipe, a log): room for the table
+        console = Console(width=132)
     rows: list[Row] = []
     runs = {}
     for letter, module in chosen.items():
