@@ -82,8 +82,9 @@ def timeline(bench: Bench, applied: float) -> dict[str, list[dict[str, Any]]]:
         for line in agent.log.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 entry = json.loads(line)
-                if " held (" in entry["message"]:
-                    at = datetime.fromisoformat(entry["time"]).timestamp()
+                at = datetime.fromisoformat(entry["time"]).timestamp()
+                # The log file is appended to by every run's agent on this node: this run only.
+                if " held (" in entry["message"] and at >= applied - 1:
                     events.append({"seconds": round(at - applied, 2),
                                    "digest": entry["digest"][:19], "source": entry["source"]})
         out[name] = sorted(events, key=lambda e: e["seconds"])
