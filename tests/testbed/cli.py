@@ -1,4 +1,4 @@
-"""`layercache-testbed`: bring the local test bed up, show its status, tear it down."""
+"""`layercache-testbed`: the local test bed up, its status, down; the product image."""
 
 from __future__ import annotations
 
@@ -77,6 +77,40 @@ def demo(directory: DirOption = Path("/tmp/layercache-demo"),
         raise typer.Exit(1) from None
     console.print(f"report: {report}; the cluster is still up "
                   f"(KUBECONFIG={directory}/control-plane/admin.kubeconfig); make demo-down")
+
+
+@app.command()
+def image(
+    out: Annotated[Path, typer.Option(help="Copy the OCI layout and image.json here.")] = Path(
+        "out/image"),
+    push: Annotated[str | None, typer.Option(
+        help="Push to this reference (registry/repo:tag), TLS verified.")] = None,
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="Also push to the plain registry of the running bed in this directory.",
+    )] = None,
+    rebuild: Annotated[bool, typer.Option(help="Ignore a cached build of this wheel.")] = False,
+) -> None:
+    """Build layercache's container image without Docker (cached); optionally push it."""
+    from testbed.image_build import CommandError, ToolMissingError
+    from testbed.product_image import DEFAULT_REFERENCE, build_image, describe, push_image
+
+    try:
+        built = build_image(out, rebuild=rebuild)
+        console.print(f"[green]image[/] {built.source}: {describe(built)}")
+        targets = [(push, True)] if push else []
+        if directory is not None:
+            plain = BedState.load(directory).registries["plain"].host
+            repository = DEFAULT_REFERENCE.split("/", 1)[1]  # layercache/layercache:<tag>
+            targets.append((f"{plain}/{repository}", False))
+        for reference, tls_verify in targets:
+            digest = push_image(built, reference, tls_verify=tls_verify)
+            console.print(f"  pushed {reference}@{digest}")
+    except FileNotFoundError:
+        console.print(f"[red]no test bed in {directory}[/] (make testbed-up)")
+        raise typer.Exit(1) from None
+    except (CommandError, ToolMissingError) as e:
+        console.print(f"[red]image build failed[/]: {e}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
