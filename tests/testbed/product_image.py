@@ -32,7 +32,6 @@ Spec: OCI image layout and image config (image-spec v1.1), skopeo-copy(1), umoci
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -43,14 +42,13 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
 from testbed.image_build import CommandError, read_json_blob, require_tools, run
 from testbed.image_recipe import CREATED, SOURCE_DATE_EPOCH, SUITE
+from testbed.images import _exclusive  # the family cache's flock, same discipline
 from testbed.paths import CACHE, REPO
 
 __all__ = [
@@ -326,16 +324,6 @@ def build_image(out: Path | None = None, *, cache_dir: Path | None = None,
     copied = BuiltImage(**{**asdict(built), "layout": out / LAYOUT})
     _write_summary(out, copied)
     return copied
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _prune(root: Path, current: Path) -> None:
