@@ -38,7 +38,7 @@ from layercache.agent.nodespec import Counters, parse_node_spec
 from layercache.agent.peers import PeerClient, PeerDirectory
 from layercache.agent.reconcile import Reconciler
 from layercache.agent.secrets import LiveKeyring, Secrets
-from layercache.agent.server import PeerServer, metrics_app, start_site
+from layercache.agent.server import ContainerdLiveness, PeerServer, metrics_app, start_site
 from layercache.agent.settings import AgentSettings
 from layercache.agent.status import StatusBook, StatusReporter
 from layercache.agent.transfer import ByteRate
@@ -50,6 +50,11 @@ from layercache.registry.client import RegistryClient, RegistryOptions
 __all__ = ["run_agent"]
 
 log = logging.getLogger(__name__)
+
+# How often the agent checks that containerd answers (see ContainerdLiveness), and the digest
+# it asks about: the empty blob's, absent or present, both are an answer.
+_LIVENESS_SECONDS = 10.0
+_NO_BLOB = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
 async def _retrying(what: str, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -126,7 +131,11 @@ class Agent:
         reconciler.set_object(obj)
         self.metrics.track(lambda: AgentGauges(book.wanted, book.held, book.bytes_held,
                                                book.pressure is not None))
-        server = PeerServer(self.store, lambda: self.secrets.token, book.served_bytes)
+        # A cheap containerd call (a lookup of a digest nobody has) every few seconds; a
+        # stale socket mount or a dead containerd fails /healthz after a minute.
+        liveness = ContainerdLiveness(lambda: self.store.info(_NO_BLOB))
+        server = PeerServer(self.store, lambda: self.secrets.token, book.served_bytes,
+                            liveness)
         self.runners.append(await start_site(server.app(), settings.peer_bind,
                                              settings.peer_port))
         self.runners.append(await start_site(metrics_app(self.registry_metrics),
@@ -145,6 +154,7 @@ class Agent:
                             lambda: self._check_node(reconciler))),
             ("secrets", _every(settings.secret_refresh_seconds,
                                lambda: self._refresh_secrets(book))),
+            ("containerd", _every(_LIVENESS_SECONDS, liveness.check)),
         )]
         log.info("agent running", extra={"peer_endpoint": book.peer_endpoint})
         stopping = asyncio.create_task(stop.wait())

@@ -13,17 +13,22 @@ Peer protocol (read-only, by digest, agents only):
 - only blobs this agent pinned (our managed-by label) are served, so a layer the kubelet
   pulled from a private registry is never handed out; any other is 404.
 
-``GET /healthz`` answers 200 while the event loop runs. Metrics are served by `metrics_app`
-on a separate listener, so scraping never competes with, or exposes, the peer port.
+``GET /healthz`` answers 200 while the event loop runs and containerd answers; 503 once
+containerd has not answered for `ContainerdLiveness.max_down_seconds` (a socket recreated by a
+containerd restart is unreachable through a stale mount, and only a new Pod recovers). Metrics
+are served by `metrics_app` on a separate listener, so scraping never competes with, or
+exposes, the peer port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
@@ -33,7 +38,7 @@ from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import ContainerdError
 from layercache.digest import Digest, InvalidDigestError
 
-__all__ = ["PeerServer", "metrics_app", "parse_range", "start_site"]
+__all__ = ["ContainerdLiveness", "PeerServer", "metrics_app", "parse_range", "start_site"]
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +73,62 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+class ContainerdLiveness:
+    """Whether containerd has answered recently: the agent's liveness beyond its event loop.
+
+    ``probe`` is a cheap containerd call (any error or a timeout of ``timeout_seconds`` is a
+    failure); `check` runs it, and the agent is unhealthy once no probe has succeeded for
+    more than ``max_down_seconds`` (a restart of containerd alone is a few seconds, so a
+    longer outage means the agent is stuck: the kubelet's liveness probe restarts it).
+    ``clock`` gives monotonic seconds. The clock starts at construction, so a fresh agent
+    has ``max_down_seconds`` to reach containerd.
+    """
+
+    def __init__(self, probe: Callable[[], Awaitable[object]], *,
+                 max_down_seconds: float = 60.0, timeout_seconds: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.probe = probe
+        self.max_down_seconds = max_down_seconds
+        self.timeout_seconds = timeout_seconds
+        self.clock = clock
+        self.last_ok = clock()
+        self.last_error: str | None = None
+
+    async def check(self) -> None:
+        """Run the probe once and record the outcome. Never raises."""
+        try:
+            await asyncio.wait_for(self.probe(), self.timeout_seconds)
+        except Exception as error:  # any failure counts; the reason is kept for /healthz
+            self.last_error = str(error) or type(error).__name__
+            log.warning("containerd did not answer the liveness probe: %s", self.last_error)
+            return
+        self.last_ok = self.clock()
+        self.last_error = None
+
+    def down_seconds(self) -> float:
+        """Seconds since containerd last answered (0 when the last probe succeeded)."""
+        return 0.0 if self.last_error is None else self.clock() - self.last_ok
+
+    def healthy(self) -> bool:
+        """False once containerd has not answered for more than ``max_down_seconds``."""
+        return self.clock() - self.last_ok <= self.max_down_seconds
+
+
 class PeerServer:
     """Serves this node's pinned blobs from ``store`` to agents holding the peer token.
 
     ``token`` gives the current token (None: none loaded, every request is refused);
-    ``on_served`` is called with each chunk's byte count as it is sent.
+    ``on_served`` is called with each chunk's byte count as it is sent; ``liveness`` (None:
+    the event loop alone) makes ``/healthz`` fail while containerd is unreachable.
     """
 
     def __init__(self, store: ContentStore, token: Callable[[], str | None],
-                 on_served: Callable[[int], None]) -> None:
+                 on_served: Callable[[int], None],
+                 liveness: ContainerdLiveness | None = None) -> None:
         self.store = store
         self.token = token
         self.on_served = on_served
+        self.liveness = liveness
 
     def app(self) -> web.Application:
         """The aiohttp application: blob routes and ``/healthz``."""
@@ -90,7 +139,12 @@ class PeerServer:
         return app
 
     async def healthz(self, _request: web.Request) -> web.Response:
-        """Liveness: the process serves requests."""
+        """Liveness: 200 while the process serves requests and containerd answers, else 503."""
+        liveness = self.liveness
+        if liveness is not None and not liveness.healthy():
+            return web.Response(status=503, text=(
+                f"containerd unreachable for {liveness.down_seconds():.0f} s: "
+                f"{liveness.last_error}\n"))
         return web.Response(text="ok\n")
 
     def _authorized(self, request: web.Request) -> bool:
