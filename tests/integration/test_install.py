@@ -103,6 +103,24 @@ def test_chart_lints_and_renders(values: Path) -> None:
     assert counts.get("PodDisruptionBudget", 0) == (1 if replicas >= 2 else 0)
 
 
+def test_long_release_names_give_short_distinct_names() -> None:
+    # The full name is cut before a component's suffix: with a 53-character release (Helm's
+    # limit) every name still fits 63 characters and operator and agent never share one.
+    release = "r" * 53
+    objects = render_chart(release, NAMESPACE, sets=[
+        "monitoring.podMonitor.enabled=true", "monitoring.prometheusRule.enabled=true",
+        "monitoring.dashboard.enabled=true"])
+    names: dict[str, list[str]] = {}
+    for obj in objects:
+        names.setdefault(obj["kind"], []).append(obj["metadata"]["name"])
+    assert max(len(n) for kind in names.values() for n in kind) == 63
+    for kind, kind_names in names.items():
+        assert all(len(n) <= 63 for n in kind_names), kind
+        assert len(set(kind_names)) == len(kind_names), f"{kind}: {kind_names}"
+    assert f"{release[:46]}-operator-metrics" in names["Service"]
+    assert len(names["ClusterRole"]) == len(names["PodMonitor"]) == 2
+
+
 def test_schema_refuses_typos_and_wrong_types() -> None:
     for bad, where in (("operator.replicas=two", "/operator/replicas"),
                        ("operator.replica=2", "'replica' not allowed"),

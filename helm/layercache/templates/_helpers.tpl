@@ -50,8 +50,11 @@ Per-component names, labels and selectors; call with (dict "ctx" $ "component" "
 Pod-template labels are the selector labels only, without the chart version, so an upgrade
 that changes nothing in a Pod does not roll every agent.
 */}}
+{{- /* The full name is cut before the suffix is added, so every suffix survives whole
+and the names of two components never collide, nor exceed 63 characters. */}}
 {{- define "layercache.componentName" -}}
-{{- printf "%s-%s" (include "layercache.fullname" .ctx) .component | trunc 63 | trimSuffix "-" }}
+{{- $suffix := printf "-%s" .component }}
+{{- printf "%s%s" (include "layercache.fullname" .ctx | trunc (int (sub 63 (len $suffix))) | trimSuffix "-") $suffix }}
 {{- end }}
 
 {{- define "layercache.componentLabels" -}}
