@@ -167,6 +167,14 @@ def test_podmonitors_select_the_manifests_pods_by_their_metrics_port() -> None:
         assert selector.items() <= template["metadata"]["labels"].items()
         ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
         assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+    # The alerts and the dashboard match these exact job names, for any release name.
+    chart = [o for o in render_chart("infra", "infra", sets=[
+        "fullnameOverride=lc", "monitoring.podMonitor.enabled=true"]) if o["kind"] == "PodMonitor"]
+    for monitor in [*monitors, *chart]:
+        component = monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+        assert {"action": "replace", "targetLabel": "job",
+                "replacement": f"layercache-{component}"} in endpoint["relabelings"]
 
 
 def test_pod_templates_do_not_change_with_the_chart_version(tmp_path: Path) -> None:
