@@ -28,8 +28,6 @@ WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the rest of the context out).
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
-# pyproject's package search includes tests/ (the testbed package rides along in the wheel).
-COPY tests/testbed/ tests/testbed/
 RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src
 # The product venv: created by the same /usr/bin/python3 the runtime image has, so its
 # interpreter symlink resolves there; pip runs from the build venv (`--python`) and

@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+TESTBED := $(PY) -m testbed.cli
 BED_DIR ?= /tmp/layercache-testbed
 DEMO_DIR ?= /tmp/layercache-demo
 NODES ?= 3
@@ -22,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@# The test bed package lives in tests/ and is not shipped in the wheel: a .pth file
+	@# makes it importable in this venv (also for the subprocesses tests start).
+	echo "$(CURDIR)/tests" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/layercache-testbed.pth"
 	@touch $@
 
 .PHONY: venv
@@ -56,27 +60,27 @@ bench: setup ## Benchmarks against their baselines (A fan-out, B ingest, C pull 
 
 .PHONY: image
 image: setup ## Build the layercache container image without Docker (mmdebstrap + wheel + umoci) into out/image
-	$(VENV)/bin/layercache-testbed image --out out/image $(IMAGE_ARGS)
+	$(TESTBED) image --out out/image $(IMAGE_ARGS)
 
 .PHONY: testbed-up
 testbed-up: setup ## Start the local test bed (BED_DIR, NODES) and leave it running
-	$(VENV)/bin/layercache-testbed up --dir $(BED_DIR) --nodes $(NODES)
+	$(TESTBED) up --dir $(BED_DIR) --nodes $(NODES)
 
 .PHONY: testbed-status
 testbed-status: venv ## Show each bed component; non-zero exit unless all are ready
-	$(VENV)/bin/layercache-testbed status --dir $(BED_DIR)
+	$(TESTBED) status --dir $(BED_DIR)
 
 .PHONY: testbed-down
 testbed-down: venv ## Stop the test bed and remove its state
-	$(VENV)/bin/layercache-testbed down --dir $(BED_DIR)
+	$(TESTBED) down --dir $(BED_DIR)
 
 .PHONY: demo
 demo: setup ## The main job: layercache on a local 3-node cluster with real images, and the savings
-	$(VENV)/bin/layercache-testbed demo --dir $(DEMO_DIR) --report out/demo-report.json
+	$(TESTBED) demo --dir $(DEMO_DIR) --report out/demo-report.json
 
 .PHONY: demo-down
 demo-down: venv ## Tear the demo cluster down
-	$(VENV)/bin/layercache-testbed down --dir $(DEMO_DIR)
+	$(TESTBED) down --dir $(DEMO_DIR)
 
 .PHONY: clean
 clean: ## Remove build outputs (not the tool and image caches)

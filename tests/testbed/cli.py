@@ -1,4 +1,4 @@
-"""`layercache-testbed`: the local test bed up, its status, down; the product image."""
+"""`python -m testbed.cli`: the local test bed (up, status, down, demo) and the product image."""
 
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ class SharedRate:
     concurrent responses queue behind each other. The link may catch up on at most
     `CATCH_UP_SECONDS` of time it sat idle, so the time a writer spends between writes
     (event loop, socket drain) is not lost from the rate: a single stream gets the set rate,
-    not a fraction of it, and the total never exceeds rate × (elapsed + CATCH_UP_SECONDS).
+    not a fraction of it, and the total never exceeds rate * (elapsed + CATCH_UP_SECONDS).
     `None` means no cap.
     """
 

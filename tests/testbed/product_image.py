@@ -176,8 +176,6 @@ def build_wheel(dest: Path, repo: Path = REPO) -> Path:
         for name in ("pyproject.toml", "README.md"):
             shutil.copy2(repo / name, src / name)
         shutil.copytree(repo / "operator", src / "operator", ignore=ignore)
-        # pyproject's package search includes tests/ (the testbed package rides along).
-        shutil.copytree(repo / "tests" / "testbed", src / "tests" / "testbed", ignore=ignore)
         run([sys.executable, "-m", "pip", "wheel",
              "--quiet", "--no-deps", "--wheel-dir", dest, src])
     wheels = sorted(dest.glob("layercache-*.whl"))
