@@ -211,6 +211,14 @@ def test_monitoring_objects_follow_their_toggles_and_files(tmp_path: Path) -> No
     objects = render_chart(sets=[*on, "monitoring.dashboard.namespace=grafana"], chart=chart)
     [rule] = [o for o in objects if o["kind"] == "PrometheusRule"]
     assert rule["spec"]["groups"] == groups  # Prometheus templates pass through untouched
+    # runbookBaseURL makes the shipped rules' relative runbook links absolute.
+    [rule] = [o for o in render_chart(sets=[
+        "monitoring.prometheusRule.enabled=true",
+        "monitoring.prometheusRule.runbookBaseURL=https://docs.example/lc/"]) if o["kind"] ==
+        "PrometheusRule"]
+    urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert urls and all(u.startswith("https://docs.example/lc/docs/observability.md#")
+                        for u in urls), urls
     [config] = [o for o in objects if o["kind"] == "ConfigMap"]
     assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config["metadata"]["namespace"] == "grafana"

@@ -85,7 +85,8 @@ def test_alert_rules_carry_severity_annotations_and_runbook_anchors() -> None:
     assert rules.annotation_problems(loaded) == []
     assert {r.alert for r in loaded} == {
         "LayerCacheNotReady", "LayerCacheDegraded", "LayerCacheNodeCannotIngest",
-        "LayerCacheNodeDiskPressure", "LayerCacheAgentDown", "LayerCacheReplansFailing"}
+        "LayerCacheNodeDiskPressure", "LayerCacheAgentDown", "LayerCacheOperatorDown",
+        "LayerCacheReplansFailing"}
     assert next(r for r in loaded if r.alert == "LayerCacheNotReady").duration == "15m"
 
 
@@ -107,6 +108,9 @@ def test_anchors_follow_github_headings() -> None:
     ('x{reason!="a>b"} != 1', ['x{reason!="a>b"}']),
     ("(a) + (b) >= 1e3", ["(a) + (b)"]),
     ("sort_desc(band)", ["sort_desc(band)"]),
+    ('absent(up{job="op"} == 1)', ['up{job="op"}']),
+    ("absent(a) or absent(b)", ["a", "b"]),
+    ("absent_over_time(a[5m])", ["absent_over_time(a[5m])"]),
 ])
 def test_operands_drop_thresholds_and_split_set_operators(expr: str,
                                                           expected: list[str]) -> None:

@@ -42,9 +42,14 @@ def operands(expr: str) -> list[str]:
     `(a > 0) and on (node) (b < c)` gives `["a", "b", "c"]`: the expression is split at
     top-level comparison and set operators (with their `on (...)`/`bool` modifiers), a
     part wholly in parentheses is split again, and number literals are dropped. An
-    expression with no such operator is its own single operand.
+    expression with no such operator is its own single operand. `absent(x)` returns data only
+    while `x` has none (a target down), so its operands are those of `x`: what shows that
+    the expression watches series that exist.
     """
-    parts = _split(expr.strip())
+    expr = expr.strip()
+    if expr.startswith("absent(") and _unwrap(expr[len("absent"):]) != expr[len("absent"):]:
+        return operands(_unwrap(expr[len("absent"):]))
+    parts = _split(expr)
     if len(parts) == 1:
         inner = _unwrap(parts[0])
         if inner == parts[0]:
