@@ -139,6 +139,24 @@ def test_settings_the_chart_owns_cannot_be_overridden_by_env() -> None:
     assert {"name": "LAYERCACHE_CONCURRENCY", "value": "8"} in env
 
 
+def test_env_numbers_render_as_written(tmp_path: Path) -> None:
+    # YAML numbers reach Helm as float64: without care 104857600 renders as 1.048576e+08,
+    # which the settings cannot parse as an integer.
+    values = tmp_path / "env.yaml"
+    values.write_text("agent:\n  env:\n    LAYERCACHE_MAX_BYTES_PER_SECOND: 104857600\n"
+                      "    LAYERCACHE_MIN_FREE_PERCENT: 12.5\n"
+                      "operator:\n  env:\n    LAYERCACHE_RESOLVE_CONCURRENCY: 16\n"
+                      "    LAYERCACHE_LOG_JSON: true\n    LAYERCACHE_OTHER: '007'\n")
+    objects = render_chart(values=[values])
+    agent = pod_spec(objects, "DaemonSet")["spec"]["containers"][0]["env"]
+    operator = pod_spec(objects, "Deployment")["spec"]["containers"][0]["env"]
+    assert {"name": "LAYERCACHE_MAX_BYTES_PER_SECOND", "value": "104857600"} in agent
+    assert {"name": "LAYERCACHE_MIN_FREE_PERCENT", "value": "12.5"} in agent
+    assert {"name": "LAYERCACHE_RESOLVE_CONCURRENCY", "value": "16"} in operator
+    assert {"name": "LAYERCACHE_LOG_JSON", "value": "true"} in operator
+    assert {"name": "LAYERCACHE_OTHER", "value": "007"} in operator
+
+
 def test_chart_renders_what_the_manifests_hold() -> None:
     # Release "layercache" in layercache-system gives the manifests' names: every object must
     # then be the same, whole, once release and chart labels are set aside.

@@ -101,6 +101,8 @@ app.kubernetes.io/component: {{ .component }}
 {{/*
 User settings (`env`: a map of LAYERCACHE_* to values) as env entries, sorted by name. A
 variable the chart sets itself (`reserved`) fails the render instead of silently doubling.
+Numbers and booleans render as YAML wrote them (104857600, 12.5, true), never in Go's float
+notation.
 Call with (dict "env" .Values.x.env "reserved" (list "NAME" ...) "what" "x.env").
 */}}
 {{- define "layercache.userEnv" -}}
@@ -110,7 +112,7 @@ Call with (dict "env" .Values.x.env "reserved" (list "NAME" ...) "what" "x.env")
 {{- fail (printf "%s.%s is set by the chart; use the chart's own value for it" $.what $name) }}
 {{- end }}
 - name: {{ $name }}
-  value: {{ $value | toString | quote }}
+  value: {{ ternary $value ($value | toJson) (kindIs "string" $value) | quote }}
 {{- end }}
 {{- end }}
 
