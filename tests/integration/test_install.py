@@ -18,6 +18,7 @@ layercache-system install the operator and end-to-end tests use on the same bed.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,16 @@ def test_settings_the_chart_owns_cannot_be_overridden_by_env() -> None:
     objects = render_chart(sets=["agent.env.LAYERCACHE_CONCURRENCY=8"])
     env = pod_spec(objects, "DaemonSet")["spec"]["containers"][0]["env"]
     assert {"name": "LAYERCACHE_CONCURRENCY", "value": "8"} in env
+    # Settings that would break the install: one priority on every replica pauses them all
+    # in kopf; Secrets other than the chart's are outside the RBAC's resourceNames.
+    for bad in ("operator.env.LAYERCACHE_PRIORITY=5",
+                "operator.env.LAYERCACHE_CREDENTIALS_SECRET=mine",
+                "operator.env.LAYERCACHE_PEER_TOKEN_SECRET=mine",
+                "agent.env.LAYERCACHE_PEER_TOKEN_SECRET=mine",
+                "agent.env.LAYERCACHE_REGISTRY_SECRET=mine"):
+        name = bad.partition("=")[0]
+        with pytest.raises(ComponentError, match=rf"{re.escape(name)} cannot be set: "):
+            render_chart(sets=[bad])
 
 
 def test_env_numbers_render_as_written(tmp_path: Path) -> None:

@@ -100,20 +100,32 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/*
 User settings (`env`: a map of LAYERCACHE_* to values) as env entries, sorted by name. A
-variable the chart sets itself (`reserved`) fails the render instead of silently doubling.
-Numbers and booleans render as YAML wrote them (104857600, 12.5, true), never in Go's float
-notation.
+variable the chart sets itself (`reserved`) fails the render instead of silently doubling,
+and so does one that would break the install (`layercache.fixedEnv`). Numbers and booleans
+render as YAML wrote them (104857600, 12.5, true), never in Go's float notation.
 Call with (dict "env" .Values.x.env "reserved" (list "NAME" ...) "what" "x.env").
 */}}
 {{- define "layercache.userEnv" -}}
 {{- $reserved := concat .reserved (list "LAYERCACHE_INSECURE_REGISTRIES" "LAYERCACHE_REGISTRY_CA_FILE") }}
+{{- $fixed := include "layercache.fixedEnv" . | fromYaml }}
 {{- range $name, $value := .env }}
 {{- if has $name $reserved }}
 {{- fail (printf "%s.%s is set by the chart; use the chart's own value for it" $.what $name) }}
 {{- end }}
+{{- with get $fixed $name }}
+{{- fail (printf "%s.%s cannot be set: %s" $.what $name .) }}
+{{- end }}
 - name: {{ $name }}
   value: {{ ternary $value ($value | toJson) (kindIs "string" $value) | quote }}
 {{- end }}
+{{- end }}
+
+{{/* Settings `env` must not change, and why (a YAML map: name → reason). */}}
+{{- define "layercache.fixedEnv" -}}
+LAYERCACHE_PRIORITY: every operator replica would get the same peering priority, and kopf pauses all replicas of equal priority
+LAYERCACHE_CREDENTIALS_SECRET: the chart's RBAC grants access to the Secret layercache-registry-credentials by name only
+LAYERCACHE_REGISTRY_SECRET: the chart's RBAC grants access to the Secret layercache-registry-credentials by name only
+LAYERCACHE_PEER_TOKEN_SECRET: the chart's RBAC grants access to the Secret layercache-peer-token by name only
 {{- end }}
 
 {{/* The registry CA volume mount and volume, when registryCA.configMap is set. */}}
