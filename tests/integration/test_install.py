@@ -150,6 +150,35 @@ def test_settings_the_chart_owns_cannot_be_overridden_by_env() -> None:
             render_chart(sets=[bad])
 
 
+def test_user_labels_never_double_or_override_the_charts(tmp_path: Path) -> None:
+    # Labels are merged, not appended: a key of both appears once. Selector labels win on
+    # Pods (a podLabels component would orphan them) and on every object; the user's
+    # grafana_dashboard value wins over the chart's default "1".
+    values = tmp_path / "labels.yaml"
+    values.write_text(yaml.safe_dump({
+        "commonLabels": {"app.kubernetes.io/name": "other", "owner": "me"},
+        "agent": {"podLabels": {"app.kubernetes.io/component": "evil", "team": "a"}},
+        "operator": {"podLabels": {"app.kubernetes.io/instance": "evil"}},
+        "monitoring": {"dashboard": {"enabled": True, "labels": {"grafana_dashboard": "lc"}},
+                       "podMonitor": {"enabled": True, "labels": {
+                           "app.kubernetes.io/component": "evil", "release": "prom"}}}}))
+    objects = render_chart(RELEASE, NAMESPACE, [values])
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "layercache", obj["kind"]
+        assert labels["owner"] == "me"
+    for kind in ("Deployment", "DaemonSet"):
+        [workload] = [o for o in objects if o["kind"] == kind]
+        pod = workload["spec"]["template"]["metadata"]["labels"]
+        assert workload["spec"]["selector"]["matchLabels"].items() <= pod.items()
+    assert pod_spec(objects, "DaemonSet")["metadata"]["labels"]["team"] == "a"
+    [dashboard] = [o for o in objects if o["kind"] == "ConfigMap"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "lc"
+    monitors = [o["metadata"]["labels"] for o in objects if o["kind"] == "PodMonitor"]
+    assert sorted(m["app.kubernetes.io/component"] for m in monitors) == ["agent", "operator"]
+    assert all(m["release"] == "prom" for m in monitors)
+
+
 def test_env_numbers_render_as_written(tmp_path: Path) -> None:
     # YAML numbers reach Helm as float64: without care 104857600 renders as 1.048576e+08,
     # which the settings cannot parse as an integer.

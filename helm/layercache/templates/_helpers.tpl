@@ -33,16 +33,28 @@ app.kubernetes.io/name: {{ include "layercache.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{/* Labels of every object: the selector labels plus chart and version. */}}
+{{/* Labels of every object: the selector labels plus chart and version, then commonLabels
+(merged: a commonLabels key the chart sets itself never doubles it, the chart's wins). */}}
 {{- define "layercache.labels" -}}
+{{- $chart := include "layercache.chartLabels" . | fromYaml }}
+{{- merge $chart (.Values.commonLabels | default dict) | toYaml }}
+{{- end }}
+
+{{- define "layercache.chartLabels" -}}
 helm.sh/chart: {{ include "layercache.chart" . }}
 {{ include "layercache.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: layercache
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
 {{- end }}
+
+{{/*
+Labels `extra` (a map, may be empty) merged under `base` (a label block): a key of both
+keeps base's value, so user labels never double or override a selector label.
+Call with (dict "base" (include ...) "extra" .Values.x.labels).
+*/}}
+{{- define "layercache.mergeLabels" -}}
+{{- merge (.base | fromYaml) (.extra | default dict) | toYaml }}
 {{- end }}
 
 {{/*
@@ -58,8 +70,9 @@ and the names of two components never collide, nor exceed 63 characters. */}}
 {{- end }}
 
 {{- define "layercache.componentLabels" -}}
-{{ include "layercache.labels" .ctx }}
-app.kubernetes.io/component: {{ .component }}
+{{- $labels := include "layercache.labels" .ctx | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" .component }}
+{{- toYaml $labels }}
 {{- end }}
 
 {{- define "layercache.componentSelectorLabels" -}}
