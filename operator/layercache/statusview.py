@@ -254,14 +254,16 @@ def node_rows(cache: Obj, node_caches: Iterable[Obj]) -> list[NodeRow]:
             bytes_held=int(layers.get("bytesHeld", 0)) if layers else None,
             upstream=int(bytes_["upstream"]) if "upstream" in bytes_ else None,
             peer=int(bytes_["peer"]) if "peer" in bytes_ else None,
-            state=str(verdict.get("reason") if verdict else ready.get("reason", "NoStatus")),
+            # A failing entry without a reason still reads as failing, never "None".
+            state=str(verdict.get("reason") or "Failing" if verdict
+                      else ready.get("reason", "NoStatus")),
             message=str(verdict.get("message", "") if verdict else ""),
             caches=len(spec.get("caches") or ()),
             synced=_parse_time(status.get("lastSync")),
         )
     for name, verdict in failing.items():
         rows.setdefault(name, NodeRow(name, None, None, None, None, None,
-                                      str(verdict.get("reason", "")),
+                                      str(verdict.get("reason") or "Failing"),
                                       str(verdict.get("message", "")), 0, None))
     return [rows[name] for name in sorted(rows)]
 

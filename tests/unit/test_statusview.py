@@ -108,6 +108,16 @@ def test_node_rows(objs: dict[str, Any]) -> None:
     assert rows["node-d"].held is None and rows["node-d"].state == "NodeCacheMissing"
 
 
+def test_a_failing_entry_without_reason_reads_failing(objs: dict[str, Any]) -> None:
+    failing = objs["cache"]["status"]["nodes"]["failing"]
+    assert failing, "the fixture has failing nodes"
+    for entry in failing:
+        entry.pop("reason", None)
+    failing.append({"name": "node-gone", "message": "no NodeLayerCache"})
+    rows = {row.name: row for row in node_rows(objs["cache"], objs["nodes"])}
+    assert {rows[entry["name"]].state for entry in failing} == {"Failing"}
+
+
 def test_status_written_prefers_managed_fields(objs: dict[str, Any]) -> None:
     cache = objs["cache"]
     assert status_written(cache) == datetime.datetime(2026, 11, 29, 18, 58, 30,
