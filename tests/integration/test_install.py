@@ -126,7 +126,8 @@ def test_schema_refuses_typos_and_wrong_types() -> None:
     for bad, where in (("operator.replicas=two", "/operator/replicas"),
                        ("operator.replica=2", "'replica' not allowed"),
                        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
-                       ("agent.containerd.socket=relative.sock", "/agent/containerd/socket")):
+                       ("agent.containerd.socket=relative.sock", "/agent/containerd/socket"),
+                       ("tests.timeoutSeconds=0", "/tests/timeoutSeconds")):
         with pytest.raises(ComponentError, match="values don't meet the specifications") as err:
             render_chart(sets=[bad])
         assert where in str(err.value)
