@@ -60,7 +60,10 @@ class KubeApi:
     def nodes(self) -> list[NodeInfo]:
         """Every Node, as `NodeInfo`."""
         result = []
-        for node in self._dict(self.core.list_node())["items"]:
+        # The raw JSON: building the client's V1Node models for 1,000 nodes (and turning
+        # them back into dicts) cost seconds of CPU per replan.
+        response: Any = self.core.list_node(_preload_content=False)
+        for node in json.loads(response.data)["items"]:
             labels = node["metadata"].get("labels") or {}
             spec, status = node.get("spec") or {}, node.get("status") or {}
             conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
@@ -70,6 +73,28 @@ class KubeApi:
                                    platform, conditions.get("DiskPressure") == "True",
                                    bool(spec.get("unschedulable"))))
         return result
+
+    def layer_cache_keys(self) -> set[str]:
+        """"namespace/name" of every LayerCache in the cluster."""
+        listed: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, LC_PLURAL)
+        return {f"{item['metadata']['namespace']}/{item['metadata']['name']}"
+                for item in listed["items"]}
+
+    def layer_caches(self) -> list[dict[str, Any]]:
+        """Every LayerCache in the cluster (raw dicts: metadata, spec, status)."""
+        listed: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, LC_PLURAL)
+        return list(listed["items"])
+
+    def peering_status(self, name: str) -> dict[str, Any] | None:
+        """The `status` of ClusterKopfPeering `name` (identity → peer info), None if absent."""
+        try:
+            obj: Any = self.custom.get_cluster_custom_object(
+                "kopf.dev", "v1", "clusterkopfpeerings", name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict(obj.get("status") or {})
 
     def node_layer_caches(self) -> dict[str, dict[str, Any]]:
         """Every NodeLayerCache by name (raw dicts)."""

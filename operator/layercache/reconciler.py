@@ -4,8 +4,8 @@ Handlers (layercache.handlers) feed it: a LayerCache created/changed/refreshed �
 `resolve()`; anything that changes the plan (caches, nodes, agents' inventories) →
 `trigger()`. One background task turns triggers into at most one replan per debounce
 window, so a burst of events costs one plan and only changed `NodeLayerCache` specs are
-written. Because only kopf handlers trigger it, and kopf freezes handlers on a standby
-peer, a second replica never writes anything.
+written. On a standby replica kopf freezes the handlers and layercache.handlers.lifecycle
+stops these loops (layercache.leadership), so a second replica never writes anything.
 """
 
 from __future__ import annotations
@@ -267,8 +267,16 @@ class Reconciler:
     async def replan(self) -> dict[str, bool]:
         """Plan every cache over the current nodes and write changed node specs.
 
-        Returns node name → whether its NodeLayerCache was written.
+        Returns node name → whether its NodeLayerCache was written. Until every existing
+        LayerCache has been resolved once (after a restart, kopf resumes them one by one),
+        nothing is planned: a plan without a cache would strip its layers from every spec,
+        and the agents would release them. Each resolution triggers a replan.
         """
+        pending = await asyncio.to_thread(self.kube.layer_cache_keys) - set(self.caches)
+        if pending:
+            log.info("replan waits for %d LayerCache(s) not resolved yet: %s", len(pending),
+                     ", ".join(sorted(pending)[:5]))
+            return {}
         nodes = await asyncio.to_thread(self.kube.nodes)
         existing = await asyncio.to_thread(self.kube.node_layer_caches)
         present = {name: _held(obj) for name, obj in existing.items()}
