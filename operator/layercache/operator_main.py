@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import socket
+from typing import Any, cast
 
 import kopf
 from prometheus_client import start_http_server
@@ -26,8 +29,13 @@ def run_operator(*, verbose: bool = False) -> None:
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+    # One identity for kopf's peering entry and for our own check of who is active
+    # (layercache.leadership); unique per process, readable as the Pod's name.
+    identity = f"{socket.gethostname()}-{secrets.token_hex(4)}"
     asyncio.run(kopf.operator(
         clusterwide=True,
+        identity=cast(Any, identity),  # kopf's Identity is a NewType of str
+        memo=kopf.Memo(identity=identity),
         standalone=settings.standalone,
         # kopf makes peering mandatory whenever a name is given, and mandatory peering in
         # standalone mode pauses every watch forever: name it only when peering.
