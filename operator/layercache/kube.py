@@ -166,12 +166,17 @@ class KubeApi:
                 f"Secret {namespace}/{name} has no .dockerconfigjson (type {raw.get('type')})")
         return base64.b64decode(data).decode()
 
+    @staticmethod
+    def _secret_body(namespace: str, name: str, data: Mapping[str, str],
+                     secret_type: str) -> Any:
+        return {"metadata": {"name": name, "namespace": namespace, "labels": MANAGED_BY},
+                "type": secret_type,
+                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
     def write_secret(self, namespace: str, name: str, data: Mapping[str, str],
                      secret_type: str = "Opaque") -> None:  # noqa: S107 - a type, not a password
         """Create or replace Secret `namespace/name` with string `data` (values are secret)."""
-        body: Any = {"metadata": {"name": name, "namespace": namespace, "labels": MANAGED_BY},
-                "type": secret_type,
-                "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+        body = self._secret_body(namespace, name, data, secret_type)
         try:
             self.core.replace_namespaced_secret(name, namespace, body)
         except ApiException as e:
@@ -183,10 +188,18 @@ class KubeApi:
         """Create the agents' shared peer token Secret unless it exists (never rotates it)."""
         try:
             self.core.read_namespaced_secret(name, namespace)
+            return
         except ApiException as e:
             if e.status != 404:
                 raise
-            self.write_secret(namespace, name, {"token": secrets.token_urlsafe(32)})
+        # Create only, never replace: two replicas starting together both see 404, and the
+        # loser must keep the winner's token (409) rather than overwrite what agents read.
+        body = self._secret_body(namespace, name, {"token": secrets.token_urlsafe(32)}, "Opaque")
+        try:
+            self.core.create_namespaced_secret(namespace, body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
 
     def pod_images(self, namespaces: list[str], selector: Mapping[str, Any] | None
                    ) -> set[str]:
