@@ -76,9 +76,8 @@ class KubeApi:
 
     def layer_cache_keys(self) -> set[str]:
         """"namespace/name" of every LayerCache in the cluster."""
-        listed: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, LC_PLURAL)
         return {f"{item['metadata']['namespace']}/{item['metadata']['name']}"
-                for item in listed["items"]}
+                for item in self.layer_caches()}
 
     def layer_caches(self) -> list[dict[str, Any]]:
         """Every LayerCache in the cluster (raw dicts: metadata, spec, status)."""
