@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,11 +26,30 @@ class ComponentError(RuntimeError):
     """A bed component exited early or did not become ready in time; carries its log tail."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default lower bound
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free now (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that is free now, below the ephemeral range.
+
+    Not the kernel's `bind(0)` choice: that comes from the ephemeral range, which every
+    outgoing connection also draws its local port from, so between this call and the
+    component's own bind a client socket could take it ("address already in use").
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low)  # noqa: S311 - not crypto
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free TCP port below the ephemeral range on 127.0.0.1")
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
