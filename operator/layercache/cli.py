@@ -127,7 +127,7 @@ def plan_command(
         typer.Option("--file", "-f", help="File of image references, one per line ('-': stdin)."),
     ] = None,
     platform: Annotated[
-        str, typer.Option("--platform", help="Node platform, os/arch[/variant].")
+        str, typer.Option("--platform", help=r"Node platform, os/arch\[/variant].")
     ] = "linux/amd64",
     nodes: Annotated[
         int, typer.Option("--nodes", min=1, help="Identical empty nodes in the savings model.")

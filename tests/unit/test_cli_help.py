@@ -1,0 +1,24 @@
+"""Every `layercache` command prints its help (rich markup in a help text once crashed it)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from layercache.cli import app
+
+COMMANDS = ["plan", "status", "operator", "agent"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[c, "--help"] for c in COMMANDS]])
+def test_help_exits_zero(argv: list[str]) -> None:
+    result = CliRunner().invoke(app, argv, env={"COLUMNS": "120", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+    if argv[0] == "plan":
+        assert "os/arch[/variant]" in result.output
+
+
+def test_every_command_is_covered() -> None:
+    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    assert names == set(COMMANDS)
