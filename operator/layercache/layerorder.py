@@ -126,14 +126,13 @@ class Order:
     """A platform's eligible layers in priority order.
 
     ``ids`` are layer ids; ``spans`` the ``[start, stop)`` positions of cycle units of
-    several layers, which are held all-or-nothing; ``candidates`` and ``candidate_bytes``
-    count every distinct layer of the images, left out or not.
+    several layers, which are held all-or-nothing; ``candidates`` counts every distinct
+    layer of the images, left out or not.
     """
 
     ids: list[int] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
     candidates: int = 0  # distinct layers of the images, eligible or not
-    candidate_bytes: int = 0
 
 
 def order(cat: Catalogue, members: Sequence[int], min_shared_by: int) -> Order:
@@ -170,7 +169,6 @@ def order(cat: Catalogue, members: Sequence[int], min_shared_by: int) -> Order:
         feeds = set(itertools.compress(heads, map(stuck.__contains__, tails))).difference(stuck)
         result = _merge_cycles(cat, graph, (popped, left_out, stuck, feeds), indeg, bad)
     result.candidates = len(nodes)
-    result.candidate_bytes = sum(map(cat.sizes.__getitem__, nodes))
     return result
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "ResolvedImage",
     "Savings",
     "plan",
+    "saved_bytes",
 ]
 
 
@@ -185,18 +186,34 @@ class NodePlan:
         return self.held_bytes - self.present_bytes
 
 
+def saved_bytes(naive_bytes: int, upstream_bytes: int) -> int:
+    """Upstream bytes avoided: ``naive_bytes`` minus ``upstream_bytes``, never below 0.
+
+    The one definition of "saved", for the plan (``upstream_bytes`` = expected upstream,
+    `Savings.saved_bytes`), a LayerCache's status (measured upstream, `layercache.status`),
+    its ``layercache_cache_saved_bytes`` metric and ``layercache plan``. ``naive_bytes`` is
+    `Savings.naive_bytes`: only layers the cache holds, on the nodes that hold them, so a
+    cache on one node saves nothing, and a layer left out by ``minSharedBy`` or the budget is
+    neither naive nor saved. All sizes compressed bytes.
+    """
+    return max(naive_bytes - upstream_bytes, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Savings:
-    """The savings model, all in compressed bytes.
+    """The savings model, all in compressed bytes (docs/observability.md, "Savings").
 
-    - ``unique_bytes``: distinct layers in the plan, each counted once for the cluster.
-    - ``naive_bytes``: every target node pulls every image targeting it itself, cold; a
-      digest counts once per node, because containerd de-duplicates within a node and that
-      is not our saving. Covers all layers of those images, budget or not.
+    - ``unique_bytes``: distinct layers held anywhere under the plan, each counted once.
+    - ``naive_bytes``: what the nodes would pull themselves, cold, for the layers the plan
+      has them hold: per node, the bytes of the layers it holds, a digest once per node
+      (containerd de-duplicates within a node; that is not our saving). Layers left out by
+      ``min_shared_by`` or a budget are not held, so they are not counted. Equal to
+      ``planned_bytes``; kept apart because it is the baseline the savings are measured
+      against.
     - ``planned_bytes``: what all nodes hold under the plan, a digest once per node.
     - ``already_present_bytes``: the part of ``planned_bytes`` nodes already hold.
     - ``expected_upstream_bytes``: planned layers no node holds yet, each fetched once.
-    Always ``expected_upstream <= unique <= planned <= naive``.
+    Always ``expected_upstream <= unique <= planned == naive``.
     """
 
     unique_bytes: int
@@ -209,6 +226,11 @@ class Savings:
     def expected_peer_bytes(self) -> int:
         """Bytes nodes will fetch from peers instead of upstream: the sharing saving."""
         return self.planned_bytes - self.already_present_bytes - self.expected_upstream_bytes
+
+    @property
+    def saved_bytes(self) -> int:
+        """Expected upstream bytes avoided: `saved_bytes` of naive and expected upstream."""
+        return saved_bytes(self.naive_bytes, self.expected_upstream_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +260,6 @@ class _Group:
     cum_bytes: list[int]  # bytes of group positions [0, i]
     starts: list[int]  # cycle units spanning several positions, [start, stop), sorted;
     stops: list[int]  # a prefix never cuts through one
-    total_bytes: int
     below_min: int
     nodes: list[tuple[int, str]] = field(default_factory=list)  # (-layers held, name), sorted
 
@@ -339,7 +360,6 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by:
     selector_of = list(map({s: i for i, s in enumerate(selectors)}.__getitem__, wanted_labels))
     groups: dict[tuple[Platform, frozenset[int]], _Group] = {}
     node_plans: dict[str, NodePlan] = {}
-    naive = 0
     for node in nodes:
         # The node selectors a node satisfies decide its candidate images, hence its group.
         matched = frozenset(s for s, sel in enumerate(selectors) if sel <= node.labels.items())
@@ -350,7 +370,6 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by:
             everything = len(members) == len(every)
             groups[key] = _group(cat, members, platforms[node.platform], everything)
         node_plans[node.name] = _node_plan(groups[key], node)
-        naive += groups[key].total_bytes
 
     planned: set[int] = set()
     for group in groups.values():
@@ -358,10 +377,11 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by:
         planned.update(map(group.platform.order.ids.__getitem__, most))
     present_any: set[Digest] = set().union(*(node.present for node in nodes))
     fetched = set(map(cat.digests.__getitem__, planned)).difference(present_any)
+    held = sum(p.held_bytes for p in node_plans.values())
     savings = Savings(
         unique_bytes=sum(map(cat.sizes.__getitem__, planned)),
-        naive_bytes=naive,
-        planned_bytes=sum(p.held_bytes for p in node_plans.values()),
+        naive_bytes=held,  # only what the plan holds, where it holds it (Savings)
+        planned_bytes=held,
         already_present_bytes=sum(p.present_bytes for p in node_plans.values()),
         expected_upstream_bytes=sum(map(cat.sizes.__getitem__, map(cat.ids.__getitem__, fetched))),
     )
@@ -406,7 +426,6 @@ def _group(cat: Catalogue, members: list[int], platform: _Platform, everything: 
             cum_bytes=list(itertools.accumulate(platform.sizes)),
             starts=[start for start, _ in spans],
             stops=[stop for _, stop in spans],
-            total_bytes=platform.order.candidate_bytes,
             below_min=platform.order.candidates - count,
         )
     wanted: set[int] = set().union(*(cat.image_ids[i] for i in members))
@@ -426,7 +445,6 @@ def _group(cat: Catalogue, members: list[int], platform: _Platform, everything: 
         cum_bytes=list(itertools.accumulate(itertools.compress(platform.sizes, member))),
         starts=starts,
         stops=stops,
-        total_bytes=sum(map(cat.sizes.__getitem__, wanted)),
         below_min=len(wanted) - len(positions),
     )
 

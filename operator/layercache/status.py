@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from layercache.reconciler import CacheState
 
 from layercache.conditions import condition, now_iso
+from layercache.planner import saved_bytes
 from layercache.units import human_bytes
 
 __all__ = ["MAX_FAILING", "cache_status"]
@@ -114,7 +115,9 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
               for r in state.resolved][:500]
     images += [{"reference": e.reference, "platform": e.platform,
                 "error": f"{e.reason}: {e.message}"[:512]} for e in state.errors if e.reference]
-    saved = max(naive - upstream, 0) if all_ready else 0
+    # Measured: naive (what this cache's nodes hold) minus what they fetched upstream,
+    # once every node holds its layers; before that the upstream count is not final.
+    saved = saved_bytes(naive, upstream) if all_ready else 0
     return {
         "observedGeneration": gen,
         "conditions": conditions,

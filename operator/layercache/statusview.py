@@ -378,7 +378,8 @@ def _print_savings(console: Console, status: Obj) -> None:
     table.add_row("unique layer bytes", human_bytes(unique),
                   f"{layers.get('total', 0)} distinct layers, {layers.get('shared', 0)} shared "
                   "by several images")
-    table.add_row("naive upstream", human_bytes(naive), "every node pulls every image itself")
+    table.add_row("naive upstream", human_bytes(naive),
+                  "each node pulls the layers it holds itself")
     table.add_row("expected upstream", human_bytes(b.get("expectedUpstream", 0)),
                   "what the latest plan still expects from upstream (0 once all is held)")
     table.add_row("from upstream, measured", human_bytes(upstream),

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from layercache.units import human_bytes
 from testbed.bed import BedState
 from testbed.image_recipe import RECIPE
 from testbed.paths import tool
@@ -195,3 +196,33 @@ def test_usage_errors_exit_2() -> None:
     bad = run_plan("x.example/a:v1", "--platform", "linux")
     assert bad.returncode == 2
     assert "os/architecture" in bad.stderr
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_min_shared_by_saves_only_what_is_held_on_other_nodes(
+    bed: BedState, expected: dict[str, Any], nodes: int
+) -> None:
+    # Issue 10: python, curl and nginx share only the base layer. With --min-shared-by 2
+    # the nodes hold just it: one node saves nothing (it would have pulled the base itself
+    # anyway), three nodes save two copies of it. The runtime layers are never held, so
+    # they are neither naive nor saved.
+    host = bed.registries["plain"].host
+    base = expected["layers"]["base"]
+    assert len(base) == 1
+    held = base[0][1]
+    runtimes = ("python", "curl", "nginx")
+    assert all(expected["layers"][name][0] == base[0] for name in runtimes)
+    references = [f"{host}/family/{name}:v1" for name in runtimes]
+    common = ("--insecure-registry", host, "--nodes", str(nodes), "--min-shared-by", "2")
+    result = run_plan(*references, *common, "--output", "json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    savings = report["savings"]
+    assert report["min_shared_by"] == 2
+    assert savings["naive_bytes"] == nodes * held
+    assert savings["unique_bytes"] == savings["expected_upstream_bytes"] == held
+    assert savings["saved_upstream_bytes"] == (nodes - 1) * held
+    table = run_plan(*references, *common)
+    assert table.returncode == 0, table.stderr
+    saved_row = next(line for line in table.stdout.splitlines() if "saved upstream" in line)
+    assert human_bytes((nodes - 1) * held) in saved_row

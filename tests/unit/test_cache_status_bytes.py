@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from layercache.digest import Digest
+from layercache.planner import Layer, Node, PlanOptions, ResolvedImage, plan
+from layercache.platform import Platform
 from layercache.reconciler import CacheState
 from layercache.status import cache_status
 
@@ -38,3 +41,43 @@ def test_carried_bytes_survive_a_restart() -> None:
                        planned=True, carried=(1_000, 2_000), baseline={"a": (5, 5)})
     status = cache_status(state, {"a": _node(6, 8)})
     assert (status["bytes"]["upstream"], status["bytes"]["peer"]) == (1_001, 2_003)
+
+
+MB = 1_000_000
+
+
+def _three_images_on_a_base(nodes: tuple[str, ...]) -> CacheState:
+    """A cache of three images on one 30 MB base, minSharedBy 2, planned on ``nodes``."""
+    media = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+    def layer(name: str, size: int) -> Layer:
+        return Layer(Digest.from_bytes(name.encode()), size, media,
+                     Digest.from_bytes(b"diff-" + name.encode()))
+
+    amd64 = Platform("linux", "amd64")
+    base = layer("base", 30 * MB)
+    images = [ResolvedImage(f"app-{i}", amd64, Digest.from_bytes(f"m{i}".encode()),
+                            (base, layer(f"top-{i}", 100 * MB))) for i in range(3)]
+    result = plan(images, [Node(name, amd64) for name in nodes], PlanOptions(min_shared_by=2))
+    return CacheState(namespace="ns", name="c", generation=1, plan=result,
+                      desired_nodes=nodes, planned=True,
+                      baseline=dict.fromkeys(nodes, (0, 0)))
+
+
+def test_one_node_saves_nothing() -> None:
+    # Issue 10: this reported naive 330 MB, saved 300 MB (91 %) with one node that
+    # fetched the 30 MB base it holds; the 300 MB of top layers were never cached.
+    state = _three_images_on_a_base(("a",))
+    status = cache_status(state, {"a": _node(30 * MB, 0)})
+    assert status["bytes"]["naive"] == 30 * MB
+    assert status["bytes"]["saved"] == 0
+    assert status["bytes"]["savedHuman"] == "0 B"
+
+
+def test_three_nodes_save_two_copies_of_what_they_hold() -> None:
+    state = _three_images_on_a_base(("a", "b", "c"))
+    status = cache_status(state, {"a": _node(30 * MB, 0), "b": _node(0, 30 * MB),
+                                  "c": _node(0, 30 * MB)})
+    assert status["bytes"]["naive"] == 90 * MB
+    assert status["bytes"]["saved"] == 60 * MB
+    assert status["bytes"]["savedHuman"] == "60.0 MB"

@@ -20,6 +20,7 @@ from layercache.planner import (
     PlanOptions,
     ResolvedImage,
     plan,
+    saved_bytes,
 )
 from layercache.platform import Platform
 
@@ -97,7 +98,9 @@ def test_savings_by_hand() -> None:
     assert "needs 20 bytes, 0 left" in skip.reason
     s = result.savings
     assert s.unique_bytes == 180
-    assert s.naive_bytes == 360  # each node pulls both images; base and runtime once per node
+    # Naive counts only held layers, a digest once per node: n1 180, n2 150 (its budget
+    # leaves C and A out, so they are neither naive nor saved).
+    assert s.naive_bytes == 330
     assert s.planned_bytes == 330
     assert s.already_present_bytes == 100
     assert s.expected_upstream_bytes == 80  # R, C, A: nobody holds them yet
@@ -151,6 +154,50 @@ def test_min_shared_by() -> None:
     # E is used twice, but rests on P and Q, used once each: it goes with them.
     assert held(result, "n") == ["B", "R"]
     assert result.nodes["n"].below_min_shared == 5  # A, C, P, Q and E
+
+
+MB = 1_000_000
+BASE30, TOPS = layer("base-30mb", 30 * MB), [layer(f"top-{i}", 100 * MB) for i in range(3)]
+THREE_ON_A_BASE = [image(f"app-{i}", BASE30, top) for i, top in enumerate(TOPS)]
+
+
+def test_min_shared_by_on_one_node_saves_nothing() -> None:
+    # Issue 10: one node, three images on a 30 MB base, minSharedBy 2 reported 300 MB
+    # (91 %) saved: naive counted the 300 MB of top layers the cache never holds.
+    s = plan(THREE_ON_A_BASE, [node("n1")], PlanOptions(min_shared_by=2)).savings
+    assert (s.naive_bytes, s.planned_bytes, s.unique_bytes) == (30 * MB, 30 * MB, 30 * MB)
+    assert s.expected_upstream_bytes == 30 * MB
+    assert s.saved_bytes == 0
+
+
+def test_min_shared_by_on_three_nodes_saves_two_copies_of_the_base() -> None:
+    nodes = [node(f"n{i}") for i in range(3)]
+    s = plan(THREE_ON_A_BASE, nodes, PlanOptions(min_shared_by=2)).savings
+    assert s.naive_bytes == 3 * 30 * MB
+    assert s.expected_upstream_bytes == 30 * MB
+    assert s.saved_bytes == 2 * 30 * MB
+    assert s.expected_peer_bytes == 2 * 30 * MB
+
+
+def test_one_node_without_min_shared_by_saves_nothing_either() -> None:
+    # containerd de-duplicates within a node: one node alone shares nothing.
+    s = plan(THREE_ON_A_BASE, [node("n1")]).savings
+    assert s.naive_bytes == s.expected_upstream_bytes == 330 * MB
+    assert s.saved_bytes == 0
+
+
+def test_layers_skipped_for_budget_are_neither_naive_nor_saved() -> None:
+    nodes = [node("n1", budget=30 * MB), node("n2", budget=30 * MB)]
+    result = plan(THREE_ON_A_BASE, nodes)
+    assert all(p.skipped is not None for p in result.nodes.values())
+    s = result.savings
+    assert s.naive_bytes == 2 * 30 * MB
+    assert s.saved_bytes == 30 * MB
+
+
+def test_saved_bytes_is_never_negative() -> None:
+    assert saved_bytes(100, 40) == 60
+    assert saved_bytes(100, 250) == 0
 
 
 def test_platforms_and_untargeted() -> None:
@@ -392,6 +439,7 @@ def test_invariants(scenario: tuple[list[ResolvedImage], list[Node], PlanOptions
             assert item.name in servers.holding + servers.planned
     s = result.savings
     assert 0 <= s.expected_upstream_bytes <= s.unique_bytes <= s.planned_bytes <= s.naive_bytes
+    assert s.naive_bytes == sum(p.held_bytes for p in result.nodes.values())
     assert s.already_present_bytes <= s.planned_bytes
     assert s.expected_peer_bytes >= 0
 
