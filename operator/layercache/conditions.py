@@ -9,10 +9,10 @@ human `message`, `observedGeneration`, and `lastTransitionTime`, which changes o
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["MAX_MESSAGE", "condition", "now_iso"]
+__all__ = ["MAX_MESSAGE", "condition", "headline_reason", "now_iso"]
 
 #: Longest condition message kept (the CRDs' maxLength).
 MAX_MESSAGE = 2048
@@ -35,3 +35,16 @@ def condition(previous: Mapping[str, Mapping[str, Any]], kind: str, status: str 
     since = old.get("lastTransitionTime") if old.get("status") == text else None
     return {"type": kind, "status": text, "reason": reason, "message": message[:MAX_MESSAGE],
             "lastTransitionTime": since or now or now_iso(), "observedGeneration": generation}
+
+
+def headline_reason(conditions: Iterable[Mapping[str, Any]]) -> str:
+    """The one reason to read first: Degraded's when it is True, else Ready's ("-": none).
+
+    What ``kubectl get lc`` shows in its Reason column (``status.reason``) and
+    ``layercache status`` in its REASON column.
+    """
+    by_type = {c.get("type", ""): c for c in conditions}
+    degraded = by_type.get("Degraded") or {}
+    if degraded.get("status") == "True":
+        return str(degraded.get("reason", "Degraded"))
+    return str((by_type.get("Ready") or {}).get("reason", "-"))

@@ -186,17 +186,23 @@ class NodePlan:
         return self.held_bytes - self.present_bytes
 
 
-def saved_bytes(naive_bytes: int, upstream_bytes: int) -> int:
-    """Upstream bytes avoided: ``naive_bytes`` minus ``upstream_bytes``, never below 0.
+def saved_bytes(naive_bytes: int, upstream_bytes: int, peer_bytes: int) -> int:
+    """Upstream bytes avoided: what nodes got from a peer instead of upstream.
 
-    The one definition of "saved", for the plan (``upstream_bytes`` = expected upstream,
-    `Savings.saved_bytes`), a LayerCache's status (measured upstream, `layercache.status`),
-    its ``layercache_cache_saved_bytes`` metric and ``layercache plan``. ``naive_bytes`` is
+    ``min(peer_bytes, naive_bytes - upstream_bytes)``, never below 0. A layer a node already
+    held is neither fetched nor saved (the peer bytes leave it out), and no more can be
+    saved than naive minus what did cross the upstream link (a peer transfer that broke
+    off and was fetched again upstream counts once). ``naive_bytes`` is
     `Savings.naive_bytes`: only layers the cache holds, on the nodes that hold them, so a
-    cache on one node saves nothing, and a layer left out by ``minSharedBy`` or the budget is
-    neither naive nor saved. All sizes compressed bytes.
+    cache on one node saves nothing, and a layer left out by ``minSharedBy`` or the budget
+    is neither naive nor saved. Compressed bytes.
+
+    The one definition of "saved": for a plan with the expected upstream and peer bytes
+    (`Savings.saved_bytes`, ``layercache plan``), and for a LayerCache's status with the
+    measured ones (`layercache.status`, hence ``kubectl get lc`` and the
+    ``layercache_cache_saved_bytes`` metric). docs/observability.md, "Savings".
     """
-    return max(naive_bytes - upstream_bytes, 0)
+    return max(min(peer_bytes, naive_bytes - upstream_bytes), 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +235,9 @@ class Savings:
 
     @property
     def saved_bytes(self) -> int:
-        """Expected upstream bytes avoided: `saved_bytes` of naive and expected upstream."""
-        return saved_bytes(self.naive_bytes, self.expected_upstream_bytes)
+        """Expected upstream bytes avoided (`saved_bytes`): the expected peer bytes."""
+        return saved_bytes(self.naive_bytes, self.expected_upstream_bytes,
+                           self.expected_peer_bytes)
 
 
 @dataclass(frozen=True, slots=True)

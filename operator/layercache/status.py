@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from layercache.reconciler import CacheState
 
-from layercache.conditions import condition, now_iso
+from layercache.conditions import condition, headline_reason, now_iso
 from layercache.planner import saved_bytes
 from layercache.units import human_bytes
 
@@ -54,10 +54,12 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
     previous = {c["type"]: c for c in (last or {}).get("conditions") or []}
     gen = state.generation
     if state.invalid is not None:
-        return {"observedGeneration": gen, "conditions": [
+        invalid = [
             condition(previous, "Ready", False, "InvalidSpec", state.invalid, gen, now),
             condition(previous, "Progressing", False, "InvalidSpec", state.invalid, gen, now),
-            condition(previous, "Degraded", True, "InvalidSpec", state.invalid, gen, now)]}
+            condition(previous, "Degraded", True, "InvalidSpec", state.invalid, gen, now)]
+        return {"observedGeneration": gen, "reason": headline_reason(invalid),
+                "conditions": invalid}
     planned = state.desired_nodes is not None
     nodes = state.desired_nodes or ()
     ready_nodes, failing = 0, []
@@ -115,11 +117,11 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
               for r in state.resolved][:500]
     images += [{"reference": e.reference, "platform": e.platform,
                 "error": f"{e.reason}: {e.message}"[:512]} for e in state.errors if e.reference]
-    # Measured: naive (what this cache's nodes hold) minus what they fetched upstream,
-    # once every node holds its layers; before that the upstream count is not final.
-    saved = saved_bytes(naive, upstream) if all_ready else 0
+    # Measured, once every node holds its layers (before that the counts are not final).
+    saved = saved_bytes(naive, upstream, peer) if all_ready else 0
     return {
         "observedGeneration": gen,
+        "reason": headline_reason(conditions),
         "conditions": conditions,
         "images": images[:500],
         "layers": {"total": len(state.plan.shared_by) if state.plan else 0, "shared": shared,

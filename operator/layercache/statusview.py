@@ -29,6 +29,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from layercache.conditions import headline_reason
 from layercache.spec import parse_duration
 from layercache.units import human_bytes
 
@@ -151,11 +152,7 @@ def _conditions(status: Obj) -> dict[str, Obj]:
 
 def _reason(status: Obj) -> str:
     """The one reason a list row shows: Degraded's when degraded, else Ready's."""
-    conditions = _conditions(status)
-    degraded = conditions.get("Degraded") or {}
-    if degraded.get("status") == "True":
-        return str(degraded.get("reason", "Degraded"))
-    return str((conditions.get("Ready") or {}).get("reason", "-"))
+    return headline_reason(status.get("conditions") or ())
 
 
 def _percent(part: int, whole: int) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from layercache.units import human_bytes
 from testbed.bed import BedState
@@ -220,3 +223,104 @@ def test_errors_exit_1_with_a_message(warm: Warm, tmp_path: Path) -> None:
     assert (f"error: LayerCache {warm.namespace}/{NAME}: cannot reach the API server at "
             "https://127.0.0.1:9") in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- kubectl itself, on the warm cache (issue 10: what a first user hits) --------------------
+
+def _kubectl_table(out: str) -> list[dict[str, str]]:
+    """The table kubectl prints, as rows of header → cell (cells are 2+ spaces apart)."""
+    lines = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if line.strip()]
+    header, rows = lines[0], lines[1:]
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def test_kubectl_get_layercache_by_its_singular_name(warm: Warm, kube: Kube) -> None:
+    # The CRDs' category was "layercache", which kubectl expands before it looks for a
+    # resource: `kubectl get layercache NAME` failed "you must specify only one resource".
+    status = _status(kube, warm)["status"]
+    ns = warm.namespace
+    (row,) = _kubectl_table(kube.kubectl("-n", ns, "get", "layercache", NAME))
+    assert list(row) == ["NAME", "READY", "NODES", "SHARED", "SAVED", "REASON", "AGE"]
+    assert (row["NAME"], row["READY"], row["NODES"]) == (NAME, "True", "3/3")
+    assert row["SAVED"] == status["bytes"]["savedHuman"] == human_bytes(status["bytes"]["saved"])
+    assert row["REASON"] == status["reason"] == "AllNodesReady"
+    as_yaml = yaml.safe_load(kube.kubectl("-n", ns, "get", "layercache", NAME, "-o", "yaml"))
+    assert (as_yaml["kind"], as_yaml["metadata"]["name"]) == ("LayerCache", NAME)
+    described = kube.kubectl("-n", ns, "describe", "layercache", NAME)
+    assert re.search(rf"^Name:\s+{NAME}$", described, re.M), described
+    assert re.search(r"^Kind:\s+LayerCache$", described, re.M), described
+    nodes = sorted(node_caches(kube))
+    both = kube.kubectl("-n", ns, "get", "lc,nlc", "-o", "name").split()
+    assert both == [f"layercache.layercache.dev/{NAME}",
+                    *(f"nodelayercache.layercache.dev/{n}" for n in nodes)]
+    # The category still lists both kinds, under a name that is no resource's.
+    assert kube.kubectl("-n", ns, "get", "layercache-all", "-o", "name").split() == both
+
+
+def _node_names(kube: Kube, warm: Warm) -> list[str]:
+    return [name for name, obj in node_caches(kube).items()
+            if f"{warm.namespace}/{NAME}" in obj["spec"].get("caches", [])]
+
+
+def test_kubectl_get_nlc_shows_bytes_in_si_units(warm: Warm, kube: Kube) -> None:
+    objects = node_caches(kube)
+    rows = {row["NAME"]: row for row in _kubectl_table(kube.kubectl("get", "nlc"))}
+    wide = {row["NAME"]: row for row in _kubectl_table(kube.kubectl("get", "nlc", "-o", "wide"))}
+    assert list(next(iter(rows.values()))) == [
+        "NAME", "READY", "HELD", "WANTED", "SIZE", "UPSTREAM", "PEER", "AGE"]
+    for name in _node_names(kube, warm):
+        status = objects[name]["status"]
+        layers, fetched = status["layers"], status["bytes"]
+        assert rows[name]["SIZE"] == human_bytes(layers["bytesHeld"])
+        assert rows[name]["UPSTREAM"] == human_bytes(fetched["upstream"])
+        assert rows[name]["PEER"] == human_bytes(fetched["peer"])
+        assert wide[name]["UPSTREAM BYTES"] == str(fetched["upstream"])
+        assert wide[name]["PEER BYTES"] == str(fetched["peer"])
+
+
+@pytest.mark.parametrize(("field", "words"), [
+    ("layercache.status.bytes.saved", "from a peer instead of upstream"),
+    ("layercache.status.bytes.naive", "layers this cache holds there"),
+    ("layercache.status.reason", "Degraded condition's reason"),
+    ("layercache.spec.tolerations.key", "Taint key"),
+    ("layercache.status.nodes.desired", "Nodes the cache selects"),
+    ("nodelayercache.status.layers.held", "content store"),
+    ("nodelayercache.status.human.peer", "bytes.peer"),
+    ("nodelayercache.spec.paused", "fetches nothing"),
+])
+def test_kubectl_explain_describes_fields(warm: Warm, kube: Kube, field: str,
+                                          words: str) -> None:
+    out = kube.kubectl("explain", field)
+    description = out.partition("DESCRIPTION:")[2]
+    assert words in " ".join(description.split()), out
+
+
+def test_a_cache_on_one_node_saves_nothing(warm: Warm, kube: Kube, bed: BedState,
+                                           family: Family) -> None:
+    # Issue 10: the same three images on one node with minSharedBy 2 hold only the base,
+    # which `runtimes` already put there: nothing is fetched, from upstream or a peer, so
+    # nothing is saved. Before, naive counted every layer of every image and saved was
+    # naive - upstream: the whole of it.
+    ns, name, node = warm.namespace, "one-node", bed.nodes[0].name
+    host = (bed.proxy_url or "").removeprefix("http://")
+    base = family.image_layers("base")
+    assert len(base) == 1
+    apply_cache(kube, ns, name, {
+        "images": [f"{host}/{family.images[n].reference}" for n in IMAGES],
+        "minSharedBy": 2, "nodeSelector": {"kubernetes.io/hostname": node}})
+    try:
+        obj = wait_cache(kube, ns, name, is_ready, "Ready", warm.cluster, timeout=120)
+        b = obj["status"]["bytes"]
+        assert (b["naive"], b["unique"]) == (base[0].size, base[0].size)
+        assert (b["upstream"], b["peer"], b["saved"], b["savedHuman"]) == (0, 0, 0, "0 B")
+        (row,) = _kubectl_table(kube.kubectl("-n", ns, "get", "layercache", name))
+        assert row["SAVED"] == "0 B"
+        port = warm.cluster.metrics_ports["operator"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        samples = {(s.name, s.labels.get("cache")): s.value
+                   for family_ in text_string_to_metric_families(text) for s in family_.samples}
+        assert samples[("layercache_cache_saved_bytes", f"{ns}/{name}")] == 0
+        assert samples[("layercache_cache_naive_bytes", f"{ns}/{name}")] == base[0].size
+    finally:
+        kube.kubectl("-n", ns, "delete", "layercache", name, "--wait=true", timeout=120)

@@ -113,3 +113,11 @@ def test_every_ingest_series_exists_before_the_first_layer() -> None:
             assert registry.get_sample_value(
                 "layercache_agent_ingest_duration_seconds_count",
                 {"node": "n1", "source": source, "result": result}) == 0
+
+
+def test_byte_counts_in_si_units_for_kubectl_get() -> None:
+    # `kubectl get nlc` printed raw byte counts (issue 10); its columns read status.human.
+    book, _ = _book(Counters(63_400_000, 32_400_000, 0))
+    book.synced, book.bytes_held = True, 95_800_000
+    assert book.body()["human"] == {"bytesHeld": "95.8 MB", "upstream": "63.4 MB",
+                                    "peer": "32.4 MB"}

@@ -81,3 +81,22 @@ def test_three_nodes_save_two_copies_of_what_they_hold() -> None:
     assert status["bytes"]["naive"] == 90 * MB
     assert status["bytes"]["saved"] == 60 * MB
     assert status["bytes"]["savedHuman"] == "60.0 MB"
+
+
+def test_a_node_that_already_held_the_layers_saved_nothing() -> None:
+    # Another cache had put the base on the node: this cache fetched nothing, from
+    # upstream or a peer. The old naive - upstream called all of naive saved.
+    state = _three_images_on_a_base(("a",))
+    status = cache_status(state, {"a": _node(0, 0)})
+    assert status["bytes"]["naive"] == 30 * MB
+    assert status["bytes"]["saved"] == 0
+
+
+def test_reason_is_degraded_first_then_ready() -> None:
+    # `kubectl get lc` had no Reason column; its column reads status.reason.
+    ready = cache_status(_three_images_on_a_base(("a",)), {"a": _node(30 * MB, 0)})
+    assert ready["reason"] == "AllNodesReady"
+    waiting = cache_status(_three_images_on_a_base(("a",)), {})
+    assert waiting["reason"] == "NodesNotReady"
+    invalid = CacheState(namespace="ns", name="c", generation=1, invalid="spec.images: bad")
+    assert cache_status(invalid, {})["reason"] == "InvalidSpec"

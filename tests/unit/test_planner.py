@@ -195,9 +195,22 @@ def test_layers_skipped_for_budget_are_neither_naive_nor_saved() -> None:
     assert s.saved_bytes == 30 * MB
 
 
-def test_saved_bytes_is_never_negative() -> None:
-    assert saved_bytes(100, 40) == 60
-    assert saved_bytes(100, 250) == 0
+def test_saved_bytes_counts_only_peer_transfers() -> None:
+    assert saved_bytes(naive_bytes=100, upstream_bytes=40, peer_bytes=60) == 60
+    # 30 bytes were already on the node: neither fetched nor saved.
+    assert saved_bytes(naive_bytes=100, upstream_bytes=40, peer_bytes=30) == 30
+    # A peer transfer broke off after 20 bytes and was fetched upstream again.
+    assert saved_bytes(naive_bytes=100, upstream_bytes=60, peer_bytes=60) == 40
+    assert saved_bytes(naive_bytes=100, upstream_bytes=250, peer_bytes=0) == 0
+
+
+def test_layers_already_held_are_not_saved() -> None:
+    # Every node already holds the base (another cache put it there): nothing moves, so
+    # nothing is saved, although naive counts it on every node.
+    nodes = [node(f"n{i}", present=["base-30mb"]) for i in range(3)]
+    s = plan(THREE_ON_A_BASE, nodes, PlanOptions(min_shared_by=2)).savings
+    assert (s.naive_bytes, s.expected_upstream_bytes, s.expected_peer_bytes) == (90 * MB, 0, 0)
+    assert s.saved_bytes == 0
 
 
 def test_platforms_and_untargeted() -> None:

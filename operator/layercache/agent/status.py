@@ -27,6 +27,7 @@ from layercache.agent.nodespec import Counters
 from layercache.conditions import condition, now_iso
 from layercache.containerd.errors import redact
 from layercache.metrics import AgentMetrics, FetchSource
+from layercache.units import human_bytes
 
 __all__ = ["ErrorEntry", "StatusBook", "StatusReporter"]
 
@@ -154,6 +155,11 @@ class StatusBook:
     def _bytes(self) -> dict[str, int]:
         return {"upstream": self.upstream, "peer": self.peer, "servedToPeers": self.served}
 
+    def _human(self) -> dict[str, str]:
+        # For `kubectl get nlc`'s byte columns: a printer column cannot format a number.
+        return {"bytesHeld": human_bytes(self.bytes_held), "upstream": human_bytes(self.upstream),
+                "peer": human_bytes(self.peer)}
+
     def _condition(self, kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
         built = condition(self.previous, kind, status, reason,
                           message, self.generation)
@@ -172,6 +178,7 @@ class StatusBook:
             "layers": {"wanted": self.wanted, "held": self.held, "bytesHeld": self.bytes_held},
             "missing": list(self.missing),
             "bytes": self._bytes(),
+            "human": self._human(),
             "errors": [entry.to_status() for entry in self.errors],
             "diskPressure": self.pressure is not None,
             "conditions": self.conditions(),
