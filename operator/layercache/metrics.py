@@ -143,7 +143,8 @@ class _CacheCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         byte_families = {
             key: GaugeMetricFamily(f"layercache_cache_{name}_bytes",
-                                   f"Compressed layer bytes: {key} (see LayerCache status).",
+                                   f"Compressed layer bytes: {key} (LayerCache status.bytes; "
+                                   "definitions: docs/observability.md, Savings).",
                                    labels=["cache"])
             for key, name in _CACHE_BYTES.items()}
         nodes = GaugeMetricFamily("layercache_cache_nodes", "Nodes of a cache, by state.",
