@@ -31,6 +31,40 @@ def _undescribed(schema: Mapping[str, Any], path: str) -> Iterator[str]:
             yield from _undescribed(prop["items"], f"{here}[]")
 
 
+#: The JSONSchemaProps keywords these CRDs use; any other key is a YAML slip (an unquoted
+#: comma in a flow mapping makes the rest of a description a key of its own).
+SCHEMA_KEYWORDS = {
+    "type", "description", "properties", "items", "required", "enum", "default", "format",
+    "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
+    "maxProperties", "additionalProperties", "anyOf", "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-validations",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+}
+
+
+def _stray_keys(schema: Mapping[str, Any], path: str) -> Iterator[str]:
+    for key in set(schema) - SCHEMA_KEYWORDS:
+        yield f"{path}: {key!r}"
+    for name, prop in (schema.get("properties") or {}).items():
+        yield from _stray_keys(prop, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), Mapping):
+            yield from _stray_keys(schema[key], f"{path}[{key}]")
+    for i, option in enumerate(schema.get("anyOf") or ()):
+        yield from _stray_keys(option, f"{path}.anyOf[{i}]")
+
+
+@pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
+def test_schemas_hold_only_schema_keywords(path: Path) -> None:
+    crd = yaml.safe_load(path.read_text())
+    for version in crd["spec"]["versions"]:
+        schema = version["schema"]["openAPIV3Schema"]
+        assert list(_stray_keys(schema, crd["spec"]["names"]["kind"])) == []
+        for column in version.get("additionalPrinterColumns", ()):
+            assert set(column) <= {"name", "type", "jsonPath", "description", "priority",
+                                   "format"}, column
+
+
 @pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
 def test_every_schema_property_has_a_description(path: Path) -> None:
     crd = yaml.safe_load(path.read_text())
