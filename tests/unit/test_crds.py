@@ -24,6 +24,10 @@ def _undescribed(schema: Mapping[str, Any], path: str) -> Iterator[str]:
     """Paths under ``schema`` of properties with no description (what `explain` prints)."""
     for name, prop in (schema.get("properties") or {}).items():
         here = f"{path}.{name}"
+        if here.count(".") == 1 and name == "metadata":
+            # The apiserver refuses anything but `type` here; `kubectl explain` shows
+            # ObjectMeta's own description.
+            continue
         if not str(prop.get("description", "")).strip():
             yield here
         yield from _undescribed(prop, here)
