@@ -15,6 +15,7 @@ Bodies are read with a cap (`MAX_MANIFEST_BYTES`) and parsed by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from layercache.digest import Digest, InvalidDigestError
 from layercache.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlgorithm
@@ -61,6 +62,10 @@ class FetchedManifest:
     manifest: ImageManifest | ImageIndex
 
 
+#: Error statuses of a manifest HEAD that say nothing about HEAD support: auth, rate limit.
+_HEAD_NOT_REFUSALS: Final = frozenset({401, 403, 429})
+
+
 def _manifest_path(reference: Reference, target: str) -> str:
     return f"/v2/{reference.repository}/manifests/{target}"
 
@@ -68,14 +73,22 @@ def _manifest_path(reference: Reference, target: str) -> str:
 async def head_manifest(client: RegistryClient, reference: Reference) -> ManifestHead | None:
     """``HEAD`` the manifest of ``reference`` (its digest, else its tag).
 
-    Returns None when HEAD cannot answer (405 or 404 on HEAD — some registries do not
-    implement it — or no ``Docker-Content-Digest``): fall back to `get_manifest`.
+    Returns None when HEAD cannot answer: fall back to `get_manifest`. That is the case
+    when the answer has no ``Docker-Content-Digest``, is 404 (some registries do not
+    implement HEAD; GET then says what is missing), or is any other error but 401/403
+    (auth) and 429 (rate limit): 405, 501, 500, 400 … — registries that serve GET answer
+    those. Such a refusal is not retried, and the host is marked (`HostState.head_refused`)
+    so its manifests are asked with GET alone for a while; a host already marked is not
+    asked with HEAD at all.
 
     Raises:
-        RegistryAuthError, RegistryStatusError, TransientError: as for GET.
+        RegistryAuthError, RateLimitedError, TransientError: as for GET.
         ManifestError: a malformed ``Docker-Content-Digest``.
 
     """
+    host = client.host(reference.registry)
+    if not host.head_supported():
+        return None
     path = _manifest_path(reference, reference.manifest_reference)
     what = f"HEAD {reference.registry}{path}"
     async for attempt in client.retry.retrying(what):
@@ -83,7 +96,11 @@ async def head_manifest(client: RegistryClient, reference: Reference) -> Manifes
             async with client.stream(
                 "HEAD", reference, path, {"Accept": ACCEPT_MANIFESTS}
             ) as response:
-                if response.status_code in (404, 405):
+                status = response.status_code
+                if status == 404:
+                    return None
+                if status >= 400 and status not in _HEAD_NOT_REFUSALS:
+                    host.head_refused(status)
                     return None
                 await client.raise_for_status(response, what, ManifestNotFoundError)
                 header = response.headers.get("docker-content-digest")
