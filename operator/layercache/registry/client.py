@@ -110,10 +110,11 @@ def redact_url_queries(text: str) -> str:
 
 
 class _RedactQueries(logging.Filter):
-    """Rewrites a record's arguments so no URL query string reaches a log handler.
+    """Rewrites a record's message and arguments so no URL query string reaches a handler.
 
     httpx logs every request at INFO as ``HTTP Request: GET <url> "HTTP/1.1 200 OK"``, the
     whole URL included: for a blob redirected to object storage, its pre-signed query.
+    httpcore's DEBUG traces print response headers, a redirect's ``Location`` among them.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -126,8 +127,12 @@ class _RedactQueries(logging.Filter):
 
 
 _REDACT_QUERIES: Final = _RedactQueries()
-# httpx logs through the "httpx" logger only (httpcore's debug lines carry no URL).
-logging.getLogger("httpx").addFilter(_REDACT_QUERIES)
+#: Every logger httpx and httpcore log through (a logger's filter does not see records
+#: of its children, so each is named).
+_HTTP_LOGGERS: Final = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
+                        "httpcore.proxy", "httpcore.socks")
+for _name in _HTTP_LOGGERS:
+    logging.getLogger(_name).addFilter(_REDACT_QUERIES)
 
 
 class RegistryClient:
