@@ -71,7 +71,8 @@ class RegistryOptions:
         insecure: speak plain HTTP (no TLS at all). Default False: HTTPS, verified.
         ca_file: PEM file of extra CA certificates trusted for this registry (and its token
             realm), on top of httpx's default roots.
-        max_concurrency: concurrent requests to this registry (>= 1).
+        max_concurrency: concurrent requests to this registry (>= 1), by every client that
+            shares a `RegistryHosts` (the first client to reach the host sets it).
 
     """
 
