@@ -366,6 +366,25 @@ async def test_head_refused_falls_back_to_get_once_and_is_remembered(
     assert stats.faults_fired == {"status": 1}
 
 
+async def test_head_server_error_falls_back_to_get_once_and_is_not_remembered(
+    proxy: FaultProxy, proxied: tuple[RegistryClient, Sleeps], family: Family
+) -> None:
+    # A passing 503 on HEAD: GET once instead, but the host keeps HEAD (manifest GETs count
+    # against pull quotas, so one blip must not cost an hour of them).
+    client, _ = proxied
+    tag_path = "/v2/family/nginx/manifests/v1"
+    proxy.add_fault(r"/manifests/", "status", method="HEAD", status=503, times=1)
+    image = await resolve(client, f"{proxy.host}/family/nginx:v1", AMD64)
+    assert image.manifest_digest == family.images["nginx"].resolve(AMD64).digest
+    stats = proxy.stats()
+    assert stats.count(tag_path, "HEAD") == 1
+    assert stats.count(tag_path, "GET", 200) == 1
+    again = await resolve(client, f"{proxy.host}/family/base:v1", AMD64)
+    assert again.manifest_digest == family.images["base"].resolve(AMD64).digest
+    stats = proxy.stats()
+    assert stats.count("/v2/family/base/manifests/v1", "HEAD", 200) == 1
+
+
 async def test_rate_limit_window_gets_one_waiting_client(
     proxy: FaultProxy, proxied: tuple[RegistryClient, Sleeps], family: Family
 ) -> None:

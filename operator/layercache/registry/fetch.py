@@ -64,6 +64,9 @@ class FetchedManifest:
 
 #: Error statuses of a manifest HEAD that say nothing about HEAD support: auth, rate limit.
 _HEAD_NOT_REFUSALS: Final = frozenset({401, 403, 429})
+#: Passing server errors: GET once instead, but HEAD stays the first choice for the host
+#: (marking it would cost a manifest GET per refresh for an hour after one blip).
+_HEAD_TRANSIENT: Final = frozenset({500, 502, 503, 504})
 
 
 def _manifest_path(reference: Reference, target: str) -> str:
@@ -77,9 +80,9 @@ async def head_manifest(client: RegistryClient, reference: Reference) -> Manifes
     when the answer has no ``Docker-Content-Digest``, is 404 (some registries do not
     implement HEAD; GET then says what is missing), or is any other error but 401/403
     (auth) and 429 (rate limit): 405, 501, 500, 400 … — registries that serve GET answer
-    those. Such a refusal is not retried, and the host is marked (`HostState.head_refused`)
-    so its manifests are asked with GET alone for a while; a host already marked is not
-    asked with HEAD at all.
+    those. Such a refusal is not retried. A refusal that will happen again (405, 501, 400 …:
+    any but 500/502/503/504) marks the host (`HostState.head_refused`) so its manifests are
+    asked with GET alone for a while; a host already marked is not asked with HEAD at all.
 
     Raises:
         RegistryAuthError, RateLimitedError, TransientError: as for GET.
@@ -100,7 +103,8 @@ async def head_manifest(client: RegistryClient, reference: Reference) -> Manifes
                 if status == 404:
                     return None
                 if status >= 400 and status not in _HEAD_NOT_REFUSALS:
-                    host.head_refused(status)
+                    if status not in _HEAD_TRANSIENT:
+                        host.head_refused(status)
                     return None
                 await client.raise_for_status(response, what, ManifestNotFoundError)
                 header = response.headers.get("docker-content-digest")
