@@ -2,7 +2,9 @@
 
 Conventions (client_python docs; STYLE.md habit 6): prefix ``layercache_``, base units in
 the name (``_bytes``, ``_seconds``, ``_total``), bounded labels only — ``node``, ``source``
-(``upstream`` | ``peer``), ``result``, ``reason`` — never a digest or an image name. Each
+(``upstream`` | ``peer``), ``result``, ``reason``, ``registry`` (a registry host, as in
+image references) and ``code`` (an HTTP status code) — never a digest, an image name, a
+path or a query. Each
 component registers its metrics on the `CollectorRegistry` it is given, so a test builds
 its own registry and reads it with ``get_sample_value``. Gauges derived from state come
 from a collector evaluated at scrape time, not from values pushed as things change.
@@ -18,7 +20,33 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["AgentGauges", "AgentMetrics", "CacheStatuses", "FetchSource", "OperatorMetrics"]
+__all__ = ["AgentGauges", "AgentMetrics", "CacheStatuses", "FetchSource", "OperatorMetrics",
+           "RegistryMetrics"]
+
+# --- registry client (operator and agent) ---------------------------------------------------
+
+
+class RegistryMetrics:
+    """``layercache_registry_requests_total{registry, code}`` on ``registry``.
+
+    One count per HTTP request the registry client sends (token requests excluded), by
+    registry host (``Reference.registry``, e.g. ``docker.io`` or ``127.0.0.1:5000``; a
+    blob redirected to a storage host counts for its registry) and status ``code``
+    (``"200"``, ``"429"`` …, or ``"error"`` when no answer came). Pass `request` as
+    `layercache.registry.hosts.RegistryHosts`'s ``on_response``.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "layercache_registry_requests",
+            "HTTP requests sent to registries, by registry host and status code "
+            "('error': no answer).",
+            ["registry", "code"], registry=registry)
+
+    def request(self, host: str, code: str) -> None:
+        """Count one request to registry ``host`` answered ``code``."""
+        self.requests.labels(host, code).inc()
+
 
 # --- agent ---------------------------------------------------------------------------------
 
@@ -73,8 +101,9 @@ class AgentMetrics:
     Counters: ``layercache_agent_fetched_bytes_total{source}``,
     ``layercache_agent_served_bytes_total`` (to peers), ``layercache_agent_errors_total
     {reason}``; histogram ``layercache_agent_ingest_duration_seconds{source, result}``
-    (one observation per layer write, ``result`` ``ok`` or ``error``); and, once
-    `track` is called, the gauges of `AgentGauges`.
+    (one observation per layer write, ``result`` ``ok`` or ``error``); once `track` is
+    called, the gauges of `AgentGauges`; and `registry_requests` (`RegistryMetrics`, the
+    one series family without ``node``: the same family as the operator's).
     """
 
     def __init__(self, node: str, registry: CollectorRegistry) -> None:
@@ -101,6 +130,7 @@ class AgentMetrics:
             for result in ("ok", "error"):
                 self.ingest_duration.labels(node, source, result)
         self.served_bytes.labels(node)
+        self.registry_requests = RegistryMetrics(registry)
 
     def fetched(self, source: FetchSource, size: int) -> None:
         """Count ``size`` bytes received from ``source``."""
@@ -177,7 +207,8 @@ class OperatorMetrics:
 
     Counters ``layercache_operator_replans_total{result}`` (``ok``/``error``),
     ``layercache_operator_node_spec_writes_total``,
-    ``layercache_operator_resolve_errors_total{reason}``; histogram
+    ``layercache_operator_resolve_errors_total{reason}``,
+    ``layercache_registry_requests_total{registry, code}`` (`registry_requests`); histogram
     ``layercache_operator_replan_duration_seconds``; and per-cache gauges
     (``layercache_cache_*``, label ``cache`` = "namespace/name") from `statuses` at scrape
     time.
@@ -194,6 +225,7 @@ class OperatorMetrics:
         self.replan_duration = Histogram("layercache_operator_replan_duration_seconds",
                                          "Time of one replan (plan, distribute, writes).",
                                          registry=registry)
+        self.registry_requests = RegistryMetrics(registry)
         for result in ("ok", "error"):
             self.replans.labels(result)
         registry.register(_CacheCollector(statuses))

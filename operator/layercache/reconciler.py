@@ -29,8 +29,10 @@ from layercache.platform import Platform, parse_platform
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
 from layercache.registry.client import RegistryClient
 from layercache.registry.credentials import DockerConfig, Keyring
-from layercache.registry.errors import RegistryError, TransientError
+from layercache.registry.errors import RegistryError, TransientError, retry_after
+from layercache.registry.hosts import RegistryHosts
 from layercache.registry.resolve import ResolvedImage, resolve
+from layercache.registry.retry import RetryPolicy
 from layercache.settings import OperatorSettings
 from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
 from layercache.status import cache_status
@@ -38,8 +40,12 @@ from layercache.status import cache_status
 __all__ = ["CacheState", "ImageError", "Reconciler"]
 
 log = logging.getLogger(__name__)
-#: Seconds before a cache whose resolution failed transiently is resolved again.
+#: Seconds before a cache whose resolution failed transiently is resolved again (at least:
+#: a server's longer ``Retry-After`` pushes it back).
 TRANSIENT_RETRY_SECONDS = 30.0
+#: Resolutions run in kopf handlers and the refresh loop: a longer ``Retry-After`` than this
+#: (seconds) is not slept there but ends the attempt, and the cache is resolved again later.
+RESOLVE_MAX_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class CacheState:
     desired_nodes: tuple[str, ...] | None = None  # None until the first plan
     last_status: dict[str, Any] | None = None
     retry_transient: bool = False
+    #: The longest ``Retry-After`` (seconds) among this resolution's transient failures.
+    retry_after: float = 0.0
     raw_spec: Mapping[str, Any] = field(default_factory=dict)
     uid: str = ""
     #: Per node, the agent's (upstream, peer) byte counters when this cache first planned
@@ -104,6 +112,10 @@ class Reconciler:
             (s.key, s.last_status) for s in list(self.caches.values()) if s.last_status])
         self._dirty = asyncio.Event()
         self._credentials: str | None = None
+        # One per process, shared by every resolution: a rate-limited registry is waited
+        # for once, HEAD support is learned once, requests are counted by host and code.
+        self.hosts = RegistryHosts(self.metrics.registry_requests.request)
+        self.retry = RetryPolicy(max_retry_after=RESOLVE_MAX_WAIT_SECONDS)
 
     # -- resolution -----------------------------------------------------------------
     async def resolve(self, namespace: str, name: str, generation: int,
@@ -115,9 +127,12 @@ class Reconciler:
         adds an `ImageError` (the other images still resolve). What the previous state knew
         (status written, nodes, byte baselines) carries over; after an operator restart,
         `stored_status` (the object's status) seeds it, so nothing flaps or restarts at 0.
+        An image whose tag still points at the digest resolved before costs one HEAD
+        (`layercache.registry.resolve.resolve` with ``previous``).
         """
         state = CacheState(namespace, name, generation, raw_spec=dict(raw_spec), uid=uid)
         before = self.caches.get(state.key)
+        known = {(r.reference, r.platform): r for r in before.resolved} if before else {}
         if before is not None:
             state.last_status, state.desired_nodes = before.last_status, before.desired_nodes
             state.baseline, state.carried = before.baseline, before.carried
@@ -141,14 +156,15 @@ class Reconciler:
                            for c in configs])
         registries, default = self.settings.registry_options()
         limit = asyncio.Semaphore(self.settings.resolve_concurrency)
-        async with RegistryClient(keyring=keyring, registries=registries,
-                                  default=default) as client:
+        async with RegistryClient(keyring=keyring, registries=registries, default=default,
+                                  retry=self.retry, hosts=self.hosts) as client:
             async def one(ref: Reference, platform: Platform) -> ResolvedImage | ImageError:
                 async with limit:
                     try:
-                        return await resolve(client, ref, platform)
+                        return await resolve(client, ref, platform, known.get((ref, platform)))
                     except TransientError as e:
                         state.retry_transient = True
+                        state.retry_after = max(state.retry_after, retry_after(e) or 0.0)
                         return ImageError(str(ref), str(platform), type(e).__name__.removesuffix(
                             "Error") or "RegistryError", str(e))
                     except RegistryError as e:
@@ -205,8 +221,10 @@ class Reconciler:
         state = self.caches.get(key)
         if state is None or state.spec is None or state.spec.paused:
             return False
-        # Transient failures (connection, 5xx, 429) may succeed soon; bad input will not.
-        wait = TRANSIENT_RETRY_SECONDS if state.retry_transient else state.spec.refresh_seconds
+        # Transient failures (connection, 5xx, 429) may succeed soon, bad input will not; a
+        # server that said when to come back (Retry-After) is not asked before.
+        wait = (max(TRANSIENT_RETRY_SECONDS, state.retry_after) if state.retry_transient
+                else state.spec.refresh_seconds)
         return time.monotonic() - state.resolved_at >= wait
 
     async def refresh_forever(self, interval: float = 15.0) -> None:

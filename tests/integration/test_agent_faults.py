@@ -58,6 +58,17 @@ def _errors(kube: Kube, node: str) -> list[dict[str, Any]]:
     return errors
 
 
+def _wait_for_error(kube: Kube, agent: Agent, reason: str, digest: str) -> dict[str, Any]:
+    """The first ``status.errors[]`` entry of ``reason`` for layer ``digest``, once there."""
+    def reported() -> dict[str, Any] | None:
+        assert agent.alive(), agent.tail()
+        return next((e for e in _errors(kube, agent.node.name)
+                     if e.get("digest") == digest and e["reason"] == reason), None)
+
+    found: dict[str, Any] = wait_for(reported, 120, 0.5, f"a {reason} error in status")
+    return found
+
+
 def _stable_bytes(proxy: FaultProxy, path: str) -> int:
     """The proxy's byte count for ``path`` once it stops moving (a dead client's tail)."""
     last = -1
@@ -133,12 +144,7 @@ def test_corrupt_upstream_body_is_never_committed_and_is_retried(
     entry = layer_entry(family, proxy.host, layer, "Upstream")
     env = _env(proxy, LAYERCACHE_RETRY_INITIAL_SECONDS="1", LAYERCACHE_RETRY_MAX_SECONDS="2")
     with one_agent(kube, node, [entry], tmp_path, env) as agent:
-        def reported() -> bool:
-            assert agent.alive(), agent.tail()
-            return any(e.get("digest") == layer.digest and e["reason"] == "DigestMismatch"
-                       for e in _errors(kube, node.name))
-
-        wait_for(reported, 120, 0.5, "a DigestMismatch error in status")
+        _wait_for_error(kube, agent, "DigestMismatch", layer.digest)
         wait_for(lambda: proxy.stats().faults_fired.get("corrupt", 0) >= 2, 60, 0.5,
                  "a retry, corrupted again")
         degraded = condition(kube, node.name, "Degraded")
@@ -155,6 +161,31 @@ def test_corrupt_upstream_body_is_never_committed_and_is_retried(
         assert condition(kube, node.name, "Degraded")["status"] == "False"
         assert agent.metric("layercache_agent_errors_total", node=node.name,
                             reason="DigestMismatch") >= 2
+
+
+def test_rate_limited_layer_is_not_retried_before_retry_after(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # The registry refuses the blob for 10 minutes and says so (Retry-After: 600): longer
+    # than a request waits for itself, so the layer's retry is scheduled — not after the
+    # agent's usual 2, 6, 14 s backoff, but after the 600 s.
+    layer = _layer(family, 4)
+    path = blob_path(family, layer.digest)
+    proxy.add_fault(f"^{re.escape(path)}$", "status", status=429, retry_after=600,
+                    window_seconds=600)
+    node = bed.nodes[2]
+    with one_agent(kube, node, [layer_entry(family, proxy.host, layer, "Upstream")], tmp_path,
+                   _env(proxy)) as agent:
+        error = _wait_for_error(kube, agent, "UpstreamRateLimited", layer.digest)
+        assert "Retry-After 600" in error["message"]
+        refused_at = time.monotonic()
+        while time.monotonic() - refused_at < 20:  # the old backoff retried 3 times by now
+            assert agent.alive(), agent.tail()
+            time.sleep(1)
+        assert proxy.stats().count(path) == 1
+        assert agent.metric("layercache_registry_requests_total", code="429",
+                            registry=proxy.host) == 1
+        assert held(node.socket).get(layer.digest) is None
 
 
 def test_disk_threshold_stops_every_fetch(

@@ -9,32 +9,40 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from layercache.digest import Digest
+from layercache.metrics import RegistryMetrics
 from layercache.reference import parse_reference
 from layercache.registry import (
     AuthenticationError,
+    BlobNotFoundError,
     DigestMismatchError,
     DockerConfig,
     FileSink,
     Keyring,
     MemorySink,
     NoMatchingPlatformError,
+    RateLimitedError,
     RegistryClient,
     RegistryConnectionError,
+    RegistryHosts,
     RegistryOptions,
+    RegistryStatusError,
     RetryPolicy,
     fetch_blob,
     resolve,
 )
+from testbed import pki
 from testbed.bed import BedState, RegistryRecord
-from testbed.faultproxy import FaultProxy
+from testbed.faultproxy import FaultProxy, fault_proxy
 from testbed.image_recipe import RECIPE
 from testbed.images import Family
 
@@ -331,3 +339,182 @@ def _sha256(path: Path) -> str:
 
 def _listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
+
+
+# --- what real registries do: HEAD refused, rate-limit windows, redirects -----------------
+
+
+@pytest.mark.parametrize("status", [501, 405, 400])
+async def test_head_refused_falls_back_to_get_once_and_is_remembered(
+    proxy: FaultProxy, proxied: tuple[RegistryClient, Sleeps], family: Family, status: int
+) -> None:
+    # Registries that serve GET but answer HEAD on manifests with 501 (or 405, 400 …).
+    client, _ = proxied
+    tag_path = "/v2/family/nginx/manifests/v1"
+    proxy.add_fault(r"/manifests/", "status", method="HEAD", status=status, times=None)
+    image = await resolve(client, f"{proxy.host}/family/nginx:v1", AMD64)
+    assert image.manifest_digest == family.images["nginx"].resolve(AMD64).digest
+    stats = proxy.stats()
+    assert stats.count(tag_path, "HEAD") == 1  # not retried as a server error
+    assert stats.count(tag_path, "GET", 200) == 1
+    # The next resolution on that host: GET only, no HEAD.
+    again = await resolve(client, f"{proxy.host}/family/base:v1", AMD64)
+    assert again.manifest_digest == family.images["base"].resolve(AMD64).digest
+    stats = proxy.stats()
+    assert stats.count("/v2/family/base/manifests/v1", "HEAD") == 0
+    assert stats.count("/v2/family/base/manifests/v1", "GET", 200) == 1
+    assert stats.faults_fired == {"status": 1}
+
+
+async def test_head_server_error_falls_back_to_get_once_and_is_not_remembered(
+    proxy: FaultProxy, proxied: tuple[RegistryClient, Sleeps], family: Family
+) -> None:
+    # A passing 503 on HEAD: GET once instead, but the host keeps HEAD (manifest GETs count
+    # against pull quotas, so one blip must not cost an hour of them).
+    client, _ = proxied
+    tag_path = "/v2/family/nginx/manifests/v1"
+    proxy.add_fault(r"/manifests/", "status", method="HEAD", status=503, times=1)
+    image = await resolve(client, f"{proxy.host}/family/nginx:v1", AMD64)
+    assert image.manifest_digest == family.images["nginx"].resolve(AMD64).digest
+    stats = proxy.stats()
+    assert stats.count(tag_path, "HEAD") == 1
+    assert stats.count(tag_path, "GET", 200) == 1
+    again = await resolve(client, f"{proxy.host}/family/base:v1", AMD64)
+    assert again.manifest_digest == family.images["base"].resolve(AMD64).digest
+    stats = proxy.stats()
+    assert stats.count("/v2/family/base/manifests/v1", "HEAD", 200) == 1
+
+
+async def test_rate_limit_window_gets_one_waiting_client(
+    proxy: FaultProxy, proxied: tuple[RegistryClient, Sleeps], family: Family
+) -> None:
+    # A registry refuses every manifest request for 3 s once its limit is hit and says
+    # Retry-After: 3. Eight concurrent resolutions share one per-host limiter: after the
+    # first 429 nobody else asks until it has passed, then one probe goes first.
+    client, _ = proxied
+    proxy.add_fault(r"/manifests/", "status", status=429, retry_after=3, window_seconds=3)
+    names = IMAGES[:8]
+    first = asyncio.create_task(resolve(client, f"{proxy.host}/family/{names[0]}:v1", AMD64))
+    await _until(lambda: proxy.stats().faults_fired.get("status", 0) >= 1)
+    refused_at = time.monotonic()
+    others = [resolve(client, f"{proxy.host}/family/{n}:v1", AMD64) for n in names[1:]]
+    images = await asyncio.gather(first, *others)
+    assert time.monotonic() - refused_at >= 2.5  # nobody got through before Retry-After
+    for name, image in zip(names, images, strict=True):
+        assert image.digest == family.images[name].manifest_digest
+    assert [(r.method, r.path) for r in proxy.stats().requests if r.status == 429] == [
+        ("HEAD", f"/v2/family/{names[0]}/manifests/v1")]
+
+
+async def test_long_retry_after_is_handed_to_the_caller_and_shared(
+    proxy: FaultProxy, family: Family
+) -> None:
+    # Retry-After: 600 is longer than a request waits (max_retry_after): the error carries
+    # it to the caller, and every other request to that host fails at once, unsent.
+    proxy.add_fault(r"/manifests/", "status", status=429, retry_after=600, window_seconds=600)
+    client = RegistryClient(registries={proxy.host: RegistryOptions(insecure=True)},
+                            retry=RetryPolicy(initial_backoff=0.1, max_retry_after=10))
+    async with client:
+        with pytest.raises(RateLimitedError) as first:
+            await resolve(client, f"{proxy.host}/family/base:v1", AMD64)
+        started = time.monotonic()
+        with pytest.raises(RateLimitedError) as second:
+            await resolve(client, f"{proxy.host}/family/nginx:v1", AMD64)
+    assert first.value.retry_after == 600
+    assert time.monotonic() - started < 1.0
+    assert second.value.retry_after is not None and 590 < second.value.retry_after <= 600
+    assert proxy.stats().total_requests == 1
+
+
+async def test_https_to_http_redirect_is_refused(
+    bed: BedState, proxy: FaultProxy, family: Family, tmp_path: Path
+) -> None:
+    # An https registry whose blob store answers with a redirect to plain http.
+    ca = pki.CA.create(tmp_path / "pki")
+    pair = ca.issue("registry", "127.0.0.1", hosts=("127.0.0.1",))
+    digest = family.images["app-curl"].layers[-1]
+    size = family.layer(digest).size
+    path = blob_path("app-curl", digest)
+    assert bed.registries["plain"].url.startswith("http://")
+    with fault_proxy(tmp_path / "tls", bed.registries["plain"].url,
+                     tls=(pair.cert, pair.key, ca.cert)) as tls:
+        tls.add_fault(re.escape(path), "redirect", location=f"http://{proxy.host}{{path}}",
+                      times=None)
+        client = RegistryClient(registries={tls.host: RegistryOptions(ca_file=ca.cert)},
+                                retry=RetryPolicy(attempts=2, initial_backoff=0.1))
+        async with client:
+            with pytest.raises(RegistryStatusError, match="downgrade") as info:
+                await fetch_blob(client, parse_reference(f"{tls.host}/family/app-curl:v1"),
+                                 Digest(digest), size, MemorySink())
+        assert info.value.status == 307
+        assert tls.stats().count(path, "GET", 307) == 1  # final: not retried
+    assert proxy.stats().total_requests == 0  # nothing went out in clear
+
+
+#: A pre-signed storage URL's query: credentials.
+SIGNED = "X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=0123456789abcdef"
+
+
+async def test_presigned_query_never_logged_or_in_errors(
+    proxy: FaultProxy, proxied: tuple[RegistryClient, Sleeps], family: Family,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    # Blob stores answer with a redirect to a pre-signed URL, credentials in its query.
+    client, _ = proxied
+    caplog.set_level(logging.DEBUG)
+    digest = family.images["app-curl"].layers[-1]
+    size = family.layer(digest).size
+    path = blob_path("app-curl", digest)
+    ref = parse_reference(f"{proxy.host}/family/app-curl:v1")
+    only = f"^{re.escape(path)}$"
+    proxy.add_fault(only, "redirect", location=f"http://{proxy.host}{{path}}?{SIGNED}")
+    sink = MemorySink()
+    assert await fetch_blob(client, ref, Digest(digest), size, sink) == size
+    assert hashlib.sha256(sink.data).hexdigest() == digest.removeprefix("sha256:")
+    assert proxy.stats().count(path, "GET", 200) == 1  # the signed URL was fetched
+    # A redirect whose target fails: the error names the request, not the query.
+    proxy.add_fault(only, "redirect", times=None,
+                    location=f"http://{proxy.host}/storage{{path}}?{SIGNED}")
+    with pytest.raises(BlobNotFoundError) as info:
+        await fetch_blob(client, ref, Digest(digest), size, MemorySink())
+    assert "X-Amz" not in str(info.value)
+    logged = [record.getMessage() for record in caplog.records]
+    # httpx logged its requests and httpcore the redirects' headers, without the query.
+    assert any("HTTP Request" in line for line in logged)
+    assert any("Location" in line for line in logged)
+    assert [line for line in logged if "X-Amz" in line] == []
+
+
+async def test_requests_counted_by_registry_and_code(
+    proxy: FaultProxy, family: Family
+) -> None:
+    # One limiter and one counter per host for every client of a process (the operator
+    # opens a client per resolution): codes as the registry answered, nothing else.
+    proxy.add_fault(r"/manifests/", "status", method="HEAD", status=429, retry_after=1)
+    proxy.add_fault(r"/blobs/", "redirect", location=f"http://{proxy.host}{{path}}?{SIGNED}")
+    registry = CollectorRegistry()
+    hosts = RegistryHosts(RegistryMetrics(registry).request)
+    for name in ("base", "nginx"):
+        client = RegistryClient(registries={proxy.host: RegistryOptions(insecure=True)},
+                                retry=RetryPolicy(initial_backoff=0.1), hosts=hosts)
+        async with client:
+            image = await resolve(client, f"{proxy.host}/family/{name}:v1", AMD64)
+        assert image.digest == family.images[name].manifest_digest
+    seen: dict[str, int] = {}
+    for r in proxy.stats().requests:
+        seen[str(r.status)] = seen.get(str(r.status), 0) + r.count
+    # Per image: HEAD, manifest GET, config GET; base's first HEAD refused, its config
+    # redirected once.
+    assert seen == {"429": 1, "307": 1, "200": 2 * 3}
+    for code, count in seen.items():
+        assert registry.get_sample_value(
+            "layercache_registry_requests_total", {"registry": proxy.host, "code": code}
+        ) == count
+    exported = generate_latest(registry).decode()
+    assert "X-Amz" not in exported and "/v2/" not in exported and "sha256" not in exported
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(10):
+        while not await asyncio.to_thread(check):  # noqa: ASYNC110 - polls the proxy
+            await asyncio.sleep(0.05)

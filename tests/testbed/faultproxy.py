@@ -3,13 +3,14 @@
 Faults come from here, not from a fake registry: the proxy relays every request to the
 real registry, streaming both bodies, and on request breaks the answer in one of the ways
 real registries and networks do (429 + Retry-After, 5xx, a connection reset or a short
-body in the middle of a blob, a body that does not match its digest, a slow answer). It
-also caps the TOTAL response byte rate of all connections together, like one uplink, and
-counts the response body bytes it relays per path. Those counts are the ground truth for
-"bytes fetched from upstream" in tests and benchmarks.
+body in the middle of a blob, a body that does not match its digest, a slow answer, a
+rate-limit window, a redirect). It also caps the TOTAL response byte rate of all
+connections together, like one uplink, and counts the response body bytes it relays per
+path. Those counts are the ground truth for "bytes fetched from upstream" in tests and benchmarks.
 
-Run it with `python -m testbed.faultproxy --listen 127.0.0.1:PORT --upstream URL`. Its
-control API lives on the same port under `/_proxy/` and is never forwarded:
+Run it with `python -m testbed.faultproxy --listen 127.0.0.1:PORT --upstream URL` (add
+`--tls-cert FILE --tls-key FILE` to serve HTTPS, like a TLS registry). Its control API
+lives on the same port under `/_proxy/` and is never forwarded:
 
 * `POST /_proxy/faults` — add a rule (a JSON object, or a list of them; see `Fault`);
   `GET /_proxy/faults` — the rules with the number of firings left;
@@ -45,7 +46,7 @@ from yarl import URL
 
 from testbed import procs
 
-FaultKind = Literal["status", "reset", "truncate", "corrupt", "delay"]
+FaultKind = Literal["status", "reset", "truncate", "corrupt", "delay", "redirect"]
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 #: Paths whose response bodies count as blob bytes (distribution API: blob fetches).
 BLOB_PATH = re.compile(r"^/v2/.+/blobs/sha256:")
@@ -82,10 +83,16 @@ class Fault:
         corrupt: relay the whole body with the same length, but with the byte at offset
             `after_bytes` (default 0) inverted, so it no longer matches its digest.
         delay: wait `delay_seconds` before forwarding the request, then relay normally.
+        redirect: answer `status` (default 307) with `Location: <location>` without asking
+            upstream; `{path}` in `location` becomes the request path (a blob store's URL,
+            e.g. `http://127.0.0.1:PORT{path}?X-Amz-Signature=…`).
     For reset and truncate `after_bytes` defaults to half the upstream Content-Length. A
     body shorter than the cut point is relayed whole (the rule still counts as fired).
 
     `times` is how many requests the rule fires for (default 1); None means every one.
+    `window_seconds`, if set, replaces `times`: the rule fires for every matching request
+    from its first firing until that many seconds later, then never again — a registry's
+    rate-limit window, which refuses everything until it ends whatever Retry-After said.
     """
 
     path_regex: str
@@ -96,6 +103,8 @@ class Fault:
     times: int | None = 1
     after_bytes: int | None = None
     delay_seconds: float | None = None
+    window_seconds: float | None = None
+    location: str | None = None
 
     def __post_init__(self) -> None:
         re.compile(self.path_regex)  # raises re.error (a ValueError) when malformed
@@ -105,6 +114,14 @@ class Fault:
             raise ValueError("a status fault needs a status between 100 and 599")
         if self.kind == "delay" and (self.delay_seconds is None or self.delay_seconds < 0):
             raise ValueError("a delay fault needs delay_seconds >= 0")
+        if self.kind == "redirect":
+            if not self.location:
+                raise ValueError("a redirect fault needs a location")
+            self.status = self.status or 307
+            if not 300 <= self.status <= 399:
+                raise ValueError("a redirect fault's status must be 3xx")
+        if self.window_seconds is not None and self.window_seconds <= 0:
+            raise ValueError("window_seconds must be positive")
         if self.times is not None and self.times < 1:
             raise ValueError("times must be at least 1, or null for every request")
         if self.after_bytes is not None and self.after_bytes < 0:
@@ -128,8 +145,11 @@ class Fault:
             raise ValueError(str(exc)) from exc
 
     def matches(self, method: str, path: str) -> bool:
-        """Whether the rule has firings left and matches `method` and `path`."""
-        return ((self.times is None or self.times > 0)
+        """Whether the rule has firings left and matches `method` and `path`.
+
+        A windowed rule always has (the proxy's state knows when its window ends).
+        """
+        return ((self.times is None or self.times > 0 or self.window_seconds is not None)
                 and (self.method is None or self.method == method)
                 and re.search(self.path_regex, path) is not None)
 
@@ -235,11 +255,18 @@ class _State:
     requests: Counter[tuple[str, str, int]] = field(default_factory=Counter)
     faults_fired: Counter[str] = field(default_factory=Counter)
     blob_bytes: int = 0
+    #: Index of a windowed rule in `faults` → loop time its window ends.
+    window_ends: dict[int, float] = field(default_factory=dict)
 
     def take_fault(self, method: str, path: str) -> Fault | None:
-        for fault in self.faults:
+        now = asyncio.get_running_loop().time()
+        for index, fault in enumerate(self.faults):
             if fault.matches(method, path):
-                if fault.times is not None:
+                if fault.window_seconds is not None:
+                    assert fault.window_seconds is not None
+                    if now >= self.window_ends.setdefault(index, now + fault.window_seconds):
+                        continue  # its window is over: spent
+                elif fault.times is not None:
                     fault.times -= 1
                 self.faults_fired[fault.kind] += 1
                 return fault
@@ -330,10 +357,10 @@ class _Proxy:
         fault = self.state.take_fault(request.method, request.path)
         status = 502
         try:
-            if fault is not None and fault.kind == "status":
+            if fault is not None and fault.kind in ("status", "redirect"):
                 assert fault.status is not None
                 status = fault.status
-                return self._injected(fault)
+                return self._injected(fault, request.path)
             if fault is not None and fault.kind == "delay":
                 await asyncio.sleep(fault.delay_seconds or 0)
             response, status = await self._forward(request, fault)
@@ -342,8 +369,12 @@ class _Proxy:
             # Counted in the current state, like the bytes: a reset mid-request starts afresh.
             self.state.requests[(request.method, request.path, status)] += 1
 
-    def _injected(self, fault: Fault) -> web.Response:
+    def _injected(self, fault: Fault, path: str) -> web.Response:
         assert fault.status is not None
+        if fault.kind == "redirect":
+            assert fault.location is not None
+            return web.Response(status=fault.status,
+                                headers={"Location": fault.location.replace("{path}", path)})
         headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
         code = {429: "TOOMANYREQUESTS", 503: "UNAVAILABLE"}.get(fault.status, "UNKNOWN")
         return web.json_response(
@@ -481,12 +512,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--listen", required=True, help="HOST:PORT to serve plain HTTP on")
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:5000")
     parser.add_argument("--upstream-ca", type=Path, help="CA file to verify an HTTPS upstream")
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
+    parser.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     host, _, port = args.listen.rpartition(":")
+    context = None
+    if args.tls_cert is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     web.run_app(_Proxy(args.upstream, args.upstream_ca).app(), host=host, port=int(port),
-                print=None)
+                print=None, ssl_context=context)
 
 
 # --- Client and lifecycle for tests ----------------------------------------------------
@@ -495,21 +532,25 @@ def main(argv: Sequence[str] | None = None) -> None:
 class FaultProxy:
     """Typed synchronous client of a running proxy (and its process, when we started it).
 
-    `url` is the proxy's base URL (`http://127.0.0.1:PORT`), `host` the `127.0.0.1:PORT`
-    for image references. Methods raise `httpx.HTTPStatusError` when the proxy refuses a
-    request (e.g. an invalid rule: 400).
+    `url` is the proxy's base URL (`http://127.0.0.1:PORT`, or `https://` with `ca_file`
+    to verify it), `host` the `127.0.0.1:PORT` for image references. Methods raise
+    `httpx.HTTPStatusError` when the proxy refuses a request (e.g. an invalid rule: 400).
     """
 
-    def __init__(self, url: str, process: procs.Process | None = None) -> None:
+    def __init__(self, url: str, process: procs.Process | None = None,
+                 ca_file: Path | None = None) -> None:
         self.url = url.rstrip("/")
         self.host = URL(self.url).raw_authority
         self.process = process
-        self._http = httpx.Client(base_url=self.url, timeout=10)
+        verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(ca_file))
+                                         if ca_file is not None else True)
+        self._http = httpx.Client(base_url=self.url, timeout=10, verify=verify)
 
     def add_fault(self, path_regex: str, kind: FaultKind, *, method: str | None = None,
                   status: int | None = None, retry_after: int | None = None,
                   times: int | None = 1, after_bytes: int | None = None,
-                  delay_seconds: float | None = None) -> Fault:
+                  delay_seconds: float | None = None, window_seconds: float | None = None,
+                  location: str | None = None) -> Fault:
         """Add a rule (see `Fault` for the meaning of each field) and return it.
 
         Raises:
@@ -517,7 +558,7 @@ class FaultProxy:
 
         """
         fault = Fault(path_regex, kind, method, status, retry_after, times, after_bytes,
-                      delay_seconds)
+                      delay_seconds, window_seconds, location)
         self._http.post("/_proxy/faults", json=asdict(fault)).raise_for_status()
         return fault
 
@@ -548,10 +589,13 @@ class FaultProxy:
 
 
 def start_fault_proxy(workdir: Path, upstream_url: str, *, upstream_ca: Path | None = None,
+                      tls: tuple[Path, Path, Path] | None = None,
                       ready_timeout: float = READY_TIMEOUT) -> FaultProxy:
     """Start a proxy in front of `upstream_url` on a free 127.0.0.1 port; wait until it answers.
 
-    Its log is `workdir/faultproxy-PORT.log` and its working directory `workdir`.
+    `tls` = (certificate, key, CA file): serve HTTPS with that certificate (its SAN must
+    hold 127.0.0.1) and verify it with the CA. Its log is `workdir/faultproxy-PORT.log`
+    and its working directory `workdir`.
 
     Raises:
         procs.ComponentError: it exited or did not answer in `ready_timeout` seconds (it is
@@ -564,9 +608,13 @@ def start_fault_proxy(workdir: Path, upstream_url: str, *, upstream_ca: Path | N
                               "--listen", f"127.0.0.1:{port}", "--upstream", upstream_url]
     if upstream_ca is not None:
         argv += ["--upstream-ca", upstream_ca]
+    if tls is not None:
+        argv += ["--tls-cert", tls[0], "--tls-key", tls[1]]
     process = procs.Process(f"faultproxy-{port}", argv, log=workdir / f"faultproxy-{port}.log",
                             cwd=workdir).start()
-    proxy = FaultProxy(f"http://127.0.0.1:{port}", process)
+    scheme = "https" if tls is not None else "http"
+    proxy = FaultProxy(f"{scheme}://127.0.0.1:{port}", process,
+                       ca_file=tls[2] if tls is not None else None)
     try:
         process.wait_ready(lambda: proxy.stats() is not None, ready_timeout)
     except BaseException:
@@ -576,10 +624,13 @@ def start_fault_proxy(workdir: Path, upstream_url: str, *, upstream_ca: Path | N
 
 
 @contextlib.contextmanager
-def fault_proxy(workdir: Path, upstream_url: str, *,
-                upstream_ca: Path | None = None) -> Iterator[FaultProxy]:
-    """Run a proxy in front of `upstream_url` for the duration of the block, then stop it."""
-    proxy = start_fault_proxy(workdir, upstream_url, upstream_ca=upstream_ca)
+def fault_proxy(workdir: Path, upstream_url: str, *, upstream_ca: Path | None = None,
+                tls: tuple[Path, Path, Path] | None = None) -> Iterator[FaultProxy]:
+    """Run a proxy in front of `upstream_url` for the duration of the block, then stop it.
+
+    `tls` as for `start_fault_proxy`.
+    """
+    proxy = start_fault_proxy(workdir, upstream_url, upstream_ca=upstream_ca, tls=tls)
     try:
         yield proxy
     finally:

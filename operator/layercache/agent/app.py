@@ -46,6 +46,7 @@ from layercache.containerd.content import ContentStore
 from layercache.containerd.cri import CRIImages
 from layercache.metrics import AgentGauges, AgentMetrics
 from layercache.registry.client import RegistryClient, RegistryOptions
+from layercache.registry.hosts import RegistryHosts
 
 __all__ = ["run_agent"]
 
@@ -95,7 +96,8 @@ class Agent:
             keyring=LiveKeyring(self.secrets),
             registries={host: RegistryOptions(insecure=True)
                         for host in settings.insecure_hosts},
-            default=RegistryOptions(ca_file=settings.registry_ca_file))
+            default=RegistryOptions(ca_file=settings.registry_ca_file),
+            hosts=RegistryHosts(self.metrics.registry_requests.request))
         self.peers = PeerClient(lambda: self.secrets.token)
         self.runners: list[Any] = []
 

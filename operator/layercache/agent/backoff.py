@@ -2,7 +2,9 @@
 
 A layer that failed is not tried again at once: the wait starts at ``initial`` seconds and
 doubles with each further failure up to ``cap``, so a broken registry or peer is not hammered
-while other layers proceed. A success forgets the item's history.
+while other layers proceed. A failure that says when to come back (a registry's
+``Retry-After``) is not retried sooner, whatever the doubling or the cap say. A success
+forgets the item's history.
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ class RetryTimes:
         self.cap = cap
         self._next: dict[str, tuple[float, float]] = {}
 
-    def failed(self, key: str, now: float) -> float:
-        """Record a failure of ``key`` at ``now``; returns when it may be retried."""
+    def failed(self, key: str, now: float, not_before: float | None = None) -> float:
+        """Record a failure of ``key`` at ``now``; returns when it may be retried.
+
+        ``not_before`` (seconds after ``now``, e.g. the server's ``Retry-After``) is the
+        least wait, even beyond ``cap``; it does not change the doubling of later waits.
+        """
         _, delay = self._next.get(key, (0.0, self.initial / 2))
         delay = min(self.cap, delay * 2)
-        self._next[key] = (now + delay, delay)
-        return now + delay
+        at = now + max(delay, not_before or 0.0)
+        self._next[key] = (at, delay)
+        return at
 
     def succeeded(self, key: str) -> None:
         """Forget ``key``'s failures."""

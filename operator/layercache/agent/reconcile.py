@@ -9,8 +9,9 @@ spec change and every `AgentSettings.resync_seconds` — never from memory alone
    (waiting for a peer costs no transfer slot; the transfer itself takes one of
    ``concurrency``): the window keeps the earliest layers — which every node orders the
    same way — moving, so seeders and waiters cannot block each other for good;
-3. a failed layer is retried after a backoff that doubles per failure; a disk refusal
-   stops new fetches until the filesystem is checked again;
+3. a failed layer is retried after a backoff that doubles per failure, and never before
+   the registry's ``Retry-After``; a disk refusal stops new fetches until the filesystem
+   is checked again;
 4. in ``Images`` mode, an image whose layers are all held is pulled through CRI, which
    then only resolves its manifest and config (`layercache.agent.images`).
 
@@ -34,6 +35,7 @@ from layercache.agent.status import StatusBook
 from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import ContainerdError
 from layercache.digest import Digest
+from layercache.registry.errors import retry_after
 
 __all__ = ["Reconciler"]
 
@@ -194,7 +196,7 @@ class Reconciler:
         except Exception as error:
             entry = self.book.error(failure_reason(error), str(error), digest)
             self.book.failing[digest] = entry
-            self.retry.failed(digest, self.loop_time)
+            self.retry.failed(digest, self.loop_time, retry_after(error))
         else:
             self.held[digest] = layer.size
             self.retry.succeeded(digest)

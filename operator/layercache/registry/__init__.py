@@ -3,8 +3,9 @@
 Modules, one concern each: `errors` (classified errors), `mediatypes`, `challenge`
 (``WWW-Authenticate``), `credentials` (Docker config / pull secrets), `auth` (basic and
 bearer-token flows, token cache), `retry` (policy on tenacity), `manifest` (parsing at the
-edge), `client` (connections, auth, redirects), `fetch` (manifests), `blobs` (verified
-streaming with resume), `resolve` (reference + platform → `ResolvedImage`).
+edge), `hosts` (per-host rate limit, HEAD support and request counts, shared by clients),
+`client` (connections, auth, redirects), `fetch` (manifests), `blobs` (verified streaming
+with resume), `resolve` (reference + platform → `ResolvedImage`).
 """
 
 from layercache.registry.blobs import (
@@ -40,8 +41,10 @@ from layercache.registry.errors import (
     UnsupportedDigestError,
     UnsupportedManifestError,
     UnsupportedMediaTypeError,
+    retry_after,
 )
 from layercache.registry.fetch import FetchedManifest, ManifestHead, get_manifest, head_manifest
+from layercache.registry.hosts import HostState, RegistryHosts
 from layercache.registry.resolve import ResolvedImage, resolve
 from layercache.registry.retry import RetryPolicy
 
@@ -57,6 +60,7 @@ __all__ = [
     "DockerConfig",
     "FetchedManifest",
     "FileSink",
+    "HostState",
     "IncompleteBodyError",
     "Keyring",
     "ManifestError",
@@ -71,6 +75,7 @@ __all__ = [
     "RegistryConfigError",
     "RegistryConnectionError",
     "RegistryError",
+    "RegistryHosts",
     "RegistryOptions",
     "RegistryStatusError",
     "ResolvedImage",
@@ -86,4 +91,5 @@ __all__ = [
     "get_manifest",
     "head_manifest",
     "resolve",
+    "retry_after",
 ]

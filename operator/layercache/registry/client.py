@@ -6,11 +6,17 @@ token spec. One `RegistryClient` serves every registry of a process:
 
 - one ``httpx.AsyncClient`` (connection pool) per trust profile — httpx's default roots,
   plus a registry's own CA file when it has one — shared by all requests;
-- a semaphore per registry bounds concurrent requests to it (``max_concurrency``);
+- per registry host, one `HostState` (`layercache.registry.hosts`), shared with every other
+  client given the same `RegistryHosts`: it bounds concurrent requests (``max_concurrency``),
+  holds every request back while the host rate-limits us (429 ``Retry-After``), counts
+  requests by status code, and remembers whether ``HEAD`` on manifests works there;
 - TLS verification is always on for ``https``; a registry marked ``insecure`` is spoken to
   in plain HTTP instead (that is what "insecure registry" means to containerd too);
 - redirects (blob storage back ends) are followed by hand, dropping ``Authorization`` when
-  the origin changes, so registry credentials never reach a storage host;
+  the origin changes, so registry credentials never reach a storage host, and refusing a
+  redirect from ``https`` to ``http`` (a downgrade would expose the bytes and the signed URL);
+- no URL query string is ever logged: pre-signed storage URLs carry their credentials there,
+  so httpx's own request log lines are redacted (`redact_url_queries`);
 - each logical request runs in one retry loop (`RetryPolicy`); a 401 gets one token
   refresh inside the attempt, which is not a retry.
 
@@ -20,10 +26,10 @@ Manifests are fetched by `layercache.registry.fetch`, blobs streamed by
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -44,9 +50,10 @@ from layercache.registry.errors import (
     RegistryStatusError,
     ServerError,
 )
+from layercache.registry.hosts import HostState, RegistryHosts
 from layercache.registry.retry import RetryPolicy, parse_retry_after
 
-__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped"]
+__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "redact_url_queries"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,8 @@ class RegistryOptions:
         insecure: speak plain HTTP (no TLS at all). Default False: HTTPS, verified.
         ca_file: PEM file of extra CA certificates trusted for this registry (and its token
             realm), on top of httpx's default roots.
-        max_concurrency: concurrent requests to this registry (>= 1).
+        max_concurrency: concurrent requests to this registry (>= 1), by every client that
+            shares a `RegistryHosts` (the first client to reach the host sets it).
 
     """
 
@@ -94,13 +102,50 @@ def describe(url: httpx.URL, method: str = "GET") -> str:
     return f"{method} {url.netloc.decode()}{url.path}"
 
 
+_URL_QUERY: Final = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"']*)\?[^\s#\"']*")
+
+
+def redact_url_queries(text: str) -> str:
+    """``text`` with the query of every URL in it replaced by ``?<redacted>``."""
+    return _URL_QUERY.sub(r"\1?<redacted>", text)
+
+
+class _RedactQueries(logging.Filter):
+    """Rewrites a record's message and arguments so no URL query string reaches a handler.
+
+    httpx logs every request at INFO as ``HTTP Request: GET <url> "HTTP/1.1 200 OK"``, the
+    whole URL included: for a blob redirected to object storage, its pre-signed query.
+    httpcore's DEBUG traces print response headers, a redirect's ``Location`` among them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_url_queries(str(arg)) if isinstance(arg, httpx.URL | str) else arg
+                for arg in record.args)
+        record.msg = redact_url_queries(record.msg) if isinstance(record.msg, str) else record.msg
+        return True
+
+
+_REDACT_QUERIES: Final = _RedactQueries()
+#: Every logger httpx and httpcore log through (a logger's filter does not see records
+#: of its children, so each is named).
+_HTTP_LOGGERS: Final = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
+                        "httpcore.proxy", "httpcore.socks")
+for _name in _HTTP_LOGGERS:
+    logging.getLogger(_name).addFilter(_REDACT_QUERIES)
+
+
 class RegistryClient:
     """Talks to OCI registries. Use ``async with RegistryClient(...) as client``.
 
     ``keyring`` supplies credentials by registry host (None: anonymous). ``registries``
     maps a registry key (`Reference.registry`, e.g. ``127.0.0.1:5000``) to its options;
     others get ``default``. ``timeout`` is httpx's (seconds). ``retry`` is the per-request
-    retry policy. ``transport`` replaces the network (tests: ``httpx.MockTransport``).
+    retry policy; its ``max_retry_after`` is also the longest a request waits for a
+    rate-limited host before it fails with `RateLimitedError`. ``hosts`` is the per-host
+    state to share with other clients of the process (default: this client's own).
+    ``transport`` replaces the network (tests: ``httpx.MockTransport``).
     """
 
     def __init__(
@@ -112,6 +157,7 @@ class RegistryClient:
         retry: RetryPolicy | None = None,
         timeout: httpx.Timeout | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        hosts: RegistryHosts | None = None,
     ) -> None:
         self.auth = Authenticator(keyring)
         self.retry = retry or RetryPolicy()
@@ -120,7 +166,7 @@ class RegistryClient:
         self._timeout = timeout or httpx.Timeout(30.0, connect=10.0, read=60.0)
         self._transport = transport
         self._clients: dict[Path | None, httpx.AsyncClient] = {}
-        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self.hosts = hosts if hosts is not None else RegistryHosts()
 
     def __repr__(self) -> str:
         return f"RegistryClient(registries={sorted(self._options)})"
@@ -168,12 +214,9 @@ class RegistryClient:
             self._clients[ca_file] = client
         return client
 
-    def _semaphore(self, registry: str) -> asyncio.Semaphore:
-        semaphore = self._semaphores.get(registry)
-        if semaphore is None:
-            semaphore = asyncio.Semaphore(self.options(registry).max_concurrency)
-            self._semaphores[registry] = semaphore
-        return semaphore
+    def host(self, registry: str) -> HostState:
+        """The shared state of ``registry`` (limiter, HEAD support)."""
+        return self.hosts.get(registry, self.options(registry).max_concurrency)
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -188,14 +231,19 @@ class RegistryClient:
         """One attempt at ``method base_url+path``, authenticated, redirects followed.
 
         Yields the final response with its body unread (any status: classify it with
-        `raise_for_status`). Holds a slot of the registry's semaphore until the block ends.
-        ``scope`` defaults to pull on the reference's repository; ``""`` means none (ping).
-        Transport failures, also while the block reads the body, become
-        `RegistryConnectionError` (transient).
+        `raise_for_status`). Holds one of the host's request slots until the block ends;
+        waits first while the host rate-limits us (`HostState.slot`). ``scope`` defaults
+        to pull on the reference's repository; ``""`` means none (ping). Transport
+        failures, also while the block reads the body, become `RegistryConnectionError`
+        (transient).
 
         Raises:
             AuthenticationError, AccessDeniedError: still 401/403 after one token refresh.
             RegistryConnectionError: connecting, sending or reading failed.
+            RateLimitedError: the host rate-limits us for longer than
+                ``retry.max_retry_after`` (nothing sent).
+            RegistryStatusError: a redirect to a non-HTTP URL, from https to http, or too
+                many redirects.
 
         """
         registry = reference.registry
@@ -203,11 +251,14 @@ class RegistryClient:
             scope = repository_scope(reference.repository)
         http = self._http(registry)
         url = httpx.URL(self.base_url(reference) + path)
-        async with self._semaphore(registry):
+        async with self.host(registry).slot(describe(url, method),
+                                            self.retry.max_retry_after) as answered:
             response: httpx.Response | None = None
             try:
                 response = await self._authenticated(http, method, url, headers, registry, scope)
-                response = await self._follow(http, method, url, response, headers)
+                response = await self._follow(http, method, url, response, headers, registry)
+                answered(response.status_code,
+                         parse_retry_after(response.headers.get("retry-after")))
                 yield response
             except httpx.RequestError as exc:  # transport, decoding, redirect loops
                 raise RegistryConnectionError(
@@ -227,7 +278,7 @@ class RegistryClient:
         scope: str,
     ) -> httpx.Response:
         sent = self.auth.header(registry, scope)
-        response = await self._send(http, method, url, headers, sent)
+        response = await self._send(http, method, url, headers, sent, registry)
         if response.status_code != 401:
             return response
         await response.aclose()
@@ -239,25 +290,33 @@ class RegistryClient:
             sent,
             allow_plain_http=self.options(registry).insecure,
         )
-        response = await self._send(http, method, url, headers, sent)
+        response = await self._send(http, method, url, headers, sent, registry)
         if response.status_code in (401, 403):
             await response.aclose()
             raise self.auth.refused(registry, scope, response)
         return response
 
-    @staticmethod
     async def _send(
+        self,
         http: httpx.AsyncClient,
         method: str,
         url: httpx.URL,
         headers: Mapping[str, str] | None,
         authorization: str | None,
+        registry: str,
     ) -> httpx.Response:
+        """One HTTP request, counted for ``registry`` (also when it went to a storage host)."""
         all_headers = dict(headers or {})
         if authorization is not None:
             all_headers["Authorization"] = authorization
         request = http.build_request(method, url, headers=all_headers)
-        return await http.send(request, stream=True)
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.RequestError:
+            self.hosts.count(registry, "error")
+            raise
+        self.hosts.count(registry, response.status_code)
+        return response
 
     async def _follow(
         self,
@@ -266,26 +325,38 @@ class RegistryClient:
         origin_url: httpx.URL,
         response: httpx.Response,
         headers: Mapping[str, str] | None,
+        registry: str,
     ) -> httpx.Response:
-        """Follow up to `MAX_REDIRECTS` redirects; credentials only to the first origin."""
+        """Follow up to `MAX_REDIRECTS` redirects; credentials only to the first origin.
+
+        A redirect from ``https`` to ``http`` is refused (final): the blob and the signed
+        URL would cross the network in clear, open to tampering and replay.
+        """
         url = origin_url
         for _ in range(MAX_REDIRECTS):
             location = response.headers.get("location")
             if response.status_code not in _REDIRECTS or not location:
                 return response
             await response.aclose()
-            url = url.join(location)
+            previous, url = url, url.join(location)
             if url.scheme not in ("http", "https"):
                 raise RegistryStatusError(
                     response.status_code,
                     describe(origin_url, method),
                     detail="redirect to a non-HTTP URL",
                 )
+            if previous.scheme == "https" and url.scheme == "http":
+                raise RegistryStatusError(
+                    response.status_code,
+                    describe(origin_url, method),
+                    detail=f"redirect from https to plain http ({url.netloc.decode()}) "
+                    "refused: a downgrade",
+                )
             authorization = None
             if _origin(url) == _origin(origin_url):
                 authorization = response.request.headers.get("authorization")
             log.debug("%s redirected to %s", describe(origin_url, method), describe(url, method))
-            response = await self._send(http, method, url, headers, authorization)
+            response = await self._send(http, method, url, headers, authorization, registry)
         await response.aclose()
         raise RegistryStatusError(
             response.status_code,

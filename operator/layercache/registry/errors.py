@@ -39,6 +39,7 @@ __all__ = [
     "UnsupportedDigestError",
     "UnsupportedManifestError",
     "UnsupportedMediaTypeError",
+    "retry_after",
 ]
 
 
@@ -101,6 +102,16 @@ class TransientError(RegistryError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def retry_after(error: BaseException | None) -> float | None:
+    """The server's ``Retry-After`` (seconds) carried by ``error``, or None.
+
+    A `TransientError` (429, 503) has one when the server sent it. Callers that schedule
+    their own next attempt (the operator's re-resolve, the agent's layer retry) must not
+    make it sooner than that.
+    """
+    return error.retry_after if isinstance(error, TransientError) else None
 
 
 class RegistryConnectionError(TransientError):

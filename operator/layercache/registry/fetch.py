@@ -15,6 +15,7 @@ Bodies are read with a cap (`MAX_MANIFEST_BYTES`) and parsed by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from layercache.digest import Digest, InvalidDigestError
 from layercache.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlgorithm
@@ -61,6 +62,13 @@ class FetchedManifest:
     manifest: ImageManifest | ImageIndex
 
 
+#: Error statuses of a manifest HEAD that say nothing about HEAD support: auth, rate limit.
+_HEAD_NOT_REFUSALS: Final = frozenset({401, 403, 429})
+#: Passing server errors: GET once instead, but HEAD stays the first choice for the host
+#: (marking it would cost a manifest GET per refresh for an hour after one blip).
+_HEAD_TRANSIENT: Final = frozenset({500, 502, 503, 504})
+
+
 def _manifest_path(reference: Reference, target: str) -> str:
     return f"/v2/{reference.repository}/manifests/{target}"
 
@@ -68,14 +76,22 @@ def _manifest_path(reference: Reference, target: str) -> str:
 async def head_manifest(client: RegistryClient, reference: Reference) -> ManifestHead | None:
     """``HEAD`` the manifest of ``reference`` (its digest, else its tag).
 
-    Returns None when HEAD cannot answer (405 or 404 on HEAD — some registries do not
-    implement it — or no ``Docker-Content-Digest``): fall back to `get_manifest`.
+    Returns None when HEAD cannot answer: fall back to `get_manifest`. That is the case
+    when the answer has no ``Docker-Content-Digest``, is 404 (some registries do not
+    implement HEAD; GET then says what is missing), or is any other error but 401/403
+    (auth) and 429 (rate limit): 405, 501, 500, 400 … — registries that serve GET answer
+    those. Such a refusal is not retried. A refusal that will happen again (405, 501, 400 …:
+    any but 500/502/503/504) marks the host (`HostState.head_refused`) so its manifests are
+    asked with GET alone for a while; a host already marked is not asked with HEAD at all.
 
     Raises:
-        RegistryAuthError, RegistryStatusError, TransientError: as for GET.
+        RegistryAuthError, RateLimitedError, TransientError: as for GET.
         ManifestError: a malformed ``Docker-Content-Digest``.
 
     """
+    host = client.host(reference.registry)
+    if not host.head_supported():
+        return None
     path = _manifest_path(reference, reference.manifest_reference)
     what = f"HEAD {reference.registry}{path}"
     async for attempt in client.retry.retrying(what):
@@ -83,7 +99,12 @@ async def head_manifest(client: RegistryClient, reference: Reference) -> Manifes
             async with client.stream(
                 "HEAD", reference, path, {"Accept": ACCEPT_MANIFESTS}
             ) as response:
-                if response.status_code in (404, 405):
+                status = response.status_code
+                if status == 404:
+                    return None
+                if status >= 400 and status not in _HEAD_NOT_REFUSALS:
+                    if status not in _HEAD_TRANSIENT:
+                        host.head_refused(status)
                     return None
                 await client.raise_for_status(response, what, ManifestNotFoundError)
                 header = response.headers.get("docker-content-digest")

@@ -3,8 +3,12 @@
 What a node's containerd would pull, found the way it finds it:
 
 1. the reference to a digest: the digest it names, else ``HEAD`` on the tag
-   (``Docker-Content-Digest``), falling back to ``GET`` when HEAD is refused (405/404) or
-   carries no digest (OCI distribution-spec, "Checking if content exists");
+   (``Docker-Content-Digest``), falling back to ``GET`` when HEAD is refused (404, 405,
+   501 …; the host is then asked with GET for a while) or carries no digest (OCI
+   distribution-spec, "Checking if content exists"). When that digest is the one a
+   ``previous`` resolution found, the previous resolution is returned as it is and
+   nothing else is fetched: re-resolving an unchanged tag costs one HEAD (registries such
+   as Docker Hub count manifest GETs against a pull quota, HEAD not);
 2. an index (OCI image index / Docker manifest list) to the entry for the platform, by
    containerd's rules (`layercache.platform.select_manifest`; attestations never chosen);
 3. the image manifest's config blob (digest verified) to the layers' diff IDs
@@ -104,9 +108,17 @@ class ResolvedImage:
 
 
 async def resolve(
-    client: RegistryClient, reference: Reference | str, platform: Platform | str
+    client: RegistryClient,
+    reference: Reference | str,
+    platform: Platform | str,
+    previous: ResolvedImage | None = None,
 ) -> ResolvedImage:
     """Resolve ``reference`` for ``platform`` (``os/arch[/variant]`` or a `Platform`).
+
+    ``previous`` is an earlier resolution of the same reference and platform: returned as
+    it is (the same object) when the reference still points at its digest — no request at
+    all for a reference pinned to that digest, a HEAD (or, on a host that refuses HEAD,
+    one GET) for a tag. One of another reference or platform is ignored.
 
     Raises:
         InvalidReferenceError, InvalidPlatformError: unparsable arguments.
@@ -119,7 +131,14 @@ async def resolve(
     """
     ref = parse_reference(reference) if isinstance(reference, str) else reference
     wanted = parse_platform(platform) if isinstance(platform, str) else platform
-    top = await _fetch_top(client, ref)
+    if previous is not None and (previous.reference != ref or previous.platform != wanted):
+        previous = None
+    if previous is not None and ref.digest == previous.digest:
+        return previous  # content-addressed: the same digest is the same image
+    top = await _fetch_top(client, ref, previous.digest if previous is not None else None)
+    if previous is not None and top is None:
+        return previous
+    assert top is not None
     document, chosen = top, None
     for depth in range(MAX_INDEX_DEPTH + 1):
         if isinstance(document.manifest, ImageManifest):
@@ -161,12 +180,18 @@ async def resolve(
     )
 
 
-async def _fetch_top(client: RegistryClient, ref: Reference) -> FetchedManifest:
+async def _fetch_top(
+    client: RegistryClient, ref: Reference, known: Digest | None
+) -> FetchedManifest | None:
+    """The document ``ref`` points at; None when that is ``known`` (nothing more fetched)."""
     if ref.digest is not None:
         return await get_manifest(client, ref, str(ref.digest))
     head = await head_manifest(client, ref)
     if head is None:
-        return await get_manifest(client, ref)
+        fetched = await get_manifest(client, ref)
+        return None if fetched.digest == known else fetched
+    if head.digest == known:
+        return None
     fetched = await get_manifest(client, ref, str(head.digest))
     if head.size is not None and head.size != fetched.size:
         raise ManifestError(

@@ -28,7 +28,7 @@ from typing import Final
 
 import tenacity
 
-from layercache.registry.errors import TransientError
+from layercache.registry.errors import TransientError, retry_after
 
 __all__ = ["RetryPolicy", "parse_retry_after"]
 
@@ -106,10 +106,8 @@ class RetryPolicy:
         The jittered backoff, raised to the error's ``retry_after`` when it has one.
         """
         wait = self.backoff(attempt)
-        retry_after = getattr(error, "retry_after", None)
-        if isinstance(retry_after, int | float):
-            wait = max(wait, float(retry_after))
-        return wait
+        server = retry_after(error)
+        return wait if server is None else max(wait, server)
 
     def gives_up(self, attempt: int, error: BaseException | None) -> bool:
         """Whether to stop after failed attempt ``attempt``.
@@ -118,8 +116,8 @@ class RetryPolicy:
         """
         if attempt >= self.attempts:
             return True
-        retry_after = getattr(error, "retry_after", None)
-        return isinstance(retry_after, int | float) and retry_after > self.max_retry_after
+        server = retry_after(error)
+        return server is not None and server > self.max_retry_after
 
     def retrying(self, what: str) -> tenacity.AsyncRetrying:
         """A tenacity loop for one request; ``what`` names it in log lines.
