@@ -3,7 +3,8 @@
 Faults come from here, not from a fake registry: the proxy relays every request to the
 real registry, streaming both bodies, and on request breaks the answer in one of the ways
 real registries and networks do (429 + Retry-After, 5xx, a connection reset or a short
-body in the middle of a blob, a body that does not match its digest, a slow answer). It
+body in the middle of a blob, a body that does not match its digest, a slow answer, a
+resume answered from another byte). It
 also caps the TOTAL response byte rate of all connections together, like one uplink, and
 counts the response body bytes it relays per path. Those counts are the ground truth for
 "bytes fetched from upstream" in tests and benchmarks.
@@ -45,7 +46,7 @@ from yarl import URL
 
 from testbed import procs
 
-FaultKind = Literal["status", "reset", "truncate", "corrupt", "delay"]
+FaultKind = Literal["status", "reset", "truncate", "corrupt", "delay", "range"]
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 #: Paths whose response bodies count as blob bytes (distribution API: blob fetches).
 BLOB_PATH = re.compile(r"^/v2/.+/blobs/sha256:")
@@ -68,8 +69,10 @@ class Fault:
     """One fault rule: which requests it matches, what it does, how often.
 
     Matching: `path_regex` is searched (`re.search`) in the request path (no query);
-    `method` (e.g. "GET"), if set, must equal the request method. Rules are tried in the
-    order they were added; the first matching rule with firings left fires once per request.
+    `method` (e.g. "GET"), if set, must equal the request method; `ranged`, if set, must
+    equal whether the request carries a `Range` header (True: resumes only). Rules are
+    tried in the order they were added; the first matching rule with firings left fires
+    once per request.
 
     Kinds:
         status: answer `status` (required, e.g. 429, 500, 503) without asking upstream, with
@@ -82,6 +85,9 @@ class Fault:
         corrupt: relay the whole body with the same length, but with the byte at offset
             `after_bytes` (default 0) inverted, so it no longer matches its digest.
         delay: wait `delay_seconds` before forwarding the request, then relay normally.
+        range: forward the request asking upstream for `Range: bytes=<after_bytes>-`
+            (default 0) instead of the range it asked for, so the client gets a real `206`
+            whose `Content-Range` starts at another byte than it asked for.
     For reset and truncate `after_bytes` defaults to half the upstream Content-Length. A
     body shorter than the cut point is relayed whole (the rule still counts as fired).
 
@@ -96,6 +102,7 @@ class Fault:
     times: int | None = 1
     after_bytes: int | None = None
     delay_seconds: float | None = None
+    ranged: bool | None = None
 
     def __post_init__(self) -> None:
         re.compile(self.path_regex)  # raises re.error (a ValueError) when malformed
@@ -127,10 +134,14 @@ class Fault:
         except TypeError as exc:  # unknown or missing fields
             raise ValueError(str(exc)) from exc
 
-    def matches(self, method: str, path: str) -> bool:
-        """Whether the rule has firings left and matches `method` and `path`."""
+    def matches(self, method: str, path: str, ranged: bool = False) -> bool:
+        """Whether the rule has firings left and matches `method`, `path` and `ranged`.
+
+        `ranged`: whether the request carries a `Range` header.
+        """
         return ((self.times is None or self.times > 0)
                 and (self.method is None or self.method == method)
+                and (self.ranged is None or self.ranged == ranged)
                 and re.search(self.path_regex, path) is not None)
 
 
@@ -236,9 +247,9 @@ class _State:
     faults_fired: Counter[str] = field(default_factory=Counter)
     blob_bytes: int = 0
 
-    def take_fault(self, method: str, path: str) -> Fault | None:
+    def take_fault(self, method: str, path: str, ranged: bool) -> Fault | None:
         for fault in self.faults:
-            if fault.matches(method, path):
+            if fault.matches(method, path, ranged):
                 if fault.times is not None:
                     fault.times -= 1
                 self.faults_fired[fault.kind] += 1
@@ -327,7 +338,7 @@ class _Proxy:
     # --- relaying -----------------------------------------------------------------------
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
-        fault = self.state.take_fault(request.method, request.path)
+        fault = self.state.take_fault(request.method, request.path, "Range" in request.headers)
         status = 502
         try:
             if fault is not None and fault.kind == "status":
@@ -360,9 +371,12 @@ class _Proxy:
         assert self._session is not None
         # encoded=True: relay the path and query byte for byte (upload state tokens, digests).
         url = URL(self.upstream_base + request.raw_path, encoded=True)
+        headers = _request_headers(request.headers)
+        if fault is not None and fault.kind == "range":
+            headers["Range"] = f"bytes={fault.after_bytes or 0}-"
         try:
             upstream = await self._session.request(
-                request.method, url, headers=_request_headers(request.headers),
+                request.method, url, headers=headers,
                 data=request.content if request.body_exists else None,
                 allow_redirects=False, ssl=self._ssl)
         except aiohttp.ClientError as exc:
@@ -509,7 +523,7 @@ class FaultProxy:
     def add_fault(self, path_regex: str, kind: FaultKind, *, method: str | None = None,
                   status: int | None = None, retry_after: int | None = None,
                   times: int | None = 1, after_bytes: int | None = None,
-                  delay_seconds: float | None = None) -> Fault:
+                  delay_seconds: float | None = None, ranged: bool | None = None) -> Fault:
         """Add a rule (see `Fault` for the meaning of each field) and return it.
 
         Raises:
@@ -517,7 +531,7 @@ class FaultProxy:
 
         """
         fault = Fault(path_regex, kind, method, status, retry_after, times, after_bytes,
-                      delay_seconds)
+                      delay_seconds, ranged)
         self._http.post("/_proxy/faults", json=asdict(fault)).raise_for_status()
         return fault
 
