@@ -444,40 +444,41 @@ def test_idle_nodes_leave_their_status_alone(
 
 # --- 8 ----------------------------------------------------------------------------------
 
-#: Where a foreign layer says it lives; never fetched (nothing listens on the discard port).
-FOREIGN_URL = "http://127.0.0.1:9/windows-base.tar.gz"
+def _upload(http: httpx.Client, repo: str, data: bytes) -> str:
+    """Upload blob ``data`` to ``repo`` monolithically (POST, then PUT ?digest=); its digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    start = http.post(f"/v2/{repo}/blobs/uploads/")
+    assert start.status_code == 202, start.text
+    # The Location carries the upload state in its query: append, don't replace it.
+    done = http.put(f"{start.headers['Location']}&digest={digest}", content=data,
+                    headers={"Content-Type": "application/octet-stream"})
+    assert done.status_code == 201, done.text
+    return digest
 
 
 def _push_with_foreign_base(bed: BedState, family: Family, source: str, tag: str
                             ) -> tuple[str, dict[str, Any]]:
-    """Push `source` with a foreign base layer beneath its layers, as `<repository>:tag`.
+    """Push OCI image `source` with a non-distributable base layer beneath its layers.
 
-    The layer is described, never uploaded (a registry need not hold it: the runtime
-    fetches it from its ``urls``); the config gains its diff ID. Returns the pushed
-    manifest's digest and the foreign layer's descriptor.
+    As ``<repository>:tag`` on the plain registry. The registry holds that layer's blob
+    too (without ``urls``, distribution insists), so nothing but its media type keeps it
+    from being fetched; the config gains its diff ID. Returns the pushed manifest's
+    digest and the layer's descriptor.
     """
     image = family.images[source]
+    assert image.manifest_media_type == "application/vnd.oci.image.manifest.v1+json"
     repo = image.repository
     with httpx.Client(base_url=bed.registries["plain"].url, timeout=30) as http:
         manifest = http.get(f"/v2/{repo}/manifests/{image.manifest_digest}",
                             headers={"Accept": image.manifest_media_type}).json()
         config = http.get(f"/v2/{repo}/blobs/{manifest['config']['digest']}").json()
-        oci = image.manifest_media_type.startswith("application/vnd.oci.")
-        foreign = {"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-                   if oci else "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-                   "digest": "sha256:" + hashlib.sha256(b"a windows base layer").hexdigest(),
-                   "size": 123_456_789, "urls": [FOREIGN_URL]}
+        base = b"a windows base layer, licensed for no registry but its vendor's"
+        foreign = {"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                   "digest": _upload(http, repo, base), "size": len(base)}
         config["rootfs"]["diff_ids"].insert(
             0, "sha256:" + hashlib.sha256(b"its uncompressed tar").hexdigest())
         config_body = json.dumps(config).encode()
-        config_digest = "sha256:" + hashlib.sha256(config_body).hexdigest()
-        start = http.post(f"/v2/{repo}/blobs/uploads/")
-        assert start.status_code == 202, start.text
-        done = http.put(f"{start.headers['Location']}&digest={config_digest}",
-                        content=config_body,
-                        headers={"Content-Type": "application/octet-stream"})
-        assert done.status_code == 201, done.text
-        manifest["config"] = {**manifest["config"], "digest": config_digest,
+        manifest["config"] = {**manifest["config"], "digest": _upload(http, repo, config_body),
                               "size": len(config_body)}
         manifest["layers"].insert(0, foreign)
         put = http.put(f"/v2/{repo}/manifests/{tag}", content=json.dumps(manifest).encode(),
