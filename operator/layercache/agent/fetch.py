@@ -184,6 +184,9 @@ class LayerFetcher:
                 except (PeerError, ResumeRefusedError) as error:
                     log.info("peer %s failed to send %s, dropped for it: %s", node,
                              layer.digest.short, error, extra={"digest": layer.digest})
+                    if isinstance(error, PeerUnauthorizedError) and node not in refused:
+                        refused.add(node)
+                        self.book.error("PeerUnauthorized", str(error), layer.digest)
                     dropped.add(node)
                     self.directory.forget(node)
                 except DigestMismatchError as error:
