@@ -35,7 +35,7 @@ from layercache.registry.resolve import ResolvedImage, resolve
 from layercache.registry.retry import RetryPolicy
 from layercache.settings import OperatorSettings
 from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
-from layercache.status import cache_status
+from layercache.status import cache_status, foreign_layers
 
 __all__ = ["CacheState", "ImageError", "Reconciler"]
 
@@ -88,6 +88,8 @@ class CacheState:
     #: True once a replan has written node specs for this resolution; before that, node
     #: statuses say nothing about it.
     planned: bool = False
+    #: Digests of foreign / non-distributable layers already reported by an Event.
+    reported_foreign: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -136,10 +138,14 @@ class Reconciler:
         if before is not None:
             state.last_status, state.desired_nodes = before.last_status, before.desired_nodes
             state.baseline, state.carried = before.baseline, before.carried
+            state.reported_foreign = before.reported_foreign
         elif stored_status:
             state.last_status = dict(stored_status)
             bytes_ = stored_status.get("bytes") or {}
             state.carried = (int(bytes_.get("upstream", 0)), int(bytes_.get("peer", 0)))
+            state.reported_foreign = frozenset(
+                str(entry.get("digest")) for entry in
+                stored_status.get("nonDistributableLayers") or ())
         try:
             state.spec = parse_spec(state.key, raw_spec)
         except InvalidSpecError as e:
@@ -178,7 +184,32 @@ class Reconciler:
         state.errors += failed
         state.resolved_at, state.resolved_time = time.monotonic(), now_iso()
         self.caches[state.key] = state
+        await self._report_foreign(state)
         return state
+
+    async def _report_foreign(self, state: CacheState) -> None:
+        """One ``NonDistributableLayers`` Event for foreign layers not reported before.
+
+        Such layers are never planned (`ResolvedImage.plan_input`) and never block Ready;
+        status lists them (`layercache.status.foreign_layers`), the Event says so once.
+        """
+        found = foreign_layers(state)
+        new = [entry for entry in found if entry["digest"] not in state.reported_foreign]
+        if not new:
+            return
+        listed = ", ".join(f"{e['image']}: {Digest(e['digest']).short} ({e['mediaType']})"
+                           for e in new[:5])
+        more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+        try:
+            await asyncio.to_thread(
+                self.kube.post_event, state.namespace, state.name, state.uid,
+                "NonDistributableLayers",
+                f"{len(new)} foreign / non-distributable layer(s) not cached (the runtime "
+                f"fetches them from their URLs): {listed}{more}")
+        except Exception:
+            log.exception("NonDistributableLayers event for %s not posted", state.key)
+            return
+        state.reported_foreign = state.reported_foreign | {e["digest"] for e in new}
 
     async def _references(self, state: CacheState) -> tuple[list[Reference], list[ImageError]]:
         assert state.spec is not None
@@ -346,7 +377,7 @@ class Reconciler:
         repositories = {layer.digest: f"{r.reference.registry}/{r.reference.repository}"
                         for r in state.resolved for layer in r.layers}
         images_mode = tuple(
-            (str(r.pinned), frozenset(layer.digest for layer in r.layers))
+            (str(r.pinned), frozenset(layer.digest for layer in r.distributable))
             for r in state.resolved) if spec.mode == "Images" else ()
         return CachePlan(state.key, state.plan, repositories, images_mode, spec.paused)
 

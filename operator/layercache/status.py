@@ -19,9 +19,22 @@ from layercache.conditions import condition, headline_reason, now_iso
 from layercache.planner import saved_bytes
 from layercache.units import human_bytes
 
-__all__ = ["MAX_FAILING", "cache_status"]
+__all__ = ["MAX_FAILING", "MAX_FOREIGN", "cache_status", "foreign_layers"]
 
 MAX_FAILING = 20
+#: Foreign layers listed in status at most (the CRD's maxItems).
+MAX_FOREIGN = 100
+
+
+def foreign_layers(state: CacheState) -> list[dict[str, str]]:
+    """The foreign / non-distributable layers of `state`'s images: never planned nor fetched.
+
+    One ``{"image", "digest", "mediaType"}`` per image and layer, at most `MAX_FOREIGN`.
+    """
+    found = {(str(r.reference), str(layer.digest)): layer.media_type
+             for r in state.resolved for layer in r.non_distributable}
+    return [{"image": image, "digest": digest, "mediaType": media_type}
+            for (image, digest), media_type in sorted(found.items())][:MAX_FOREIGN]
 
 
 def _node_state(obj: Mapping[str, Any] | None) -> tuple[bool, str, str]:
@@ -135,4 +148,5 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
         "nodes": {"desired": len(nodes), "ready": ready_nodes,
                   "summary": f"{ready_nodes}/{len(nodes)}", "failing": failing[:MAX_FAILING]},
         "lastResolved": state.resolved_time,
+        "nonDistributableLayers": foreign_layers(state),
     }

@@ -1,26 +1,36 @@
 """One agent against real faults: ``kill -9`` mid-ingest, a corrupt body, a full disk.
 
 Faults come from where they happen in life: the process is SIGKILLed while containerd
-holds a half-written ingest; the fault proxy flips a byte of the registry's answer; the
-image filesystem (by threshold) or the Node's ``DiskPressure`` condition says no. Each
-test writes its own NodeLayerCache for one node and clears that node before and after.
+holds a half-written ingest; the fault proxy flips a byte of the registry's answer or
+answers a resume from another byte; a peer on loopback says it holds a blob it then does
+not send; the image filesystem (by threshold) or the Node's ``DiskPressure`` condition
+says no. Each test writes its own NodeLayerCache for one node and clears that node before
+and after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_agent_harness import (
+    GROUP,
     PEER_TOKEN,
+    PLURAL,
+    VERSION,
     Agent,
     add_stale_lease,
     blob_path,
     condition,
+    delete_cache,
     held,
     ingests,
     installed,  # noqa: F401 - autouse fixture: CRDs, RBAC and Secrets for the module
@@ -31,6 +41,7 @@ from test_agent_harness import (
     status,
     stored_sha256,
     wait_ready,
+    write_cache,
 )
 
 from layercache.containerd.content import ingest_ref
@@ -246,3 +257,101 @@ def test_node_disk_pressure_condition_stops_fetching_until_it_clears(
             assert proxy.stats().blob_bytes == layer.size
     finally:
         _node_disk_pressure(kube, node.name, False)
+
+
+@pytest.mark.parametrize("refusal", ["206-elsewhere", "416"])
+def test_refused_resume_aborts_the_ingest_and_restarts_from_byte_0(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path, refusal: str
+) -> None:
+    node = bed.nodes[1]
+    # The smallest layer over 4 MiB: a cut at 3 MiB leaves whole 1 MiB WRITEs in the ingest.
+    layer = next(la for la in reversed(runnable_layers(family)) if la.size > 4 * 2**20)
+    path = blob_path(family, layer.digest)
+    ref = ingest_ref(layer.digest)
+    pattern = f"^{re.escape(path)}$"
+    # The first GET is cut short, so the retry resumes from what containerd holds...
+    proxy.add_fault(pattern, "truncate", method="GET", after_bytes=3 * 2**20 + 1000,
+                    ranged=False)
+    # ...and every resume is answered with other bytes than asked for, for ever.
+    if refusal == "416":
+        proxy.add_fault(pattern, "status", method="GET", status=416, ranged=True, times=None)
+    else:
+        proxy.add_fault(pattern, "range", method="GET", after_bytes=1000, ranged=True,
+                        times=None)
+    entry = layer_entry(family, proxy.host, layer, "Upstream")
+    env = _env(proxy, LAYERCACHE_RETRY_INITIAL_SECONDS="1", LAYERCACHE_RETRY_MAX_SECONDS="2")
+    with one_agent(kube, node, [entry], tmp_path, env) as agent:
+        found = wait_ready(kube, agent, 60)
+        stats = proxy.stats()
+        refused = 416 if refusal == "416" else 206
+        # One resume was tried and refused; then the ingest was aborted and the blob
+        # fetched whole from byte 0 (the cut first GET, then the full one).
+        assert stats.count(path, "GET", refused) == 1, stats.requests
+        assert stats.count(path, "GET", 200) == 2, stats.requests
+        assert stored_sha256(node.socket, layer.digest) == layer.digest
+        assert held(node.socket)[layer.digest] == layer.size
+        assert ref not in ingests(node.socket)
+        assert our_leases(node.socket) == {}
+        assert found["missing"] == []
+
+
+@contextlib.contextmanager
+def _liar_peer(size: int) -> Iterator[tuple[str, list[str]]]:
+    """A peer on loopback that answers ``HEAD`` 200 (it holds the blob) and ``GET`` 404.
+
+    Yields its endpoint and the methods it was asked with, in order.
+    """
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            asked.append("HEAD")
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            asked.append("GET")
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_peer_that_fails_its_get_is_dropped_at_once(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    node, liar = bed.nodes[2], bed.nodes[0]  # no agent on `liar`: the raw server is its peer
+    layer = _layer(family, 5)
+    entry = layer_entry(family, proxy.host, layer, "Peer", [liar.name])
+    with _liar_peer(layer.size) as (endpoint, asked):
+        write_cache(kube, liar.name, [])
+        try:
+            kube.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, PLURAL, liar.name, {"status": {"peerEndpoint": endpoint}})
+            # The default peer wait (120 s) stands: only dropping the peer is quick.
+            env = _env(proxy, LAYERCACHE_PEER_POLL_SECONDS="0.5")
+            with one_agent(kube, node, [entry], tmp_path, env) as agent:
+                started = time.monotonic()
+                found = wait_ready(kube, agent, 45)
+                assert time.monotonic() - started < 45
+                time.sleep(2)  # a peer still polled would be asked again by now
+                assert asked == ["HEAD", "GET"]
+                assert found["bytes"]["upstream"] == layer.size
+                assert found["bytes"]["peer"] == 0
+                assert proxy.stats().bytes_by_path[blob_path(family, layer.digest)] == layer.size
+                assert stored_sha256(node.socket, layer.digest) == layer.digest
+        finally:
+            delete_cache(kube, liar.name)

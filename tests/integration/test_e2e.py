@@ -13,6 +13,7 @@ the next test (and the next module on the session bed) starts from empty nodes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import time
@@ -439,3 +440,84 @@ def test_idle_nodes_leave_their_status_alone(
     writes = {name: len(versions) - 1 for name, versions in seen.items()}
     assert all(n <= 1 for n in writes.values()), (
         f"NodeLayerCache writes in {IDLE_SECONDS:.0f} s of idling: {writes}")
+
+
+# --- 8 ----------------------------------------------------------------------------------
+
+def _upload(http: httpx.Client, repo: str, data: bytes) -> str:
+    """Upload blob ``data`` to ``repo`` monolithically (POST, then PUT ?digest=); its digest."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    start = http.post(f"/v2/{repo}/blobs/uploads/")
+    assert start.status_code == 202, start.text
+    # The Location carries the upload state in its query: append, don't replace it.
+    done = http.put(f"{start.headers['Location']}&digest={digest}", content=data,
+                    headers={"Content-Type": "application/octet-stream"})
+    assert done.status_code == 201, done.text
+    return digest
+
+
+def _push_with_foreign_base(bed: BedState, family: Family, source: str, tag: str
+                            ) -> tuple[str, dict[str, Any]]:
+    """Push OCI image `source` with a non-distributable base layer beneath its layers.
+
+    As ``<repository>:tag`` on the plain registry. The registry holds that layer's blob
+    too (without ``urls``, distribution insists), so nothing but its media type keeps it
+    from being fetched; the config gains its diff ID. Returns the pushed manifest's
+    digest and the layer's descriptor.
+    """
+    image = family.images[source]
+    assert image.manifest_media_type == "application/vnd.oci.image.manifest.v1+json"
+    repo = image.repository
+    with httpx.Client(base_url=bed.registries["plain"].url, timeout=30) as http:
+        manifest = http.get(f"/v2/{repo}/manifests/{image.manifest_digest}",
+                            headers={"Accept": image.manifest_media_type}).json()
+        config = http.get(f"/v2/{repo}/blobs/{manifest['config']['digest']}").json()
+        base = b"a windows base layer, licensed for no registry but its vendor's"
+        foreign = {"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                   "digest": _upload(http, repo, base), "size": len(base)}
+        config["rootfs"]["diff_ids"].insert(
+            0, "sha256:" + hashlib.sha256(b"its uncompressed tar").hexdigest())
+        config_body = json.dumps(config).encode()
+        manifest["config"] = {**manifest["config"], "digest": _upload(http, repo, config_body),
+                              "size": len(config_body)}
+        manifest["layers"].insert(0, foreign)
+        put = http.put(f"/v2/{repo}/manifests/{tag}", content=json.dumps(manifest).encode(),
+                       headers={"Content-Type": image.manifest_media_type})
+        assert put.status_code == 201, put.text
+        return put.headers["Docker-Content-Digest"], foreign
+
+
+def test_foreign_layers_are_reported_once_and_never_block_ready(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        proxy: FaultProxy, namespace: str) -> None:
+    source = "app-curl"
+    repo = family.images[source].repository
+    digest, foreign = _push_with_foreign_base(bed, family, source, "foreign-base")
+    reference = f"{(bed.proxy_url or '').removeprefix('http://')}/{repo}:foreign-base"
+    try:
+        apply_cache(kube, namespace, "foreign", {"images": [reference],
+                                                 "refreshInterval": "5s"})
+        obj = wait_cache(kube, namespace, "foreign", is_ready, "Ready", cluster)
+        status = obj["status"]
+        assert status["nonDistributableLayers"] == [
+            {"image": reference, "digest": foreign["digest"], "mediaType": foreign["mediaType"]}]
+        assert condition(obj, "Degraded")["status"] == "False"
+        assert [i["digest"] for i in status["images"]] == [digest]
+        # Planned and held: the image's own layers, on every node; the foreign one nowhere.
+        own = _layers(family, source)
+        assert status["layers"]["total"] == len(own)
+        for name, node_cache in node_caches(kube).items():
+            assert foreign["digest"] not in {e["digest"] for e in
+                                             node_cache["spec"].get("layers") or []}, name
+        assert all(_holds(n.socket, family, own) for n in bed.nodes)
+        assert not any(foreign["digest"] in path for path in proxy.stats().bytes_by_path)
+        # Reported once: a re-resolution finds it again and says nothing more.
+        wait_cache(kube, namespace, "foreign", lambda o: o["status"].get("lastResolved")
+                   != status["lastResolved"], "resolved again", cluster, timeout=60)
+        found = events(kube, namespace, "foreign", "NonDistributableLayers")
+        assert len(found) == 1, [e.message for e in found]
+        assert foreign["digest"].removeprefix("sha256:")[:12] in found[0].message
+        assert reference in found[0].message
+    finally:
+        delete_caches(kube, namespace)
+        httpx.delete(f"{bed.registries['plain'].url}/v2/{repo}/manifests/{digest}", timeout=10)

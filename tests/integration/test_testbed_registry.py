@@ -422,6 +422,19 @@ def test_proxy_corrupts_body_same_length(proxy: FaultProxy, client: httpx.Client
     assert proxy.stats().blob_bytes == BLOB_SIZE
 
 
+def test_proxy_answers_a_resume_from_another_byte(proxy: FaultProxy, client: httpx.Client,
+                                                  blob: Blob) -> None:
+    proxy.add_fault(r"/blobs/", "range", method="GET", after_bytes=1000, ranged=True,
+                    times=None)
+    whole = client.get(blob.path)  # no Range: the rule does not match
+    resumed = client.get(blob.path, headers={"Range": "bytes=5000-"})
+    assert whole.status_code == 200 and whole.content == blob.data
+    assert resumed.status_code == 206
+    assert resumed.headers["Content-Range"] == f"bytes 1000-{BLOB_SIZE - 1}/{BLOB_SIZE}"
+    assert resumed.content == blob.data[1000:]
+    assert proxy.stats().faults_fired == {"range": 1}
+
+
 def test_proxy_delays_response(proxy: FaultProxy, client: httpx.Client, blob: Blob) -> None:
     proxy.add_fault(r"/blobs/", "delay", delay_seconds=1.0)
     started = time.monotonic()

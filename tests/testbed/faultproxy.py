@@ -4,9 +4,10 @@ Faults come from here, not from a fake registry: the proxy relays every request 
 real registry, streaming both bodies, and on request breaks the answer in one of the ways
 real registries and networks do (429 + Retry-After, 5xx, a connection reset or a short
 body in the middle of a blob, a body that does not match its digest, a slow answer, a
-rate-limit window, a redirect). It also caps the TOTAL response byte rate of all
-connections together, like one uplink, and counts the response body bytes it relays per
-path. Those counts are the ground truth for "bytes fetched from upstream" in tests and benchmarks.
+rate-limit window, a redirect, a resume answered from another byte). It also caps the TOTAL
+response byte rate of all connections together, like one uplink, and counts the response
+body bytes it relays per path. Those counts are the ground truth for "bytes fetched from
+upstream" in tests and benchmarks.
 
 Run it with `python -m testbed.faultproxy --listen 127.0.0.1:PORT --upstream URL` (add
 `--tls-cert FILE --tls-key FILE` to serve HTTPS, like a TLS registry). Its control API
@@ -46,7 +47,7 @@ from yarl import URL
 
 from testbed import procs
 
-FaultKind = Literal["status", "reset", "truncate", "corrupt", "delay", "redirect"]
+FaultKind = Literal["status", "reset", "truncate", "corrupt", "delay", "redirect", "range"]
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 #: Paths whose response bodies count as blob bytes (distribution API: blob fetches).
 BLOB_PATH = re.compile(r"^/v2/.+/blobs/sha256:")
@@ -69,8 +70,10 @@ class Fault:
     """One fault rule: which requests it matches, what it does, how often.
 
     Matching: `path_regex` is searched (`re.search`) in the request path (no query);
-    `method` (e.g. "GET"), if set, must equal the request method. Rules are tried in the
-    order they were added; the first matching rule with firings left fires once per request.
+    `method` (e.g. "GET"), if set, must equal the request method; `ranged`, if set, must
+    equal whether the request carries a `Range` header (True: resumes only). Rules are
+    tried in the order they were added; the first matching rule with firings left fires
+    once per request.
 
     Kinds:
         status: answer `status` (required, e.g. 429, 500, 503) without asking upstream, with
@@ -86,6 +89,9 @@ class Fault:
         redirect: answer `status` (default 307) with `Location: <location>` without asking
             upstream; `{path}` in `location` becomes the request path (a blob store's URL,
             e.g. `http://127.0.0.1:PORT{path}?X-Amz-Signature=…`).
+        range: forward the request asking upstream for `Range: bytes=<after_bytes>-`
+            (default 0) instead of the range it asked for, so the client gets a real `206`
+            whose `Content-Range` starts at another byte than it asked for.
     For reset and truncate `after_bytes` defaults to half the upstream Content-Length. A
     body shorter than the cut point is relayed whole (the rule still counts as fired).
 
@@ -105,6 +111,7 @@ class Fault:
     delay_seconds: float | None = None
     window_seconds: float | None = None
     location: str | None = None
+    ranged: bool | None = None
 
     def __post_init__(self) -> None:
         re.compile(self.path_regex)  # raises re.error (a ValueError) when malformed
@@ -144,13 +151,15 @@ class Fault:
         except TypeError as exc:  # unknown or missing fields
             raise ValueError(str(exc)) from exc
 
-    def matches(self, method: str, path: str) -> bool:
-        """Whether the rule has firings left and matches `method` and `path`.
+    def matches(self, method: str, path: str, ranged: bool = False) -> bool:
+        """Whether the rule has firings left and matches `method`, `path` and `ranged`.
 
-        A windowed rule always has (the proxy's state knows when its window ends).
+        `ranged`: whether the request carries a `Range` header. A windowed rule always has
+        firings left (the proxy's state knows when its window ends).
         """
         return ((self.times is None or self.times > 0 or self.window_seconds is not None)
                 and (self.method is None or self.method == method)
+                and (self.ranged is None or self.ranged == ranged)
                 and re.search(self.path_regex, path) is not None)
 
 
@@ -258,10 +267,10 @@ class _State:
     #: Index of a windowed rule in `faults` → loop time its window ends.
     window_ends: dict[int, float] = field(default_factory=dict)
 
-    def take_fault(self, method: str, path: str) -> Fault | None:
+    def take_fault(self, method: str, path: str, ranged: bool) -> Fault | None:
         now = asyncio.get_running_loop().time()
         for index, fault in enumerate(self.faults):
-            if fault.matches(method, path):
+            if fault.matches(method, path, ranged):
                 if fault.window_seconds is not None:
                     assert fault.window_seconds is not None
                     if now >= self.window_ends.setdefault(index, now + fault.window_seconds):
@@ -354,7 +363,7 @@ class _Proxy:
     # --- relaying -----------------------------------------------------------------------
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
-        fault = self.state.take_fault(request.method, request.path)
+        fault = self.state.take_fault(request.method, request.path, "Range" in request.headers)
         status = 502
         try:
             if fault is not None and fault.kind in ("status", "redirect"):
@@ -391,9 +400,12 @@ class _Proxy:
         assert self._session is not None
         # encoded=True: relay the path and query byte for byte (upload state tokens, digests).
         url = URL(self.upstream_base + request.raw_path, encoded=True)
+        headers = _request_headers(request.headers)
+        if fault is not None and fault.kind == "range":
+            headers["Range"] = f"bytes={fault.after_bytes or 0}-"
         try:
             upstream = await self._session.request(
-                request.method, url, headers=_request_headers(request.headers),
+                request.method, url, headers=headers,
                 data=request.content if request.body_exists else None,
                 allow_redirects=False, ssl=self._ssl)
         except aiohttp.ClientError as exc:
@@ -550,7 +562,7 @@ class FaultProxy:
                   status: int | None = None, retry_after: int | None = None,
                   times: int | None = 1, after_bytes: int | None = None,
                   delay_seconds: float | None = None, window_seconds: float | None = None,
-                  location: str | None = None) -> Fault:
+                  location: str | None = None, ranged: bool | None = None) -> Fault:
         """Add a rule (see `Fault` for the meaning of each field) and return it.
 
         Raises:
@@ -558,7 +570,7 @@ class FaultProxy:
 
         """
         fault = Fault(path_regex, kind, method, status, retry_after, times, after_bytes,
-                      delay_seconds, window_seconds, location)
+                      delay_seconds, window_seconds, location, ranged)
         self._http.post("/_proxy/faults", json=asdict(fault)).raise_for_status()
         return fault
 

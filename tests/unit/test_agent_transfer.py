@@ -7,13 +7,14 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from layercache.agent.backoff import RetryTimes
 from layercache.agent.disk import DiskGuard, DiskPressureError
 from layercache.agent.fetch import failure_reason
 from layercache.agent.peers import PeerError, PeerUnauthorizedError
-from layercache.agent.transfer import ByteRate, metered, skip
+from layercache.agent.transfer import ByteRate, ResumeRefusedError, metered, resume_refusal, skip
 from layercache.digest import Digest, DigestMismatchError
 from layercache.registry.errors import BlobNotFoundError, RateLimitedError, ServerError
 
@@ -117,3 +118,25 @@ async def test_disk_guard_refuses_when_the_filesystem_is_unknown(tmp_path: Path)
     with pytest.raises(DiskPressureError) as refused:
         await DiskGuard(locate, 10).reserve(1)
     assert refused.value.reason == "ImageFsUnknown"
+
+
+def _answer(status: int, content_range: str | None = None) -> httpx.Response:
+    headers = {"Content-Range": content_range} if content_range else {}
+    return httpx.Response(status, headers=headers)
+
+
+@pytest.mark.parametrize(("status", "content_range", "offset", "refused"), [
+    (206, "bytes 1000-9999/10000", 1000, False),  # the range asked for
+    (206, "bytes 0-9999/10000", 1000, True),  # another start
+    (206, None, 1000, True),  # no Content-Range at all
+    (416, "bytes */10000", 1000, True),
+    (200, None, 1000, False),  # Range ignored: the caller skips
+    (416, None, 0, False),  # not a resume: the status is the caller's to classify
+])
+def test_resume_refusal(status: int, content_range: str | None, offset: int,
+                        refused: bool) -> None:
+    found = resume_refusal("GET x", _answer(status, content_range), offset)
+    assert (found is not None) == refused
+    if found is not None:
+        assert isinstance(found, ResumeRefusedError) and found.offset == offset
+        assert f"from {offset}" in str(found)

@@ -3,12 +3,16 @@
 For a ``Peer`` layer, the listed peers are probed with a cheap ``HEAD`` (most likely first)
 every `AgentSettings.peer_poll_seconds` — growing to 5 times that, with jitter, so that many
 waiting nodes do not poll a seeder in step — until one holds the blob — then it is copied from
-there — or until `AgentSettings.peer_wait_seconds` have passed; then the registry. An
+there — or until `AgentSettings.peer_wait_seconds` have passed; then the registry. A peer
+whose ``GET`` fails is dropped for that layer at once, and with every peer dropped the
+registry is next without waiting further. An
 ``Upstream`` layer (this node seeds it) goes to the registry at once. Either way:
 
 - the write goes through containerd's content API under a lease, with the ingest ref
   derived from the digest (`layercache.containerd.content.ingest_ref`): a retry — or a
-  restarted agent — resumes from the ingest's STAT offset instead of byte 0;
+  restarted agent — resumes from the ingest's STAT offset instead of byte 0; a source that
+  refuses that resume (another range, 416) gets the ingest aborted and the blob written
+  again from byte 0 at once;
 - the bytes are verified (`layercache.agent.transfer.metered` and containerd's COMMIT
   check); a mismatching ingest is aborted, never committed;
 - the blob is committed with ``containerd.io/gc.root``, our managed-by and cache labels,
@@ -32,8 +36,8 @@ from layercache.agent.disk import DiskGuard, DiskPressureError
 from layercache.agent.nodespec import WantedLayer
 from layercache.agent.peers import PeerClient, PeerDirectory, PeerError, PeerUnauthorizedError
 from layercache.agent.status import StatusBook
-from layercache.agent.transfer import ByteRate, upstream_source
-from layercache.containerd.content import ContentStore, ingest_ref
+from layercache.agent.transfer import ByteRate, ResumeRefusedError, upstream_source
+from layercache.containerd.content import ContentStore, WriteResult, ingest_ref
 from layercache.containerd.errors import ContainerdError, Unavailable
 from layercache.containerd.ingest import (
     ContentDigestMismatchError,
@@ -69,6 +73,7 @@ DISTRIBUTION_SOURCE_PREFIX = "containerd.io/distribution.source."
 _REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (DigestMismatchError, "DigestMismatch"),
     (SourceSizeError, "SizeMismatch"),
+    (ResumeRefusedError, "ResumeRefused"),
     (PeerUnauthorizedError, "PeerUnauthorized"),
     (PeerError, "PeerUnavailable"),
     (NonDistributableLayerError, "NonDistributable"),
@@ -141,32 +146,56 @@ class LayerFetcher:
 
     async def _from_peers(self, layer: WantedLayer, peers: Sequence[str],
                           caches: Sequence[str]) -> bool:
-        """Copy ``layer`` from the first peer that holds it; False once the wait is over."""
+        """Copy ``layer`` from the first peer that holds it; False once the wait is over.
+
+        A peer whose ``GET`` fails after its ``HEAD`` said it holds the blob (an error
+        status, a body cut short or with wrong bytes) is dropped for this layer at once:
+        asking it again would fail again. With every peer dropped, the wait ends early.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.peer_wait
         refused: set[str] = set()
+        dropped: set[str] = set()
         delay = self.config.peer_poll
         while True:
             for node in peers:
+                if node in dropped:
+                    continue
                 endpoint = await self.directory.endpoint(node)
                 if endpoint is None:
                     continue
                 try:
                     if not await self.peers.has(endpoint, layer.digest):
                         continue
-                    source = self.peers.source(endpoint, layer.digest, layer.size, self.rate,
-                                               lambda n: self.book.fetched("peer", n))
-                    await self._write(layer, caches, "peer", source)
-                    return True
                 except PeerUnauthorizedError as error:
                     if node not in refused:  # once per layer and peer, not once per poll
                         refused.add(node)
                         self.book.error("PeerUnauthorized", str(error), layer.digest)
+                    continue
                 except PeerError as error:
                     log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
                     self.directory.forget(node)
+                    continue
+                source = self.peers.source(endpoint, layer.digest, layer.size, self.rate,
+                                           lambda n: self.book.fetched("peer", n))
+                try:
+                    await self._write(layer, caches, "peer", source)
+                    return True
+                except (PeerError, ResumeRefusedError) as error:
+                    log.info("peer %s failed to send %s, dropped for it: %s", node,
+                             layer.digest.short, error, extra={"digest": layer.digest})
+                    if isinstance(error, PeerUnauthorizedError) and node not in refused:
+                        refused.add(node)
+                        self.book.error("PeerUnauthorized", str(error), layer.digest)
+                    dropped.add(node)
+                    self.directory.forget(node)
                 except DigestMismatchError as error:
+                    dropped.add(node)
                     self.book.error("DigestMismatch", f"from peer {node}: {error}", layer.digest)
+            if dropped.issuperset(peers):
+                log.info("every peer failed to send %s: fetching upstream", layer.digest.short,
+                         extra={"digest": layer.digest})
+                return False
             if loop.time() >= deadline:
                 log.info("no peer served %s in %.0f s: fetching upstream", layer.digest.short,
                          self.config.peer_wait, extra={"digest": layer.digest})
@@ -194,6 +223,10 @@ class LayerFetcher:
                      source: ResumableSource) -> None:
         """One write attempt in a transfer slot, with its bytes reserved on disk.
 
+        A resume the source refuses (`ResumeRefusedError`: a ``206`` from another byte, or
+        ``416``) aborts the ingest and writes the blob again from byte 0, at once: those
+        held bytes can never be continued, and keeping them would refuse every retry.
+
         Raises:
             DiskPressureError, DigestMismatchError, SourceSizeError, ContainerdError, and
             whatever ``source`` raises (`PeerError`, `RegistryError`).
@@ -201,29 +234,41 @@ class LayerFetcher:
         """
         ref = ingest_ref(layer.digest)
         async with self.slots:
-            ingest = await self.store.status(ref)
-            held = ingest.offset if ingest is not None and ingest.total == layer.size else 0
-            need = layer.size - held
-            await self.disk.reserve(need)
-            started = time.monotonic()
-            ok = False
             try:
-                result = await self.store.write(
-                    ref, layer.digest, layer.size, source, caches=caches,
-                    labels=self._labels(layer, source_kind), keep_on_error=True)
-                ok = True
-            except (DigestMismatchError, SourceSizeError) as error:
-                if not isinstance(error, ContentDigestMismatchError):
-                    # Kept for a resume by keep_on_error, but these bytes are wrong: drop them.
-                    await asyncio.shield(self.drop_ingest(layer.digest))
-                raise
-            finally:
-                self.disk.release(need)
-                self.metrics.ingested(source_kind, ok, time.monotonic() - started)
+                result = await self._write_once(layer, caches, source_kind, source)
+            except ResumeRefusedError as error:
+                log.warning("%s: dropping the %d bytes held and starting over from byte 0",
+                            error, error.offset, extra={"digest": layer.digest})
+                await asyncio.shield(self.drop_ingest(layer.digest))
+                result = await self._write_once(layer, caches, source_kind, source)
         log.info("layer %s held (%s)", layer.digest.short, source_kind,
                  extra={"digest": layer.digest, "source": source_kind, "bytes": layer.size,
                         "resumed_from": result.resumed_from, "written": result.written,
-                        "already_existed": result.already_existed})
+                        "already_existed": result.already_existed, "ref": ref})
+
+    async def _write_once(self, layer: WantedLayer, caches: Sequence[str],
+                          source_kind: FetchSource, source: ResumableSource) -> WriteResult:
+        """One Write stream, resuming ingest ``ingest_ref(layer.digest)`` if it exists."""
+        ingest = await self.store.status(ingest_ref(layer.digest))
+        held = ingest.offset if ingest is not None and ingest.total == layer.size else 0
+        need = layer.size - held
+        await self.disk.reserve(need)
+        started = time.monotonic()
+        ok = False
+        try:
+            result = await self.store.write(
+                ingest_ref(layer.digest), layer.digest, layer.size, source, caches=caches,
+                labels=self._labels(layer, source_kind), keep_on_error=True)
+            ok = True
+        except (DigestMismatchError, SourceSizeError) as error:
+            if not isinstance(error, ContentDigestMismatchError):
+                # Kept for a resume by keep_on_error, but these bytes are wrong: drop them.
+                await asyncio.shield(self.drop_ingest(layer.digest))
+            raise
+        finally:
+            self.disk.release(need)
+            self.metrics.ingested(source_kind, ok, time.monotonic() - started)
+        return result
 
     async def drop_ingest(self, digest: Digest) -> None:
         """Abort the ingest of ``digest`` and delete its lease (logging, not raising)."""

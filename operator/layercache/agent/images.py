@@ -83,7 +83,9 @@ class ImagePuller:
         layers = self._layers.get(image)
         if layers is None:
             resolved = await resolve(self.registry, image, self.platform())
-            layers = self._layers[image] = tuple(layer.digest for layer in resolved.layers)
+            # Foreign layers are never held: containerd's pull fetches them from their urls.
+            layers = self._layers[image] = tuple(layer.digest
+                                                 for layer in resolved.distributable)
         for digest in layers:
             if digest not in held and await self.store.info(digest) is None:
                 return False

@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 
 from layercache import __version__
 from layercache.agent.kubeapi import AgentKube
-from layercache.agent.transfer import ByteRate, OnBytes, content_range_start, metered, skip
+from layercache.agent.transfer import ByteRate, OnBytes, metered, resume_refusal, skip
 from layercache.containerd.ingest import ResumableSource
 from layercache.digest import Digest
 
@@ -135,7 +135,8 @@ class PeerClient:
         """A resumable source of blob ``digest`` (``size`` bytes) from the peer at ``endpoint``.
 
         Raises (from the iteration):
-            PeerUnauthorizedError, PeerError: the peer cannot serve it (any failure,
+            ResumeRefusedError: a resume answered with other bytes (206 elsewhere, 416).
+            PeerUnauthorizedError, PeerError: the peer cannot serve it (any other failure,
                 including a body cut short).
             DigestMismatchError: see `layercache.agent.transfer.metered`.
 
@@ -165,9 +166,8 @@ class PeerClient:
         status = response.status_code
         if status == 401:
             raise PeerUnauthorizedError(f"GET {url}: peer refused our token (401)")
-        if status == 206 and content_range_start(response) != offset:
-            raise PeerError(f"GET {url}: asked for bytes from {offset}, got "
-                            f"{response.headers.get('content-range')}")
+        if (refused := resume_refusal(f"GET {url}", response, offset)) is not None:
+            raise refused
         if status not in (200, 206):
             raise PeerError(f"GET {url}: HTTP {status}")
         chunks: AsyncIterable[bytes] = response.aiter_bytes()

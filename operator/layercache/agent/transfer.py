@@ -12,26 +12,30 @@ blob's bytes from there. Both sources (the registry here, a peer in `peers`) go 
   resumed write cannot hash the bytes a previous process wrote (containerd does not serve
   an ingest's data); for those, containerd's own check at COMMIT (size and digest against
   the expected ones) is the verification, and it refuses a mismatch just the same.
+
+A resume asks for ``Range: bytes=<offset>-``. A source that answers with other bytes — a
+``206`` whose ``Content-Range`` starts elsewhere, or ``416 Range Not Satisfiable`` — raises
+`ResumeRefusedError` before a byte is handed on; the fetcher then aborts the ingest and
+writes the blob again from byte 0 (`layercache.agent.fetch`). A ``200`` (Range ignored) is
+read from byte 0 with the part containerd holds skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Final
 
 import httpx
 
 from layercache.containerd.ingest import ResumableSource
 from layercache.digest import Digest, DigestVerifier
 from layercache.reference import Reference
+from layercache.registry.blobs import content_range_start
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import BlobNotFoundError, IncompleteBodyError
 
-__all__ = ["ByteRate", "content_range_start", "metered", "skip", "upstream_source"]
-
-_CONTENT_RANGE: Final = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)", re.ASCII)
+__all__ = ["ByteRate", "ResumeRefusedError", "metered", "resume_refusal", "skip",
+           "upstream_source"]
 
 #: Called with each chunk's size in bytes as it is received.
 OnBytes = Callable[[int], None]
@@ -61,10 +65,34 @@ class ByteRate:
         await asyncio.sleep(self._free_at - now)
 
 
-def content_range_start(response: httpx.Response) -> int | None:
-    """The first byte of a 206 answer's ``Content-Range`` (RFC 9110 §14.4), or None."""
-    match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
-    return int(match.group(1)) if match else None
+class ResumeRefusedError(Exception):
+    """A source would not continue a blob from the ingest's offset (see the module docstring).
+
+    The bytes containerd holds cannot be continued from this source; the write must start
+    over from byte 0. ``offset`` is the byte asked for.
+    """
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+def resume_refusal(what: str, response: httpx.Response, offset: int) -> ResumeRefusedError | None:
+    """The refusal in ``response`` to ``Range: bytes=<offset>-`` (``what``: the request), if any.
+
+    A ``206`` whose ``Content-Range`` does not start at ``offset``, or a ``416``, when
+    ``offset`` > 0; None for any other answer (a ``200`` is the caller's to skip through).
+    """
+    if not offset:
+        return None
+    if response.status_code == 416:
+        return ResumeRefusedError(f"{what}: asked for bytes from {offset}, got HTTP 416 "
+                                  f"(Content-Range {response.headers.get('content-range')})",
+                                  offset)
+    if response.status_code == 206 and content_range_start(response) != offset:
+        return ResumeRefusedError(f"{what}: asked for bytes from {offset}, got Content-Range "
+                                  f"{response.headers.get('content-range')}", offset)
+    return None
 
 
 async def skip(chunks: AsyncIterable[bytes], count: int) -> AsyncIterator[bytes]:
@@ -106,11 +134,14 @@ def upstream_source(client: RegistryClient, repository: Reference, digest: Diges
 
     ``GET /v2/<name>/blobs/<digest>`` (OCI distribution-spec "Pulling blobs") with
     ``Range: bytes=<offset>-`` when resuming; a registry that answers 200 to a Range is
-    read from byte 0 and the part containerd holds is skipped. Authentication, redirects
-    and connection pooling are the `RegistryClient`'s; retries are the caller's (each call
-    of the source is one attempt), so a retry resumes where containerd's ingest stands.
+    read from byte 0 and the part containerd holds is skipped; one that answers another
+    range or 416 raises `ResumeRefusedError` (the caller starts over from byte 0).
+    Authentication, redirects and connection pooling are the `RegistryClient`'s; retries
+    are the caller's (each call of the source is one attempt), so a retry resumes where
+    containerd's ingest stands.
 
     Raises (from the iteration):
+        ResumeRefusedError: a resume answered with other bytes (206 elsewhere, 416).
         BlobNotFoundError, RegistryAuthError, RegistryStatusError: final answers.
         TransientError: 429, 5xx, a connection failure or a short body.
         DigestMismatchError: see `metered`.
@@ -125,13 +156,11 @@ def upstream_source(client: RegistryClient, repository: Reference, digest: Diges
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         async with client.stream("GET", repository, path, headers) as response:
             chunks: AsyncIterable[bytes] = response.aiter_bytes()
-            if offset and response.status_code == 206:
-                if content_range_start(response) != offset:
-                    raise IncompleteBodyError(f"{what}: asked for bytes from {offset}, "
-                                              f"got {response.headers.get('content-range')}")
-            elif offset and response.status_code == 200:
+            if (refused := resume_refusal(what, response, offset)) is not None:
+                raise refused
+            if offset and response.status_code == 200:
                 chunks = skip(chunks, offset)
-            elif response.status_code != 200:
+            elif response.status_code != (206 if offset else 200):
                 await client.raise_for_status(response, what, BlobNotFoundError)
                 raise IncompleteBodyError(f"{what}: unexpected HTTP {response.status_code}")
             async for chunk in metered(chunks, digest=digest, size=size, offset=offset,

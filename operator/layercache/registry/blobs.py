@@ -49,6 +49,7 @@ __all__ = [
     "CallbackSink",
     "FileSink",
     "MemorySink",
+    "content_range_start",
     "fetch_blob",
     "fetch_blob_bytes",
 ]
@@ -210,7 +211,11 @@ class CallbackSink:
             await self._on_commit(digest, size)
 
 
-def _range_start(response: httpx.Response) -> int | None:
+def content_range_start(response: httpx.Response) -> int | None:
+    """The first byte of a ``206`` answer's ``Content-Range`` (RFC 9110 §14.4), or None.
+
+    None when the header is absent or not ``bytes FIRST-LAST/(TOTAL|*)``.
+    """
     match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
     return int(match.group(1)) if match else None
 
@@ -318,7 +323,7 @@ class _Download:
             await self.restart()
             return
         if self.received and status == 206:
-            start = _range_start(response)
+            start = content_range_start(response)
             if start != self.received:
                 await self.restart()
                 raise IncompleteBodyError(

@@ -93,16 +93,24 @@ class ResolvedImage:
             if (kind := layer_type(layer.media_type)) is not None and not kind.distributable
         )
 
+    @property
+    def distributable(self) -> tuple[Layer, ...]:
+        """The layers we fetch and plan: all but the `non_distributable` ones, in order."""
+        foreign = set(self.non_distributable)
+        return tuple(layer for layer in self.layers if layer not in foreign)
+
     def plan_input(self, node_selector: dict[str, str] | None = None) -> PlanImage:
         """This image as the planner's input, for nodes of `platform`.
 
-        ``node_selector`` (label → value) narrows the nodes it targets; None: all of them.
+        Only the `distributable` layers: a foreign layer is the runtime's to fetch from its
+        ``urls``, never planned. ``node_selector`` (label → value) narrows the nodes it
+        targets; None: all of them.
         """
         return PlanImage(
             reference=str(self.reference),
             platform=self.platform,
             manifest_digest=self.manifest_digest,
-            layers=self.layers,
+            layers=self.distributable,
             node_selector=node_selector or {},
         )
 
