@@ -181,7 +181,9 @@ def _passwords(configs: Sequence[DockerConfig]) -> list[str]:
 class LiveKeyring(Keyring):
     """A keyring that always answers from the latest `Secrets.keyring`.
 
-    The registry client takes its keyring once; this one follows Secret refreshes.
+    The registry client takes its keyring once; this one follows Secret refreshes. It
+    holds only credentials meant for every cache: fetches for caches run under
+    `Secrets.keyrings_for` (`layercache.registry.credentials.first_accepted`).
     """
 
     def __init__(self, secrets: Secrets) -> None:
