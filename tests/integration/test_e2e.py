@@ -421,9 +421,14 @@ def test_two_teams_keep_their_own_credentials_for_one_registry(
             # always granted: no layer was fetched (or tried) with the other team's.
             assert all(requested == [scope] and access == granted
                        for requested, access in tokens[user]), (user, tokens[user])
+        # Credentials never reach Events, statuses or the product's logs.
         for ns, _, _ in teams.values():
             for event in kube.core.list_namespaced_event(ns).items:
                 assert not any(p in (event.message or "") for p in passwords.values())
+        texts = [json.dumps(node_caches(kube))] + [
+            path.read_text(errors="replace") for path in cluster.workdir.rglob("*.log")]
+        assert len(texts) > len(bed.nodes)  # the operator's log and every agent's
+        assert not any(p in text for p in passwords.values() for text in texts)
     finally:
         delete_caches(kube, teams["b"][0])
         kube.core.delete_namespace(teams["b"][0])
