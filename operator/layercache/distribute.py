@@ -63,10 +63,14 @@ class NodeLayer:
     peers: list[str] = field(default_factory=list)
 
     def to_spec(self) -> dict[str, Any]:
-        """The CRD's camelCase dict."""
+        """The CRD's camelCase dict.
+
+        ``caches`` are sorted; the first is the cache whose image named `repository` (the
+        first in key order to want the layer), so its credentials fit that repository.
+        """
         return {"digest": str(self.layer.digest), "size": self.layer.size,
                 "mediaType": self.layer.media_type, "repository": self.repository,
-                "source": self.source, "peers": self.peers}
+                "source": self.source, "peers": self.peers, "caches": sorted(self.caches)}
 
 
 #: A previous assignment: node → digest → (source, peers), from the stored specs.
@@ -178,13 +182,16 @@ def node_spec(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan
     held = {entry.layer.digest for entry in layers[:MAX_NODE_LAYERS]}
     wanting = sorted({c for entry in layers for c in entry.caches})
     by_key = {c.key: c for c in caches}
-    images = sorted({ref for key in wanting for ref, digests in by_key[key].images
-                     if digests <= held})
+    images: dict[str, set[str]] = {}
+    for key in wanting:
+        for ref, digests in by_key[key].images:
+            if digests <= held:
+                images.setdefault(ref, set()).add(key)
     # Layers are in priority order, each after those beneath it: a prefix stays complete.
     return {
         "nodeName": name,
         "layers": [entry.to_spec() for entry in layers[:MAX_NODE_LAYERS]],
-        "images": [{"reference": ref} for ref in images],
+        "images": [{"reference": ref, "caches": sorted(images[ref])} for ref in sorted(images)],
         "caches": wanting,
         "paused": bool(wanting) and all(by_key[k].paused for k in wanting),
     }

@@ -18,8 +18,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from layercache.platform import Platform
+from layercache.spec import LabelSelector
 
-__all__ = ["GROUP", "VERSION", "KubeApi", "NodeInfo", "SecretMissingError"]
+__all__ = ["GROUP", "VERSION", "KubeApi", "NodeInfo", "PodImages", "SecretMissingError"]
 
 GROUP = "layercache.dev"
 VERSION = "v1alpha1"
@@ -43,6 +44,21 @@ class NodeInfo:
     platform: Platform = field(default_factory=lambda: Platform("linux", "amd64"))
     disk_pressure: bool = False
     unschedulable: bool = False
+
+
+@dataclass(frozen=True)
+class PodImages:
+    """The images of one Pod and where the kubelet would find credentials for them.
+
+    ``pull_secrets`` are the Pod's ``spec.imagePullSecrets`` names, ``service_account`` its
+    ``spec.serviceAccountName`` (whose ``imagePullSecrets`` count too), all in ``namespace``.
+    """
+
+    namespace: str
+    name: str
+    images: tuple[str, ...]
+    pull_secrets: tuple[str, ...]
+    service_account: str
 
 
 class KubeApi:
@@ -174,14 +190,24 @@ class KubeApi:
 
     def write_secret(self, namespace: str, name: str, data: Mapping[str, str],
                      secret_type: str = "Opaque") -> None:  # noqa: S107 - a type, not a password
-        """Create or replace Secret `namespace/name` with string `data` (values are secret)."""
+        """Create or replace Secret `namespace/name` with string `data` (values are secret).
+
+        A Secret's type cannot change: one of another type (a credentials Secret written
+        by an older operator as kubernetes.io/dockerconfigjson) is deleted and recreated.
+        """
         body = self._secret_body(namespace, name, data, secret_type)
         try:
             self.core.replace_namespaced_secret(name, namespace, body)
+            return
         except ApiException as e:
-            if e.status != 404:
+            if e.status == 422:
+                existing: Any = self.core.read_namespaced_secret(name, namespace)
+                if existing.type == secret_type:
+                    raise
+                self.core.delete_namespaced_secret(name, namespace)
+            elif e.status != 404:
                 raise
-            self.core.create_namespaced_secret(namespace, body)
+        self.core.create_namespaced_secret(namespace, body)
 
     def ensure_peer_token(self, namespace: str, name: str) -> None:
         """Create the agents' shared peer token Secret unless it exists (never rotates it)."""
@@ -200,25 +226,34 @@ class KubeApi:
             if e.status != 409:
                 raise
 
-    def pod_images(self, namespaces: list[str], selector: Mapping[str, Any] | None
-                   ) -> set[str]:
-        """Images of the running containers of Pods in `namespaces` matching `selector`."""
-        label_selector = ",".join(f"{k}={v}" for k, v in
-                                  ((selector or {}).get("matchLabels") or {}).items())
-        images: set[str] = set()
+    def pods(self, namespaces: list[str], selector: LabelSelector) -> list[PodImages]:
+        """The Pods in `namespaces` that `selector` selects (evaluated by the apiserver).
+
+        Images are those of init and regular containers, in spec order.
+        """
+        found = []
         for namespace in namespaces:
-            pods = self._dict(self.core.list_namespaced_pod(namespace,
-                                                            label_selector=label_selector))
-            for pod in pods["items"]:
+            response: Any = self.core.list_namespaced_pod(
+                namespace, label_selector=selector.query(), _preload_content=False)
+            for pod in json.loads(response.data)["items"]:
                 spec = pod.get("spec") or {}
-                for container in [*(spec.get("initContainers") or []), *spec["containers"]]:
-                    images.add(container["image"])
-        return images
+                containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+                found.append(PodImages(
+                    namespace, pod["metadata"]["name"],
+                    tuple(c["image"] for c in containers if c.get("image")),
+                    tuple(s["name"] for s in spec.get("imagePullSecrets") or [] if s.get("name")),
+                    spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"))
+        return found
 
+    def service_account_pull_secrets(self, namespace: str, name: str) -> list[str]:
+        """The ``imagePullSecrets`` names of ServiceAccount `namespace/name` ([] if absent)."""
+        try:
+            account: Any = self.core.read_namespaced_service_account(
+                name, namespace, _preload_content=False)
+        except ApiException as e:
+            if e.status == 404:
+                return []
+            raise
+        raw = json.loads(account.data)
+        return [s["name"] for s in raw.get("imagePullSecrets") or [] if s.get("name")]
 
-def merged_docker_config(configs: list[str]) -> str:
-    """One docker config JSON with the `auths` of all `configs` (earlier ones win)."""
-    auths: dict[str, Any] = {}
-    for text in reversed(configs):
-        auths.update(json.loads(text).get("auths") or {})
-    return json.dumps({"auths": auths}, sort_keys=True)

@@ -11,6 +11,7 @@ stops these loops (layercache.leadership), so a second replica never writes anyt
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -22,13 +23,18 @@ from prometheus_client import CollectorRegistry
 from layercache.conditions import now_iso
 from layercache.digest import Digest
 from layercache.distribute import CachePlan, distribute, node_spec, previous_assignments
-from layercache.kube import KubeApi, NodeInfo, SecretMissingError, merged_docker_config
+from layercache.kube import KubeApi, NodeInfo, SecretMissingError
 from layercache.metrics import OperatorMetrics
 from layercache.planner import Node, Plan, PlanInputError, PlanOptions, plan
 from layercache.platform import Platform, parse_platform
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
 from layercache.registry.client import RegistryClient
-from layercache.registry.credentials import DockerConfig, Keyring
+from layercache.registry.credentials import (
+    DockerConfig,
+    InvalidDockerConfigError,
+    candidate_keyrings,
+    first_accepted,
+)
 from layercache.registry.errors import RegistryError, TransientError, retry_after
 from layercache.registry.hosts import RegistryHosts
 from layercache.registry.resolve import ResolvedImage, resolve
@@ -37,7 +43,7 @@ from layercache.settings import OperatorSettings
 from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
 from layercache.status import cache_status, foreign_layers
 
-__all__ = ["CacheState", "ImageError", "Reconciler"]
+__all__ = ["CREDENTIALS_KEY", "CacheState", "ImageError", "Reconciler"]
 
 log = logging.getLogger(__name__)
 #: Seconds before a cache whose resolution failed transiently is resolved again (at least:
@@ -46,6 +52,12 @@ TRANSIENT_RETRY_SECONDS = 30.0
 #: Resolutions run in kopf handlers and the refresh loop: a longer ``Retry-After`` than this
 #: (seconds) is not slept there but ends the attempt, and the cache is resolved again later.
 RESOLVE_MAX_WAIT_SECONDS = 10.0
+#: Data key of the agents' credentials Secret: JSON ``{"namespace/name": [config, ...]}``,
+#: each config a Docker config object (``{"auths": ...}``) the cache may use, in the
+#: order they are tried (layercache.agent.secrets reads it).
+CREDENTIALS_KEY = "caches.json"
+#: A pull Secret by (namespace, name).
+SecretRef = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,8 @@ class CacheState:
     invalid: str | None = None
     resolved: list[ResolvedImage] = field(default_factory=list)
     errors: list[ImageError] = field(default_factory=list)
+    #: Every Docker config (JSON text) this cache may use, in the order they are tried:
+    #: its own pullSecrets, then those of the Pods and ServiceAccounts imagesFrom found.
     docker_configs: list[str] = field(default_factory=list)
     resolved_at: float = 0.0
     resolved_time: str | None = None
@@ -113,7 +127,7 @@ class Reconciler:
         self.metrics = OperatorMetrics(registry or CollectorRegistry(), lambda: [
             (s.key, s.last_status) for s in list(self.caches.values()) if s.last_status])
         self._dirty = asyncio.Event()
-        self._credentials: str | None = None
+        self._credentials: str | None = None  # the last written CREDENTIALS_KEY value
         # One per process, shared by every resolution: a rate-limited registry is waited
         # for once, HEAD support is learned once, requests are counted by host and code.
         self.hosts = RegistryHosts(self.metrics.registry_requests.request)
@@ -155,19 +169,21 @@ class Reconciler:
         spec = state.spec
         refs, bad = await self._references(state)
         state.errors += bad
-        configs, secret_errors = await self._docker_configs(state)
-        state.docker_configs, state.errors = configs, state.errors + secret_errors
+        configs, state.docker_configs, secret_errors = await self._docker_configs(state, refs)
+        state.errors += secret_errors
         platforms = list(spec.platforms) or await self._node_platforms(spec)
-        keyring = Keyring([DockerConfig.from_json(c, f"pull secrets of {state.key}")
-                           for c in configs])
         registries, default = self.settings.registry_options()
         limit = asyncio.Semaphore(self.settings.resolve_concurrency)
-        async with RegistryClient(keyring=keyring, registries=registries, default=default,
+        async with RegistryClient(registries=registries, default=default,
                                   retry=self.retry, hosts=self.hosts) as client:
             async def one(ref: Reference, platform: Platform) -> ResolvedImage | ImageError:
+                # This image's own credentials only, each tried until one is accepted.
+                keyrings = candidate_keyrings(configs[ref], ref.registry)
                 async with limit:
                     try:
-                        return await resolve(client, ref, platform, known.get((ref, platform)))
+                        return await first_accepted(
+                            keyrings,
+                            lambda: resolve(client, ref, platform, known.get((ref, platform))))
                     except TransientError as e:
                         state.retry_transient = True
                         state.retry_after = max(state.retry_after, retry_after(e) or 0.0)
@@ -211,32 +227,71 @@ class Reconciler:
             return
         state.reported_foreign = state.reported_foreign | {e["digest"] for e in new}
 
-    async def _references(self, state: CacheState) -> tuple[list[Reference], list[ImageError]]:
-        assert state.spec is not None
-        refs = list(state.spec.images)
-        errors = []
-        if state.spec.images_from_selector is not None or state.spec.images_from_namespaces:
-            namespaces = list(state.spec.images_from_namespaces) or [state.namespace]
-            found = await asyncio.to_thread(self.kube.pod_images, namespaces,
-                                            state.spec.images_from_selector)
-            for text in sorted(found):
-                try:
-                    refs.append(parse_reference(text))
-                except InvalidReferenceError as e:
-                    errors.append(ImageError(text, "", "InvalidReference", str(e)))
-        unique = {str(r): r for r in refs}
-        return list(unique.values()), errors
+    async def _references(self, state: CacheState
+                          ) -> tuple[dict[Reference, list[SecretRef]], list[ImageError]]:
+        """Every image to resolve → the pull Secrets of the Pods it was found in.
 
-    async def _docker_configs(self, state: CacheState) -> tuple[list[str], list[ImageError]]:
+        `spec.images` come first (no Pod Secrets); for each Pod `imagesFrom` selects, its
+        `imagePullSecrets` and then its ServiceAccount's, as the kubelet would use them.
+        """
         assert state.spec is not None
-        configs, errors = [], []
-        for secret in state.spec.pull_secrets:
+        refs: dict[Reference, list[SecretRef]] = {r: [] for r in state.spec.images}
+        errors = []
+        selector = state.spec.images_from_selector
+        if selector is not None:
+            namespaces = list(state.spec.images_from_namespaces) or [state.namespace]
+            pods = await asyncio.to_thread(self.kube.pods, namespaces, selector)
+            accounts: dict[SecretRef, list[str]] = {}
+            for pod in sorted(pods, key=lambda p: (p.namespace, p.name)):
+                account = (pod.namespace, pod.service_account)
+                if account not in accounts:
+                    accounts[account] = await asyncio.to_thread(
+                        self.kube.service_account_pull_secrets, *account)
+                secrets = [(pod.namespace, name) for name in
+                           (*pod.pull_secrets, *accounts[account])]
+                for text in pod.images:
+                    try:
+                        ref = parse_reference(text)
+                    except InvalidReferenceError as e:
+                        errors.append(ImageError(text, "", "InvalidReference", str(e)))
+                        continue
+                    known = refs.setdefault(ref, [])
+                    known += [s for s in secrets if s not in known]
+        return refs, errors
+
+    async def _docker_configs(self, state: CacheState,
+                              refs: Mapping[Reference, list[SecretRef]]
+                              ) -> tuple[dict[Reference, list[DockerConfig]], list[str],
+                                         list[ImageError]]:
+        """Per image, the Docker configs to try, in order; all of them as JSON text; errors.
+
+        The cache's own `pullSecrets` (in its namespace) come first, then the image's Pod
+        Secrets. A missing or invalid own pull Secret is an error of the cache; a Pod's
+        missing Secret is skipped, as the kubelet skips it.
+        """
+        assert state.spec is not None
+        read: dict[SecretRef, tuple[str, DockerConfig] | None] = {}
+        errors = []
+        own = [(state.namespace, name) for name in state.spec.pull_secrets]
+        for ref in [*own, *(s for secrets in refs.values() for s in secrets)]:
+            if ref in read:
+                continue
+            read[ref] = None
             try:
-                configs.append(await asyncio.to_thread(self.kube.docker_config,
-                                                       state.namespace, secret))
-            except SecretMissingError as e:
-                errors.append(ImageError("", "", "PullSecretMissing", str(e)))
-        return configs, errors
+                text = await asyncio.to_thread(self.kube.docker_config, *ref)
+                read[ref] = text, DockerConfig.from_json(text, f"Secret {ref[0]}/{ref[1]}")
+            except (SecretMissingError, InvalidDockerConfigError) as e:
+                if ref in own:
+                    reason = ("PullSecretMissing" if isinstance(e, SecretMissingError)
+                              else "PullSecretInvalid")
+                    errors.append(ImageError("", "", reason, str(e)))
+                else:
+                    log.info("pull secret of a Pod not used: %s", e)
+        per_image = {}
+        for image, secrets in refs.items():
+            found = (read[s] for s in dict.fromkeys([*own, *secrets]))
+            per_image[image] = [c[1] for c in found if c is not None]
+        return per_image, list(dict.fromkeys(c[0] for c in read.values() if c)), errors
 
     async def _node_platforms(self, spec: CacheSpec) -> list[Platform]:
         nodes = await asyncio.to_thread(self.kube.nodes)
@@ -382,14 +437,20 @@ class Reconciler:
         return CachePlan(state.key, state.plan, repositories, images_mode, spec.paused)
 
     async def _write_credentials(self) -> None:
-        configs = [c for s in self.caches.values() for c in s.docker_configs]
-        merged = merged_docker_config(configs)
-        if merged != self._credentials:
+        """Write the agents' credentials Secret: each cache's configs under its own key.
+
+        Never merged across caches: two caches with different credentials for one
+        registry each keep theirs, and an agent fetches a layer only with the credentials
+        of a cache that wants it (layercache.agent.secrets).
+        """
+        by_cache = {key: [json.loads(text) for text in state.docker_configs]
+                    for key, state in sorted(self.caches.items()) if state.docker_configs}
+        value = json.dumps(by_cache, sort_keys=True)
+        if value != self._credentials:
             await asyncio.to_thread(
                 self.kube.write_secret, self.settings.namespace,
-                self.settings.credentials_secret, {".dockerconfigjson": merged},
-                "kubernetes.io/dockerconfigjson")
-            self._credentials = merged
+                self.settings.credentials_secret, {CREDENTIALS_KEY: value}, "Opaque")
+            self._credentials = value
 
     # -- status ---------------------------------------------------------------------
     async def aggregate(self) -> int:

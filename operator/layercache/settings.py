@@ -24,8 +24,9 @@ class OperatorSettings(BaseSettings):
                            description="Namespace of the operator, agents and their Secrets.")
     credentials_secret: str = Field(
         "layercache-registry-credentials",
-        description="Secret (in `namespace`) the operator fills with the merged pull secrets "
-                    "of all caches; agents read it by name for upstream fetches.")
+        description="Secret (in `namespace`) the operator fills with each cache's pull "
+                    "secrets under its own name (key `caches.json`); agents read it by name "
+                    "and fetch a layer only with the credentials of a cache that wants it.")
     peer_token_secret: str = Field(
         "layercache-peer-token", description="Secret (in `namespace`) with the agents' token.")
     metrics_port: int = Field(8080, description="Prometheus metrics port (0: off).")

@@ -18,9 +18,16 @@ from kubernetes.utils import parse_quantity
 from layercache.platform import InvalidPlatformError, Platform, parse_platform
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
 
-__all__ = ["CacheSpec", "InvalidSpecError", "Toleration", "parse_duration", "parse_spec"]
+__all__ = ["CacheSpec", "InvalidSpecError", "LabelSelector", "Toleration", "parse_duration",
+           "parse_spec"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+#: A label key: an optional DNS-subdomain prefix and "/", then a name (k8s.io/apimachinery
+#: validation: IsQualifiedName); a label value (IsValidLabelValue), possibly empty.
+_LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+_LABEL_KEY = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}")
+_LABEL_VALUE = re.compile(rf"{_LABEL_NAME}?")
+_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
 
@@ -67,12 +74,87 @@ class Toleration:
 
 
 @dataclass(frozen=True)
+class LabelSelector:
+    """A metav1.LabelSelector: ``matchLabels`` and ``matchExpressions``, all ANDed.
+
+    ``expressions`` holds (key, operator, values) with operator In, NotIn, Exists or
+    DoesNotExist. An empty selector selects everything, as in the Kubernetes API.
+    """
+
+    match_labels: Mapping[str, str] = field(default_factory=dict)
+    expressions: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def query(self) -> str:
+        """The selector in the API's ``labelSelector`` query syntax (``a=b,c in (d,e),!f``).
+
+        The apiserver evaluates it with the full semantics (k8s.io/apimachinery labels).
+        """
+        terms = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]
+        for key, operator, values in self.expressions:
+            joined = ",".join(values)
+            terms.append({"In": f"{key} in ({joined})", "NotIn": f"{key} notin ({joined})",
+                          "Exists": key, "DoesNotExist": f"!{key}"}[operator])
+        return ",".join(terms)
+
+
+def parse_label_selector(obj: str, path: str, raw: object) -> LabelSelector:
+    """Validate a metav1.LabelSelector dict (``matchLabels``, ``matchExpressions``).
+
+    ``path`` is the field's path for messages (``imagesFrom.podSelector``). The rules are
+    the apiserver's (ValidateLabelSelector): In/NotIn need values, Exists/DoesNotExist
+    take none; keys and values have label syntax.
+
+    Raises:
+        InvalidSpecError: names the offending field.
+    """
+    if not isinstance(raw, Mapping):
+        raise InvalidSpecError(obj, path, "must be an object (matchLabels, matchExpressions)")
+    unknown = sorted(set(raw) - {"matchLabels", "matchExpressions"})
+    if unknown:
+        raise InvalidSpecError(obj, f"{path}.{unknown[0]}",
+                               "unknown field; a label selector has matchLabels and "
+                               "matchExpressions")
+    labels = raw.get("matchLabels") or {}
+    if not isinstance(labels, Mapping):
+        raise InvalidSpecError(obj, f"{path}.matchLabels", "must be an object of strings")
+    for key, value in labels.items():
+        _check_label(obj, f"{path}.matchLabels[{key!r}]", str(key), value)
+    expressions = []
+    for i, item in enumerate(raw.get("matchExpressions") or []):
+        where = f"{path}.matchExpressions[{i}]"
+        if not isinstance(item, Mapping):
+            raise InvalidSpecError(obj, where, "must be an object (key, operator, values)")
+        key, operator, values = item.get("key"), item.get("operator"), item.get("values")
+        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
+            raise InvalidSpecError(obj, f"{where}.key", f"{key!r} is not a label key")
+        if operator not in _SELECTOR_OPERATORS:
+            raise InvalidSpecError(obj, f"{where}.operator",
+                                   f"{operator!r} must be one of {', '.join(_SELECTOR_OPERATORS)}")
+        values = list(values or [])
+        if operator in ("In", "NotIn") and not values:
+            raise InvalidSpecError(obj, f"{where}.values", f"{operator} needs at least one value")
+        if operator in ("Exists", "DoesNotExist") and values:
+            raise InvalidSpecError(obj, f"{where}.values", f"{operator} takes no values")
+        for j, value in enumerate(values):
+            _check_label(obj, f"{where}.values[{j}]", key, value)
+        expressions.append((key, str(operator), tuple(str(v) for v in values)))
+    return LabelSelector({str(k): str(v) for k, v in labels.items()}, tuple(expressions))
+
+
+def _check_label(obj: str, where: str, key: str, value: object) -> None:
+    if not _LABEL_KEY.fullmatch(key):
+        raise InvalidSpecError(obj, where, f"{key!r} is not a label key")
+    if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
+        raise InvalidSpecError(obj, where, f"{value!r} is not a label value")
+
+
+@dataclass(frozen=True)
 class CacheSpec:
     """A validated LayerCache spec. Sizes in bytes, durations in seconds."""
 
     images: tuple[Reference, ...] = ()
     images_from_namespaces: tuple[str, ...] = ()
-    images_from_selector: Mapping[str, Any] | None = None
+    images_from_selector: LabelSelector | None = None
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Toleration, ...] = ()
     platforms: tuple[Platform, ...] = ()
@@ -144,10 +226,14 @@ def parse_spec(obj: str, raw: Mapping[str, Any]) -> CacheSpec:
                                    f"{operator!r} must be Exists or Equal")
         tolerations.append(Toleration(t.get("key") or "", op, t.get("value") or "",
                                       t.get("effect") or ""))
+    selector = None
+    if images_from is not None:
+        selector = parse_label_selector(obj, "imagesFrom.podSelector",
+                                        images_from.get("podSelector") or {})
     return CacheSpec(
         images=tuple(images),
         images_from_namespaces=tuple((images_from or {}).get("namespaces") or ()),
-        images_from_selector=(images_from or {}).get("podSelector") if images_from else None,
+        images_from_selector=selector,
         node_selector=dict(raw.get("nodeSelector") or {}),
         tolerations=tuple(tolerations),
         platforms=tuple(platforms),

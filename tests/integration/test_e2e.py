@@ -12,6 +12,7 @@ the next test (and the next module on the session bed) starts from empty nodes.
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import json
@@ -53,6 +54,7 @@ from testbed.images import Family
 from testbed.kube import Kube, wait_for
 from testbed.paths import tool
 from testbed.procs import run
+from testbed.tokenserver import Grant, User, set_users
 
 pytestmark = pytest.mark.integration
 
@@ -343,6 +345,95 @@ def test_token_registry_needs_its_pull_secret(
     for node in bed.nodes:
         assert _holds(node.socket, family, layers), node.name
         assert ingest_refs(node.socket) == [], node.name
+
+
+def _pull_secret(kube: Kube, namespace: str, name: str, host: str, user: str,
+                 password: str) -> None:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    kube.core.create_namespaced_secret(namespace, {  # type: ignore[arg-type]
+        "metadata": {"name": name}, "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": json.dumps({"auths": {host: {"auth": auth}}})},
+    })
+
+
+#: One token server log line (testbed.tokenserver): who asked for which scopes, what it got.
+TOKEN_LINE = re.compile(r"token for '([^']*)': requested (\[.*?\]) granted (\[.*\])$")
+
+
+def _tokens(log: Path, offset: int) -> dict[str, list[tuple[list[str], list[dict[str, Any]]]]]:
+    """User → (requested scopes, granted access) of every token issued since `offset`."""
+    found: dict[str, list[tuple[list[str], list[dict[str, Any]]]]] = {}
+    with log.open("rb") as f:
+        f.seek(offset)
+        for line in f.read().decode().splitlines():
+            if match := TOKEN_LINE.search(line):
+                found.setdefault(match[1], []).append(
+                    (ast.literal_eval(match[2]), ast.literal_eval(match[3])))
+    return found
+
+
+def test_two_teams_keep_their_own_credentials_for_one_registry(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        namespace: str) -> None:
+    # Two namespaces, two pull Secrets for the same token registry, each able to read
+    # only its own repository: both caches become Ready, and every token either team's
+    # credentials got was for its own repository — nothing was fetched with the other's.
+    token = bed.registries["token"]
+    assert token.token_config and token.token_log
+    config, log = Path(token.token_config), Path(token.token_log)
+    suffix = uuid.uuid4().hex[:6]
+    teams = {  # team: (namespace, image, token server user)
+        "a": (namespace, "app-py-a", f"team-a-{suffix}"),
+        "b": (f"{namespace}-b", "app-py-b", f"team-b-{suffix}"),
+    }
+    repository = {team: family.images[image].repository for team, (_, image, _) in teams.items()}
+    passwords = {team: uuid.uuid4().hex for team in teams}
+    set_users(config, [User(user, passwords[team], (
+        Grant("repository", repository[team], frozenset({"pull"})),))
+        for team, (_, _, user) in teams.items()])
+    kube.core.create_namespace({"metadata": {"name": teams["b"][0]}})
+    offset = log.stat().st_size
+    try:
+        for team, (ns, image, user) in teams.items():
+            _pull_secret(kube, ns, "registry-pull", token.host, user, passwords[team])
+            apply_cache(kube, ns, "warm", {
+                "images": [f"{token.host}/{family.images[image].reference}"],
+                "pullSecrets": [{"name": "registry-pull"}]})
+        for team, (ns, image, _) in teams.items():
+            obj = wait_cache(kube, ns, "warm", is_ready, f"team {team} Ready", cluster)
+            assert [i["digest"] for i in obj["status"]["images"]] == [
+                family.images[image].manifest_digest]
+        layers = _layers(family, "app-py-a", "app-py-b")
+        assert layers > _layers(family, "app-py-a") and layers > _layers(family, "app-py-b")
+        for node in bed.nodes:
+            assert _holds(node.socket, family, layers), node.name
+        # Each layer entry names the caches that want it, whose credentials fetch it.
+        for name, nlc in node_caches(kube).items():
+            for entry in nlc["spec"]["layers"]:
+                wanting = {f"{ns}/warm" for team, (ns, image, _) in teams.items()
+                           if entry["digest"] in _layers(family, image)}
+                assert set(entry["caches"]) == wanting, (name, entry)
+        tokens = _tokens(log, offset)
+        for team, (_, _, user) in teams.items():
+            scope = f"repository:{repository[team]}:pull"
+            granted = [{"type": "repository", "name": repository[team], "actions": ["pull"]}]
+            assert tokens.get(user), (user, sorted(tokens))
+            # Only its own repository was ever asked for with a team's credentials, and
+            # always granted: no layer was fetched (or tried) with the other team's.
+            assert all(requested == [scope] and access == granted
+                       for requested, access in tokens[user]), (user, tokens[user])
+        # Credentials never reach Events, statuses or the product's logs.
+        for ns, _, _ in teams.values():
+            for event in kube.core.list_namespaced_event(ns).items:
+                assert not any(p in (event.message or "") for p in passwords.values())
+        texts = [json.dumps(node_caches(kube))] + [
+            path.read_text(errors="replace") for path in cluster.workdir.rglob("*.log")]
+        assert len(texts) > len(bed.nodes)  # the operator's log and every agent's
+        assert not any(p in text for p in passwords.values() for text in texts)
+    finally:
+        delete_caches(kube, teams["b"][0])
+        kube.core.delete_namespace(teams["b"][0])
+        set_users(config, [], remove=[user for _, _, user in teams.values()])
 
 
 # --- 5 ----------------------------------------------------------------------------------

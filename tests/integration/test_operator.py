@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 import urllib.request
@@ -18,7 +20,7 @@ from testbed.bed import BedState
 from testbed.images import Family
 from testbed.kube import Kube, wait_for
 from testbed.procs import ComponentError, Process
-from testbed.product import install, start_operator
+from testbed.product import NAMESPACE, install, start_operator
 
 pytestmark = pytest.mark.integration
 GROUP, VERSION = "layercache.dev", "v1alpha1"
@@ -200,3 +202,98 @@ def test_agent_status_makes_the_cache_ready_and_a_new_node_is_planned(
     finally:
         kube.core.delete_node("late-node")
     wait_for(lambda: "late-node" not in _node_caches(kube), what="late node's cache removed")
+
+
+def _pod(kube: Kube, namespace: str, name: str, labels: dict[str, str], image: str,
+         account: str, pull_secrets: tuple[str, ...] = ()) -> None:
+    """A Pod with a spec and no kubelet to run it: it stays Pending, which is enough."""
+    kube.core.create_namespaced_pod(namespace, {  # type: ignore[arg-type]
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"serviceAccountName": account, "automountServiceAccountToken": False,
+                 "imagePullSecrets": [{"name": s} for s in pull_secrets],
+                 "containers": [{"name": "c", "image": image}]}})
+
+
+def _resolved(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The cache's status.images once it has resolved its current generation."""
+    def probe() -> list[dict[str, Any]] | None:
+        status = _cache(kube, namespace, name).get("status") or {}
+        images = status.get("images")
+        return images if images is not None and status.get("bytes") else None
+    return wait_for(probe, timeout=60, what=f"{name} resolved")
+
+
+def test_images_from_honours_match_expressions(operator: Process, bed: BedState, kube: Kube,
+                                               family: Family, namespace: str) -> None:
+    kube.core.create_namespaced_service_account(namespace, {"metadata": {"name": "runner"}})
+    pods = {  # name: (labels, image); only "chosen" satisfies every expression
+        "chosen": ({"tier": "a", "team": "x"}, "app-py-a"),
+        "canary": ({"tier": "b", "team": "x", "track": "canary"}, "app-py-b"),  # NotIn
+        "other-tier": ({"tier": "c", "team": "x"}, "curl"),                     # In
+        "no-team": ({"tier": "a"}, "app-curl"),                                 # Exists
+        "legacy": ({"tier": "a", "team": "x", "legacy": "yes"}, "app-web"),     # DoesNotExist
+    }
+    for name, (labels, image) in pods.items():
+        _pod(kube, namespace, name, labels, _images(bed, family, image)[0], "runner")
+    _apply(kube, namespace, "selected", {"imagesFrom": {"podSelector": {"matchExpressions": [
+        {"key": "tier", "operator": "In", "values": ["a", "b"]},
+        {"key": "track", "operator": "NotIn", "values": ["canary"]},
+        {"key": "team", "operator": "Exists"},
+        {"key": "legacy", "operator": "DoesNotExist"}]}}})
+    images = _resolved(kube, namespace, "selected")
+    assert [(i["reference"], i.get("digest")) for i in images] == [
+        (_images(bed, family, "app-py-a")[0], family.images["app-py-a"].manifest_digest)]
+    # matchLabels and matchExpressions together, ANDed.
+    _apply(kube, namespace, "both", {"imagesFrom": {"podSelector": {
+        "matchLabels": {"team": "x"},
+        "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["a"]}]}}})
+    assert sorted(i["reference"] for i in _resolved(kube, namespace, "both")) == sorted(
+        _images(bed, family, "app-py-b", "curl"))
+
+
+def test_images_from_uses_the_pods_service_account_pull_secrets(
+        operator: Process, bed: BedState, kube: Kube, family: Family, namespace: str) -> None:
+    token = bed.registries["token"]
+    reference = f"{token.host}/{family.images['app-curl'].reference}"
+    auth = base64.b64encode(f"{token.username}:{token.password}".encode()).decode()
+    # The agents' Secret as an older operator wrote it (merged, kubernetes.io/dockerconfigjson):
+    # its type cannot change in place, so the operator must recreate it.
+    kube.kubectl("-n", NAMESPACE, "delete", "secret", "layercache-registry-credentials",
+                 "--ignore-not-found")
+    kube.core.create_namespaced_secret(NAMESPACE, {  # type: ignore[arg-type]
+        "metadata": {"name": "layercache-registry-credentials"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": json.dumps({"auths": {}})}})
+    kube.core.create_namespaced_secret(namespace, {  # type: ignore[arg-type]
+        "metadata": {"name": "token-pull"}, "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": json.dumps({"auths": {token.host: {"auth": auth}}})}})
+    kube.core.create_namespaced_service_account(namespace, {"metadata": {"name": "builder"}})
+    _pod(kube, namespace, "build", {"app": "builder"}, reference, "builder")
+    # Given to the ServiceAccount after the Pod exists, so admission did not copy it into
+    # the Pod: only the ServiceAccount names it, and no LayerCache does.
+    kube.core.patch_namespaced_service_account(
+        "builder", namespace, {"imagePullSecrets": [{"name": "token-pull"}]})
+    pod = kube.core.read_namespaced_pod("build", namespace)
+    assert not pod.spec.image_pull_secrets
+    _apply(kube, namespace, "from-sa", {"imagesFrom": {"podSelector": {
+        "matchLabels": {"app": "builder"}}}})
+    images = _resolved(kube, namespace, "from-sa")
+    assert [(i["reference"], i.get("digest"), i.get("error")) for i in images] == [
+        (reference, family.images["app-curl"].manifest_digest, None)]
+    degraded = _condition(_cache(kube, namespace, "from-sa"), "Degraded") or {}
+    assert degraded.get("status") == "False", degraded
+    # The credentials were copied for the agents under this cache's key, and nowhere else.
+    def copied() -> dict[str, Any] | None:
+        secret = kube.core.read_namespaced_secret("layercache-registry-credentials", NAMESPACE)
+        if secret.type != "Opaque":
+            return None
+        found: dict[str, Any] = json.loads(base64.b64decode(secret.data["caches.json"]))
+        return found if f"{namespace}/from-sa" in found else None
+    by_cache = wait_for(copied, timeout=30, what="the cache's credentials for the agents")
+    assert by_cache[f"{namespace}/from-sa"] == [{"auths": {token.host: {"auth": auth}}}]
+    assert not any(token.password in json.dumps(v) for k, v in by_cache.items()
+                   if k != f"{namespace}/from-sa")
+    # ... and never into the cache's status or Events.
+    assert token.password not in json.dumps(_cache(kube, namespace, "from-sa"))
+    assert token.password not in json.dumps(kube.api.sanitize_for_serialization(
+        kube.core.list_namespaced_event(namespace)))

@@ -18,7 +18,9 @@ One operator need is broad on purpose: ``get secrets`` in every namespace. A Lay
 names pull Secrets in its own namespace (``spec.pullSecrets``), which the operator cannot
 know at install time, and RBAC cannot grant "Secrets named by some LayerCache". It is
 ``get`` only (by name: no list, no watch, so Secrets cannot be enumerated or streamed) and
-writes stay in ``layercache-system`` (create; update/patch of its two Secrets by name).
+writes stay in ``layercache-system`` (create; update/patch of its two Secrets by name;
+delete of the credentials Secret only, to recreate it with another type). ServiceAccounts
+(imagesFrom: a Pod's ServiceAccount's ``imagePullSecrets``) are ``get`` only, likewise.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ OPERATOR_CASES = [
     *(allow(OPERATOR, v, NLC, "kube.write_node_spec / delete_node_cache")
       for v in ("create", "patch", "delete")),
     *(allow(OPERATOR, v, "nodes", "kube.nodes, kopf on.event(nodes)") for v in ("list", "watch")),
-    allow(OPERATOR, "list", "pods", "kube.pod_images (imagesFrom)", namespace="default"),
+    allow(OPERATOR, "list", "pods", "kube.pods (imagesFrom)", namespace="default"),
+    allow(OPERATOR, "get", "serviceaccounts",
+          "kube.service_account_pull_secrets (imagesFrom: a Pod's ServiceAccount)",
+          namespace="default", name="builder"),
     allow(OPERATOR, "get", "secrets", "kube.docker_config: a cache's pull Secret, by name",
           namespace="default", name="regcred"),
     allow(OPERATOR, "create", "events", "kube.post_event, kopf.info/warn", namespace="default"),
@@ -95,6 +100,8 @@ OPERATOR_CASES = [
     allow(OPERATOR, "update", "secrets", "kube.write_secret (replace)", namespace=NAMESPACE,
           name=CREDENTIALS),
     allow(OPERATOR, "get", "secrets", "kube.ensure_peer_token", namespace=NAMESPACE, name=TOKEN),
+    allow(OPERATOR, "delete", "secrets", "kube.write_secret (a credentials Secret of an "
+          "older type)", namespace=NAMESPACE, name=CREDENTIALS),
     *(allow(OPERATOR, v, CRD, "kopf observes CRDs") for v in ("list", "watch")),
     *(allow(OPERATOR, v, PEERING, "kopf peering (2 replicas)")
       for v in ("get", "list", "watch", "patch")),
@@ -103,8 +110,14 @@ OPERATOR_CASES = [
       for v in ("list", "watch") for ns in (ALL, "default", NAMESPACE)),
     *(deny(OPERATOR, v, "secrets", "writes only in its own namespace", namespace="default")
       for v in ("create", "update", "patch", "delete")),
-    deny(OPERATOR, "delete", "secrets", "never deletes Secrets", namespace=NAMESPACE,
-         name=TOKEN),
+    deny(OPERATOR, "delete", "secrets", "deletes no Secret but the credentials",
+         namespace=NAMESPACE, name=TOKEN),
+    deny(OPERATOR, "delete", "secrets", "deletes no Secret but the credentials",
+         namespace=NAMESPACE, name="someone-else"),
+    *(deny(OPERATOR, v, "serviceaccounts", "ServiceAccounts by name only, read-only",
+           namespace=ns) for v in ("list", "watch") for ns in (ALL, "default")),
+    *(deny(OPERATOR, v, "serviceaccounts", "changes no ServiceAccount", namespace="default",
+           name="builder") for v in ("update", "patch", "delete")),
     deny(OPERATOR, "update", "secrets", "only its two Secrets", namespace=NAMESPACE,
          name="someone-else"),
     deny(OPERATOR, "patch", NLC, "agents own NodeLayerCache status", subresource="status"),

@@ -55,7 +55,11 @@ class NodeRecord:
 
 @dataclass
 class RegistryRecord:
-    """A registry endpoint as recorded in the state file (see testbed.registry)."""
+    """A registry endpoint as recorded in the state file (see testbed.registry).
+
+    For `token`, `token_config` and `token_log` are its token server's users file (see
+    `testbed.tokenserver.set_users`) and log (one line per token issued).
+    """
 
     flavour: str
     host: str
@@ -63,6 +67,8 @@ class RegistryRecord:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    token_config: str | None = None
+    token_log: str | None = None
 
 
 @dataclass
@@ -201,7 +207,10 @@ class TestBed:
             nodes=[NodeRecord(n.name, str(n.socket), str(n.workdir)) for n in self.nodes],
             registries={f: RegistryRecord(
                 flavour=f, host=r.host, url=r.url, username=r.username, password=r.password,
-                ca_file=str(r.ca_file) if r.ca_file else None) for f, r in registries.items()},
+                ca_file=str(r.ca_file) if r.ca_file else None,
+                token_config=str(r.token_server.config) if r.token_server else None,
+                token_log=str(r.token_server.log) if r.token_server else None)
+                for f, r in registries.items()},
             proxy_url=proxy.url, family=family_path,
             processes=[ProcessRecord(p.name, p.pid, str(p.log)) for p in self.processes],
         )

@@ -16,9 +16,11 @@ Follows distribution's `docs/spec/auth/token.md` (the `GET /token` exchange) and
   certificate, standard base64 DER) and verifies that chain against its `rootcertbundle`,
   so the bundle is the bed's CA certificate and the signing certificate is issued by it.
 
-Users and grants come from a YAML (or JSON) file, see `Config.load`. Run it with
-`python -m testbed.tokenserver --listen 127.0.0.1:PORT --config FILE`; it serves HTTPS only.
-`start_token_server` writes such a file and starts the process for the bed.
+Users and grants come from a YAML (or JSON) file, see `Config.load`; the running server
+reads it again when it changes (`set_users`: tests add accounts with narrower grants). Run
+it with `python -m testbed.tokenserver --listen 127.0.0.1:PORT --config FILE`; it serves
+HTTPS only. `start_token_server` writes such a file and starts the process for the bed.
+Each token is logged as ``token for 'USER': requested [SCOPES] granted [ACCESS]``.
 """
 
 from __future__ import annotations
@@ -206,11 +208,23 @@ class Signer:
                           headers={"x5c": self._x5c})
 
 
-def make_app(config: Config) -> web.Application:
-    """The aiohttp application serving `GET /token` for `config`."""
+def make_app(config: Config, path: Path | None = None) -> web.Application:
+    """The aiohttp application serving `GET /token` for `config`.
+
+    With `path` (the file `config` came from), users and grants are read again whenever
+    the file's modification time changes; the signing key stays the one loaded first.
+    """
     signer = Signer(config.signing_cert, config.signing_key)
+    loaded = {"mtime": path.stat().st_mtime_ns if path else 0}
+
+    def current() -> Config:
+        nonlocal config
+        if path is not None and (mtime := path.stat().st_mtime_ns) != loaded["mtime"]:
+            config, loaded["mtime"] = Config.load(path), mtime
+        return config
 
     async def token(request: web.Request) -> web.Response:
+        config = current()
         service = request.query.get("service", "")
         if service != config.service:
             return _error(400, "UNSUPPORTED", f"unknown service {service!r}")
@@ -238,7 +252,8 @@ def make_app(config: Config) -> web.Application:
             "nbf": now, "iat": now, "jti": uuid.uuid4().hex, "access": access,
         }
         signed = signer.sign(claims)
-        log.info("token for %r: %s", subject or "<anonymous>", access)
+        log.info("token for %r: requested %s granted %s", subject or "<anonymous>",
+                 sorted(request.query.getall("scope", [])), access)
         return web.json_response({
             "token": signed, "access_token": signed, "expires_in": config.expires_in,
             "issued_at": now.isoformat().replace("+00:00", "Z"),
@@ -268,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     host, _, port = args.listen.rpartition(":")
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(config.tls_cert, config.tls_key)
-    web.run_app(make_app(config), host=host, port=int(port), ssl_context=tls, print=None)
+    web.run_app(make_app(config, args.config), host=host, port=int(port), ssl_context=tls,
+                print=None)
 
 
 # --- Running it for the bed ------------------------------------------------------------
@@ -351,6 +367,23 @@ def start_token_server(workdir: Path, ca: pki.CA, users: Sequence[User], *,
         process.stop()
         raise
     return server
+
+
+def set_users(config: Path, users: Sequence[User], remove: Sequence[str] = ()) -> None:
+    """Add (or replace, by name) `users` in a running server's `config` file; drop `remove`.
+
+    The server picks the change up at its next request. The file is replaced atomically,
+    so the server never reads half of it.
+    """
+    raw = yaml.safe_load(config.read_text())
+    names = {u.name for u in users} | set(remove)
+    raw["users"] = [u for u in raw.get("users", []) if u["name"] not in names] + [
+        {"name": u.name, "password": u.password, "access": [_grant_dict(g) for g in u.grants]}
+        for u in users]
+    staged = config.with_suffix(".new")
+    staged.write_text(yaml.safe_dump(raw))
+    staged.chmod(0o600)  # clear-text passwords
+    staged.replace(config)
 
 
 def _grant_dict(grant: Grant) -> dict[str, object]:

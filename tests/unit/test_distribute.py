@@ -103,8 +103,12 @@ def test_two_caches_share_a_layer_once_and_both_are_named() -> None:
     assert result["n1"][0].caches == {"ns/a", "ns/b"}
     spec = node_spec("n1", result["n1"], [first, second])
     assert spec["caches"] == ["ns/a", "ns/b"]
-    assert spec["images"] == [{"reference": f"reg.example/app@{_digest('app')}"}]
+    assert spec["images"] == [{"reference": f"reg.example/app@{_digest('app')}",
+                               "caches": ["ns/b"]}]
     assert spec["layers"][0]["source"] == "Upstream"
+    # Each layer names the caches wanting it (their credentials fetch it); the first is
+    # the one whose image named the repository.
+    assert [e["caches"] for e in spec["layers"]] == [["ns/a", "ns/b"], ["ns/a"], ["ns/b"]]
     assert spec["paused"] is False
 
 

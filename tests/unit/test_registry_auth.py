@@ -15,7 +15,12 @@ from layercache.digest import Digest, DigestMismatchError
 from layercache.reference import parse_reference
 from layercache.registry.auth import Authenticator, parse_token_response
 from layercache.registry.client import RegistryClient, RegistryOptions
-from layercache.registry.credentials import DockerConfig, Keyring
+from layercache.registry.credentials import (
+    DockerConfig,
+    Keyring,
+    first_accepted,
+    selected_keyring,
+)
 from layercache.registry.errors import (
     AccessDeniedError,
     AuthenticationError,
@@ -296,3 +301,34 @@ async def test_unreadable_ca_file_is_a_config_error(tmp_path: Path) -> None:
     async with RegistryClient(registries={HOST: RegistryOptions(ca_file=missing)}) as c:
         with pytest.raises(RegistryConfigError, match="cannot load CA file"):
             await get_manifest(c, REF)
+
+
+def bob() -> Keyring:
+    return Keyring([DockerConfig.from_json(
+        {"auths": {HOST: {"username": "bob", "password": "bobs-password"}}}, "bob's config")])
+
+
+async def test_a_token_serves_only_the_credentials_it_was_issued_for() -> None:
+    registry = Registry()  # the token server knows alice only
+    async with client(registry) as c:
+        with selected_keyring(keyring()):
+            await get_manifest(c, REF)
+        # The same registry and scope for another owner: alice's cached token must not
+        # serve it; bob's own credentials are asked for, and refused.
+        with selected_keyring(bob()), pytest.raises(AuthenticationError):
+            await get_manifest(c, REF)
+    assert [r.headers["authorization"] for r in registry.token_requests] == [
+        "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode(),
+        "Basic " + base64.b64encode(b"bob:bobs-password").decode()]
+
+
+async def test_first_accepted_tries_each_owner_in_turn() -> None:
+    registry = Registry()
+    async with client(registry) as c:
+        fetched = await first_accepted([bob(), keyring()], lambda: get_manifest(c, REF))
+        assert fetched.digest == Digest(MANIFEST_DIGEST)
+        with pytest.raises(AuthenticationError, match="refused the configured credentials"):
+            await first_accepted([bob()], lambda: get_manifest(c, REF))
+    assert [r.headers["authorization"].split()[0] for r in registry.token_requests] == [
+        "Basic", "Basic", "Basic"]
+    assert registry.issued == 1

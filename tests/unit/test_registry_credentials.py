@@ -13,6 +13,7 @@ from layercache.registry.credentials import (
     DockerConfig,
     InvalidDockerConfigError,
     Keyring,
+    candidate_keyrings,
     registry_key,
 )
 from layercache.registry.errors import UnsupportedCredentialsError
@@ -191,3 +192,20 @@ def test_secrets_never_in_repr_or_errors() -> None:
 def test_basic_authorization() -> None:
     header = Credentials("user", "pa:ss").basic_authorization()
     assert header == "Basic " + b64("user:pa:ss")
+
+
+def _config(source: str, **auths: dict[str, str]) -> DockerConfig:
+    return DockerConfig.from_json({"auths": {k.replace("_", "."): v for k, v in auths.items()}},
+                                  source)
+
+
+def test_candidate_keyrings_one_per_distinct_credential_in_order() -> None:
+    a = _config("a", reg_example={"username": "a", "password": "pa"})
+    b = _config("b", reg_example={"username": "b", "password": "pb"})
+    again = _config("a again", reg_example={"username": "a", "password": "pa"})
+    other = _config("other", other_example={"username": "o", "password": "po"})
+    helper = DockerConfig.from_json({"credHelpers": {"reg.example": "gcloud"}}, "helper")
+    found = candidate_keyrings([other, a, again, helper, b], "reg.example")
+    assert [k.configs[0].source for k in found] == ["a", "helper", "b"]
+    anonymous = candidate_keyrings([other], "reg.example")
+    assert len(anonymous) == 1 and anonymous[0].credentials_for("reg.example") is None

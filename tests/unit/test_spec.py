@@ -68,3 +68,44 @@ def test_valid_spec() -> None:
 def test_toleration_matching(toleration: Toleration, taint: dict[str, str],
                              tolerated: bool) -> None:
     assert toleration.tolerates(taint) is tolerated
+
+
+def test_pod_selector_keeps_match_expressions() -> None:
+    spec = parse_spec("ns/c", {"imagesFrom": {"podSelector": {
+        "matchLabels": {"app": "web"},
+        "matchExpressions": [
+            {"key": "tier", "operator": "In", "values": ["a", "b"]},
+            {"key": "example.com/track", "operator": "NotIn", "values": ["canary"]},
+            {"key": "team", "operator": "Exists"},
+            {"key": "legacy", "operator": "DoesNotExist"}]}}})
+    assert spec.images_from_selector is not None
+    assert spec.images_from_selector.query() == (
+        "app=web,tier in (a,b),example.com/track notin (canary),team,!legacy")
+
+
+def test_images_from_without_selector_selects_every_pod() -> None:
+    spec = parse_spec("ns/c", {"imagesFrom": {"namespaces": ["x"]}})
+    assert spec.images_from_selector is not None
+    assert spec.images_from_selector.query() == ""
+    assert parse_spec("ns/c", {"images": ["a"]}).images_from_selector is None
+
+
+@pytest.mark.parametrize(("selector", "field", "problem"), [
+    ({"matchExpressions": [{"key": "a", "operator": "Gt", "values": ["1"]}]},
+     r"matchExpressions\[0\]\.operator", "must be one of In, NotIn, Exists, DoesNotExist"),
+    ({"matchExpressions": [{"key": "a", "operator": "In", "values": []}]},
+     r"matchExpressions\[0\]\.values", "In needs at least one value"),
+    ({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
+     r"matchExpressions\[0\]\.values", "Exists takes no values"),
+    ({"matchExpressions": [{"key": "a b", "operator": "Exists"}]},
+     r"matchExpressions\[0\]\.key", "not a label key"),
+    ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["x,y"]}]},
+     r"matchExpressions\[0\]\.values\[0\]", "not a label value"),
+    ({"matchLabels": {"app": "a)"}}, r"matchLabels\['app'\]", "not a label value"),
+    ({"matchLabel": {"app": "a"}}, "matchLabel", "unknown field"),
+])
+def test_invalid_pod_selector_names_the_field(selector: dict[str, object], field: str,
+                                              problem: str) -> None:
+    with pytest.raises(InvalidSpecError, match=(
+            rf"^LayerCache ns/c: spec\.imagesFrom\.podSelector\.{field}: .*{problem}")):
+        parse_spec("ns/c", {"imagesFrom": {"podSelector": selector}})

@@ -123,9 +123,10 @@ class Agent:
                         settings.peer_poll_seconds, settings.concurrency),
             store=self.store, registry=self.registry, peers=self.peers,
             directory=PeerDirectory(self.kube), rate=ByteRate(settings.max_bytes_per_second),
-            disk=self.disk, book=book, metrics=self.metrics)
+            disk=self.disk, book=book, metrics=self.metrics,
+            keyrings=self.secrets.keyrings_for)
         images = ImagePuller(cri=self.cri, store=self.store, registry=self.registry,
-                             keyring=LiveKeyring(self.secrets), book=book, retry=retry,
+                             keyrings=self.secrets.keyrings_for, book=book, retry=retry,
                              platform=lambda: self.node_info.platform)
         reconciler = Reconciler(store=self.store, fetcher=fetcher, images=images, book=book,
                                 disk=self.disk, retry=retry,

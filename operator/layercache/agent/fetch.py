@@ -29,7 +29,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from layercache.agent.disk import DiskGuard, DiskPressureError
@@ -48,6 +48,7 @@ from layercache.containerd.ingest import (
 from layercache.digest import Digest, DigestMismatchError
 from layercache.metrics import AgentMetrics, FetchSource
 from layercache.registry.client import RegistryClient
+from layercache.registry.credentials import Keyring, first_accepted
 from layercache.registry.errors import (
     BlobNotFoundError,
     NonDistributableLayerError,
@@ -113,8 +114,12 @@ class LayerFetcher:
 
     def __init__(self, config: FetchConfig, *, store: ContentStore, registry: RegistryClient,
                  peers: PeerClient, directory: PeerDirectory, rate: ByteRate, disk: DiskGuard,
-                 book: StatusBook, metrics: AgentMetrics) -> None:
+                 book: StatusBook, metrics: AgentMetrics,
+                 keyrings: Callable[[Sequence[str], str], list[Keyring]] | None = None) -> None:
         self.config = config
+        #: (caches, registry) → keyrings to try upstream (`Secrets.keyrings_for`); None:
+        #: the registry client's own keyring.
+        self.keyrings = keyrings
         self.store = store
         self.registry = registry
         self.peers = peers
@@ -206,13 +211,25 @@ class LayerFetcher:
             delay = min(delay * 1.5, self.config.peer_poll * POLL_GROWTH)
 
     async def _from_upstream(self, layer: WantedLayer, caches: Sequence[str]) -> None:
-        """Copy ``layer`` from its registry; transient failures retry and resume."""
+        """Copy ``layer`` from its registry; transient failures retry and resume.
+
+        Only the credentials of the caches that want the layer are used, each in turn
+        until the registry accepts one (`first_accepted`).
+        """
         source = upstream_source(self.registry, layer.repository, layer.digest, layer.size,
                                  self.rate, lambda n: self.book.fetched("upstream", n))
         what = f"layer {layer.digest.short} from {layer.repository.name}"
-        async for attempt in self.registry.retry.retrying(what):
-            with attempt:
-                await self._write(layer, caches, "upstream", source)
+
+        async def copy() -> None:
+            async for attempt in self.registry.retry.retrying(what):
+                with attempt:
+                    await self._write(layer, caches, "upstream", source)
+
+        if self.keyrings is None:
+            await copy()
+        else:
+            await first_accepted(self.keyrings(layer.caches or caches,
+                                               layer.repository.registry), copy)
 
     def _labels(self, layer: WantedLayer, source: FetchSource) -> dict[str, str]:
         return {SOURCE_LABEL: source,

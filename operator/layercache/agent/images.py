@@ -5,7 +5,9 @@ resolving it for this node's platform (`layercache.registry.resolve`: the manife
 config only, a few kilobytes); once the content store holds every one of them, CRI
 ``PullImage`` names the image — containerd then fetches only the manifest and config again
 and unpacks from the local blobs, as the kubelet's later pull would. Upstream credentials
-are the agent's (`layercache.agent.secrets`), passed in the CRI ``AuthConfig``.
+are those of the caches that want the image (`layercache.agent.secrets.Secrets.keyrings_for`),
+each tried until the registry accepts one for the resolution; the accepted ones go in the
+CRI ``AuthConfig``.
 
 Pulled images are remembered until `forget` (each inventory re-read), so a pass costs no
 CRI call per image; failures are reported (``ImageResolveFailed``, ``ImagePullFailed``)
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from layercache.agent.backoff import RetryTimes
 from layercache.agent.status import StatusBook
@@ -26,7 +28,7 @@ from layercache.containerd.errors import ContainerdError
 from layercache.digest import Digest
 from layercache.reference import parse_reference
 from layercache.registry.client import RegistryClient
-from layercache.registry.credentials import Keyring
+from layercache.registry.credentials import Keyring, current_keyring, first_accepted
 from layercache.registry.resolve import resolve
 
 __all__ = ["ImagePuller"]
@@ -38,17 +40,19 @@ class ImagePuller:
     """Pulls ready images on one node; ``platform`` (``os/arch``) is the node's."""
 
     def __init__(self, *, cri: CRIImages, store: ContentStore, registry: RegistryClient,
-                 keyring: Keyring, book: StatusBook, retry: RetryTimes,
-                 platform: Callable[[], str]) -> None:
+                 keyrings: Callable[[Sequence[str], str], list[Keyring]], book: StatusBook,
+                 retry: RetryTimes, platform: Callable[[], str]) -> None:
         self.cri = cri
         self.store = store
         self.registry = registry
-        self.keyring = keyring
+        #: (caches, registry) → the keyrings to try (`Secrets.keyrings_for`).
+        self.keyrings = keyrings
         self.book = book
         self.retry = retry
         self.platform = platform
         self.pulled: set[str] = set()
-        self._layers: dict[str, tuple[Digest, ...]] = {}
+        #: image → its layers and the keyring its resolution was accepted with.
+        self._layers: dict[str, tuple[tuple[Digest, ...], Keyring]] = {}
 
     def pending(self, images: Iterable[str]) -> int:
         """How many of ``images`` are not known to be pulled."""
@@ -58,39 +62,53 @@ class ImagePuller:
         """Check every image with CRI again on the next pass (the kubelet may remove some)."""
         self.pulled.clear()
 
-    async def pull_ready(self, images: Iterable[str], held: frozenset[Digest]) -> None:
-        """Pull each of ``images`` whose layers are all present; ``held``: known present."""
+    async def pull_ready(self, images: Iterable[str], held: frozenset[Digest],
+                         caches: Mapping[str, Sequence[str]] | None = None,
+                         every: Sequence[str] = ()) -> None:
+        """Pull each of ``images`` whose layers are all present; ``held``: known present.
+
+        ``caches`` names the caches wanting each image (their credentials are used);
+        an image missing there uses those of ``every`` cache on the node.
+        """
+        wanting = caches or {}
         for image in images:
             key = f"image {image}"
             now = asyncio.get_running_loop().time()
             if image in self.pulled or not self.retry.ready(key, now):
                 continue
             try:
-                if await self._pull_if_ready(image, held):
+                if await self._pull_if_ready(image, held, wanting.get(image) or every):
                     self.pulled.add(image)
                     self.retry.succeeded(key)
                     self.book.failing.pop(key, None)
                     self.book.touch()
             except Exception as error:
+                self._layers.pop(image, None)  # resolve again, with fresh credentials
                 reason = ("ImagePullFailed" if isinstance(error, ContainerdError)
                           else "ImageResolveFailed")
                 self.book.failing[key] = self.book.error(reason, f"{image}: {error}")
                 self.retry.failed(key, asyncio.get_running_loop().time())
 
-    async def _pull_if_ready(self, image: str, held: frozenset[Digest]) -> bool:
+    async def _pull_if_ready(self, image: str, held: frozenset[Digest],
+                             caches: Sequence[str]) -> bool:
         if await self.cri.status(image) is not None:
             return True
-        layers = self._layers.get(image)
-        if layers is None:
-            resolved = await resolve(self.registry, image, self.platform())
+        reference = parse_reference(image)
+        known = self._layers.get(image)
+        if known is None:
             # Foreign layers are never held: containerd's pull fetches them from their urls.
-            layers = self._layers[image] = tuple(layer.digest
-                                                 for layer in resolved.distributable)
+            async def resolve_one() -> tuple[tuple[Digest, ...], Keyring]:
+                resolved = await resolve(self.registry, image, self.platform())
+                return (tuple(layer.digest for layer in resolved.distributable),
+                        current_keyring() or Keyring())
+            # The credentials the registry accepted for the resolution are the CRI pull's.
+            known = self._layers[image] = await first_accepted(
+                self.keyrings(caches, reference.registry), resolve_one)
+        layers, keyring = known
         for digest in layers:
             if digest not in held and await self.store.info(digest) is None:
                 return False
-        reference = parse_reference(image)
-        credentials = self.keyring.credentials_for(reference.registry)
+        credentials = keyring.credentials_for(reference.registry)
         auth = (AuthConfig(username=credentials.username, password=credentials.password,
                            server_address=reference.registry) if credentials else None)
         image_ref = await self.cri.pull(image, auth)

@@ -9,7 +9,7 @@ repository that parses as ``host/path``) and raises `InvalidNodeSpecError` namin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from layercache.digest import Digest, InvalidDigestError
@@ -47,6 +47,8 @@ class WantedLayer:
 
     ``source`` says whether this node seeds it from the registry (``Upstream``) or takes it
     from one of ``peers`` (node names, most likely first), falling back to upstream.
+    ``caches`` (``namespace/name``) want it; only their credentials fetch it (empty from
+    an older operator: then those of every cache on the node).
     """
 
     digest: Digest
@@ -55,6 +57,7 @@ class WantedLayer:
     repository: Reference
     source: Source
     peers: tuple[str, ...]
+    caches: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,9 @@ class NodeSpec:
     """The parts of a NodeLayerCache the agent acts on.
 
     ``layers`` in fetch order; ``images`` are references pinned by digest to pull whole
-    through CRI once their layers are held; ``caches`` the LayerCaches (``namespace/name``)
-    wanting something here; ``generation`` is ``metadata.generation``; ``counters`` and
+    through CRI once their layers are held, ``image_caches`` the caches wanting each (empty
+    from an older operator); ``caches`` the LayerCaches (``namespace/name``) wanting
+    something here; ``generation`` is ``metadata.generation``; ``counters`` and
     ``conditions`` are what the status held when the object was read.
     """
 
@@ -84,6 +88,7 @@ class NodeSpec:
     paused: bool
     counters: Counters
     conditions: tuple[Mapping[str, Any], ...]
+    image_caches: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def wanted(self) -> frozenset[Digest]:
@@ -109,7 +114,9 @@ def _layer(name: str, index: int, raw: Mapping[str, Any]) -> WantedLayer:
     if source not in ("Upstream", "Peer"):
         raise InvalidNodeSpecError(name, f"{field}.source", "must be Upstream or Peer")
     peers = tuple(str(peer) for peer in raw.get("peers") or ())
-    return WantedLayer(digest, size, str(raw.get("mediaType", "")), repository, source, peers)
+    caches = tuple(str(cache) for cache in raw.get("caches") or ())
+    return WantedLayer(digest, size, str(raw.get("mediaType", "")), repository, source, peers,
+                       caches)
 
 
 def _count(raw: Mapping[str, Any], key: str) -> int:
@@ -147,4 +154,6 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
         counters=Counters(_count(counted, "upstream"), _count(counted, "peer"),
                           _count(counted, "servedToPeers")),
         conditions=tuple(status.get("conditions") or ()),
+        image_caches={str(image["reference"]): tuple(str(c) for c in image.get("caches") or ())
+                      for image in spec.get("images") or () if image.get("reference")},
     )

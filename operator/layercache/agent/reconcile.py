@@ -209,8 +209,8 @@ class Reconciler:
         if not spec.images or (self._pulling is not None and not self._pulling.done()):
             return
         held = frozenset(self.held)
-        self._pulling = asyncio.create_task(self.images.pull_ready(spec.images, held),
-                                            name="pull images")
+        pulls = self.images.pull_ready(spec.images, held, spec.image_caches, spec.caches)
+        self._pulling = asyncio.create_task(pulls, name="pull images")
         self._pulling.add_done_callback(lambda _task: self.wake.set())
 
     def _report(self, spec: NodeSpec | None) -> None:

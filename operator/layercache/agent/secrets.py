@@ -2,8 +2,12 @@
 
 - the peer token (Secret `AgentSettings.peer_token_secret`, key ``token``): what agents
   present to each other; without it the agent neither serves nor asks peers;
-- upstream registry credentials (Secret `AgentSettings.registry_secret`, type
-  ``kubernetes.io/dockerconfigjson``): a missing Secret means anonymous pulls.
+- upstream registry credentials (Secret `AgentSettings.registry_secret`), written by the
+  operator per LayerCache: key ``caches.json`` holds ``{"namespace/name": [config, ...]}``,
+  each config a Docker config object (``{"auths": ...}``). A layer is fetched only with the
+  credentials of the caches that want it (`Secrets.keyrings_for`), never with another
+  team's. A Secret of type ``kubernetes.io/dockerconfigjson`` (an older operator, or one
+  written by hand) applies to every cache. A missing Secret means anonymous pulls.
 
 Both are re-read every `AgentSettings.secret_refresh_seconds`, so a rotated token or
 password is picked up without a restart. Values stay in memory only; `secrets` lists them
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kubernetes.client.exceptions import ApiException
@@ -25,6 +31,7 @@ from layercache.registry.credentials import (
     DockerConfig,
     InvalidDockerConfigError,
     Keyring,
+    candidate_keyrings,
 )
 
 __all__ = ["LiveKeyring", "SecretProblem", "Secrets"]
@@ -33,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: Data key of the peer token in its Secret.
 TOKEN_KEY = "token"  # noqa: S105 - the name of a data key, not a secret
+#: Data key of the per-cache credentials (layercache.reconciler.CREDENTIALS_KEY).
+CACHES_KEY = "caches.json"
 
 
 @dataclass(frozen=True)
@@ -45,14 +54,29 @@ class SecretProblem:
 
 @dataclass
 class Secrets:
-    """The current peer token and registry keyring, and how to refresh them from the API."""
+    """The current peer token and registry credentials, and how to refresh them from the API.
+
+    ``by_cache`` holds each LayerCache's Docker configs in the order to try them;
+    ``keyring`` those that apply to every cache (a ``kubernetes.io/dockerconfigjson``
+    Secret).
+    """
 
     kube: AgentKube
     token_secret: str
     registry_secret: str
     token: str | None = field(default=None, repr=False)
     keyring: Keyring = field(default_factory=Keyring)
+    by_cache: dict[str, tuple[DockerConfig, ...]] = field(default_factory=dict, repr=False)
     _values: tuple[str, ...] = field(default=(), repr=False)
+
+    def keyrings_for(self, caches: Sequence[str], registry: str) -> list[Keyring]:
+        """The keyrings to try, in order, for a request to ``registry`` made for ``caches``.
+
+        Only configs of ``caches`` (``namespace/name``, in their order) and those for every
+        cache; see `layercache.registry.credentials.candidate_keyrings`.
+        """
+        configs = [c for cache in caches for c in self.by_cache.get(cache, ())]
+        return candidate_keyrings([*configs, *self.keyring.configs], registry)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -72,16 +96,43 @@ class Secrets:
         except ApiException as error:
             problems.append(SecretProblem("PeerTokenUnreadable",
                                           f"Secret {self.token_secret}: HTTP {error.status}"))
-        keyring = self.keyring
+        keyring, by_cache = self.keyring, self.by_cache
         try:
             data = await self.kube.read_secret(self.registry_secret)
-            keyring = self._keyring(data, problems)
+            if data is not None and CACHES_KEY in data:
+                keyring, by_cache = Keyring(), self._by_cache(data[CACHES_KEY], problems)
+            else:
+                keyring, by_cache = self._keyring(data, problems), {}
         except ApiException as error:
             problems.append(SecretProblem("CredentialsUnreadable",
                                           f"Secret {self.registry_secret}: HTTP {error.status}"))
-        self.token, self.keyring = token, keyring
-        self._values = tuple(v for v in (token, *_passwords(keyring)) if v)
+        self.token, self.keyring, self.by_cache = token, keyring, by_cache
+        configs = [*keyring.configs, *(c for found in by_cache.values() for c in found)]
+        self._values = tuple(v for v in (token, *_passwords(configs)) if v)
         return problems
+
+    def _by_cache(self, encoded: str, problems: list[SecretProblem]
+                  ) -> dict[str, tuple[DockerConfig, ...]]:
+        """Parse ``caches.json``; a cache whose configs are malformed keeps its old ones."""
+        source = f"Secret {self.registry_secret} key {CACHES_KEY}"
+        try:
+            raw = json.loads(base64.b64decode(encoded, validate=True))
+        except (binascii.Error, ValueError):
+            raw = None
+        if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+            problems.append(SecretProblem(
+                "CredentialsInvalid", f"{source}: not base64 of a JSON object of lists"))
+            return self.by_cache
+        found: dict[str, tuple[DockerConfig, ...]] = {}
+        for cache, configs in raw.items():
+            try:
+                found[cache] = tuple(DockerConfig.from_json(c, f"{source} [{cache!r}][{i}]")
+                                     for i, c in enumerate(configs))
+            except InvalidDockerConfigError as error:  # names the field, never a value
+                problems.append(SecretProblem("CredentialsInvalid", str(error)))
+                if cache in self.by_cache:
+                    found[cache] = self.by_cache[cache]
+        return found
 
     def _token(self, data: dict[str, str] | None,
                problems: list[SecretProblem]) -> str | None:
@@ -114,9 +165,9 @@ class Secrets:
             return self.keyring
 
 
-def _passwords(keyring: Keyring) -> list[str]:
+def _passwords(configs: Sequence[DockerConfig]) -> list[str]:
     values: list[str] = []
-    for docker_config in keyring.configs:
+    for docker_config in configs:
         for registry in docker_config.registries:
             try:
                 credentials = docker_config.credentials_for(registry)
@@ -130,7 +181,9 @@ def _passwords(keyring: Keyring) -> list[str]:
 class LiveKeyring(Keyring):
     """A keyring that always answers from the latest `Secrets.keyring`.
 
-    The registry client takes its keyring once; this one follows Secret refreshes.
+    The registry client takes its keyring once; this one follows Secret refreshes. It
+    holds only credentials meant for every cache: fetches for caches run under
+    `Secrets.keyrings_for` (`layercache.registry.credentials.first_accepted`).
     """
 
     def __init__(self, secrets: Secrets) -> None:

@@ -60,7 +60,8 @@ class AgentSettings(BaseSettings):
         None, description="Path on the image filesystem to check; unset: CRI ImageFsInfo's.")
     registry_secret: str = Field(
         "layercache-registry-credentials",
-        description="dockerconfigjson Secret with upstream credentials; missing: anonymous.")
+        description="Secret with upstream credentials per cache (key `caches.json`, written "
+                    "by the operator) or for all (a dockerconfigjson); missing: anonymous.")
     peer_token_secret: str = Field(
         "layercache-peer-token", description="Secret whose key 'token' authenticates agents.")
     secret_refresh_seconds: float = Field(

@@ -26,7 +26,7 @@ from typing import Final
 import httpx
 
 from layercache.registry.challenge import Challenge, ChallengeParseError, parse_www_authenticate
-from layercache.registry.credentials import Credentials, Keyring
+from layercache.registry.credentials import Credentials, Keyring, current_keyring
 from layercache.registry.errors import (
     AccessDeniedError,
     AuthenticationError,
@@ -106,20 +106,31 @@ class Authenticator:
         self._keyring = keyring or Keyring()
         self._clock = clock
         self._schemes: dict[str, Challenge] = {}
-        self._tokens: dict[tuple[str, str], _Cached] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Keyed by the credentials too: a token obtained with one owner's credentials must
+        # never serve a request made for another (`selected_keyring`).
+        self._tokens: dict[tuple[str, str, Credentials | None], _Cached] = {}
+        self._locks: dict[tuple[str, str, Credentials | None], asyncio.Lock] = {}
 
     def __repr__(self) -> str:
         return f"Authenticator(registries={sorted(self._schemes)})"
 
     def credentials(self, registry: str) -> Credentials | None:
-        """Credentials for ``registry`` from the keyring (None: anonymous).
+        """Credentials for ``registry`` (None: anonymous).
+
+        From the keyring selected for the running task (`selected_keyring`) if any, else
+        from this authenticator's own keyring.
 
         Raises:
             UnsupportedCredentialsError: they live in a credential helper.
 
         """
-        return self._keyring.credentials_for(registry)
+        return (current_keyring() or self._keyring).credentials_for(registry)
+
+    def _token_key(self, registry: str, scope: str) -> tuple[str, str, Credentials | None]:
+        try:
+            return registry, scope, self.credentials(registry)
+        except UnsupportedCredentialsError:
+            return registry, scope, None
 
     def header(self, registry: str, scope: str) -> str | None:
         """The ``Authorization`` value to send up front, or None (anonymous / unknown yet)."""
@@ -129,7 +140,7 @@ class Authenticator:
         if challenge.scheme == "basic":
             credentials = self.credentials(registry)
             return credentials.basic_authorization() if credentials else None
-        cached = self._tokens.get((registry, scope))
+        cached = self._tokens.get(self._token_key(registry, scope))
         if cached is not None and cached.expires_at > self._clock():
             return cached.header
         return None
@@ -166,7 +177,7 @@ class Authenticator:
                     f"{registry} requires credentials (HTTP basic) and none are configured"
                 )
             return credentials.basic_authorization()
-        key = (registry, scope)
+        key = (registry, scope, credentials)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             # Another task may have fetched a fresh token while we waited for the lock.
@@ -189,7 +200,7 @@ class Authenticator:
         Returns (does not raise) `AuthenticationError` when we had no credentials or they
         were rejected, `AccessDeniedError` for 403 or ``insufficient_scope`` with credentials.
         """
-        self._tokens.pop((registry, scope), None)
+        self._tokens.pop(self._token_key(registry, scope), None)
         try:
             has_credentials = self.credentials(registry) is not None
         except UnsupportedCredentialsError:  # already reported when the header was built

@@ -16,27 +16,40 @@ secrets written by ``kubectl create secret docker-registry`` never use them.
 Credential helpers cannot run inside the operator; a config that sends a registry to one
 is a clear `UnsupportedCredentialsError`, not a silent anonymous pull. Credentials are
 kept out of every ``repr``, log line and error message.
+
+Credentials stay with whoever gave them: a request made for one LayerCache (or one Pod's
+image) runs under `selected_keyring` with only that owner's configs, and `first_accepted`
+tries each owner's credentials in turn until the registry accepts one — as the kubelet
+tries each of a Pod's ``imagePullSecrets`` — instead of merging configs by registry host,
+where the first would shadow the others.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from layercache.reference import InvalidReferenceError, parse_reference
-from layercache.registry.errors import UnsupportedCredentialsError
+from layercache.registry.errors import RegistryAuthError, UnsupportedCredentialsError
 
 __all__ = [
     "Credentials",
     "DockerConfig",
     "InvalidDockerConfigError",
     "Keyring",
+    "candidate_keyrings",
+    "first_accepted",
     "registry_key",
+    "selected_keyring",
 ]
+
+T = TypeVar("T")
 
 #: Data keys of the two Secret types the kubelet accepts as image pull secrets.
 DOCKERCONFIGJSON_KEY: Final = ".dockerconfigjson"
@@ -326,3 +339,75 @@ class Keyring:
             if found is not None:
                 return found
         return None
+
+
+#: The keyring chosen for the running task (`selected_keyring`); None: the client's own.
+_SELECTED: ContextVar[Keyring | None] = ContextVar("layercache_selected_keyring", default=None)
+
+
+@contextlib.contextmanager
+def selected_keyring(keyring: Keyring) -> Iterator[None]:
+    """Within the block, registry requests of this task authenticate from ``keyring`` only.
+
+    `layercache.registry.auth.Authenticator` asks `current_keyring` before its own keyring,
+    so one shared `RegistryClient` (one connection pool) can fetch for many owners without
+    mixing their credentials. Tasks started inside the block inherit the choice (contextvars).
+    """
+    token = _SELECTED.set(keyring)
+    try:
+        yield
+    finally:
+        _SELECTED.reset(token)
+
+
+def current_keyring() -> Keyring | None:
+    """The keyring `selected_keyring` chose for this task, None outside such a block."""
+    return _SELECTED.get()
+
+
+def candidate_keyrings(configs: Sequence[DockerConfig], registry: str) -> list[Keyring]:
+    """One single-config keyring per distinct credential for ``registry`` in ``configs``.
+
+    In ``configs`` order, each set of credentials once; a config whose entry for the
+    registry is unusable (credential helper, identity token) is kept as a candidate, so its
+    `UnsupportedCredentialsError` is reported when no other candidate works. ``[Keyring()]``
+    (anonymous) when no config mentions the registry.
+    """
+    found: list[Keyring] = []
+    seen: set[Credentials] = set()
+    for config in configs:
+        try:
+            credentials = config.credentials_for(registry)
+        except UnsupportedCredentialsError:
+            found.append(Keyring([config]))
+            continue
+        if credentials is not None and credentials not in seen:
+            seen.add(credentials)
+            found.append(Keyring([config]))
+    return found or [Keyring()]
+
+
+async def first_accepted(keyrings: Sequence[Keyring], action: Callable[[], Awaitable[T]]) -> T:
+    """Run ``action`` under each of ``keyrings`` in turn until the registry accepts one.
+
+    Only an authentication or authorisation failure (`RegistryAuthError`) moves on to the
+    next keyring; any other error is raised at once. ``keyrings`` must not be empty.
+
+    Raises:
+        RegistryAuthError: every keyring was refused (the first refusal that was not an
+            unsupported credential source, else the last one).
+        ValueError: ``keyrings`` is empty.
+        Exception: whatever ``action`` raises otherwise.
+
+    """
+    if not keyrings:
+        raise ValueError("first_accepted needs at least one keyring")
+    refusals: list[RegistryAuthError] = []
+    for keyring in keyrings:
+        with selected_keyring(keyring):
+            try:
+                return await action()
+            except RegistryAuthError as error:
+                refusals.append(error)
+    meaningful = [e for e in refusals if not isinstance(e, UnsupportedCredentialsError)]
+    raise (meaningful or refusals)[0]
