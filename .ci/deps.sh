@@ -2,7 +2,9 @@
 # Installs the Debian packages the test bed runs (idempotent: apt only runs when one is missing).
 set -euo pipefail
 packages=(containerd runc docker-registry skopeo umoci mmdebstrap prometheus apache2-utils
-          iproute2 psmisc ca-certificates rsync)
+          iproute2 psmisc ca-certificates rsync
+          # runc's build (tests/testbed/tools/build.sh): cgo, with seccomp as kind's is.
+          gcc libc6-dev pkg-config libseccomp-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
