@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test bed runs (idempotent: apt only runs when one is missing).
-# It stops no system service (tests/unit/test_deps.py reads this script).
+# Safe on a developer's machine that runs Docker: nothing it installs replaces or conflicts
+# with Docker's packages (containerd and runc are built from pinned Go modules by
+# `make tools` instead), and it stops no system service (tests/integration/test_deps.py
+# reads this script and the package index).
 set -euo pipefail
-packages=(containerd runc docker-registry skopeo umoci mmdebstrap prometheus apache2-utils
+packages=(docker-registry skopeo umoci mmdebstrap prometheus apache2-utils
           iproute2 psmisc ca-certificates rsync
           # runc's build (tests/testbed/tools/build.sh): cgo, with seccomp as kind's is.
           gcc libc6-dev pkg-config libseccomp-dev)

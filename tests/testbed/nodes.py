@@ -269,10 +269,9 @@ def containerd_version(profile: str | None = None) -> str:
     """Containerd's version as the kubelet reports it, e.g. `containerd://v2.3.4`.
 
     `containerd --version` prints `containerd <package> <version> <revision>`, the version
-    the CRI `Version` call returns (a release build's has the tag's `v`, as on kind's nodes);
-    Debian's package suffix (`1.6.20~ds1`) is dropped.
+    the CRI `Version` call returns (a release build's has the tag's `v`, as on kind's nodes).
     """
     out = run([containerd_tool("containerd", profile), "--version"])
     with contextlib.suppress(IndexError):
-        return "containerd://" + out.split()[2].split("~")[0]
+        return "containerd://" + out.split()[2]
     return "containerd://unknown"

@@ -24,15 +24,14 @@ _GO_TOOLS = {
 #: Environment variable choosing the containerd the bed's nodes run (a key of
 #: `CONTAINERD_PROFILES`); unset means `DEFAULT_CONTAINERD`.
 CONTAINERD_ENV = "LAYERCACHE_BED_CONTAINERD"
-#: containerd profiles: where each one's `containerd`, `ctr` and `containerd-shim-runc-v2`
-#: are (None: Debian's package, on PATH). "2" and "1.7" are pinned builds (`make tools`).
-CONTAINERD_PROFILES: dict[str, Path | None] = {
+#: containerd profiles: where `make tools` links each one's `containerd`, `ctr` and
+#: `containerd-shim-runc-v2` (pinned builds; tests/testbed/tools/build.sh).
+CONTAINERD_PROFILES: dict[str, Path] = {
     "2": TOOLS_BIN,
     "1.7": REPO / ".tools" / "containerd-1.7" / "bin",
-    "1.6": None,
 }
-#: The profile the bed, the demo, e2e and the benchmarks run unless told otherwise.
-DEFAULT_CONTAINERD = "1.6"
+#: The profile the bed, the demo, e2e and the benchmarks run unless told otherwise: kind's.
+DEFAULT_CONTAINERD = "2"
 #: The profiles the agent's containerd contract tests run on: kind's 2.x and 1.7 (users on
 #: older nodes).
 CONTRACT_CONTAINERD = ("2", "1.7")
@@ -41,10 +40,9 @@ CONTRACT_CONTAINERD = ("2", "1.7")
 CONTAINERD_COMMANDS = ("containerd", "ctr", "containerd-shim-runc-v2", "runc")
 #: Debian commands and the package that provides each.
 _DEBIAN = {
-    "containerd": "containerd", "runc": "runc", "docker-registry": "docker-registry",
-    "skopeo": "skopeo", "umoci": "umoci", "mmdebstrap": "mmdebstrap",
-    "prometheus": "prometheus", "promtool": "prometheus", "htpasswd": "apache2-utils",
-    "ctr": "containerd", "containerd-shim-runc-v2": "containerd",
+    "docker-registry": "docker-registry", "skopeo": "skopeo", "umoci": "umoci",
+    "mmdebstrap": "mmdebstrap", "prometheus": "prometheus", "promtool": "prometheus",
+    "htpasswd": "apache2-utils",
 }
 
 
@@ -70,13 +68,11 @@ def containerd_tool(name: str, profile: str | None = None) -> Path:
     """Return command `name` (one of `CONTAINERD_COMMANDS`) of containerd profile `profile`.
 
     Raises:
-        MissingToolError: the profile's build is missing (`make tools`), or Debian's package.
+        MissingToolError: the profile's build is missing (`make tools`).
         ValueError: unknown profile.
 
     """
     bin_dir = CONTAINERD_PROFILES[containerd_profile(profile)]
-    if bin_dir is None:
-        return _debian(name)
     return _pinned(TOOLS_BIN if name == "runc" else bin_dir, name)
 
 
