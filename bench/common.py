@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.paths import MissingToolError, tool
+
 
 @dataclass(frozen=True)
 class Row:
@@ -53,6 +55,14 @@ def _first_line(argv: list[str]) -> str:
     return text.splitlines()[0] if text else "unavailable"
 
 
+def _tool_version(name: str) -> str:
+    """The first line of `name --version`, for the bed's build of `name` (testbed.paths)."""
+    try:
+        return _first_line([str(tool(name)), "--version"])
+    except MissingToolError:
+        return "unavailable"
+
+
 def machine() -> dict[str, Any]:
     """Facts about this machine, so a figure can be read against where it was measured."""
     cpu_model = "unknown"
@@ -81,8 +91,8 @@ def machine() -> dict[str, Any]:
 def versions(tools_bin: Path = Path(".tools/bin")) -> dict[str, str]:
     """Versions of the real components the benchmarks run against."""
     return {
-        "containerd": _first_line(["containerd", "--version"]),
-        "runc": _first_line(["runc", "--version"]),
+        "containerd": _tool_version("containerd"),
+        "runc": _tool_version("runc"),
         "docker-registry": _first_line(["docker-registry", "--version"]),
         "kube-apiserver": _first_line([str(tools_bin / "kube-apiserver"), "--version"]),
         "crictl": _first_line([str(tools_bin / "crictl"), "--version"]),

@@ -13,8 +13,9 @@ timed from its trigger to every layer committed:
   ``source: Upstream``) is created, and stops when containerd's content store lists every
   layer blob (polled over its content API every 50 ms). The operator is not part of this
   measurement (scenario D measures it), so the spec is written by the benchmark.
-- **ctr** — ``ctr -a <socket> -n k8s.io content fetch --plain-http <ref>`` (Debian
-  containerd 1.6.20), timed from launch to exit; it fetches the manifest and config too.
+- **ctr** — ``ctr -a <socket> -n k8s.io content fetch --plain-http <ref>`` (the bed's
+  containerd's own ``ctr``, v2.3.4 by default), timed from launch to exit; it fetches the
+  manifest and config too.
 
 Runs alternate (agent, ctr), (ctr, agent), (agent, ctr); the figures are medians. After
 each run every layer's file in that containerd's content store is hashed again and must

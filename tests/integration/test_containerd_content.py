@@ -1,7 +1,9 @@
-"""The containerd clients against real containerd 1.6 daemons (no mocks).
+"""The containerd clients against real containerd daemons (no mocks), on each profile.
 
-Two simulated nodes (one containerd each): ``content`` for the content store and lease
-tests, ``cri`` for the CRI pull that must skip the layers we wrote. Blobs are real layers of
+The contract tests: every test here runs once per containerd profile the agent supports
+(``testbed.paths.CONTRACT_CONTAINERD``: kind's 2.x and 1.7). Two simulated nodes (one
+containerd each) per profile: ``content`` for the content store and lease tests, ``cri``
+for the CRI pull that must skip the layers we wrote. Blobs are real layers of
 the test bed's image family (its OCI layout), or random bytes where a test needs content no
 other test writes.
 """
@@ -32,6 +34,7 @@ from layercache.digest import Digest, DigestMismatchError
 from testbed.faultproxy import FaultProxy, start_fault_proxy
 from testbed.images import Family, build_family, push_family
 from testbed.nodes import RegistryHost, SimNode
+from testbed.paths import CONTRACT_CONTAINERD
 from testbed.registry import start_registry
 
 pytestmark = pytest.mark.integration
@@ -40,8 +43,8 @@ SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
 CACHE = "tests/content"
 
 
-def _start_node(name: str, workdir: Path) -> Iterator[SimNode]:
-    node = SimNode(name, workdir)
+def _start_node(name: str, workdir: Path, profile: str) -> Iterator[SimNode]:
+    node = SimNode(name, workdir, containerd=profile)
     try:
         node.start(SANDBOX_IMAGE)
         node.wait()
@@ -50,14 +53,21 @@ def _start_node(name: str, workdir: Path) -> Iterator[SimNode]:
         node.stop()
 
 
-@pytest.fixture(scope="module")
-def content_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimNode]:
-    yield from _start_node("lc-content", tmp_path_factory.mktemp("node-content"))
+@pytest.fixture(scope="module", params=CONTRACT_CONTAINERD)
+def profile(request: pytest.FixtureRequest) -> str:
+    """The containerd profile of this round of the module's tests."""
+    chosen: str = request.param
+    return chosen
 
 
 @pytest.fixture(scope="module")
-def cri_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimNode]:
-    yield from _start_node("lc-cri", tmp_path_factory.mktemp("node-cri"))
+def content_node(tmp_path_factory: pytest.TempPathFactory, profile: str) -> Iterator[SimNode]:
+    yield from _start_node("lc-content", tmp_path_factory.mktemp("node-content"), profile)
+
+
+@pytest.fixture(scope="module")
+def cri_node(tmp_path_factory: pytest.TempPathFactory, profile: str) -> Iterator[SimNode]:
+    yield from _start_node("lc-cri", tmp_path_factory.mktemp("node-cri"), profile)
 
 
 @pytest.fixture(scope="module")

@@ -132,6 +132,6 @@ def test_nodes_look_like_kubelet_registered_nodes(kube: Kube, bed: BedState) -> 
         node = nodes[rec.name]
         assert node.metadata.labels["kubernetes.io/hostname"] == rec.name
         assert node.metadata.labels["kubernetes.io/os"] == "linux"
-        assert node.status.node_info.container_runtime_version.startswith("containerd://1.6")
+        assert node.status.node_info.container_runtime_version.startswith("containerd://v2.3")
         assert node.status.node_info.kubelet_version == bed.kubernetes_version
         assert Path(node.metadata.annotations["layercache.dev/containerd-socket"]).is_socket()

@@ -21,6 +21,7 @@ from testbed.controlplane import ControlPlane
 from testbed.faultproxy import start_fault_proxy
 from testbed.images import build_family, push_family
 from testbed.nodes import RegistryHost, SimNode, containerd_version, unmount_under
+from testbed.paths import containerd_profile
 from testbed.procs import Process, pid_alive, stop_group
 from testbed.registry import FLAVOURS, Flavour, Registry, start_registry
 
@@ -81,6 +82,8 @@ class BedState:
     ca_file: str
     kubernetes_version: str
     nodes: list[NodeRecord] = field(default_factory=list)
+    #: The containerd profile every node runs (`testbed.paths.CONTAINERD_PROFILES`).
+    containerd: str = field(default_factory=containerd_profile)
     registries: dict[str, RegistryRecord] = field(default_factory=dict)
     proxy_url: str | None = None
     family: str | None = None
@@ -114,11 +117,11 @@ def register_nodes(kubeconfig: Path, nodes: list[SimNode]) -> None:
     from kubernetes import client, config  # imported late: only the bed process needs it
 
     api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
-    runtime = containerd_version()
+    runtimes = {profile: containerd_version(profile) for profile in {n.containerd for n in nodes}}
     for node in nodes:
         api.create_node(node.node_object())
-        api.patch_node_status(node.name, {"status": node.node_status(KUBERNETES_VERSION,
-                                                                      runtime)})
+        api.patch_node_status(node.name, {"status": node.node_status(
+            KUBERNETES_VERSION, runtimes[node.containerd])})
         # Admission (TaintNodesByCondition) taints every new Node not-ready:NoSchedule; the
         # node-lifecycle controller, off on the bed, lifts it once the node reports Ready.
         api.patch_node(node.name, {"spec": {"taints": None}})
@@ -128,14 +131,17 @@ def register_nodes(kubeconfig: Path, nodes: list[SimNode]) -> None:
 class TestBed:
     """Bring the bed up in `workdir` with `nodes` simulated nodes, or tear it down.
 
-    Attributes after `up()`: `state` (BedState), `control_plane`, `nodes`.
+    `containerd` is the nodes' containerd profile (`testbed.paths.CONTAINERD_PROFILES`; None:
+    `LAYERCACHE_BED_CONTAINERD`, else the default). Attributes after `up()`: `state`
+    (BedState), `control_plane`, `nodes`.
     """
 
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, workdir: Path, nodes: int = 3, *, seed_images: bool = True,
-                 apiserver_args: tuple[str, ...] = ()) -> None:
+                 apiserver_args: tuple[str, ...] = (), containerd: str | None = None) -> None:
         self.workdir = workdir.resolve()
+        self.containerd = containerd_profile(containerd)
         self.apiserver_args = apiserver_args
         self.node_count = nodes
         self.seed_images = seed_images
@@ -169,7 +175,8 @@ class TestBed:
                           apiserver_args=self.apiserver_args)
         cp.workdir.mkdir(parents=True, exist_ok=True)
         self.control_plane = cp
-        self.nodes = [SimNode(node_name(i), self.workdir / "nodes" / f"n{i}")
+        self.nodes = [SimNode(node_name(i), self.workdir / "nodes" / f"n{i}",
+                              containerd=self.containerd)
                       for i in range(self.node_count)]
         etcd = cp.start_etcd()
         self.processes.append(etcd)
@@ -205,6 +212,7 @@ class TestBed:
             workdir=str(self.workdir), kubeconfig=str(cp.admin_kubeconfig), server=cp.server,
             ca_file=str(ca.cert), kubernetes_version=KUBERNETES_VERSION,
             nodes=[NodeRecord(n.name, str(n.socket), str(n.workdir)) for n in self.nodes],
+            containerd=self.containerd,
             registries={f: RegistryRecord(
                 flavour=f, host=r.host, url=r.url, username=r.username, password=r.password,
                 ca_file=str(r.ca_file) if r.ca_file else None,

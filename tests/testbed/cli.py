@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from testbed.bed import BedState, TestBed, stop_bed
-from testbed.paths import MissingToolError
+from testbed.paths import CONTAINERD_ENV, CONTAINERD_PROFILES, DEFAULT_CONTAINERD, MissingToolError
 from testbed.procs import ComponentError
 from testbed.status import check
 
@@ -26,15 +26,19 @@ DEFAULT_DIR = Path("/tmp/layercache-testbed")
 def up(directory: DirOption = DEFAULT_DIR,
        nodes: Annotated[int, typer.Option(min=1, max=50, help="Simulated nodes.")] = 3,
        images: Annotated[bool, typer.Option(help="Build and push the image family.")] = True,
+       containerd: Annotated[str | None, typer.Option(
+           envvar=CONTAINERD_ENV, show_default=DEFAULT_CONTAINERD,
+           help=f"The nodes' containerd: one of {', '.join(CONTAINERD_PROFILES)}.")] = None,
        ) -> None:
     """Start the bed and leave it running; prints how to use it."""
     try:
-        state = TestBed(directory, nodes, seed_images=images).up()
-    except (ComponentError, MissingToolError, RuntimeError) as e:
+        state = TestBed(directory, nodes, seed_images=images, containerd=containerd).up()
+    except (ComponentError, MissingToolError, RuntimeError, ValueError) as e:
         console.print(f"[red]test bed failed to start[/]: {e}")
         raise typer.Exit(1) from None
     console.print(f"[green]test bed ready[/] in {state.ready_seconds} s "
-                  f"({len(state.nodes)} nodes, Kubernetes {state.kubernetes_version})")
+                  f"({len(state.nodes)} nodes, Kubernetes {state.kubernetes_version}, "
+                  f"containerd {state.containerd})")
     console.print(f"  export KUBECONFIG={state.kubeconfig}")
     for reg in state.registries.values():
         console.print(f"  registry {reg.flavour}: {reg.url}")

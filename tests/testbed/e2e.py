@@ -3,7 +3,8 @@
 `LayerCacheCluster` is the running product: the manifests installed, one operator and one
 agent per node, each a real process under its own ServiceAccount (`testbed.product`).
 `extra_node` brings up one more simulated node (containerd, Node object, agent) for the
-life of a `with` block, as a node joining the cluster would. The probes read what tests
+life of a `with` block, as a node joining the cluster would (`joined_node`: the same
+without the agent, on any containerd profile). The probes read what tests
 assert on: LayerCache status and Events from the apiserver, blobs, labels and ingests from
 each node's containerd through the content API.
 """
@@ -102,18 +103,17 @@ class LayerCacheCluster:
 
 
 @contextlib.contextmanager
-def extra_node(bed: BedState, cluster: LayerCacheCluster, name: str, workdir: Path
-               ) -> Iterator[NodeRecord]:
-    """One more node for the block: containerd, a Ready untainted Node, its agent.
+def joined_node(kube: Kube, bed: BedState, name: str, workdir: Path,
+                containerd: str | None = None) -> Iterator[NodeRecord]:
+    """One more node on the bed for the life of a `with` block: containerd and a Ready Node.
 
     The node is configured as the bed's own are (`testbed.bed.TestBed`): registry host
     configs for the fault proxy and every registry, then registered with a kubelet-like
-    status. Afterwards the agent and containerd stop, the Node is deleted and, once the
-    operator dropped the node's NodeLayerCache, the node's files are removed.
+    status. `containerd` is its profile (default: the bed's). Afterwards containerd stops
+    and the Node is deleted; the files under `workdir` stay.
     """
-    node = SimNode(name, workdir)
+    node = SimNode(name, workdir, containerd=containerd or bed.containerd)
     node.start(SANDBOX_IMAGE)
-    record = NodeRecord(name, str(node.socket), str(workdir))
     registered = False
     try:
         node.wait()
@@ -124,16 +124,33 @@ def extra_node(bed: BedState, cluster: LayerCacheCluster, name: str, workdir: Pa
         node.configure_registries(hosts)
         register_nodes(Path(bed.kubeconfig), [node])
         registered = True
-        cluster.start_agent(record)
-        yield record
+        yield NodeRecord(name, str(node.socket), str(workdir))
     finally:
-        cluster.stop_agent(name)
         node.stop()
         if registered:
             with contextlib.suppress(ApiException):
-                cluster.kube.core.delete_node(name)
-            wait_for(lambda: name not in node_caches(cluster.kube), 60,
-                     what=f"NodeLayerCache {name} deleted with its Node")
+                kube.core.delete_node(name)
+
+
+@contextlib.contextmanager
+def extra_node(bed: BedState, cluster: LayerCacheCluster, name: str, workdir: Path
+               ) -> Iterator[NodeRecord]:
+    """One more node for the block: `joined_node` plus its agent.
+
+    Afterwards the agent and containerd stop, the Node is deleted and, once the operator
+    dropped the node's NodeLayerCache, the node's files are removed.
+    """
+    try:
+        with joined_node(cluster.kube, bed, name, workdir) as record:
+            try:
+                cluster.start_agent(record)
+                yield record
+            finally:
+                cluster.stop_agent(name)
+        # (A node that never registered has no NodeLayerCache: the wait ends at once.)
+    finally:
+        wait_for(lambda: name not in node_caches(cluster.kube), 60,
+                 what=f"NodeLayerCache {name} deleted with its Node")
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -1,7 +1,8 @@
 """Simulated nodes: one real containerd daemon each, plus a registered `Node` object.
 
-A node is what the kubelet would leave behind for our purposes: a containerd (Debian
-1.6 + runc, with the CRI plugin) with its own root, state dir and socket, whose registry
+A node is what the kubelet would leave behind for our purposes: a containerd (with the CRI
+plugin, and runc; which build is a profile: 2.x as in kind's node image, or 1.7, see
+`testbed.paths.CONTAINERD_PROFILES`) with its own root, state dir and socket, whose registry
 host configs (`config_path`) point at the bed's registries; and a `Node` in the apiserver
 with the usual labels, addresses, capacity and `status.nodeInfo`, so DaemonSets and node
 selectors behave as in a real cluster. The node's socket path is in the annotation
@@ -15,13 +16,14 @@ import datetime
 import os
 import platform
 import subprocess
+import textwrap
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.paths import tool
+from testbed.paths import containerd_profile, containerd_tool
 from testbed.procs import Process, run
 
 #: Annotation on the Node naming its containerd socket (bed only; agents in pods mount it).
@@ -40,10 +42,23 @@ class RegistryHost:
     ca_file: Path | None = None
 
 
-def containerd_config(workdir: Path, registry_dir: Path, sandbox_image: str) -> str:
-    """The containerd 1.6 config (version 2 TOML) of a node rooted at `workdir`."""
-    return f"""\
-version = 2
+def containerd_config(workdir: Path, registry_dir: Path, sandbox_image: str, *,
+                      profile: str, runc: Path) -> str:
+    """The config of a node's containerd rooted at `workdir`, for containerd `profile`.
+
+    containerd 2.x gets its native config version 3, 1.x version 2: the settings of kind
+    v0.33.0's node config (images/base/files/etc/containerd/config.toml: overlayfs, the runc
+    v2 shim as default runtime, a pinned pause sandbox image) with our kind patch
+    (kind-config.yaml: keep layer blobs after unpack, registry host configs from
+    `config_path`) and what the bed needs instead of kind's node container: every path
+    under `workdir` (no system path, so several daemons and a system containerd coexist),
+    the pinned runc, cgroupfs (no systemd here) and `restrict_oom_score_adj` (the bed lacks
+    CAP_SYS_RESOURCE, as kind's rootless nodes do).
+
+    `runc` is the OCI runtime's path (CRI's default runtime); `registry_dir` holds the
+    per-registry `hosts.toml` files. Returns the TOML text.
+    """
+    common = f"""\
 root = "{workdir / 'root'}"
 state = "{workdir / 'state'}"
 # Snapshotters that need kernel features or devices we don't set up; overlayfs works here.
@@ -61,19 +76,61 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{workdir / 'opt'}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{sandbox_image}"
+"""
+    keep_blobs = """\
+snapshotter = "overlayfs"
+# Keep layer blobs after unpack (kind's default drops them): they are what we share.
+discard_unpacked_layers = false
+"""
+
+    def runtimes(section: str, extra: str = "") -> str:
+        """CRI's runtimes table under `section`: runc, with the given runc binary."""
+        return f"""\
+  [{section}.containerd]
+{extra}    default_runtime_name = "runc"
+    [{section}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [{section}.containerd.runtimes.runc.options]
+        BinaryName = "{runc}"
+        SystemdCgroup = false
+"""
+
+    stream = """\
   # Port 0: each daemon's CRI streaming server takes a free port.
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    # Keep layer blobs after unpack (kind's default drops them): they are what we share.
-    discard_unpacked_layers = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
+"""
+    if profile == "2":
+        images, runtime = 'plugins."io.containerd.cri.v1.images"', \
+            'plugins."io.containerd.cri.v1.runtime"'
+        return f"""\
+version = 3
+{common}[plugins."io.containerd.nri.v1.nri"]
+  socket_path = "{workdir / 'nri.sock'}"
+  plugin_path = "{workdir / 'nri' / 'plugins'}"
+  plugin_config_path = "{workdir / 'nri' / 'conf.d'}"
+[plugins."io.containerd.grpc.v1.cri"]
+{stream}[{images}]
+{textwrap.indent(keep_blobs, "  ")}  [{images}.pinned_images]
+    sandbox = "{sandbox_image}"
+  [{images}.registry]
+    config_path = "{registry_dir}"
+[{runtime}]
+  restrict_oom_score_adj = true
+{runtimes(runtime)}  [{runtime}.cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "{workdir / 'cni'}"
+"""
+    cri = 'plugins."io.containerd.grpc.v1.cri"'
+    return f"""\
+version = 2
+{common}[{cri}]
+  sandbox_image = "{sandbox_image}"
+{stream}  restrict_oom_score_adj = true
+{runtimes(cri, textwrap.indent(keep_blobs, "    "))}  [{cri}.cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{workdir / 'cni'}"
-  [plugins."io.containerd.grpc.v1.cri".registry]
+  [{cri}.registry]
     config_path = "{registry_dir}"
 """
 
@@ -105,12 +162,23 @@ def unmount_under(path: Path) -> list[str]:
 
 @dataclass
 class SimNode:
-    """One simulated node: `name`, its containerd under `workdir`, and its Node object."""
+    """One simulated node: `name`, its containerd under `workdir`, and its Node object.
+
+    `containerd` is the profile it runs (`testbed.paths.CONTAINERD_PROFILES`; by default the
+    one `LAYERCACHE_BED_CONTAINERD` names, else the bed's default).
+
+    Raises:
+        ValueError: unknown profile.
+    """
 
     name: str
     workdir: Path
     labels: Mapping[str, str] = field(default_factory=dict)
     process: Process | None = None
+    containerd: str = field(default_factory=containerd_profile)
+
+    def __post_init__(self) -> None:
+        containerd_profile(self.containerd)  # fail here, not at start
 
     @property
     def socket(self) -> Path:
@@ -129,22 +197,30 @@ class SimNode:
         registry_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "cni").mkdir(parents=True, exist_ok=True)
         config = self.workdir / "containerd.toml"
-        config.write_text(containerd_config(self.workdir, registry_dir, sandbox_image))
-        self.process = Process(f"containerd[{self.name}]",
-                               [tool("containerd"), "--config", config],
-                               self.workdir / "containerd.log").start()
+        binary = containerd_tool("containerd", self.containerd)
+        runc = containerd_tool("runc", self.containerd)
+        config.write_text(containerd_config(self.workdir, registry_dir, sandbox_image,
+                                            profile=self.containerd, runc=runc))
+        # containerd looks its shim up on PATH, and the shim its runc (`ctr run` names none):
+        # the profile's own must come before any system one.
+        path = os.pathsep.join(dict.fromkeys([str(binary.parent), str(runc.parent),
+                                              os.environ.get("PATH", os.defpath)]))
+        env = {"PATH": path}
+        self.process = Process(f"containerd[{self.name}]", [binary, "--config", config],
+                               self.workdir / "containerd.log", env=env).start()
         return self.process
 
     def wait(self, timeout: float = 30) -> None:
         """Block until containerd answers on its socket."""
         assert self.process is not None
-        ctr = tool("ctr")
+        ctr = containerd_tool("ctr", self.containerd)
         self.process.wait_ready(
             lambda: bool(run([ctr, "--address", self.socket, "version"], timeout=5)), timeout)
 
     def ctr(self, *args: str, namespace: str = "k8s.io") -> str:
         """Run `ctr` against this node's containerd (namespace `k8s.io`, the CRI one)."""
-        return run([tool("ctr"), "--address", self.socket, "--namespace", namespace, *args])
+        return run([containerd_tool("ctr", self.containerd), "--address", self.socket,
+                    "--namespace", namespace, *args])
 
     def stop(self) -> None:
         """Stop containerd and its shims, and unmount whatever it left mounted."""
@@ -189,9 +265,13 @@ class SimNode:
         }
 
 
-def containerd_version() -> str:
-    """Containerd's version as the kubelet reports it, e.g. `containerd://1.6.20`."""
-    out = run([tool("containerd"), "--version"])
+def containerd_version(profile: str | None = None) -> str:
+    """Containerd's version as the kubelet reports it, e.g. `containerd://v2.3.4`.
+
+    `containerd --version` prints `containerd <package> <version> <revision>`, the version
+    the CRI `Version` call returns (a release build's has the tag's `v`, as on kind's nodes).
+    """
+    out = run([containerd_tool("containerd", profile), "--version"])
     with contextlib.suppress(IndexError):
-        return "containerd://" + out.split()[2].split("~")[0]
+        return "containerd://" + out.split()[2]
     return "containerd://unknown"

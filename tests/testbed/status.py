@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.bed import BedState
-from testbed.paths import tool
+from testbed.paths import containerd_tool, tool
 from testbed.procs import pid_alive, run
 
 
@@ -48,7 +48,8 @@ def check(state: BedState) -> list[ComponentStatus]:
     ready_nodes = _ready_nodes(state) if ok else {}
     for node in state.nodes:
         try:
-            run([tool("ctr"), "--address", node.socket, "version"], timeout=5)
+            run([containerd_tool("ctr", state.containerd), "--address", node.socket, "version"],
+                timeout=5)
             runtime_ok, runtime = True, "containerd answers"
         except Exception as e:  # any failure of the probe means not ready
             runtime_ok, runtime = False, str(e).splitlines()[0]

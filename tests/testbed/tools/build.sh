@@ -18,11 +18,25 @@ k8s_flags="-X k8s.io/component-base/version.gitVersion=$k8s -X k8s.io/component-
 -X k8s.io/client-go/pkg/version.gitVersion=$k8s -X k8s.io/client-go/pkg/version.gitMajor=1 \
 -X k8s.io/client-go/pkg/version.gitMinor=$k8s_minor"
 
-# build MODULE LDFLAGS PACKAGE... : build PACKAGEs of tools/MODULE unless already cached.
+# build [-t TAGS] [-c CGO] [-o LINKDIR] MODULE LDFLAGS PACKAGE... : build PACKAGEs of tools/MODULE
+# with build tags TAGS and CGO_ENABLED=CGO (default: Go's) unless already cached, and link them
+# into LINKDIR (default .tools/bin).
 build() {
+  local tags="" cgo="" link="$bin" opt
+  OPTIND=1
+  while getopts "t:c:o:" opt; do
+    case $opt in t) tags=$OPTARG ;; c) cgo=$OPTARG ;; o) link=$OPTARG ;; *) return 2 ;; esac
+  done
+  shift $((OPTIND - 1))
   local module=$1 ldflags=$2; shift 2
   local dir="$here/$module" key out
-  key=$( { cat "$dir/go.mod" "$dir/go.sum"; find "$dir" -name '*.go' | sort | xargs cat; go version; echo "$ldflags $*"; } | sha256sum | cut -c1-16)
+  key=$( { cat "$dir/go.mod" "$dir/go.sum"; find "$dir" -name '*.go' | sort | xargs cat; go version
+           echo "$ldflags $*"
+           # Only options that were given join the key, so the keys of builds without them
+           # stay what they were. A cgo build also depends on the C compiler and libraries.
+           if [ -n "$tags$cgo" ]; then echo "tags=$tags cgo=$cgo"; fi
+           if [ "$cgo" = 1 ]; then "$(go env CC)" --version | head -1; pkg-config --modversion libseccomp; fi
+         } | sha256sum | cut -c1-16)
   out="$cache/tools/$module-$key"
   if [ -f "$out/.complete" ]; then
     echo "tools: $module up to date ($out)"
@@ -30,13 +44,16 @@ build() {
     echo "tools: building $module ($*)"
     local start=$SECONDS
     rm -rf "$out.partial"
-    (cd "$dir" && GOFLAGS=-buildvcs=false go build -trimpath -ldflags "-s -w $ldflags" -o "$out.partial/" "$@")
+    (cd "$dir" && if [ -n "$cgo" ]; then export CGO_ENABLED=$cgo; fi
+     GOFLAGS=-buildvcs=false go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" \
+       -o "$out.partial/" "$@")
     touch "$out.partial/.complete"
     rm -rf "$out" && mv "$out.partial" "$out"
     echo "tools: built $module in $((SECONDS - start)) s"
   fi
+  mkdir -p "$link"
   local f
-  for f in "$out"/*; do ln -sfn "$f" "$bin/$(basename "$f")"; done
+  for f in "$out"/*; do ln -sfn "$f" "$link/$(basename "$f")"; done
 }
 
 build kubernetes "$k8s_flags" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
@@ -45,3 +62,21 @@ build etcd "" ./cmd/etcd
 build helm "" helm.sh/helm/v3/cmd/helm
 build cri-tools "-X sigs.k8s.io/cri-tools/pkg/version.Version=1.37.0" sigs.k8s.io/cri-tools/cmd/crictl
 build kind "" sigs.k8s.io/kind
+
+# Node runtimes, as kind v0.33.0's base image builds them (images/base/Dockerfile):
+# containerd v2.3.4 with its build tags (no aufs, zfs, btrfs or devmapper snapshotters) and
+# runc v1.4.3 with runc's default tags (seccomp, so libseccomp-dev). kind builds containerd
+# with cgo; nothing left after those tags needs it, so it is off here (no C toolchain in the
+# key); runc cannot go without cgo (its nsenter is C).
+containerd_tags="urfave_cli_no_docs no_aufs no_zfs no_btrfs no_devmapper"
+build -c 0 -t "$containerd_tags" containerd \
+  "-X github.com/containerd/containerd/v2/version.Version=v2.3.4" \
+  github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr \
+  github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
+build -c 1 -t "seccomp urfave_cli_no_docs" runc "" github.com/opencontainers/runc
+# The second profile, containerd 1.7 (its latest patch release), built the same way into its
+# own directory (LAYERCACHE_BED_CONTAINERD=1.7 selects it; it shares runc).
+build -c 0 -t "$containerd_tags" -o "$repo/.tools/containerd-1.7/bin" containerd-1.7 \
+  "-X github.com/containerd/containerd/version.Version=v1.7.35" \
+  github.com/containerd/containerd/cmd/containerd github.com/containerd/containerd/cmd/ctr \
+  github.com/containerd/containerd/cmd/containerd-shim-runc-v2
