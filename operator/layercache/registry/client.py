@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -33,7 +33,7 @@ from typing import Final
 import httpx
 
 from layercache import __version__
-from layercache.reference import Reference
+from layercache.reference import Reference, parse_registry_hosts
 from layercache.registry.auth import Authenticator, repository_scope
 from layercache.registry.credentials import Keyring
 from layercache.registry.errors import (
@@ -46,7 +46,7 @@ from layercache.registry.errors import (
 )
 from layercache.registry.retry import RetryPolicy, parse_retry_after
 
-__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped"]
+__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "registry_options"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,29 @@ class RegistryOptions:
             raise ValueError("max_concurrency must be at least 1")
 
 
+def registry_options(
+    insecure: str | Iterable[str] = (),
+    *,
+    ca_file: Path | None = None,
+    max_concurrency: int = 8,
+) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
+    """`RegistryClient`'s ``registries`` and ``default`` from what a user configures.
+
+    ``insecure``: registry hosts spoken to in plain HTTP, as comma-separated text or a list
+    of such (``LAYERCACHE_INSECURE_REGISTRIES``, ``--insecure-registry``), canonicalised by
+    `layercache.reference.parse_registry_hosts` so ``Reg.Example:05000`` matches images of
+    ``reg.example:5000``. ``ca_file`` is trusted for every other registry.
+
+    Raises:
+        InvalidReferenceError: an insecure entry is not a registry host.
+
+    """
+    hosts = parse_registry_hosts(insecure)
+    return ({host: RegistryOptions(insecure=True, max_concurrency=max_concurrency)
+             for host in hosts},
+            RegistryOptions(ca_file=ca_file, max_concurrency=max_concurrency))
+
+
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
     # httpx's default trust (certifi, SSL_CERT_FILE/SSL_CERT_DIR) plus the registry's CA.
     context = httpx.create_ssl_context()
@@ -100,7 +123,9 @@ class RegistryClient:
     ``keyring`` supplies credentials by registry host (None: anonymous). ``registries``
     maps a registry key (`Reference.registry`, e.g. ``127.0.0.1:5000``) to its options;
     others get ``default``. ``timeout`` is httpx's (seconds). ``retry`` is the per-request
-    retry policy. ``transport`` replaces the network (tests: ``httpx.MockTransport``).
+    retry policy. ``transport`` replaces the network (tests: ``httpx.MockTransport``);
+    ``transport_factory`` instead builds one transport per trust profile from its TLS
+    context (the agent's `layercache.registry.mirrors.MirrorTransport`).
     """
 
     def __init__(
@@ -112,6 +137,7 @@ class RegistryClient:
         retry: RetryPolicy | None = None,
         timeout: httpx.Timeout | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        transport_factory: Callable[[ssl.SSLContext], httpx.AsyncBaseTransport] | None = None,
     ) -> None:
         self.auth = Authenticator(keyring)
         self.retry = retry or RetryPolicy()
@@ -119,6 +145,7 @@ class RegistryClient:
         self._default = default or RegistryOptions()
         self._timeout = timeout or httpx.Timeout(30.0, connect=10.0, read=60.0)
         self._transport = transport
+        self._transport_factory = transport_factory
         self._clients: dict[Path | None, httpx.AsyncClient] = {}
         self._semaphores: dict[str, asyncio.Semaphore] = {}
 
@@ -156,6 +183,9 @@ class RegistryClient:
                 raise RegistryConfigError(
                     f"{registry}: cannot load CA file {ca_file}: {exc}"
                 ) from None
+            transport = self._transport
+            if transport is None and self._transport_factory is not None:
+                transport = self._transport_factory(context)
             client = httpx.AsyncClient(
                 verify=context,
                 timeout=self._timeout,
@@ -163,7 +193,7 @@ class RegistryClient:
                 # identity: blob bytes must arrive as stored, or digests and Range break.
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-                transport=self._transport,
+                transport=transport,
             )
             self._clients[ca_file] = client
         return client
