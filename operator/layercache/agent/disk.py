@@ -110,11 +110,12 @@ class DiskGuard:
             floor, why = self.floor(state.total)
             left = state.available - self.reserved - size
             if left < floor:
+                # The reason first: status keeps only the start of a long message.
                 raise DiskPressureError(
                     "DiskPressure",
-                    f"{state.path}: {state.available} of {state.total} bytes free; fetching "
-                    f"{size} more (with {self.reserved} reserved) would leave under "
-                    f"{floor} bytes ({floor / max(state.total, 1):.1%}) free: {why}")
+                    f"floor {floor / max(state.total, 1):.1%} free ({floor} bytes), from "
+                    f"{why}: fetching {size} bytes (with {self.reserved} reserved) would "
+                    f"cross it on {state.path} ({state.available} of {state.total} free)")
             self.reserved += size
 
     def floor(self, total: int) -> tuple[int, str]:
