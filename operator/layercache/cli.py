@@ -146,7 +146,11 @@ def plan_command(
     ] = OutputFormat.table,
     insecure_registry: Annotated[
         list[str] | None,
-        typer.Option("--insecure-registry", help="Registry HOST[:PORT] to reach by plain HTTP."),
+        typer.Option(
+            "--insecure-registry",
+            envvar="LAYERCACHE_INSECURE_REGISTRIES",
+            help="Registry HOST[:PORT] to reach by plain HTTP (repeat, or comma-separate).",
+        ),
     ] = None,
     ca_file: Annotated[
         Path | None,
@@ -167,8 +171,10 @@ def plan_command(
 ) -> None:
     """Resolve IMAGEs, show the layers they share and the savings for N empty nodes."""
     # The registry client (httpx, h2) loads only for this command: `status` starts faster.
-    from layercache.registry import DockerConfig, Keyring, RegistryOptions
-    from layercache.registry.credentials import InvalidDockerConfigError, registry_key
+    from layercache.reference import InvalidReferenceError
+    from layercache.registry import DockerConfig, Keyring
+    from layercache.registry.client import registry_options
+    from layercache.registry.credentials import InvalidDockerConfigError
 
     err = Console(stderr=True)
     logging.basicConfig(
@@ -192,11 +198,15 @@ def plan_command(
     if not references:
         err.print("[red]error:[/red] no images given (arguments or --file)", highlight=False)
         raise typer.Exit(2)
-    options = {
-        registry_key(host): RegistryOptions(insecure=True, max_concurrency=concurrency)
-        for host in insecure_registry or []
-    }
-    default = RegistryOptions(ca_file=ca_file, max_concurrency=concurrency)
+    try:
+        options, default = registry_options(
+            insecure_registry or [], ca_file=ca_file, max_concurrency=concurrency
+        )
+    except InvalidReferenceError as exc:
+        err.print(f"[red]error:[/red] --insecure-registry (LAYERCACHE_INSECURE_REGISTRIES): "
+                  f"{escape(str(exc))}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     resolved, failures = asyncio.run(
         _resolve_all(references, wanted, keyring, options, default, err)
     )

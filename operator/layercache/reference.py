@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -44,6 +45,8 @@ __all__ = [
     "InvalidReferenceError",
     "Reference",
     "parse_reference",
+    "parse_registry_host",
+    "parse_registry_hosts",
 ]
 
 DOCKER_HUB: Final = "docker.io"
@@ -180,6 +183,52 @@ def parse_reference(text: str) -> Reference:
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return Reference(registry=registry, repository=path, tag=tag, digest=digest)
+
+
+def parse_registry_host(text: str) -> str:
+    """The canonical registry key of ``host[:port]``, as `parse_reference` gives it.
+
+    ``Reg.Example:05000`` → ``reg.example:5000``; ``index.docker.io`` → ``docker.io``;
+    ``[::1]:5000`` stays; an ``http://`` or ``https://`` prefix is dropped. The host must be
+    one an image reference can name as its registry (it contains ``.`` or ``:``, or is
+    ``localhost``): any other first component is a Docker Hub path, so an entry like
+    ``registry`` could never match an image.
+
+    Raises:
+        InvalidReferenceError: part ``registry`` or ``port``, naming the entry.
+
+    """
+    host = text.strip()
+    for scheme in ("http://", "https://"):  # as some users write a registry: dropped
+        if host.lower().startswith(scheme):
+            host = host[len(scheme):].removesuffix("/")
+    if not host:
+        raise InvalidReferenceError(text, "registry", "empty")
+    if "/" in host or "@" in host:
+        raise InvalidReferenceError(text, "registry", "a registry is host[:port], no path")
+    if host.lower() != "localhost" and "." not in host and ":" not in host:
+        raise InvalidReferenceError(
+            text, "registry", f"{host!r} is no registry host: an image reference names one "
+            "only with a '.' or ':' in it, or 'localhost' (else it is a Docker Hub path)")
+    return _canonical_registry(text, host)
+
+
+def parse_registry_hosts(values: str | Iterable[str]) -> tuple[str, ...]:
+    """Registry keys from comma-separated lists of ``host[:port]`` (blanks ignored).
+
+    One parser for every list of registry hosts a user gives (``--insecure-registry``,
+    ``LAYERCACHE_INSECURE_REGISTRIES``): each entry is canonicalised by
+    `parse_registry_host`, so it matches `Reference.registry` however it was written.
+    Order kept, duplicates dropped.
+
+    Raises:
+        InvalidReferenceError: an entry is not a registry host.
+
+    """
+    items = [values] if isinstance(values, str) else list(values)
+    found = [parse_registry_host(entry) for item in items for entry in item.split(",")
+             if entry.strip()]
+    return tuple(dict.fromkeys(found))
 
 
 def _parse_digest(text: str, digest_text: str) -> Digest:

@@ -6,13 +6,20 @@ Logged once at start-up (`summary()`), never with a secret in it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from layercache.registry.client import RegistryOptions
+from layercache.reference import parse_registry_hosts
+from layercache.registry.client import RegistryOptions, registry_options
 
-__all__ = ["OperatorSettings"]
+__all__ = ["OperatorSettings", "RegistryHosts"]
+
+#: A comma-separated list of registry hosts, canonicalised when read (``Reg.Example:05000``
+#: → ``reg.example:5000``) by the one parser `plan`, the operator and the agent share; an
+#: entry that is no registry host fails start-up naming the variable and the entry.
+RegistryHosts = Annotated[str, AfterValidator(lambda v: ",".join(parse_registry_hosts(v)))]
 
 
 class OperatorSettings(BaseSettings):
@@ -31,7 +38,7 @@ class OperatorSettings(BaseSettings):
         "layercache-peer-token", description="Secret (in `namespace`) with the agents' token.")
     metrics_port: int = Field(8080, description="Prometheus metrics port (0: off).")
     health_port: int = Field(8081, description="Liveness endpoint port (kopf's /healthz).")
-    insecure_registries: str = Field(
+    insecure_registries: RegistryHosts = Field(
         "", description="Comma-separated registry hosts (host:port) spoken to over plain "
                         "HTTP, e.g. a local registry; the same variable the agent reads.")
     registry_ca_file: Path | None = Field(
@@ -49,9 +56,7 @@ class OperatorSettings(BaseSettings):
 
     def registry_options(self) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
         """Per-registry options for insecure hosts, and the default for all others."""
-        default = RegistryOptions(ca_file=self.registry_ca_file)
-        hosts = [h.strip() for h in self.insecure_registries.split(",") if h.strip()]
-        return {h: RegistryOptions(insecure=True) for h in hosts}, default
+        return registry_options(self.insecure_registries, ca_file=self.registry_ca_file)
 
     def summary(self) -> str:
         """One line for the start-up log (no secrets: there are none in settings)."""

@@ -24,10 +24,11 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from layercache.kube import GROUP, LC_PLURAL, NLC_PLURAL, VERSION
+from layercache.kubeclient import api_client, uses_kubeconfig
 
 __all__ = ["StatusApi", "StatusApiError"]
 
-#: Seconds any one request may take (connect + read).
+#: Seconds any one read may wait (a person is waiting; the factory bounds connecting too).
 REQUEST_TIMEOUT: Final = 15.0
 SERVICE_ACCOUNT_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -43,15 +44,6 @@ class StatusApiError(RuntimeError):
         self.status = status
 
 
-def _kubeconfig_exists(path: Path | None) -> bool:
-    if path is not None:
-        return True
-    listed = os.environ.get("KUBECONFIG", "")
-    if listed:
-        return True
-    return (Path.home() / ".kube" / "config").is_file()
-
-
 class StatusApi:
     """A read-only client for LayerCache status; see the module docstring for how it connects.
 
@@ -63,21 +55,16 @@ class StatusApi:
     def __init__(self, kubeconfig: Path | None = None, context: str | None = None) -> None:
         self.default_namespace = "default"
         try:
-            if _kubeconfig_exists(kubeconfig) or context is not None:
+            self.api: Any = api_client(kubeconfig, context, timeout=REQUEST_TIMEOUT)
+            if uses_kubeconfig(kubeconfig, context):
                 file = str(kubeconfig) if kubeconfig is not None else None
-                self.api: Any = _config.new_client_from_config(config_file=file,
-                                                               context=context)
                 contexts, current = _config.list_kube_config_contexts(file)
                 chosen = next((c for c in contexts if c.get("name") == context), current) \
                     if context is not None else current
                 namespace = ((chosen or {}).get("context") or {}).get("namespace")
                 self.default_namespace = namespace or "default"
-            else:
-                configuration = client.Configuration()
-                _config.load_incluster_config(client_configuration=configuration)
-                self.api = client.ApiClient(configuration)
-                if SERVICE_ACCOUNT_NAMESPACE.is_file():
-                    self.default_namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+            elif SERVICE_ACCOUNT_NAMESPACE.is_file():
+                self.default_namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
         except (ConfigException, OSError, ValueError) as error:
             where = f"kubeconfig {kubeconfig}" if kubeconfig else (
                 "$KUBECONFIG" if os.environ.get("KUBECONFIG") else "the kubeconfig")
@@ -93,7 +80,7 @@ class StatusApi:
 
     def _call(self, what: str, method: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
-            result: dict[str, Any] = method(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+            result: dict[str, Any] = method(*args, **kwargs)
         except ApiException as error:
             raise StatusApiError(_explain(what, error), error.status) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:

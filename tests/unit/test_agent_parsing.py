@@ -90,8 +90,9 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.peer_advertise_address == "10.0.0.7"
     assert settings.insecure_hosts == ("a:5000", "b:5001")
     assert settings.max_bytes_per_second == 1_000_000
+    # min_free_percent: unset, the kubelet's thresholds set the floor (issue 10).
     assert (settings.concurrency, settings.peer_wait_seconds, settings.min_free_percent) == (
-        4, 120.0, 10.0)
+        4, 120.0, None)
     assert settings.registry_secret == "layercache-registry-credentials"
     assert settings.describe()["node_name"] == "worker-1"
     with pytest.raises(ValueError, match="frozen"):

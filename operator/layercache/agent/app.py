@@ -33,6 +33,7 @@ from layercache.agent.disk import DiskGuard
 from layercache.agent.fetch import FetchConfig, LayerFetcher
 from layercache.agent.images import ImagePuller
 from layercache.agent.kubeapi import AgentKube, Obj, OwnObjectWatch
+from layercache.agent.kubelet import read_kubelet_disk
 from layercache.agent.nodeinfo import NodeInfo
 from layercache.agent.nodespec import Counters, parse_node_spec
 from layercache.agent.peers import PeerClient, PeerDirectory
@@ -45,8 +46,9 @@ from layercache.agent.transfer import ByteRate
 from layercache.containerd.content import ContentStore
 from layercache.containerd.cri import CRIImages
 from layercache.metrics import AgentGauges, AgentMetrics
-from layercache.registry.client import RegistryClient, RegistryOptions
+from layercache.registry.client import RegistryClient, registry_options
 from layercache.registry.hosts import RegistryHosts
+from layercache.registry.mirrors import HostsDirectory, MirrorTransport
 
 __all__ = ["run_agent"]
 
@@ -91,13 +93,17 @@ class Agent:
         self.store = ContentStore(settings.containerd_socket, settings.containerd_namespace)
         self.cri = CRIImages(settings.containerd_socket, channel=self.store.channel)
         self.node_info = NodeInfo()
-        self.disk = DiskGuard(self._image_fs, settings.min_free_percent)
+        self.disk = DiskGuard(self._image_fs, settings.min_free_percent or 0.0,
+                              read_kubelet_disk(settings.kubelet_config))
+        registries, default = registry_options(settings.insecure_registries,
+                                               ca_file=settings.registry_ca_file)
+        # Upstream fetches take the hosts (mirrors) the node's containerd pulls through.
+        hosts = HostsDirectory(settings.registry_config_path)
         self.registry = RegistryClient(
-            keyring=LiveKeyring(self.secrets),
-            registries={host: RegistryOptions(insecure=True)
-                        for host in settings.insecure_hosts},
-            default=RegistryOptions(ca_file=settings.registry_ca_file),
-            hosts=RegistryHosts(self.metrics.registry_requests.request))
+            keyring=LiveKeyring(self.secrets), registries=registries, default=default,
+            hosts=RegistryHosts(self.metrics.registry_requests.request),
+            transport_factory=(lambda tls: MirrorTransport(hosts, tls)) if hosts.roots
+            else None)
         self.peers = PeerClient(lambda: self.secrets.token)
         self.runners: list[Any] = []
 

@@ -4,8 +4,10 @@ The image filesystem is where containerd keeps content and snapshots; CRI ``Imag
 names its mount point (containerd: the snapshotter directory under its root, which holds
 the content store too on a standard install). `DiskGuard.reserve` reads ``os.statvfs``
 there and refuses a fetch when the space left after it — and after every fetch still
-running, whose remaining bytes are reserved — would fall under ``min_free_percent`` of the
-filesystem. The Node's ``DiskPressure`` condition (set by the kubelet's eviction manager)
+running, whose remaining bytes are reserved — would fall under the floor: the kubelet's own
+disk thresholds on this node plus a margin (`layercache.agent.kubelet`), so a fetch never
+brings the node to an eviction, or ``min_free_percent`` of the filesystem when that is
+higher. The Node's ``DiskPressure`` condition (set by the kubelet's eviction manager)
 stops fetching as well. When the mount point cannot be examined, fetching stops too:
 unknown free space is not free space.
 """
@@ -18,6 +20,8 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from layercache.agent.kubelet import KubeletDisk
 
 __all__ = ["DiskGuard", "DiskPressureError", "DiskState"]
 
@@ -45,13 +49,17 @@ class DiskGuard:
     """Reserves room on the image filesystem for fetches.
 
     ``locate`` finds the path to examine (CRI ImageFsInfo's mount point, or a configured
-    path); ``min_free_percent`` (0 to 100) is the share of the filesystem that must stay free.
-    `node_pressure` is set from the Node's ``DiskPressure`` condition by the caller.
+    path); ``min_free_percent`` (0 to 100) is the share of the filesystem that must stay
+    free; ``kubelet`` the kubelet's thresholds, which raise that floor (None: not known,
+    only ``min_free_percent`` counts). `node_pressure` is set from the Node's
+    ``DiskPressure`` condition by the caller.
     """
 
-    def __init__(self, locate: Callable[[], Awaitable[Path]], min_free_percent: float) -> None:
+    def __init__(self, locate: Callable[[], Awaitable[Path]], min_free_percent: float = 0.0,
+                 kubelet: KubeletDisk | None = None) -> None:
         self.locate = locate
         self.min_free_percent = min_free_percent
+        self.kubelet = kubelet
         self.node_pressure = False
         #: The last refusal, until a reservation succeeds again.
         self.refusal: DiskPressureError | None = None
@@ -99,15 +107,26 @@ class DiskGuard:
                                     "the Node reports DiskPressure: fetching stopped")
         async with self._lock:
             state = await self.state()
-            floor = state.total * self.min_free_percent / 100
+            floor, why = self.floor(state.total)
             left = state.available - self.reserved - size
             if left < floor:
+                # The reason first: status keeps only the start of a long message.
                 raise DiskPressureError(
                     "DiskPressure",
-                    f"{state.path}: {state.available} of {state.total} bytes free; fetching "
-                    f"{size} more (with {self.reserved} reserved) would leave under "
-                    f"{self.min_free_percent:g} % free")
+                    f"floor {floor / max(state.total, 1):.1%} free ({floor} bytes), from "
+                    f"{why}: fetching {size} bytes (with {self.reserved} reserved) would "
+                    f"cross it on {state.path} ({state.available} of {state.total} free)")
             self.reserved += size
+
+    def floor(self, total: int) -> tuple[int, str]:
+        """Free bytes every fetch must leave on a filesystem of ``total`` bytes, and why."""
+        floor = int(total * self.min_free_percent / 100)
+        why = f"LAYERCACHE_MIN_FREE_PERCENT={self.min_free_percent:g}"
+        if self.kubelet is not None:
+            kubelet, kubelet_why = self.kubelet.floor(total)
+            if kubelet >= floor:
+                floor, why = kubelet, kubelet_why
+        return floor, why
 
     def release(self, size: int) -> None:
         """Give back ``size`` bytes reserved by `reserve` (the fetch ended)."""

@@ -19,11 +19,12 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from layercache.agent.nodespec import GROUP, PLURAL, VERSION
 from layercache.agent.settings import AgentSettings
+from layercache.kubeclient import api_client
 
 __all__ = ["AgentKube", "OwnObjectWatch"]
 
@@ -31,26 +32,15 @@ log = logging.getLogger(__name__)
 
 #: Seconds the apiserver keeps one watch request open before we start the next.
 WATCH_SECONDS: Final = 300
-#: Seconds any one non-watch request may take.
-REQUEST_TIMEOUT: Final = 30.0
 _MERGE_PATCH: Final = "application/merge-patch+json"
 
 Obj = dict[str, Any]
 
 
-# The kubernetes client's configuration and watch helpers carry no annotations, and its
-# generated APIs return ``object`` for custom objects: they are held as Any here, and what
-# they return is checked where it is used.
-_config: Any = config
+# The kubernetes client's watch helpers carry no annotations, and its generated APIs return
+# ``object`` for custom objects: they are held as Any here, and what they return is checked
+# where it is used.
 _watch: Any = watch
-
-
-def _api_client(settings: AgentSettings) -> Any:
-    if settings.kubeconfig is not None:
-        return _config.new_client_from_config(config_file=str(settings.kubeconfig))
-    configuration = client.Configuration()
-    _config.load_incluster_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
 
 
 class AgentKube:
@@ -59,7 +49,8 @@ class AgentKube:
     def __init__(self, settings: AgentSettings) -> None:
         self.node = settings.node_name
         self.namespace = settings.namespace
-        self.api: Any = _api_client(settings)
+        # Deadlines on every request (a watch: its timeoutSeconds and then some).
+        self.api: Any = api_client(settings.kubeconfig)
         self.custom: Any = client.CustomObjectsApi(self.api)
         self.core: Any = client.CoreV1Api(self.api)
 
@@ -70,8 +61,7 @@ class AgentKube:
     def list_own(self) -> tuple[Obj | None, str]:
         """Blocking: this node's NodeLayerCache (None when absent) and the list's version."""
         listing: Obj = self.custom.list_cluster_custom_object(
-            GROUP, VERSION, PLURAL, field_selector=f"metadata.name={self.node}",
-            _request_timeout=REQUEST_TIMEOUT)
+            GROUP, VERSION, PLURAL, field_selector=f"metadata.name={self.node}")
         items = listing.get("items") or []
         return (items[0] if items else None), str(listing["metadata"]["resourceVersion"])
 
@@ -85,7 +75,7 @@ class AgentKube:
         def get() -> Obj | None:
             try:
                 found: Obj = self.custom.get_cluster_custom_object(
-                    GROUP, VERSION, PLURAL, node, _request_timeout=REQUEST_TIMEOUT)
+                    GROUP, VERSION, PLURAL, node)
             except ApiException as error:
                 if error.status == 404:
                     return None
@@ -103,8 +93,7 @@ class AgentKube:
         """
         await asyncio.to_thread(
             self.custom.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, self.node,
-            {"status": dict(status)}, _content_type=_MERGE_PATCH,
-            _request_timeout=REQUEST_TIMEOUT)
+            {"status": dict(status)}, _content_type=_MERGE_PATCH)
 
     async def get_node(self) -> Obj | None:
         """This node's Node object as a dict, or None when absent.
@@ -115,7 +104,7 @@ class AgentKube:
         """
         def get() -> Obj | None:
             try:
-                node = self.core.read_node(self.node, _request_timeout=REQUEST_TIMEOUT)
+                node = self.core.read_node(self.node)
             except ApiException as error:
                 if error.status == 404:
                     return None
@@ -136,8 +125,7 @@ class AgentKube:
         """
         def get() -> dict[str, str] | None:
             try:
-                secret = self.core.read_namespaced_secret(name, self.namespace,
-                                                          _request_timeout=REQUEST_TIMEOUT)
+                secret = self.core.read_namespaced_secret(name, self.namespace)
             except ApiException as error:
                 if error.status == 404:
                     return None

@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from layercache.settings import RegistryHosts
+
 __all__ = ["AgentSettings"]
 
 
@@ -53,9 +55,16 @@ class AgentSettings(BaseSettings):
         120.0, ge=0, description="How long a Peer layer waits for a peer (s) before upstream.")
     peer_poll_seconds: float = Field(
         2.0, gt=0, description="First wait between peer HEAD probes (s); grows to 5x, jittered.")
-    min_free_percent: float = Field(
-        10.0, ge=0, le=100,
-        description="Fetch only while the image filesystem keeps this much free after it (%).")
+    min_free_percent: float | None = Field(
+        None, ge=0, le=100,
+        description="Fetch only while the image filesystem keeps this much free after it (%); "
+                    "never below the kubelet's own disk thresholds + 5 points, which are "
+                    "the floor when unset (kubelet defaults: 20 %).")
+    kubelet_config: Path | None = Field(
+        Path("/var/lib/kubelet/config.yaml"),
+        description="The kubelet's KubeletConfiguration file (evictionHard/evictionSoft "
+                    "imagefs.available, nodefs.available, imageGCHighThresholdPercent); "
+                    "missing or unset: the kubelet's defaults.")
     image_fs_path: Path | None = Field(
         None, description="Path on the image filesystem to check; unset: CRI ImageFsInfo's.")
     registry_secret: str = Field(
@@ -66,10 +75,15 @@ class AgentSettings(BaseSettings):
         "layercache-peer-token", description="Secret whose key 'token' authenticates agents.")
     secret_refresh_seconds: float = Field(
         60.0, gt=0, description="Interval between re-reads of both Secrets (s).")
-    insecure_registries: str = Field(
+    insecure_registries: RegistryHosts = Field(
         "", description="Registry hosts (host:port) spoken to in plain HTTP; comma-separated.")
     registry_ca_file: Path | None = Field(
         None, description="Extra CA certificates (PEM) trusted for registries.")
+    registry_config_path: str = Field(
+        "/etc/containerd/certs.d",
+        description="The node containerd's registry config_path (':'-separated): upstream "
+                    "fetches follow its hosts.toml mirrors, CAs and skip_verify as "
+                    "containerd does; empty: straight to each registry.")
     status_interval_seconds: float = Field(
         2.0, gt=0, description="Least time between two status patches while busy (s).")
     resync_seconds: float = Field(
@@ -92,8 +106,8 @@ class AgentSettings(BaseSettings):
 
     @property
     def insecure_hosts(self) -> tuple[str, ...]:
-        """`insecure_registries` as a tuple of ``host:port`` keys."""
-        return tuple(h.strip() for h in self.insecure_registries.split(",") if h.strip())
+        """`insecure_registries` as a tuple of canonical ``host:port`` keys."""
+        return tuple(h for h in self.insecure_registries.split(",") if h)
 
     def describe(self) -> dict[str, Any]:
         """Every setting as plain JSON values, for the single start-up log line."""

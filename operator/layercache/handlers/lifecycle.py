@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 from prometheus_client import REGISTRY
 
+from layercache import kubeclient
 from layercache.kube import KubeApi
 from layercache.leadership import is_active
 from layercache.reconciler import Reconciler
@@ -25,12 +26,11 @@ LEADERSHIP_POLL_SECONDS = 5.0
 
 
 def api_client() -> client.ApiClient:
-    """A kubernetes ApiClient: in-cluster when in a Pod, else the kubeconfig ($KUBECONFIG)."""
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    """The operator's ApiClient: $KUBECONFIG or ~/.kube/config if any, else in-cluster.
+
+    Built by `layercache.kubeclient.api_client`, so every call has a deadline.
+    """
+    return kubeclient.api_client()
 
 
 @kopf.on.startup()
@@ -45,6 +45,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
                                  else secrets.randbelow(1_000_000) + 1)
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
+    # kopf's own API calls (its aiohttp client): deadlines too, as for ours (kubeclient).
+    settings.networking.connect_timeout = kubeclient.CONNECT_TIMEOUT
+    settings.networking.request_timeout = kubeclient.REQUEST_TIMEOUT
+    settings.watching.client_timeout = 300 + kubeclient.REQUEST_TIMEOUT
     api = api_client()
     kube = KubeApi(api)
     await asyncio.to_thread(kube.ensure_peer_token, ours.namespace, ours.peer_token_secret)

@@ -31,7 +31,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -39,7 +39,7 @@ from typing import Final
 import httpx
 
 from layercache import __version__
-from layercache.reference import Reference
+from layercache.reference import Reference, parse_registry_hosts
 from layercache.registry.auth import Authenticator, repository_scope
 from layercache.registry.credentials import Keyring
 from layercache.registry.errors import (
@@ -53,7 +53,8 @@ from layercache.registry.errors import (
 from layercache.registry.hosts import HostState, RegistryHosts
 from layercache.registry.retry import RetryPolicy, parse_retry_after
 
-__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "redact_url_queries"]
+__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "redact_url_queries",
+           "registry_options"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,29 @@ class RegistryOptions:
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+
+
+def registry_options(
+    insecure: str | Iterable[str] = (),
+    *,
+    ca_file: Path | None = None,
+    max_concurrency: int = 8,
+) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
+    """`RegistryClient`'s ``registries`` and ``default`` from what a user configures.
+
+    ``insecure``: registry hosts spoken to in plain HTTP, as comma-separated text or a list
+    of such (``LAYERCACHE_INSECURE_REGISTRIES``, ``--insecure-registry``), canonicalised by
+    `layercache.reference.parse_registry_hosts` so ``Reg.Example:05000`` matches images of
+    ``reg.example:5000``. ``ca_file`` is trusted for every other registry.
+
+    Raises:
+        InvalidReferenceError: an insecure entry is not a registry host.
+
+    """
+    hosts = parse_registry_hosts(insecure)
+    return ({host: RegistryOptions(insecure=True, max_concurrency=max_concurrency)
+             for host in hosts},
+            RegistryOptions(ca_file=ca_file, max_concurrency=max_concurrency))
 
 
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -145,7 +169,9 @@ class RegistryClient:
     retry policy; its ``max_retry_after`` is also the longest a request waits for a
     rate-limited host before it fails with `RateLimitedError`. ``hosts`` is the per-host
     state to share with other clients of the process (default: this client's own).
-    ``transport`` replaces the network (tests: ``httpx.MockTransport``).
+    ``transport`` replaces the network (tests: ``httpx.MockTransport``);
+    ``transport_factory`` instead builds one transport per trust profile from its TLS
+    context (the agent's `layercache.registry.mirrors.MirrorTransport`).
     """
 
     def __init__(
@@ -158,6 +184,7 @@ class RegistryClient:
         timeout: httpx.Timeout | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         hosts: RegistryHosts | None = None,
+        transport_factory: Callable[[ssl.SSLContext], httpx.AsyncBaseTransport] | None = None,
     ) -> None:
         self.auth = Authenticator(keyring)
         self.retry = retry or RetryPolicy()
@@ -165,6 +192,7 @@ class RegistryClient:
         self._default = default or RegistryOptions()
         self._timeout = timeout or httpx.Timeout(30.0, connect=10.0, read=60.0)
         self._transport = transport
+        self._transport_factory = transport_factory
         self._clients: dict[Path | None, httpx.AsyncClient] = {}
         self.hosts = hosts if hosts is not None else RegistryHosts()
 
@@ -202,6 +230,9 @@ class RegistryClient:
                 raise RegistryConfigError(
                     f"{registry}: cannot load CA file {ca_file}: {exc}"
                 ) from None
+            transport = self._transport
+            if transport is None and self._transport_factory is not None:
+                transport = self._transport_factory(context)
             client = httpx.AsyncClient(
                 verify=context,
                 timeout=self._timeout,
@@ -209,7 +240,7 @@ class RegistryClient:
                 # identity: blob bytes must arrive as stored, or digests and Range break.
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-                transport=self._transport,
+                transport=transport,
             )
             self._clients[ca_file] = client
         return client
