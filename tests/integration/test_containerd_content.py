@@ -397,7 +397,13 @@ async def test_cri_pull_after_writing_the_layers_fetches_only_manifest_and_confi
         assert found is not None and found.id == image_ref and reference in found.repo_tags
         assert image_ref in {listed.id for listed in await cri.list()}
         assert [i.id for i in await cri.list(reference)] == [image_ref]
+        # containerd 2.x's CRI reports image-filesystem usage from a snapshot-usage sync
+        # that runs every `stats_collect_period` (10 s): right after a pull it may still be 0.
+        deadline = asyncio.get_running_loop().time() + 30
         usage = await cri.fs_info()
+        while usage.used_bytes == 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(1)
+            usage = await cri.fs_info()
         assert usage.used_bytes > 0 and usage.inodes_used > 0
         assert usage.mountpoint == str(cri_node.workdir / "root"
                                        / "io.containerd.snapshotter.v1.overlayfs")
