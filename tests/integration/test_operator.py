@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.bed import BedState
@@ -284,7 +285,13 @@ def test_images_from_uses_the_pods_service_account_pull_secrets(
     assert degraded.get("status") == "False", degraded
     # The credentials were copied for the agents under this cache's key, and nowhere else.
     def copied() -> dict[str, Any] | None:
-        secret = kube.core.read_namespaced_secret("layercache-registry-credentials", NAMESPACE)
+        try:
+            secret = kube.core.read_namespaced_secret("layercache-registry-credentials",
+                                                      NAMESPACE)
+        except ApiException as e:  # between the operator's delete and its re-create
+            if e.status == 404:
+                return None
+            raise
         if secret.type != "Opaque":
             return None
         found: dict[str, Any] = json.loads(base64.b64decode(secret.data["caches.json"]))
