@@ -25,86 +25,35 @@ from layercache.containerd.errors import ContainerdError, NotFound, Unavailable
 from layercache.containerd.ingest import (
     CHUNK_BYTES,
     ContentDigestMismatchError,
-    ResumableSource,
     SourceSizeError,
 )
 from layercache.containerd.labels import GC_ROOT_LABEL, MANAGED_BY_LABEL, cache_label
 from layercache.containerd.leases import LeaseResource, Leases
 from layercache.digest import Digest, DigestMismatchError
-from testbed.faultproxy import FaultProxy, start_fault_proxy
-from testbed.images import Family, build_family, push_family
+from testbed.contract import collect_garbage, memory_source, running_node
+from testbed.faultproxy import FaultProxy
+from testbed.images import Family
 from testbed.nodes import RegistryHost, SimNode
-from testbed.paths import CONTRACT_CONTAINERD
-from testbed.registry import start_registry
 
 pytestmark = pytest.mark.integration
 
-SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
 CACHE = "tests/content"
-
-
-def _start_node(name: str, workdir: Path, profile: str) -> Iterator[SimNode]:
-    node = SimNode(name, workdir, containerd=profile)
-    try:
-        node.start(SANDBOX_IMAGE)
-        node.wait()
-        yield node
-    finally:
-        node.stop()
-
-
-@pytest.fixture(scope="module", params=CONTRACT_CONTAINERD)
-def profile(request: pytest.FixtureRequest) -> str:
-    """The containerd profile of this round of the module's tests."""
-    chosen: str = request.param
-    return chosen
 
 
 @pytest.fixture(scope="module")
 def content_node(tmp_path_factory: pytest.TempPathFactory, profile: str) -> Iterator[SimNode]:
-    yield from _start_node("lc-content", tmp_path_factory.mktemp("node-content"), profile)
+    yield from running_node("lc-content", tmp_path_factory.mktemp("node-content"), profile)
 
 
 @pytest.fixture(scope="module")
 def cri_node(tmp_path_factory: pytest.TempPathFactory, profile: str) -> Iterator[SimNode]:
-    yield from _start_node("lc-cri", tmp_path_factory.mktemp("node-cri"), profile)
-
-
-@pytest.fixture(scope="module")
-def oci_family() -> Family:
-    """The image family's OCI layout (built once, then cached; not the session bed's)."""
-    return build_family()
-
-
-@pytest.fixture(scope="module")
-def registry_proxy(tmp_path_factory: pytest.TempPathFactory,
-                   oci_family: Family) -> Iterator[FaultProxy]:
-    """A plain registry holding the family, behind a counting proxy."""
-    workdir = tmp_path_factory.mktemp("registry")
-    registry = start_registry("plain", workdir / "plain")
-    try:
-        push_family(oci_family, registry.host)
-        proxy = start_fault_proxy(workdir / "proxy", registry.url)
-        try:
-            yield proxy
-        finally:
-            proxy.stop()
-    finally:
-        registry.stop()
+    yield from running_node("lc-cri", tmp_path_factory.mktemp("node-cri"), profile)
 
 
 @pytest.fixture
 async def store(content_node: SimNode) -> AsyncIterator[ContentStore]:
     async with ContentStore(content_node.socket) as client:
         yield client
-
-
-def memory_source(data: bytes, piece: int = 256 * 1024) -> ResumableSource:
-    """A resumable source over ``data`` yielding ``piece``-byte chunks from an offset."""
-    async def from_offset(offset: int) -> AsyncIterator[bytes]:
-        for start in range(offset, len(data), piece):
-            yield data[start:start + piece]
-    return from_offset
 
 
 def human_size(size: int) -> str:
@@ -125,12 +74,6 @@ def ctr_content(node: SimNode) -> dict[str, tuple[str, dict[str, str]]]:
         labels = dict(kv.split("=", 1) for kv in fields[-1].split(",") if "=" in kv)
         rows[fields[0]] = (fields[1], labels)
     return rows
-
-
-async def collect_garbage(leases: Leases) -> None:
-    """Run containerd's GC now: deleting a lease with ``sync`` waits for a collection."""
-    async with leases.lease(sync=True):
-        pass
 
 
 async def test_layer_written_through_the_content_api_is_listed_by_ctr_with_our_labels(

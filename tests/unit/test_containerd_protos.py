@@ -23,7 +23,8 @@ def test_regenerating_gives_the_committed_files(tmp_path: Path) -> None:
 
 def test_every_proto_is_compiled() -> None:
     stems = {p.stem for p in generate.proto_files()}
-    assert stems == {"content", "cri", "descriptor", "images", "leases"}
+    assert stems == {"content", "cri", "descriptor", "diff", "images", "leases", "mount",
+                     "snapshots"}
     for stem in stems:
         assert (generate.PACKAGE_DIR / f"{stem}_pb2.py").exists()
         assert (generate.PACKAGE_DIR / f"{stem}_pb2.pyi").exists()
@@ -46,3 +47,31 @@ def test_wire_names_and_field_numbers_are_containerds() -> None:
     assert (image["id"], image["repo_tags"], image["size"], image["pinned"]) == (1, 2, 4, 8)
     assert cri_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name == (
         "runtime.v1.ImageService")
+
+
+def test_snapshots_and_diff_wire_numbers_are_containerds() -> None:
+    # containerd api/services/snapshots/v1/snapshots.proto, diff/v1/diff.proto and
+    # api/types/mount.proto: package names and field numbers are the wire contract.
+    from layercache.containerd.protos import diff_pb2, mount_pb2, snapshots_pb2
+
+    def numbers(message: object) -> dict[str, int]:
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}  # type: ignore[attr-defined]
+
+    assert snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"].full_name == (
+        "containerd.services.snapshots.v1.Snapshots")
+    assert diff_pb2.DESCRIPTOR.services_by_name["Diff"].full_name == (
+        "containerd.services.diff.v1.Diff")
+    assert numbers(snapshots_pb2.PrepareSnapshotRequest) == {
+        "snapshotter": 1, "key": 2, "parent": 3, "labels": 4}
+    assert numbers(snapshots_pb2.CommitSnapshotRequest) == {
+        "snapshotter": 1, "name": 2, "key": 3, "labels": 4}
+    assert numbers(snapshots_pb2.Info) == {
+        "name": 1, "parent": 2, "kind": 3, "created_at": 4, "updated_at": 5, "labels": 6}
+    assert numbers(snapshots_pb2.UpdateSnapshotRequest) == {
+        "snapshotter": 1, "info": 2, "update_mask": 3}
+    assert numbers(snapshots_pb2.ListSnapshotsRequest) == {"snapshotter": 1, "filters": 2}
+    assert snapshots_pb2.Kind.Value("COMMITTED") == 3
+    assert snapshots_pb2.Kind.Value("ACTIVE") == 2
+    assert numbers(mount_pb2.Mount) == {"type": 1, "source": 2, "target": 3, "options": 4}
+    assert numbers(diff_pb2.ApplyRequest) == {"diff": 1, "mounts": 2}
+    assert numbers(diff_pb2.ApplyResponse) == {"applied": 1}

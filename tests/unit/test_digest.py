@@ -134,3 +134,27 @@ def test_chain_ids() -> None:
     c2 = "sha256:" + hashlib.sha256(f"{c1} {d2}".encode()).hexdigest()
     assert chain_ids([d0, d1, d2]) == [d0, c1, c2]
     assert chain_ids([]) == []
+
+
+# Diff IDs from the OCI image-spec's config example; the chain IDs were computed outside
+# Python, with coreutils: printf '%s %s' "$parent" "$diff" | sha256sum.
+_SPEC_DIFF_IDS = (
+    "sha256:c6f988f4874bb0add23a778f753c65efe992244e148a1d2ec2a8b664fb66bbd1",
+    "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef",
+    "sha256:13f53e08df5a220ab6d13c58b2bf83a59cbdc2e04d0a3f041ddf4b0ba4112d49",
+)
+
+
+@pytest.mark.parametrize(("diff_ids", "expected"), [
+    (_SPEC_DIFF_IDS[:1], _SPEC_DIFF_IDS[:1]),
+    (_SPEC_DIFF_IDS[:2], (
+        _SPEC_DIFF_IDS[0],
+        "sha256:c3191d32a37d7159b2e30830937d2e30268ad6c375a773a8994911a3aba9b93f")),
+    (_SPEC_DIFF_IDS, (
+        _SPEC_DIFF_IDS[0],
+        "sha256:c3191d32a37d7159b2e30830937d2e30268ad6c375a773a8994911a3aba9b93f",
+        "sha256:f295fb504ece04334c2571429c89e50e23f359e101ea9c3831a6993bb7d2301f")),
+])
+def test_chain_ids_table(diff_ids: tuple[str, ...], expected: tuple[str, ...]) -> None:
+    # Each prefix's chain ID depends only on that prefix: a shared base has one chain ID.
+    assert chain_ids(Digest(d) for d in diff_ids) == list(expected)
