@@ -8,7 +8,6 @@ teardown leaves no process, mount or cgroup directory behind.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from testbed.kubelet import (
     kubeconfig_path,
 )
 from testbed.nodes import BED_LABEL, SANDBOX_IMAGE, SOCKET_ANNOTATION
-from testbed.procs import pid_alive
+from testbed.procs import pid_alive, processes_naming
 
 pytestmark = pytest.mark.integration
 
@@ -151,54 +150,53 @@ def test_node_credentials_cannot_modify_another_node(kubelet_bed: BedState) -> N
         as_first.close()
 
 
-def _cmdlines_naming(workdir: Path) -> list[str]:
-    needle = str(workdir) + "/"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if needle in cmdline:
-                found.append(f"{entry.name}: {cmdline[:160]}")
-    return found
-
-
-def test_teardown_leaves_no_process_mount_or_cgroup(tmp_path: Path) -> None:
-    bed = TestBed(tmp_path / "bed", nodes=2, seed_images=False, kubelets=True)
-    state = bed.up()
-    workdir = Path(state.workdir)
-    roots = [cgroup_root_for(workdir, n.name) for n in state.nodes]
+def _hold_pods(state: BedState) -> list[int]:
+    """Run a pause pod on each node of `state`; returns the containers' host PIDs."""
     kube = Kube(Path(state.kubeconfig))
     try:
         # A running pod per node at teardown: sandbox, container, shims, volume mounts.
         for i, record in enumerate(state.nodes):
             kube.core.create_namespaced_pod("default", _pod(f"held-{i}", record.name))
-        pause_pids = []
+        pids = []
         for i, record in enumerate(state.nodes):
             wait_for(lambda i=i: kube.core.read_namespaced_pod(f"held-{i}", "default")
                      .status.phase == "Running", timeout=90, what=f"pod held-{i} Running")
-            container = json.loads(crictl(record.socket, "ps", "--label",
-                                          f"io.kubernetes.pod.name=held-{i}",
-                                          "-o", "json", timeout=30))
-            pid = json.loads(crictl(record.socket, "inspect", "-o", "json",
-                                    container["containers"][0]["id"], timeout=30))["info"]["pid"]
-            pause_pids.append(pid)
+            listed = json.loads(crictl(record.socket, "ps", "--label",
+                                       f"io.kubernetes.pod.name=held-{i}", "-o", "json",
+                                       timeout=30))
+            inspect = json.loads(crictl(record.socket, "inspect", "-o", "json",
+                                        listed["containers"][0]["id"], timeout=30))
+            pids.append(inspect["info"]["pid"])
+        return pids
     finally:
         kube.close()
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    # What teardown has to undo is there: the kubelets' and containers' processes, their
-    # mounts, the nodes' cgroups in every hierarchy.
-    assert any("kubelet" in c for c in _cmdlines_naming(workdir))
-    assert all(pid_alive(pid) for pid in pause_pids)
-    assert any(m.startswith(f"{workdir}/nodes/n0/kubelet/pods/") for m in mounts)
+
+
+def test_teardown_leaves_no_process_mount_or_cgroup(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A short directory: the kubelet's unix sockets live below it (`MAX_ROOT_DIR`).
+    bed = TestBed(tmp_path_factory.mktemp("kubelet-down"), nodes=2, seed_images=False,
+                  kubelets=True)
+    state = bed.up()
+    workdir = Path(state.workdir)
+    roots = [cgroup_root_for(workdir, n.name) for n in state.nodes]
     hierarchies = cgroup_hierarchies()
-    assert all((h / root.lstrip("/")).is_dir() for h in hierarchies for root in roots)
+    try:
+        pause_pids = _hold_pods(state)
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        # What teardown has to undo is there: the kubelets' and containers' processes, their
+        # mounts, the nodes' cgroups in every hierarchy.
+        assert any("kubelet" in c for c in processes_naming(workdir).values())
+        assert all(pid_alive(pid) for pid in pause_pids)
+        assert any(m.startswith(f"{workdir}/nodes/n0/kubelet/pods/") for m in mounts)
+        assert all((h / root.lstrip("/")).is_dir() for h in hierarchies for root in roots)
+    except BaseException:
+        bed.down()  # a failure here must not leak a running bed
+        raise
 
     bed.down()
 
-    assert _cmdlines_naming(workdir) == []
+    assert processes_naming(workdir) == {}
     assert [pid for pid in pause_pids if pid_alive(pid)] == []
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     assert [m for m in mounts if m.startswith(str(workdir))] == []

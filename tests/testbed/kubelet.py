@@ -50,7 +50,7 @@ from testbed.controlplane import write_kubeconfig
 from testbed.cri import crictl
 from testbed.nodes import _ARCH, BED_LABEL, SANDBOX_IMAGE, SOCKET_ANNOTATION, SimNode
 from testbed.paths import tool
-from testbed.procs import ComponentError, Process, free_port
+from testbed.procs import ComponentError, Process, free_port, processes_naming
 
 #: Where the kernel's cgroup hierarchies are mounted (v1: one per controller; v2: unified).
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
@@ -59,6 +59,9 @@ CGROUP_ROOT_FILE = "kubelet-cgroup-root"
 #: Node labels the kubelet sets at registration (`--node-labels`): NodeRestriction lets a
 #: kubelet set labels outside the kubernetes.io/k8s.io namespaces, such as the bed's own.
 KUBELET_LABELS = {BED_LABEL: "true"}
+#: Longest kubelet root dir: the kubelet listens on unix sockets below it (the longest,
+#: `pod-resources/<10 digits>`, adds 25 characters) and a socket path has at most 107 bytes.
+MAX_ROOT_DIR = 107 - len("/pod-resources/1234567890")
 #: Where every kubelet links container logs (fixed in its code, whatever `podLogsDir`).
 CONTAINER_LOG_LINKS = Path("/var/log/containers")
 
@@ -242,8 +245,18 @@ class Kubelet:
         create_cgroup_root(self.cgroup_root)
 
     def start(self) -> Process:
-        """Write certificates, kubeconfig and KubeletConfiguration; start the kubelet."""
+        """Write certificates, kubeconfig and KubeletConfiguration; start the kubelet.
+
+        Raises:
+            ValueError: the root dir's path is too long for the kubelet's sockets below it
+                (`MAX_ROOT_DIR`); the kubelet itself would fail late with "bind: invalid
+                argument".
+        """
         name, workdir = self.node.name, self.node.workdir
+        if len(str(self.root_dir)) > MAX_ROOT_DIR:
+            raise ValueError(f"kubelet root dir {self.root_dir} of node {name} is "
+                             f"{len(str(self.root_dir))} characters, more than the "
+                             f"{MAX_ROOT_DIR} its unix sockets allow: use a shorter bed directory")
         client = self.ca.issue(f"kubelet-{name}", f"system:node:{name}",
                                orgs=("system:nodes",), client=True)
         serving = self.ca.issue(f"kubelet-{name}-serving", f"system:node:{name}",
@@ -405,14 +418,9 @@ def kill_strays(workdir: Path) -> list[int]:
     What a killed containerd leaves running: its shims (`-address <workdir>/…/containerd.sock`)
     are in their own process groups, so stopping containerd's group does not reach them.
     """
-    prefix = str(workdir.resolve()) + "/"
     killed = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if prefix.encode() in (entry / "cmdline").read_bytes():
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
+    for pid in processes_naming(workdir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
     return killed
-
