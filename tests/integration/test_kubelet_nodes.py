@@ -65,7 +65,6 @@ def _sandboxes(socket: str, pod: str) -> list[dict[str, Any]]:
 
 def test_every_node_is_registered_by_its_kubelet_and_ready(kubelet_bed: BedState,
                                                            admin: Kube) -> None:
-    assert kubelet_bed.kubelets
     leases = client.CoordinationV1Api(admin.api)
     for record in kubelet_bed.nodes:
         node = admin.core.read_node(record.name)
@@ -93,6 +92,7 @@ def test_every_node_is_registered_by_its_kubelet_and_ready(kubelet_bed: BedState
         assert [(a.type, a.address) for a in node.status.addresses] == [
             ("InternalIP", "127.0.0.1"), ("Hostname", record.name)]
         assert not node.spec.taints
+    assert kubelet_bed.kubelets
 
 
 def test_host_network_pod_runs_on_each_node_and_is_deleted(kubelet_bed: BedState,
