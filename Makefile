@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed ## Create the Python environment (.venv) with the test extras
 
 .PHONY: tools
-tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, crictl, kind, containerd 2.x and 1.7, runc) into .tools/
+tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, crictl, kind, pause, containerd 2.x and 1.7, runc) into .tools/
 	@bash tests/testbed/tools/build.sh
 
 .PHONY: setup

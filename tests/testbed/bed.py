@@ -20,7 +20,18 @@ from testbed import pki
 from testbed.controlplane import ControlPlane
 from testbed.faultproxy import start_fault_proxy
 from testbed.images import build_family, push_family
-from testbed.nodes import RegistryHost, SimNode, containerd_version, unmount_under
+from testbed.kubelet import (
+    Kubelet,
+    is_kubelet,
+    kill_strays,
+    kubelet_node_dirs,
+    pause_image,
+    remove_cgroups,
+    stop_pods,
+    unlink_container_logs,
+    wait_registered,
+)
+from testbed.nodes import SANDBOX_IMAGE, RegistryHost, SimNode, containerd_version, unmount_under
 from testbed.paths import containerd_profile
 from testbed.procs import Process, pid_alive, stop_group
 from testbed.registry import FLAVOURS, Flavour, Registry, start_registry
@@ -89,6 +100,8 @@ class BedState:
     family: str | None = None
     processes: list[ProcessRecord] = field(default_factory=list)
     ready_seconds: float = 0.0
+    #: Whether every node runs a kubelet that registered its own Node (`testbed.kubelet`).
+    kubelets: bool = False
 
     @classmethod
     def load(cls, workdir: Path) -> BedState:
@@ -132,15 +145,20 @@ class TestBed:
     """Bring the bed up in `workdir` with `nodes` simulated nodes, or tear it down.
 
     `containerd` is the nodes' containerd profile (`testbed.paths.CONTAINERD_PROFILES`; None:
-    `LAYERCACHE_BED_CONTAINERD`, else the default). Attributes after `up()`: `state`
-    (BedState), `control_plane`, `nodes`.
+    `LAYERCACHE_BED_CONTAINERD`, else the default). `kubelets`: run a real kubelet per node
+    that registers its own Node (`testbed.kubelet`; the apiserver then also runs the
+    NodeRestriction admission plugin and the node lifecycle controller runs); off, the bed
+    writes each Node and its status itself. Attributes after `up()`: `state` (BedState),
+    `control_plane`, `nodes`.
     """
 
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, workdir: Path, nodes: int = 3, *, seed_images: bool = True,
-                 apiserver_args: tuple[str, ...] = (), containerd: str | None = None) -> None:
+                 apiserver_args: tuple[str, ...] = (), containerd: str | None = None,
+                 kubelets: bool = False) -> None:
         self.workdir = workdir.resolve()
+        self.kubelets = kubelets
         self.containerd = containerd_profile(containerd)
         self.apiserver_args = apiserver_args
         self.node_count = nodes
@@ -173,6 +191,20 @@ class TestBed:
         ca = pki.CA.create(self.workdir / "pki")
         cp = ControlPlane(self.workdir / "control-plane", ca,
                           apiserver_args=self.apiserver_args)
+        if self.kubelets:
+            # The apiserver reaches kubelets (logs, exec) at their InternalIP, 127.0.0.1, and
+            # checks their serving certificates, which the bed's CA issued.
+            kubelet_client = ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+                                      orgs=("system:masters",), client=True)
+            cp.apiserver_args = (
+                "--enable-admission-plugins=NodeRestriction",
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-certificate-authority={ca.cert}",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}", *self.apiserver_args)
+            # Kubelets heartbeat: the node lifecycle controller can run (and lifts the
+            # not-ready taint admission puts on every new Node once it reports Ready).
+            cp.controllers = "*,-node-ipam-controller"
         cp.workdir.mkdir(parents=True, exist_ok=True)
         self.control_plane = cp
         self.nodes = [SimNode(node_name(i), self.workdir / "nodes" / f"n{i}",
@@ -181,7 +213,7 @@ class TestBed:
         etcd = cp.start_etcd()
         self.processes.append(etcd)
         for node in self.nodes:
-            self.processes.append(node.start("registry.k8s.io/pause:3.10"))
+            self.processes.append(node.start(SANDBOX_IMAGE))
         # Registries, nodes and the control plane are independent until nodes register:
         # start them side by side, so bed start-up costs the slowest, not the sum.
         with ThreadPoolExecutor(max_workers=6) as pool:
@@ -203,7 +235,8 @@ class TestBed:
                 RegistryHost(r.host, r.url, r.ca_file) for r in registries.values()]
             for node in self.nodes:
                 node.configure_registries(hosts)
-            register = pool.submit(register_nodes, cp.admin_kubeconfig, self.nodes)
+            register = (pool.submit(self._start_kubelets, cp, ca) if self.kubelets else
+                        pool.submit(register_nodes, cp.admin_kubeconfig, self.nodes))
             family = pool.submit(self._seed, registries) if self.seed_images else None
             cp.wait_controllers(controllers)
             register.result()
@@ -221,7 +254,19 @@ class TestBed:
                 for f, r in registries.items()},
             proxy_url=proxy.url, family=family_path,
             processes=[ProcessRecord(p.name, p.pid, str(p.log)) for p in self.processes],
+            kubelets=self.kubelets,
         )
+
+    def _start_kubelets(self, cp: ControlPlane, ca: pki.CA) -> None:
+        """Start a kubelet per node and wait until each registered its Node, Ready."""
+        pause = pause_image(self.workdir / "kubelet")
+        kubelets = [Kubelet(node, ca, cp.server) for node in self.nodes]
+        for kubelet in kubelets:
+            kubelet.prepare(pause)
+            self.processes.append(kubelet.start())
+        for kubelet in kubelets:
+            kubelet.wait()
+        wait_registered(cp.admin_kubeconfig, self.nodes)
 
     def _start_registry(self, flavour: Flavour, ca: pki.CA) -> Registry:
         registry = start_registry(flavour, self.workdir / "registries" / flavour, ca)
@@ -255,8 +300,8 @@ def stop_bed(workdir: Path, processes: list[Process] | None = None) -> list[str]
     with suppress(FileNotFoundError):
         recorded = {rec.pid: rec.name for rec in BedState.load(workdir).processes}
     names = {**recorded, **{pid: proc.name for pid, proc in own.items()}}
-    # Newest first: clients (controllers) before the servers they talk to.
-    for pid, name in reversed(names.items()):
+
+    def stop(pid: int, name: str) -> None:
         if pid in own:
             # Our own child: stop it and reap it, so no zombie or Popen outlives the bed.
             if own[pid].popen.poll() is None:  # type: ignore[union-attr]
@@ -265,7 +310,25 @@ def stop_bed(workdir: Path, processes: list[Process] | None = None) -> list[str]
         elif pid_alive(pid):
             stop_group(pid)
             stopped.append(name)
+
+    # Kubelets first (else they restart pods), then their pods through CRI while containerd
+    # still runs, so runc removes the containers' cgroups and their shims exit.
+    kubelet_dirs = kubelet_node_dirs(workdir)
+    for pid, name in names.items():
+        if is_kubelet(name):
+            stop(pid, name)
+    for node_dir in kubelet_dirs:
+        stop_pods(node_dir)
+    # Newest first: clients (controllers) before the servers they talk to.
+    for pid, name in reversed(names.items()):
+        if not is_kubelet(name):
+            stop(pid, name)
+    if kubelet_dirs:
+        kill_strays(workdir)
+        unlink_container_logs(workdir)
     unmount_under(workdir)
+    for node_dir in kubelet_dirs:
+        remove_cgroups(node_dir)
     shutil.rmtree(workdir, ignore_errors=True)
     return stopped
 

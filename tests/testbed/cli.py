@@ -29,16 +29,21 @@ def up(directory: DirOption = DEFAULT_DIR,
        containerd: Annotated[str | None, typer.Option(
            envvar=CONTAINERD_ENV, show_default=DEFAULT_CONTAINERD,
            help=f"The nodes' containerd: one of {', '.join(CONTAINERD_PROFILES)}.")] = None,
+       kubelets: Annotated[bool, typer.Option(
+           help="Run a real kubelet per node (registers its own Node; hostNetwork pods run).",
+       )] = False,
        ) -> None:
     """Start the bed and leave it running; prints how to use it."""
     try:
-        state = TestBed(directory, nodes, seed_images=images, containerd=containerd).up()
+        state = TestBed(directory, nodes, seed_images=images, containerd=containerd,
+                        kubelets=kubelets).up()
     except (ComponentError, MissingToolError, RuntimeError, ValueError) as e:
         console.print(f"[red]test bed failed to start[/]: {e}")
         raise typer.Exit(1) from None
     console.print(f"[green]test bed ready[/] in {state.ready_seconds} s "
                   f"({len(state.nodes)} nodes, Kubernetes {state.kubernetes_version}, "
-                  f"containerd {state.containerd})")
+                  f"containerd {state.containerd}"
+                  f"{', kubelets' if state.kubelets else ''})")
     console.print(f"  export KUBECONFIG={state.kubeconfig}")
     for reg in state.registries.values():
         console.print(f"  registry {reg.flavour}: {reg.url}")

@@ -56,6 +56,8 @@ class ControlPlane:
     etcd_port: int = field(default_factory=free_port)
     #: Extra kube-apiserver flags (feature gates, admission plugins; tests use a bad one).
     apiserver_args: tuple[str, ...] = ()
+    #: kube-controller-manager's `--controllers` (with kubelets the node lifecycle one runs).
+    controllers: str = CONTROLLERS
     processes: list[Process] = field(default_factory=list)
 
     @property
@@ -143,7 +145,7 @@ class ControlPlane:
                 f"--authentication-kubeconfig={cm_config}",
                 f"--authorization-kubeconfig={cm_config}",
                 "--bind-address=127.0.0.1", f"--secure-port={self.cm_port}",
-                "--leader-elect=false", f"--controllers={CONTROLLERS}",
+                "--leader-elect=false", f"--controllers={self.controllers}",
                 f"--service-account-private-key-file={sa_key}",
                 f"--root-ca-file={self.ca.cert}", "--use-service-account-credentials=true",
                 f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false",

@@ -30,6 +30,8 @@ from testbed.procs import Process, run
 SOCKET_ANNOTATION = "layercache.dev/containerd-socket"
 #: Label on every simulated node, so tests can select them.
 BED_LABEL = "layercache.dev/testbed"
+#: The pod sandbox image every node's containerd pins (kind v0.33.0's node config pins it).
+SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 

@@ -95,6 +95,25 @@ def stop_group(pid: int, grace: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def processes_naming(path: Path) -> dict[int, str]:
+    """Processes (not this one) whose command line names a path below `path`.
+
+    Returns PID -> command line (arguments joined by spaces). How the bed finds what it
+    started from another process, or what a killed parent left behind (containerd shims).
+    `path` itself does not count: the command that stops the bed names it (`--dir`).
+    """
+    needle = str(path.resolve()).encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if any(a.startswith(needle + b"/") or b"=" + needle + b"/" in a for a in argv):
+                found[int(entry.name)] = b" ".join(argv).decode(errors="replace").strip()
+    return found
+
+
 def _group_alive(pgid: int) -> bool:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

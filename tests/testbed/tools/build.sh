@@ -62,6 +62,9 @@ build etcd "" ./cmd/etcd
 build helm "" helm.sh/helm/v3/cmd/helm
 build cri-tools "-X sigs.k8s.io/cri-tools/pkg/version.Version=1.37.0" sigs.k8s.io/cri-tools/cmd/crictl
 build kind "" sigs.k8s.io/kind
+# The pod sandbox binary the bed's kubelet nodes run as their pause image (testbed.kubelet):
+# static, so a one-layer image of just this file is a complete root filesystem.
+build -c 0 pause "" .
 
 # Node runtimes, as kind v0.33.0's base image builds them (images/base/Dockerfile):
 # containerd v2.3.4 with its build tags (no aufs, zfs, btrfs or devmapper snapshotters) and
