@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -72,8 +73,23 @@ class Failure:
     error: BaseException
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: print ``layercache X.Y.Z`` (the installed distribution's version) and exit.
+
+    The version comes from the package metadata (`importlib.metadata`), so it is the one in
+    pyproject.toml that pip/pipx installed, not a second copy kept in the source.
+    """
+    if value:
+        typer.echo(f"layercache {package_version('layercache')}")
+        raise typer.Exit
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the installed layercache version and exit.")] = False,
+) -> None:
     """Plan, pre-pull and de-duplicate shared container-image layers across nodes."""
 
 

@@ -22,3 +22,18 @@ def test_help_exits_zero(argv: list[str]) -> None:
 def test_every_command_is_covered() -> None:
     names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
     assert names == set(COMMANDS)
+
+
+def test_version_prints_the_installed_package_version() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"], env={"COLUMNS": "120", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert result.output == f"layercache {version('layercache')}\n"
+    assert version("layercache") == "0.1.0"  # pyproject.toml [project] version
+
+
+def test_help_lists_version() -> None:
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "120", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "--version" in result.output
