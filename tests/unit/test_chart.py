@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,30 @@ def test_ci_default_values_only_restate_the_defaults() -> None:
                    for k, v in values.items())
     ci = yaml.safe_load((CHART / "ci" / "default-values.yaml").read_text())
     assert ci and restated(ci, defaults)
+
+
+def test_chart_yaml_carries_artifact_hub_metadata() -> None:
+    # Artifact Hub reads its list-valued annotations as YAML documents held in strings
+    # (https://artifacthub.io/docs/topics/annotations/helm/).
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    notes = chart["annotations"]
+    assert all(isinstance(v, str) for v in notes.values()), notes
+    assert notes["artifacthub.io/category"] == "integration-delivery"
+    assert notes["artifacthub.io/license"] == pyproject["project"]["license"] == "Apache-2.0"
+    assert notes["artifacthub.io/operator"] == "true"
+    images = yaml.safe_load(notes["artifacthub.io/images"])
+    assert images == [{"name": "layercache",
+                       "image": f"{values['image']['repository']}:{chart['appVersion']}"}]
+    links = yaml.safe_load(notes["artifacthub.io/links"])
+    assert links and all(set(link) == {"name", "url"} and link["url"].startswith("https://")
+                         for link in links), links
+    changes = yaml.safe_load(notes["artifacthub.io/changes"])
+    assert changes and all(c["kind"] in {"added", "changed", "deprecated", "removed", "fixed",
+                                         "security"} and c["description"] for c in changes)
+    # No public project URL exists yet: nothing invented for home, sources or icon.
+    assert not {"home", "sources", "icon"} & set(chart)
+    repo_meta = (CHART.parent / "artifacthub-repo.yml").read_text()
+    assert "# repositoryID: " in repo_meta
+
