@@ -1,5 +1,8 @@
 """The chart's NOTES.txt as `helm install` prints it, rendered by the bed's helm binary.
 
+An integration test because it runs the pinned helm (`make tools`); a missing helm is an
+error naming that target, never a skip.
+
 `helm template` leaves NOTES.txt out and `helm install --dry-run` needs a reachable API
 server, so a copy of the chart gets one extra template that renders files/NOTES.txt (a copy
 of templates/NOTES.txt) with `tpl` against the same values and release: the text a user
@@ -12,12 +15,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+
+from testbed.paths import tool
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "layercache"
-HELM = REPO / ".tools" / "bin" / "helm"
 #: The bed's Kubernetes version (.ci/lint-chart.sh): our helm build's default capabilities
 #: say v1.20, which the chart's kubeVersion refuses.
 KUBE_VERSION = "1.37.2"
@@ -25,15 +28,14 @@ KUBE_VERSION = "1.37.2"
 
 def _notes(tmp_path: Path, *sets: str) -> str:
     """NOTES.txt rendered for release `layercache` in `layercache-system` with `--set` values."""
-    if not HELM.exists():
-        pytest.skip(f"{HELM} not built: run `make tools`")
     chart = tmp_path / "layercache"
     shutil.copytree(CHART, chart)
     shutil.copy(chart / "templates" / "NOTES.txt", chart / "files" / "NOTES.txt")
     (chart / "templates" / "zz-notes.yaml").write_text(
         'notes: {{ tpl (.Files.Get "files/NOTES.txt") . | toJson }}\n')
-    argv = [str(HELM), "template", "layercache", str(chart), "--namespace", "layercache-system",
-            "--kube-version", KUBE_VERSION, "--show-only", "templates/zz-notes.yaml"]
+    argv = [str(tool("helm")), "template", "layercache", str(chart),
+            "--namespace", "layercache-system", "--kube-version", KUBE_VERSION,
+            "--show-only", "templates/zz-notes.yaml"]
     for s in sets:
         argv += ["--set", s]
     env = {"PATH": "/usr/bin:/bin", "KUBECONFIG": "/dev/null",
