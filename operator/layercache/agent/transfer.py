@@ -30,7 +30,7 @@ import httpx
 from layercache.containerd.ingest import ResumableSource
 from layercache.digest import Digest, DigestVerifier
 from layercache.reference import Reference
-from layercache.registry.blobs import content_range_start
+from layercache.registry.blobs import refused_resume
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import BlobNotFoundError, IncompleteBodyError
 
@@ -83,16 +83,8 @@ def resume_refusal(what: str, response: httpx.Response, offset: int) -> ResumeRe
     A ``206`` whose ``Content-Range`` does not start at ``offset``, or a ``416``, when
     ``offset`` > 0; None for any other answer (a ``200`` is the caller's to skip through).
     """
-    if not offset:
-        return None
-    if response.status_code == 416:
-        return ResumeRefusedError(f"{what}: asked for bytes from {offset}, got HTTP 416 "
-                                  f"(Content-Range {response.headers.get('content-range')})",
-                                  offset)
-    if response.status_code == 206 and content_range_start(response) != offset:
-        return ResumeRefusedError(f"{what}: asked for bytes from {offset}, got Content-Range "
-                                  f"{response.headers.get('content-range')}", offset)
-    return None
+    refused = refused_resume(response, offset)
+    return None if refused is None else ResumeRefusedError(f"{what}: {refused}", offset)
 
 
 async def skip(chunks: AsyncIterable[bytes], count: int) -> AsyncIterator[bytes]:

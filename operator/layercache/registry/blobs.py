@@ -52,6 +52,7 @@ __all__ = [
     "content_range_start",
     "fetch_blob",
     "fetch_blob_bytes",
+    "refused_resume",
 ]
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,24 @@ def content_range_start(response: httpx.Response) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def refused_resume(response: httpx.Response, offset: int) -> str | None:
+    """Why ``response`` refuses a resume asked as ``Range: bytes=<offset>-``, or None.
+
+    Refused: a ``206`` whose ``Content-Range`` starts at another byte, or a ``416``, when
+    ``offset`` > 0. Not refused: any other answer (a ``200`` ignores the Range: its body
+    starts at byte 0, which the caller skips through or restarts from). The one rule for
+    the registry client (`fetch_blob`) and the agent's sources (upstream and peers).
+    """
+    if not offset:
+        return None
+    header = response.headers.get("content-range")
+    if response.status_code == 416:
+        return f"asked for bytes from {offset}, got HTTP 416 (Content-Range {header})"
+    if response.status_code == 206 and content_range_start(response) != offset:
+        return f"asked for bytes from {offset}, got Content-Range {header}"
+    return None
+
+
 async def fetch_blob(
     client: RegistryClient,
     reference: Reference,
@@ -322,18 +341,11 @@ class _Download:
             log.info("%s: Range ignored (200), restarting from byte 0", what)
             await self.restart()
             return
-        if self.received and status == 206:
-            start = content_range_start(response)
-            if start != self.received:
-                await self.restart()
-                raise IncompleteBodyError(
-                    f"{what}: asked for bytes from {self.received}, got a range from {start}; "
-                    "restarting from byte 0"
-                )
-            return
-        if self.received and status == 416:
+        if (refused := refused_resume(response, self.received)) is not None:
             await self.restart()
-            raise IncompleteBodyError(f"{what}: range not satisfiable; restarting from byte 0")
+            raise IncompleteBodyError(f"{what}: {refused}; restarting from byte 0")
+        if self.received and status == 206:
+            return
         if status != 200:
             await client.raise_for_status(response, what, BlobNotFoundError)
             raise IncompleteBodyError(f"{what}: unexpected HTTP {status} for a blob")
