@@ -14,6 +14,10 @@ Assignments are sticky: a (node, layer) entry keeps its source and peers from th
 spec while they are still valid (the seeder still wants the layer, the peers still want or
 hold it). Otherwise every agent report of what it holds would reshuffle sources, rewrite
 specs and bump every node's generation.
+
+Chains to unpack (`layercache.chains`) merge the same way: each chain once per node, in the
+caches' order (a chain after its parent), listing every cache that wants it, and only if
+every blob of it is in the node's (possibly cut) layer list.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any
 from layercache.digest import Digest
 from layercache.planner import Layer, Plan
 
-__all__ = ["MAX_NODE_LAYERS", "MAX_PEERS", "CachePlan", "NodeLayer", "Previous", "distribute",
+__all__ = ["MAX_NODE_CHAINS", "MAX_NODE_LAYERS", "MAX_PEERS",
+           "CachePlan", "NodeLayer", "Previous", "distribute",
            "node_spec", "previous_assignments"]
 
 #: Candidate peers listed per layer (the CRD caps the list at 8).
@@ -34,6 +39,8 @@ MAX_PEERS = 8
 #: Layers listed per node (the CRD's maxItems): a spec must fit etcd's object size limit,
 #: and a larger one would fail the write and with it the whole replan.
 MAX_NODE_LAYERS = 5000
+#: Chains listed per node (the CRD's maxItems), for the same reason.
+MAX_NODE_CHAINS = 1000
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,27 @@ def node_spec(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan
     return {
         "nodeName": name,
         "layers": [entry.to_spec() for entry in layers[:MAX_NODE_LAYERS]],
+        "chains": _chains(name, held, caches),
         "images": [{"reference": ref, "caches": sorted(images[ref])} for ref in sorted(images)],
         "caches": wanting,
         "paused": bool(wanting) and all(by_key[k].paused for k in wanting),
     }
+
+
+def _chains(name: str, held: set[Digest], caches: Sequence[CachePlan]) -> list[dict[str, Any]]:
+    """`NodeLayerCache.spec.chains` of node ``name``: the caches' chains merged (see above)."""
+    merged: dict[Digest, dict[str, Any]] = {}
+    for cache in sorted(caches, key=lambda c: c.key):
+        node_plan = cache.plan.nodes.get(name)
+        for wanted in node_plan.chains if node_plan is not None else ():
+            entry = merged.get(wanted.chain_id)
+            if entry is None:
+                if not all(layer.digest in held for layer in wanted.layers):
+                    continue
+                entry = merged[wanted.chain_id] = {
+                    "chainID": str(wanted.chain_id),
+                    "layers": [str(layer.digest) for layer in wanted.layers],
+                    "diffIDs": [str(diff_id) for diff_id in wanted.diff_ids],
+                    "unpackedBytes": wanted.unpacked_bytes, "caches": []}
+            entry["caches"].append(cache.key)
+    return list(merged.values())[:MAX_NODE_CHAINS]

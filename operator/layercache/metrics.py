@@ -63,13 +63,18 @@ class AgentGauges:
     """What the node holds right now, for the agent's scrape-time gauges.
 
     ``layers_wanted``/``layers_held``: counts; ``bytes_held``: bytes of held wanted layers;
-    ``disk_pressure``: fetching stopped for lack of space.
+    ``disk_pressure``: fetching stopped for lack of space; ``chains_wanted``/
+    ``chains_unpacked``: chains to unpack and those committed; ``unpacked_bytes``:
+    uncompressed bytes the agent extracted into them.
     """
 
     layers_wanted: int
     layers_held: int
     bytes_held: int
     disk_pressure: bool
+    chains_wanted: int = 0
+    chains_unpacked: int = 0
+    unpacked_bytes: int = 0
 
 
 class _AgentGaugeCollector(Collector):
@@ -89,6 +94,14 @@ class _AgentGaugeCollector(Collector):
             ("layercache_agent_disk_pressure",
              "1 while fetching is stopped because the image filesystem is nearly full.",
              int(now.disk_pressure)),
+            ("layercache_agent_chains_wanted",
+             "Layer chains this node should have unpacked in its snapshotter.",
+             now.chains_wanted),
+            ("layercache_agent_chains_unpacked",
+             "Wanted chains committed in the node's snapshotter.", now.chains_unpacked),
+            ("layercache_agent_unpacked_bytes",
+             "Uncompressed bytes the agent extracted into the wanted chains' snapshots.",
+             now.unpacked_bytes),
         ):
             family = GaugeMetricFamily(name, doc, labels=["node"])
             family.add_metric([self.node], value)
@@ -101,7 +114,8 @@ class AgentMetrics:
     Counters: ``layercache_agent_fetched_bytes_total{source}``,
     ``layercache_agent_served_bytes_total`` (to peers), ``layercache_agent_errors_total
     {reason}``; histogram ``layercache_agent_ingest_duration_seconds{source, result}``
-    (one observation per layer write, ``result`` ``ok`` or ``error``); once `track` is
+    (one observation per layer write, ``result`` ``ok`` or ``error``);
+    ``layercache_agent_unpack_duration_seconds{result}`` (one per chain unpacked); once `track` is
     called, the gauges of `AgentGauges`; and `registry_requests` (`RegistryMetrics`, the
     one series family without ``node``: the same family as the operator's).
     """
@@ -122,6 +136,10 @@ class AgentMetrics:
             "layercache_agent_ingest_duration_seconds",
             "Time to write one layer into containerd, transfer included.",
             ["node", "source", "result"], buckets=INGEST_BUCKETS, registry=registry)
+        self.unpack_duration = Histogram(
+            "layercache_agent_unpack_duration_seconds",
+            "Time to unpack one layer chain into the snapshotter (its missing layers).",
+            ["node", "result"], buckets=INGEST_BUCKETS, registry=registry)
         # Zero series exist before the first byte or ingest: rate() and histogram_quantile()
         # only see increases after a series' first scrape, so a series born at its first
         # observation would hide that observation from the dashboard.
@@ -130,6 +148,8 @@ class AgentMetrics:
             for result in ("ok", "error"):
                 self.ingest_duration.labels(node, source, result)
         self.served_bytes.labels(node)
+        for result in ("ok", "error"):
+            self.unpack_duration.labels(node, result)
         self.registry_requests = RegistryMetrics(registry)
 
     def fetched(self, source: FetchSource, size: int) -> None:
@@ -147,6 +167,10 @@ class AgentMetrics:
     def ingested(self, source: FetchSource, ok: bool, seconds: float) -> None:
         """Record one layer write from ``source`` that took ``seconds``."""
         self.ingest_duration.labels(self.node, source, "ok" if ok else "error").observe(seconds)
+
+    def unpacked(self, ok: bool, seconds: float) -> None:
+        """Record one chain unpack that took ``seconds``."""
+        self.unpack_duration.labels(self.node, "ok" if ok else "error").observe(seconds)
 
     def track(self, snapshot: Callable[[], AgentGauges]) -> None:
         """Export the gauges of `AgentGauges`, read from ``snapshot`` at each scrape."""

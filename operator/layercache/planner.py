@@ -23,6 +23,11 @@ How a plan is made:
    because of us. Strict prefixes mean a larger budget only ever adds layers (no churn when
    a budget grows) and let 1,000 plans share one list; the price is at most one unit's worth
    of budget left unused when a large unit does not fit but smaller later ones would.
+4. A node's chains (prefixes of its images to unpack ahead of the kubelet's pulls,
+   `layercache.chains`): those shared by at least ``chain_min_shared_by`` images of its
+   platform whose blobs it holds, ordered as their blobs are, then the longest prefix of
+   them whose estimated unpacked size fits the budget the blobs left. Blobs come first:
+   they are what every chain is made from and what peers share; unpacking only saves time.
 """
 
 from __future__ import annotations
@@ -33,14 +38,15 @@ import gc
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import overload
 
+from layercache.chains import Chain, ChainOrder, PrefixCatalogue, Run, chain_order
 from layercache.digest import Digest
 from layercache.layerorder import Catalogue, Order, PlanInputError, order
 from layercache.platform import Platform
 
 __all__ = [
     "BudgetSkip",
+    "Chain",
     "Layer",
     "LayerRun",
     "LayerServers",
@@ -78,6 +84,8 @@ class ResolvedImage:
     ``platform`` is the node platform it was resolved for (the kubelet may run a compatible
     one, e.g. 386 on amd64). ``node_selector`` (label → value, all must match; empty = every
     node of the platform) lets caches with different node selectors share one plan.
+    ``unpackable``: how many of ``layers``, from the base, form chains that can be unpacked
+    (None: all); a foreign layer left out of ``layers`` ends the image's chains there.
     """
 
     reference: str
@@ -85,6 +93,7 @@ class ResolvedImage:
     manifest_digest: Digest
     layers: tuple[Layer, ...]
     node_selector: Mapping[str, str] = field(default_factory=dict)
+    unpackable: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,38 +109,20 @@ class Node:
 
 @dataclass(frozen=True, slots=True)
 class PlanOptions:
-    """``min_shared_by``: only layers used by at least this many images (1 = every layer)."""
+    """``min_shared_by``: only layers used by at least this many images (1 = every layer).
+
+    ``chain_min_shared_by``: only chains (prefixes) that many images start with; None: as
+    ``min_shared_by`` (mode ``Images`` passes 1: every prefix of a listed image).
+    """
 
     min_shared_by: int = 1
+    chain_min_shared_by: int | None = None
 
 
-class LayerRun(Sequence[Layer]):
+class LayerRun(Run[Layer]):
     """A read-only slice of a platform-group's priority order, shared by many node plans."""
 
-    __slots__ = ("_items", "_start", "_stop")
-
-    def __init__(self, items: tuple[Layer, ...], start: int = 0, stop: int | None = None) -> None:
-        """View ``items[start:stop]`` without copying it."""
-        self._items = items
-        self._start = start
-        self._stop = len(items) if stop is None else stop
-
-    def __len__(self) -> int:
-        return self._stop - self._start
-
-    @overload
-    def __getitem__(self, index: int) -> Layer: ...
-    @overload
-    def __getitem__(self, index: slice) -> tuple[Layer, ...]: ...
-    def __getitem__(self, index: int | slice) -> Layer | tuple[Layer, ...]:
-        if isinstance(index, slice):
-            return self._items[self._start : self._stop][index]
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        return self._items[self._start + index % len(self)]
-
-    def __iter__(self) -> Iterator[Layer]:
-        return itertools.islice(self._items, self._start, self._stop)
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"LayerRun(<{len(self)} layers>)"
@@ -169,6 +160,10 @@ class NodePlan:
     Bytes: ``held_bytes`` total of ``layers``; ``present_bytes`` the part already in its
     containerd; `fetch_bytes` the rest. ``below_min_shared`` counts candidate layers left
     out by ``min_shared_by`` (not for budget).
+
+    ``chains`` to unpack, in order, each after its parent; ``unpacked_bytes`` their
+    estimated size (counted against the budget after ``held_bytes``); ``chains_skipped``
+    chains whose blobs are held that the budget leaves out.
     """
 
     node: str
@@ -179,6 +174,9 @@ class NodePlan:
     present_bytes: int
     skipped: BudgetSkip | None
     below_min_shared: int
+    chains: Run[Chain] = field(default_factory=lambda: Run(()))
+    unpacked_bytes: int = 0
+    chains_skipped: int = 0
 
     @property
     def fetch_bytes(self) -> int:
@@ -269,6 +267,7 @@ class _Group:
     stops: list[int]  # a prefix never cuts through one
     below_min: int
     nodes: list[tuple[int, str]] = field(default_factory=list)  # (-layers held, name), sorted
+    chains: ChainOrder | None = None
 
 
 class Plan:
@@ -324,7 +323,7 @@ def plan(
 
     """
     with _gc_paused():
-        return _plan(images, nodes, (options or PlanOptions()).min_shared_by)
+        return _plan(images, nodes, options or PlanOptions())
 
 
 @contextlib.contextmanager
@@ -340,9 +339,13 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by: int) -> Plan:
-    if min_shared_by < 1:
-        raise PlanInputError(f"min_shared_by must be at least 1, not {min_shared_by}")
+def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], options: PlanOptions) -> Plan:
+    min_shared_by = options.min_shared_by
+    chain_min = options.chain_min_shared_by
+    chain_min = min_shared_by if chain_min is None else chain_min
+    if min(min_shared_by, chain_min) < 1:
+        raise PlanInputError(
+            f"min_shared_by must be at least 1, not {min(min_shared_by, chain_min)}")
     images = sorted(
         images,
         key=lambda i: (i.reference, i.platform.architecture, i.platform.variant, i.manifest_digest),
@@ -362,6 +365,8 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by:
         p: _platform(cat, order(cat, by_platform.get(p, []), min_shared_by))
         for p in {node.platform for node in nodes}
     }
+    prefixes = PrefixCatalogue(images)
+    chain_shares = {p: prefixes.shared_by(by_platform.get(p, [])) for p in platforms}
     wanted_labels = [frozenset(im.node_selector.items()) for im in images]
     selectors = sorted(set(wanted_labels), key=sorted)
     selector_of = list(map({s: i for i, s in enumerate(selectors)}.__getitem__, wanted_labels))
@@ -375,7 +380,10 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], min_shared_by:
             every = by_platform.get(node.platform, [])
             members = [i for i in every if selector_of[i] in matched]
             everything = len(members) == len(every)
-            groups[key] = _group(cat, members, platforms[node.platform], everything)
+            group = groups[key] = _group(cat, members, platforms[node.platform], everything)
+            position = {layer.digest: i for i, layer in enumerate(group.layers)}
+            group.chains = chain_order(prefixes, members, chain_shares[node.platform],
+                                       position, chain_min)
         node_plans[node.name] = _node_plan(groups[key], node)
 
     planned: set[int] = set()
@@ -483,6 +491,8 @@ def _node_plan(group: _Group, node: Node) -> NodePlan:
             bytes=cum[-1] - held,
         )
     bisect.insort(group.nodes, (-count, node.name))
+    chains = group.chains or ChainOrder((), [], [], 0)
+    taken, chains_skipped = chains.cut(count, None if budget is None else budget - held)
     return NodePlan(
         node=node.name,
         platform=node.platform,
@@ -492,4 +502,7 @@ def _node_plan(group: _Group, node: Node) -> NodePlan:
         present_bytes=present,
         skipped=skipped,
         below_min_shared=group.below_min,
+        chains=Run(chains.chains, 0, taken),
+        unpacked_bytes=chains.cum_bytes[taken - 1] if taken else 0,
+        chains_skipped=chains_skipped,
     )

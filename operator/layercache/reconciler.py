@@ -424,7 +424,9 @@ class Reconciler:
                       for n in targets]
         images = [r.plan_input() for r in state.resolved]
         try:
-            state.plan = plan(images, plan_nodes, PlanOptions(spec.min_shared_by))
+            # Mode Images pulls whole images, which unpacks every prefix of them anyway.
+            chain_min = 1 if spec.mode == "Images" else None
+            state.plan = plan(images, plan_nodes, PlanOptions(spec.min_shared_by, chain_min))
         except PlanInputError as e:
             state.invalid = f"LayerCache {state.key}: plan: {e}"
             state.plan = None

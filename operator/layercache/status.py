@@ -77,9 +77,13 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
     nodes = state.desired_nodes or ()
     ready_nodes, failing = 0, []
     upstream, peer = state.carried
+    chain_counts = dict.fromkeys(("wanted", "unpacked", "bytesUnpacked"), 0)
     for name in nodes:
         obj = node_caches.get(name)
         ok, reason, message = _node_state(obj)
+        counted = ((obj or {}).get("status") or {}).get("chains") or {}
+        for key in chain_counts:
+            chain_counts[key] += int(counted.get(key, 0))
         bytes_ = ((obj or {}).get("status") or {}).get("bytes") or {}
         # Node counters are cumulative over every cache; ours is what they grew by since
         # this cache was first planned there (an agent restart never lowers them). A node
@@ -94,6 +98,7 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
         else:
             failing.append({"name": name, "reason": reason, "message": message[:512]})
     savings = state.plan.savings if state.plan else None
+    node_plans = list(state.plan.nodes.values()) if state.plan else []
     naive = savings.naive_bytes if savings else 0
     skipped = sum(1 for p in (state.plan.nodes.values() if state.plan else ()) if p.skipped)
     shared = sum(1 for n in (state.plan.shared_by.values() if state.plan else ()) if n > 1)
@@ -141,6 +146,9 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
                    "skippedForBudget": sum(len(p.skipped.layers) for p in
                                            (state.plan.nodes.values() if state.plan else ())
                                            if p.skipped)},
+        "chains": {"planned": sum(len(p.chains) for p in node_plans),
+                   "skippedForBudget": sum(p.chains_skipped for p in node_plans),
+                   **chain_counts},
         "bytes": {"unique": savings.unique_bytes if savings else 0, "naive": naive,
                   "expectedUpstream": savings.expected_upstream_bytes if savings else 0,
                   "upstream": upstream, "peer": peer, "saved": saved,

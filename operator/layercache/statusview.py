@@ -211,7 +211,8 @@ class NodeRow:
     from the node's agent (None when it has not reported); ``state`` is the cache's verdict
     on the node (its ``status.nodes.failing`` reason) or else the agent's Ready reason;
     ``caches`` how many LayerCaches want layers on the node; ``synced`` the agent's
-    ``lastSync``.
+    ``lastSync``; ``chains_wanted``/``chains_unpacked`` chains to unpack and those
+    committed, ``bytes_unpacked`` the bytes extracted (None when not reported).
     """
 
     name: str
@@ -224,6 +225,9 @@ class NodeRow:
     message: str
     caches: int
     synced: datetime.datetime | None
+    chains_wanted: int | None = None
+    chains_unpacked: int | None = None
+    bytes_unpacked: int | None = None
 
 
 def node_rows(cache: Obj, node_caches: Iterable[Obj]) -> list[NodeRow]:
@@ -242,6 +246,7 @@ def node_rows(cache: Obj, node_caches: Iterable[Obj]) -> list[NodeRow]:
         if key not in (spec.get("caches") or ()) and name not in failing:
             continue
         layers, bytes_ = status.get("layers"), status.get("bytes") or {}
+        chains = status.get("chains")
         ready = _conditions(status).get("Ready") or {}
         verdict = failing.get(name)
         rows[name] = NodeRow(
@@ -257,6 +262,9 @@ def node_rows(cache: Obj, node_caches: Iterable[Obj]) -> list[NodeRow]:
             message=str(verdict.get("message", "") if verdict else ""),
             caches=len(spec.get("caches") or ()),
             synced=_parse_time(status.get("lastSync")),
+            chains_wanted=int(chains.get("wanted", 0)) if chains else None,
+            chains_unpacked=int(chains.get("unpacked", 0)) if chains else None,
+            bytes_unpacked=int(chains.get("bytesUnpacked", 0)) if chains else None,
         )
     for name, verdict in failing.items():
         rows.setdefault(name, NodeRow(name, None, None, None, None, None,
@@ -303,6 +311,7 @@ def render_detail(console: Console, cache: Obj, node_caches: Sequence[Obj] | Non
     _print_images(console, status)
     _print_conditions(console, status, now)
     _print_nodes(console, cache, node_caches, now, nodes_error)
+    _print_chains(console, status, node_rows(cache, node_caches or ()))
     _print_savings(console, status)
 
 
@@ -363,6 +372,27 @@ def _print_nodes(console: Console, cache: Obj, node_caches: Sequence[Obj] | None
         notes.append(f"{', '.join(shared)} also serve{'s' if len(shared) == 1 else ''} "
                      "other LayerCaches")
     console.print(Text("; ".join(notes) + ".", style="dim"), soft_wrap=True)
+
+
+def _print_chains(console: Console, status: Obj, rows: Sequence[NodeRow]) -> None:
+    """Chains unpacked ahead of pulls, per node; nothing when none are planned or wanted."""
+    planned = status.get("chains") or {}
+    if not planned.get("planned") and not any(row.chains_wanted for row in rows):
+        return
+    table = _table(f"Unpacked chains: {planned.get('unpacked', 0)}/{planned.get('wanted', 0)}",
+                   "NODE", "CHAINS#", "%#", "EXTRACTED#")
+    for row in rows:
+        if row.chains_wanted is None:
+            table.add_row(row.name, "-", "-", "-")
+            continue
+        table.add_row(row.name, f"{row.chains_unpacked}/{row.chains_wanted}",
+                      _percent(row.chains_unpacked or 0, row.chains_wanted),
+                      _opt_bytes(row.bytes_unpacked))
+    console.print(table)
+    if planned.get("skippedForBudget"):
+        console.print(Text(f"! {planned['skippedForBudget']} chain(s) not unpacked: their "
+                           "estimated size is over maxBytesPerNode", style="yellow"),
+                      soft_wrap=True)
 
 
 def _print_savings(console: Console, status: Obj) -> None:

@@ -4,7 +4,8 @@ Start-up order matters for crash safety and for peers:
 
 1. read this node's NodeLayerCache (its spec, and the byte counters its status kept);
 2. clean our stale leases and ingests in containerd (`layercache.agent.cleanup`), keeping
-   the ingests of wanted layers so their writes resume;
+   the ingests of wanted layers so their writes resume, and the active snapshots of an
+   interrupted unpack (`layercache.agent.unpacking`);
 3. serve peers and metrics, then publish ``status.peerEndpoint``;
 4. follow the object (watch thread), the Node (DiskPressure, platform) and both Secrets,
    and reconcile (`layercache.agent.reconcile`), reporting status as it goes.
@@ -43,6 +44,7 @@ from layercache.agent.server import ContainerdLiveness, PeerServer, metrics_app,
 from layercache.agent.settings import AgentSettings
 from layercache.agent.status import StatusBook, StatusReporter
 from layercache.agent.transfer import ByteRate
+from layercache.agent.unpacking import ChainUnpacker, configured_snapshotter
 from layercache.containerd.content import ContentStore
 from layercache.containerd.cri import CRIImages
 from layercache.metrics import AgentGauges, AgentMetrics
@@ -134,12 +136,18 @@ class Agent:
         images = ImagePuller(cri=self.cri, store=self.store, registry=self.registry,
                              keyrings=self.secrets.keyrings_for, book=book, retry=retry,
                              platform=lambda: self.node_info.platform)
+        snapshotter = settings.snapshotter or configured_snapshotter(settings.containerd_config)
+        chains = ChainUnpacker.for_node(
+            settings.containerd_socket, settings.containerd_namespace, snapshotter, book=book,
+            disk=self.disk, retry=retry, metrics=self.metrics)
+        await _retrying("removing stale unpack snapshots", chains.remove_stale)
         reconciler = Reconciler(store=self.store, fetcher=fetcher, images=images, book=book,
                                 disk=self.disk, retry=retry,
-                                resync_seconds=settings.resync_seconds)
+                                resync_seconds=settings.resync_seconds, chains=chains)
         reconciler.set_object(obj)
-        self.metrics.track(lambda: AgentGauges(book.wanted, book.held, book.bytes_held,
-                                               book.pressure is not None))
+        self.metrics.track(lambda: AgentGauges(
+            book.wanted, book.held, book.bytes_held, book.pressure is not None,
+            book.chains_wanted, book.chains_unpacked, book.bytes_unpacked))
         # A cheap containerd call (a lookup of a digest nobody has) every few seconds; a
         # stale socket mount or a dead containerd fails /healthz after a minute.
         liveness = ContainerdLiveness(lambda: self.store.info(_NO_BLOB))

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from layercache.digest import Digest, InvalidDigestError
+from layercache.digest import Digest, InvalidDigestError, chain_ids
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Counters",
     "InvalidNodeSpecError",
     "NodeSpec",
+    "WantedChain",
     "WantedLayer",
     "parse_node_spec",
 ]
@@ -61,6 +62,21 @@ class WantedLayer:
 
 
 @dataclass(frozen=True)
+class WantedChain:
+    """One chain to unpack: ``chain_id``; blob ``layers`` and their ``diff_ids``, base first.
+
+    ``unpacked_bytes`` is the operator's estimate of its snapshot (reserved on disk before
+    unpacking); ``caches`` want it (its snapshot carries their pin labels).
+    """
+
+    chain_id: Digest
+    layers: tuple[Digest, ...]
+    diff_ids: tuple[Digest, ...]
+    unpacked_bytes: int = 0
+    caches: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Counters:
     """The byte counters persisted in status (bytes): they continue across restarts."""
 
@@ -89,6 +105,7 @@ class NodeSpec:
     counters: Counters
     conditions: tuple[Mapping[str, Any], ...]
     image_caches: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    chains: tuple[WantedChain, ...] = ()
 
     @property
     def wanted(self) -> frozenset[Digest]:
@@ -119,6 +136,31 @@ def _layer(name: str, index: int, raw: Mapping[str, Any]) -> WantedLayer:
                        caches)
 
 
+def _digests(name: str, field: str, raw: Any) -> tuple[Digest, ...]:
+    try:
+        return tuple(Digest(str(value)) for value in raw or ())
+    except InvalidDigestError as error:
+        raise InvalidNodeSpecError(name, field, error.reason) from None
+
+
+def _chain(name: str, index: int, raw: Mapping[str, Any],
+           layers: Mapping[Digest, WantedLayer]) -> WantedChain:
+    field = f"chains[{index}]"
+    (chain_id,) = _digests(name, f"{field}.chainID", [raw.get("chainID", "")])
+    blobs = _digests(name, f"{field}.layers", raw.get("layers"))
+    diff_ids = _digests(name, f"{field}.diffIDs", raw.get("diffIDs"))
+    if not blobs or len(blobs) != len(diff_ids):
+        raise InvalidNodeSpecError(name, f"{field}.diffIDs",
+                                   f"{len(diff_ids)} diff IDs for {len(blobs)} layers")
+    if (absent := next((d for d in blobs if d not in layers), None)) is not None:
+        raise InvalidNodeSpecError(name, f"{field}.layers", f"{absent} is not in spec.layers")
+    if chain_ids(diff_ids)[-1] != chain_id:
+        raise InvalidNodeSpecError(name, f"{field}.chainID",
+                                   f"{chain_id} is not the chain ID of diffIDs")
+    return WantedChain(chain_id, blobs, diff_ids, _count(raw, "unpackedBytes"),
+                       tuple(str(cache) for cache in raw.get("caches") or ()))
+
+
 def _count(raw: Mapping[str, Any], key: str) -> int:
     value = raw.get(key)
     return value if isinstance(value, int) and value >= 0 else 0
@@ -130,7 +172,9 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
     A digest listed twice keeps its first position (fetch order).
 
     Raises:
-        InvalidNodeSpecError: a layer's digest, size, repository or source is unusable.
+        InvalidNodeSpecError: a layer's digest, size, repository or source is unusable; a
+            chain's digests are malformed, its layers are not in spec.layers, or its
+            chain ID is not that of its diff IDs.
 
     """
     metadata = obj.get("metadata") or {}
@@ -141,6 +185,8 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
     for index, raw in enumerate(spec.get("layers") or ()):
         layer = _layer(name, index, raw)
         layers.setdefault(layer.digest, layer)
+    chains = tuple(_chain(name, index, raw, layers)
+                   for index, raw in enumerate(spec.get("chains") or ()))
     images = tuple(str(image["reference"]) for image in spec.get("images") or ()
                    if image.get("reference"))
     counted = status.get("bytes") or {}
@@ -156,4 +202,5 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
         conditions=tuple(status.get("conditions") or ()),
         image_caches={str(image["reference"]): tuple(str(c) for c in image.get("caches") or ())
                       for image in spec.get("images") or () if image.get("reference")},
+        chains=chains,
     )

@@ -13,7 +13,9 @@ spec change and every `AgentSettings.resync_seconds` — never from memory alone
    the registry's ``Retry-After``; a disk refusal stops new fetches until the filesystem
    is checked again;
 4. in ``Images`` mode, an image whose layers are all held is pulled through CRI, which
-   then only resolves its manifest and config (`layercache.agent.images`).
+   then only resolves its manifest and config (`layercache.agent.images`);
+5. a chain whose blobs are all held is unpacked into the snapshotter, one at a time in
+   spec order; chains of ours no longer wanted are released (`layercache.agent.unpacking`).
 
 The status book is updated as facts change; `StatusReporter` patches it.
 """
@@ -32,6 +34,7 @@ from layercache.agent.fetch import LayerFetcher, failure_reason
 from layercache.agent.images import ImagePuller
 from layercache.agent.nodespec import InvalidNodeSpecError, NodeSpec, WantedLayer, parse_node_spec
 from layercache.agent.status import StatusBook
+from layercache.agent.unpacking import ChainUnpacker
 from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import ContainerdError
 from layercache.digest import Digest
@@ -52,7 +55,7 @@ class Reconciler:
 
     def __init__(self, *, store: ContentStore, fetcher: LayerFetcher, images: ImagePuller,
                  book: StatusBook, disk: DiskGuard, retry: RetryTimes,
-                 resync_seconds: float) -> None:
+                 resync_seconds: float, chains: ChainUnpacker | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
         self.images = images
@@ -60,6 +63,7 @@ class Reconciler:
         self.disk = disk
         self.retry = retry
         self.resync_seconds = resync_seconds
+        self.chains = chains
         self.spec: NodeSpec | None = None
         self.held: dict[Digest, int] = {}
         self.inflight: dict[Digest, asyncio.Task[None]] = {}
@@ -83,7 +87,8 @@ class Reconciler:
             self.book.problems["InvalidSpec"] = self.book.error("InvalidSpec", str(error))
             return
         self.book.problems.pop("InvalidSpec", None)
-        changed = spec is None or self.spec is None or spec.layers != self.spec.layers
+        changed = (spec is None or self.spec is None or spec.layers != self.spec.layers
+                   or spec.chains != self.spec.chains)
         self.spec = spec
         if spec is not None:
             self.book.generation = spec.generation
@@ -104,6 +109,8 @@ class Reconciler:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.chains is not None:
+                await self.chains.stop()
 
     async def _sleep(self) -> None:
         now = self.loop_time
@@ -128,6 +135,8 @@ class Reconciler:
         if spec is not None and not spec.paused:
             self._start_missing(spec)
             self._start_pulls(spec)
+            if self.chains is not None:
+                self.chains.start(spec, self.held, lambda _task: self.wake.set())
         else:
             self._cancel(lambda _digest: True)
         self._report(spec)
@@ -155,6 +164,14 @@ class Reconciler:
                 await self.store.release(digest)
                 log.info("released %s: no longer wanted", digest.short,
                          extra={"digest": digest})
+        if self.chains is not None and not self._unpacking():
+            await self.chains.inventory(spec)
+
+    def _unpacking(self) -> bool:
+        # An unpack in flight changes the snapshots under the inventory's feet; its own
+        # result is recorded when it ends, and the next resync reads the rest.
+        task = self.chains.task if self.chains is not None else None
+        return task is not None and not task.done()
 
     def _cancel(self, which: Any) -> None:
         for digest, task in list(self.inflight.items()):
@@ -222,6 +239,8 @@ class Reconciler:
         book.missing = [layer.digest for layer in layers if layer.digest not in self.held]
         book.images_pending = self.images.pending(spec.images if spec is not None else ())
         book.busy = bool(self.inflight)
+        if self.chains is not None:
+            self.chains.report(spec)
         book.synced = True
         refusal = self.disk.refusal
         if not book.missing:

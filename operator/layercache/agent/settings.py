@@ -41,6 +41,13 @@ class AgentSettings(BaseSettings):
         description="The node's containerd socket (serves the content API and CRI).")
     containerd_namespace: str = Field(
         "k8s.io", description="containerd namespace to write into (the CRI's is k8s.io).")
+    snapshotter: str | None = Field(
+        None, description="Snapshotter to unpack chains into (only overlayfs is supported); "
+                          "unset: the CRI's, read from containerd_config, else overlayfs.")
+    containerd_config: Path | None = Field(
+        Path("/etc/containerd/config.toml"),
+        description="The node containerd's config file, read for the CRI's snapshotter; "
+                    "missing or unset: overlayfs (containerd's default).")
     peer_bind: str = Field("0.0.0.0", description="Address the peer server listens on.")  # noqa: S104 - agents must reach it
     peer_port: int = Field(5780, ge=1, le=65535, description="Peer server TCP port.")
     peer_advertise_address: str | None = Field(

@@ -2,6 +2,8 @@
 
 `StatusBook` keeps the facts (inventory counts, byte counters, recent errors, disk
 pressure) and renders the ``status`` object of the CRD: ``peerEndpoint``, ``layers``,
+``chains`` (wanted, unpacked, bytes extracted; they do not decide Ready, which is about
+the blobs: a failed unpack is reported in ``errors`` and Degraded),
 ``missing``, ``bytes``, ``errors`` (≤ 20, newest first), ``diskPressure``, conditions
 ``Ready``/``Progressing``/``Degraded`` (CamelCase reasons, ``lastTransitionTime`` kept while
 a condition's status holds), ``observedGeneration`` and ``lastSync``. `StatusReporter`
@@ -76,6 +78,9 @@ class StatusBook:
         self.wanted = 0
         self.held = 0
         self.bytes_held = 0
+        self.chains_wanted = 0
+        self.chains_unpacked = 0
+        self.bytes_unpacked = 0
         self.missing: list[str] = []
         self.images_pending = 0
         self.busy = False
@@ -176,6 +181,8 @@ class StatusBook:
         status: dict[str, Any] = {
             "observedGeneration": self.generation,
             "layers": {"wanted": self.wanted, "held": self.held, "bytesHeld": self.bytes_held},
+            "chains": {"wanted": self.chains_wanted, "unpacked": self.chains_unpacked,
+                       "bytesUnpacked": self.bytes_unpacked},
             "missing": list(self.missing),
             "bytes": self._bytes(),
             "human": self._human(),

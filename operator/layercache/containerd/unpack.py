@@ -15,7 +15,8 @@ whose chain snapshot is missing:
    chain ID its content does not have;
 3. ``Snapshots.Commit`` it under the chain ID with containerd's labels
    (``containerd.io/snapshot.ref``, ``…/snapshot/diff-id``, ``…/snapshot/parent-chain-id``)
-   and our pin labels; ``ALREADY_EXISTS`` (someone committed it first) is success;
+   and our pin labels, plus `UNPACKED_SIZE_LABEL` (the uncompressed bytes extracted, as
+   the differ counted them); ``ALREADY_EXISTS`` (someone committed it first) is success;
 4. label the layer blob ``containerd.io/uncompressed=<diff ID>`` as containerd does.
 
 GC: committed snapshots carry the same pin labels as our blobs (`labels.pin_labels`:
@@ -78,7 +79,9 @@ __all__ = [
     "SNAPSHOT_REF_LABEL",
     "SUPPORTED_SNAPSHOTTERS",
     "UNCOMPRESSED_LABEL",
+    "UNPACKED_SIZE_LABEL",
     "UNPACK_KEY_PREFIX",
+    "Applied",
     "DiffIDMismatchError",
     "Differ",
     "LayerToUnpack",
@@ -102,6 +105,8 @@ UNPACK_KEY_PREFIX: Final = "layercache-extract-"
 SNAPSHOT_REF_LABEL: Final = "containerd.io/snapshot.ref"
 SNAPSHOT_DIFF_ID_LABEL: Final = "containerd.io/snapshot/diff-id"
 SNAPSHOT_PARENT_LABEL: Final = "containerd.io/snapshot/parent-chain-id"
+#: Our snapshot label: uncompressed bytes of the layer extracted into it (Diff.Apply's count).
+UNPACKED_SIZE_LABEL: Final = "layercache.dev/unpacked-size"
 #: Content label containerd's unpacker sets on a layer blob: its diff ID.
 UNCOMPRESSED_LABEL: Final = "containerd.io/uncompressed"
 #: Seconds the unpack lease outlives a killed agent: far beyond one layer's extraction.
@@ -141,6 +146,13 @@ class Mount(NamedTuple):
     options: tuple[str, ...]
 
 
+class Applied(NamedTuple):
+    """What ``Diff.Apply`` extracted: its ``diff_id`` and ``size`` (uncompressed bytes)."""
+
+    diff_id: Digest
+    size: int
+
+
 class LayerToUnpack(NamedTuple):
     """One layer of a chain: its blob's descriptor and its diff ID (from the image config)."""
 
@@ -174,11 +186,15 @@ class SnapshotInfo:
 
 @dataclass(frozen=True)
 class UnpackResult:
-    """What `Unpacker.unpack_chain` did: chain IDs bottom first, and which it committed."""
+    """What `Unpacker.unpack_chain` did: chain IDs bottom first, and which it committed.
+
+    ``extracted_bytes``: uncompressed bytes of the layers it extracted (0 when all existed).
+    """
 
     chain_ids: tuple[Digest, ...]
     committed: tuple[Digest, ...]
     existing: tuple[Digest, ...]
+    extracted_bytes: int = 0
 
 
 class Snapshots(Client):
@@ -310,7 +326,17 @@ class Differ(Client):
                     lease: str | None = None) -> Digest:
         """Extract blob ``layer`` (from the content store) onto ``mounts``; the diff ID applied.
 
-        The returned digest is that of the uncompressed tar containerd extracted.
+        The returned digest is that of the uncompressed tar containerd extracted. Raises as
+        `apply_layer`.
+        """
+        return (await self.apply_layer(layer, mounts, lease=lease)).diff_id
+
+    async def apply_layer(self, layer: LayerDescriptor, mounts: Sequence[Mount], *,
+                          lease: str | None = None) -> Applied:
+        """Extract blob ``layer`` onto ``mounts``: the diff ID and uncompressed bytes applied.
+
+        containerd's differ answers with the descriptor of the uncompressed tar it read
+        (``core/diff/apply``: digest = diff ID, size = bytes read).
 
         Raises:
             NotFound: the blob is not in the content store.
@@ -325,7 +351,7 @@ class Differ(Client):
         with self.errors(f"layer {layer.digest}", "Diff.Apply"):
             response: diff_pb2.ApplyResponse = await self.stub.Apply(
                 request, metadata=self.metadata(lease), timeout=self.timeout)
-        return Digest(response.applied.digest)
+        return Applied(Digest(response.applied.digest), response.applied.size)
 
 
 def _pin_existing(labels: Mapping[str, str], caches: Iterable[str]) -> dict[str, str]:
@@ -419,6 +445,7 @@ class Unpacker(Client):
         chain = chain_ids(pair.diff_id for pair in pairs)
         committed: list[Digest] = []
         existing: list[Digest] = []
+        extracted = 0
         async with self.leases.lease(labels={"layercache.dev/purpose": "unpack"},
                                      expire=_LEASE_EXPIRY) as lease:
             parent: str = ""
@@ -428,17 +455,19 @@ class Unpacker(Client):
                     await self.snapshots.update_labels(
                         chain_id, _pin_existing(found.labels, caches))
                     existing.append(chain_id)
-                elif await self._unpack_layer(pair, chain_id, parent, index, caches, lease):
+                elif (size := await self._unpack_layer(pair, chain_id, parent, index, caches,
+                                                       lease)) is not None:
                     committed.append(chain_id)
+                    extracted += size
                 else:
                     existing.append(chain_id)
                 await self._label_uncompressed(pair)
                 parent = chain_id
-        return UnpackResult(tuple(chain), tuple(committed), tuple(existing))
+        return UnpackResult(tuple(chain), tuple(committed), tuple(existing), extracted)
 
     async def _unpack_layer(self, layer: LayerToUnpack, chain_id: Digest, parent: str,
-                            index: int, caches: Sequence[str], lease: str) -> bool:
-        """Prepare → Apply → verify → Commit one layer; False when another committed it first."""
+                            index: int, caches: Sequence[str], lease: str) -> int | None:
+        """Prepare → Apply → verify → Commit one layer; bytes extracted, None if another won."""
         labels: dict[str, str] = {SNAPSHOT_REF_LABEL: chain_id,
                                   SNAPSHOT_DIFF_ID_LABEL: layer.diff_id}
         if index > 0:
@@ -446,26 +475,27 @@ class Unpacker(Client):
         key = f"{UNPACK_KEY_PREFIX}{uuid.uuid4().hex} {chain_id}"
         mounts = await self.snapshots.prepare(key, parent, labels, lease=lease)
         try:
-            applied = await self.differ.apply(layer.descriptor, mounts, lease=lease)
-            if applied != layer.diff_id:
+            applied = await self.differ.apply_layer(layer.descriptor, mounts, lease=lease)
+            if applied.diff_id != layer.diff_id:
                 raise DiffIDMismatchError(layer=layer.descriptor.digest,
-                                          expected=layer.diff_id, actual=applied,
+                                          expected=layer.diff_id, actual=applied.diff_id,
                                           chain_id=chain_id)
-            await self.snapshots.commit(chain_id, key, {**labels, **pin_labels(caches)},
-                                        lease=lease)
+            await self.snapshots.commit(
+                chain_id, key, {**labels, **pin_labels(caches),
+                                UNPACKED_SIZE_LABEL: str(applied.size)}, lease=lease)
         except AlreadyExists:
             # Committed by someone else (a CRI pull) meanwhile: theirs is as good as ours.
             await self._remove_quietly(key)
             found = await self.snapshots.stat(chain_id)
             if found is not None:
                 await self.snapshots.update_labels(chain_id, _pin_existing(found.labels, caches))
-            return False
+            return None
         except BaseException:
             # Shielded: a cancelled unpack still removes its active snapshot.
             await asyncio.shield(self._remove_quietly(key))
             raise
         log.info("unpacked layer %s as snapshot %s", layer.descriptor.digest, chain_id)
-        return True
+        return applied.size
 
     async def _label_uncompressed(self, layer: LayerToUnpack) -> None:
         """Label the layer blob with its diff ID, as containerd's unpacker does."""

@@ -103,15 +103,18 @@ class ResolvedImage:
         """This image as the planner's input, for nodes of `platform`.
 
         Only the `distributable` layers: a foreign layer is the runtime's to fetch from its
-        ``urls``, never planned. ``node_selector`` (label → value) narrows the nodes it
-        targets; None: all of them.
+        ``urls``, never planned, and its chain and those above it are not unpacked (the
+        first foreign layer ends ``unpackable``). ``node_selector`` (label → value) narrows
+        the nodes it targets; None: all of them.
         """
+        foreign = self.non_distributable
         return PlanImage(
             reference=str(self.reference),
             platform=self.platform,
             manifest_digest=self.manifest_digest,
             layers=self.distributable,
             node_selector=node_selector or {},
+            unpackable=self.layers.index(foreign[0]) if foreign else None,
         )
 
 
