@@ -13,10 +13,13 @@ the next test (and the next module on the session bed) starts from empty nodes.
 from __future__ import annotations
 
 import ast
+import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -32,8 +35,18 @@ from layercache.containerd.labels import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     caches_of,
+    is_managed,
+)
+from layercache.containerd.leases import Leases
+from layercache.containerd.unpack import (
+    UNPACK_KEY_PREFIX,
+    UNPACKED_SIZE_LABEL,
+    SnapshotInfo,
+    Snapshots,
 )
 from testbed.bed import BedState, node_name
+from testbed.contract import collect_garbage
+from testbed.cri import pull
 from testbed.e2e import (
     LayerCacheCluster,
     apply_cache,
@@ -612,3 +625,143 @@ def test_foreign_layers_are_reported_once_and_never_block_ready(
     finally:
         delete_caches(kube, namespace)
         httpx.delete(f"{bed.registries['plain'].url}/v2/{repo}/manifests/{digest}", timeout=10)
+
+
+# --- 9: chains unpacked ahead of pulls (issue 12) ----------------------------------------
+
+
+def _committed(socket: str) -> dict[str, SnapshotInfo]:
+    """The node's committed overlayfs snapshots in k8s.io, by name."""
+    async def work() -> dict[str, SnapshotInfo]:
+        async with Snapshots(socket) as snapshots:
+            return {s.name: s for s in await snapshots.list() if s.committed}
+    return asyncio.run(work())
+
+
+def _active_extracts(socket: str) -> list[str]:
+    """Our active (extraction) snapshots on the node: an unpack in progress or left over."""
+    async def work() -> list[str]:
+        async with Snapshots(socket) as snapshots:
+            return [s.name for s in await snapshots.list()
+                    if s.kind == "ACTIVE" and s.name.startswith(UNPACK_KEY_PREFIX)]
+    return asyncio.run(work())
+
+
+def _chains_done(kube: Kube, node: str) -> dict[str, Any] | None:
+    """The node's NodeLayerCache once its agent reports every wanted chain unpacked."""
+    obj = node_caches(kube).get(node) or {}
+    counted = (obj.get("status") or {}).get("chains") or {}
+    wanted = len((obj.get("spec") or {}).get("chains") or ())
+    done = wanted and counted.get("wanted") == wanted and counted.get("unpacked") == wanted
+    return obj if done else None
+
+
+def _only_on(node: str) -> dict[str, Any]:
+    return {"nodeSelector": {"kubernetes.io/hostname": node}}
+
+
+def test_unpacked_chains_are_containerds_own_and_make_a_later_pull_fast(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        proxy: FaultProxy, namespace: str) -> None:
+    warm, reference = bed.nodes[0], bed.nodes[2]
+    cached = ("python", "curl")  # base+python and base+curl: the base chain is shared
+    apply_cache(kube, namespace, "chains", {"images": _via_proxy(bed, family, *cached),
+                                            **_only_on(warm.name)})
+    obj = wait_cache(kube, namespace, "chains", is_ready, "Ready", cluster)
+    mine = wait_for(lambda: _chains_done(kube, warm.name), 120, 0.5, "chains unpacked")
+    wanted = {c["chainID"] for c in mine["spec"]["chains"]}
+    assert len(wanted) == 3, mine["spec"]["chains"]  # base, base+python, base+curl
+    assert obj["status"]["chains"]["planned"] == 3
+
+    # The reference: containerd's own CRI pull of the same images on a node we left alone.
+    before = set(_committed(reference.socket))
+    for ref in _via_proxy(bed, family, *cached):
+        pull(reference.socket, ref)
+    assert set(_committed(reference.socket)) - before == wanted
+    ours = _committed(warm.socket)
+    for chain_id in wanted:
+        labels = dict(ours[chain_id].labels)
+        assert labels.get(GC_ROOT_LABEL) and labels.get(MANAGED_BY_LABEL) == MANAGED_BY, labels
+        assert caches_of(labels) == {f"{namespace}/chains"}, labels
+    assert not _active_extracts(warm.socket)
+    counted = mine["status"]["chains"]
+    assert counted["bytesUnpacked"] > sum(family.layer(d).size for d in _layers(family, *cached))
+
+    # A CRI pull of an app image on the base: only its own layer is fetched and unpacked.
+    app = _via_proxy(bed, family, "app-py-b")[0]
+    before = set(_committed(warm.socket))
+    proxy.reset()
+    started = time.monotonic()
+    pull(warm.socket, app)
+    seconds = time.monotonic() - started
+    own = _layers(family, "app-py-b") - _layers(family, *cached)
+    assert sum(_layer_bytes(proxy.stats(), _layers(family, *cached)).values()) == 0
+    assert set(_layer_bytes(proxy.stats(), own).values()) != {0}
+    assert len(set(_committed(warm.socket)) - before) == len(own)  # the app's chain only
+    print(f"CRI pull of app-py-b on the warmed node: {seconds:.2f} s")
+
+
+def test_agent_killed_during_apply_commits_the_chain_once_after_restart(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        namespace: str) -> None:
+    node = bed.nodes[1]
+    apply_cache(kube, namespace, "crash", {"images": _via_proxy(bed, family, "base"),
+                                           **_only_on(node.name)})
+    (base,) = family.images["base"].resolve().layers
+    deadline = time.monotonic() + 120
+    while not (seen := _active_extracts(node.socket)):  # Diff.Apply of ~170 MB: seconds
+        assert time.monotonic() < deadline, "no unpack started"
+        assert _chains_done(kube, node.name) is None, "unpacked before it could be killed"
+        time.sleep(0.02)
+    agent = cluster.agents.pop(node.name)
+    os.kill(agent.pid, signal.SIGKILL)
+    assert agent.popen is not None
+    agent.popen.wait(10)
+    (chain_id,) = {name.rsplit(" ", 1)[-1] for name in seen}
+    time.sleep(1)  # containerd ends the cancelled Apply
+    assert chain_id not in _committed(node.socket)  # nothing committed under its name
+    assert _active_extracts(node.socket) == seen  # the stale active snapshot is left
+
+    cluster.start_agent(node)
+    mine = wait_for(lambda: _chains_done(kube, node.name), 120, 0.5, "chain unpacked")
+    assert [c["chainID"] for c in mine["spec"]["chains"]] == [chain_id]
+    assert not _active_extracts(node.socket)  # removed at start-up, and no new one left
+    info = _committed(node.socket)[chain_id]
+    labels = dict(info.labels)
+    # Committed once, correct: containerd's labels with the config's diff ID, ours to pin.
+    assert labels["containerd.io/snapshot/diff-id"] == mine["spec"]["chains"][0]["diffIDs"][0]
+    assert labels.get(MANAGED_BY_LABEL) == MANAGED_BY
+    assert int(labels[UNPACKED_SIZE_LABEL]) > family.layer(base).size
+    log = cluster.agents[node.name].log.read_text()
+    assert log.count(f"as snapshot {chain_id}") == 1, log[-2000:]
+
+
+def test_a_released_chain_goes_with_gc_but_a_pulled_images_stay(
+        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        namespace: str) -> None:
+    node = bed.nodes[0]
+    apply_cache(kube, namespace, "gc", {"images": _via_proxy(bed, family, "python", "curl"),
+                                        **_only_on(node.name)})
+    mine = wait_for(lambda: _chains_done(kube, node.name), 180, 0.5, "chains unpacked")
+    chains = {len(c["layers"]): c["chainID"] for c in mine["spec"]["chains"]
+              if len(c["layers"]) == 1}
+    by_top = {c["layers"][-1]: c["chainID"] for c in mine["spec"]["chains"]}
+    (curl_top,) = _layers(family, "curl") - _layers(family, "python")
+    (python_top,) = _layers(family, "python") - _layers(family, "curl")
+    base_chain, python_chain, curl_chain = chains[1], by_top[python_top], by_top[curl_top]
+    pull(node.socket, _via_proxy(bed, family, "app-py-a")[0])  # refers to base+python
+
+    delete_caches(kube, namespace)
+    wait_released(kube, [node.name], RELEASE_SECONDS)
+
+    def released() -> bool:
+        return not any(is_managed(s.labels) for s in _committed(node.socket).values())
+    wait_for(released, RELEASE_SECONDS, 0.5, "chains unpinned")
+
+    async def collect() -> None:
+        async with Leases(node.socket) as leases:
+            await collect_garbage(leases)
+    asyncio.run(collect())
+    left = _committed(node.socket)
+    assert curl_chain not in left  # no image refers to it: containerd's GC removed it
+    assert base_chain in left and python_chain in left  # the pulled app image's parents

@@ -196,6 +196,15 @@ def test_every_dashboard_query_returns_data(observed: Observed, bed: BedState,
     assert all(held[n.name] > 0 for n in bed.nodes)
     assert values("Per-node progress (layers held / wanted)") == {
         f'{{node="{n.name}"}}': 1.0 for n in bed.nodes}
+    # Chains: Ready waits for them, so every node has unpacked all it wants.
+    assert values("Per-node chains unpacked / wanted") == {
+        f'{{node="{n.name}"}}': 1.0 for n in bed.nodes}
+    unpacked = {name: (obj.get("status") or {}).get("chains", {}).get("bytesUnpacked")
+                for name, obj in node_caches(kube).items()}
+    assert values("Bytes unpacked per node") == {
+        f'{{node="{n.name}"}}': unpacked[n.name] for n in bed.nodes}
+    assert all(unpacked[n.name] > 0 for n in bed.nodes)
+    assert values("Chain unpack time (p50, p95) and failures", "A")["{}"] > 0
     errors = values("Agent errors since start, by node and reason")
     assert any('reason="DigestMismatch"' in k and v >= 1 for k, v in errors.items()), errors
     assert values("Image resolve errors, by reason"), "the missing image's reason"

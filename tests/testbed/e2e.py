@@ -24,8 +24,9 @@ from kubernetes.client.exceptions import ApiException
 
 from layercache.containerd.content import BlobInfo, ContentStore
 from layercache.containerd.cri import CRIImages
-from layercache.containerd.errors import NotFound
-from layercache.containerd.labels import MANAGED_BY, MANAGED_BY_LABEL
+from layercache.containerd.errors import ContainerdError, NotFound
+from layercache.containerd.labels import MANAGED_BY, MANAGED_BY_LABEL, is_managed
+from layercache.containerd.unpack import Snapshots
 from testbed.bed import BedState, NodeRecord, register_nodes
 from testbed.kube import Kube, wait_for
 from testbed.nodes import RegistryHost, SimNode
@@ -277,10 +278,11 @@ def ingest_refs(socket: str) -> list[str]:
 
 
 def clear_family(socket: str, digests: Iterable[str]) -> None:
-    """Forget the image family on a node: CRI images, these blobs, our ingests and leases.
+    """Forget the image family on a node: images, blobs, our ingests, leases and chains.
 
-    For use between product runs: a test that measures upstream bytes needs nodes that do
-    not hold the layers already.
+    Chains (the snapshots layercache unpacked) go children first. For use between
+    product runs: a test that measures upstream bytes needs nodes that do not hold the
+    layers already, and one that times a pull needs them not unpacked.
     """
     doomed = list(digests)
 
@@ -297,4 +299,13 @@ def clear_family(socket: str, digests: Iterable[str]) -> None:
         for digest in doomed:
             with contextlib.suppress(NotFound):  # absent, or collected by containerd's GC
                 await store.delete(digest)
+        snapshots = Snapshots(socket, channel=store.channel)
+        for _ in range(128):  # a chain goes once its children have: deepest first
+            ours = [s.name for s in await snapshots.list() if is_managed(s.labels)]
+            removed = 0
+            for name in ours:
+                with contextlib.suppress(ContainerdError):  # has children: next round
+                    removed += await snapshots.remove(name)
+            if not ours or not removed:
+                break
     _run(socket, work)

@@ -88,6 +88,8 @@ def start_agent(bed: BedState, kube: Kube, node: NodeRecord, workdir: Path,
         "LAYERCACHE_INSECURE_REGISTRIES": ",".join(_insecure(bed)),
         "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
+        # The node's own containerd config: the agent reads the CRI's snapshotter there.
+        "LAYERCACHE_CONTAINERD_CONFIG": str(Path(node.workdir) / "containerd.toml"),
     }
     proc = Process(f"agent[{node.name}]", [sys.executable, "-m", "layercache.agent"],
                    workdir / f"agent-{node.name}.log", env=env).start()

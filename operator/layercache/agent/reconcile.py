@@ -238,7 +238,7 @@ class Reconciler:
         book.bytes_held = sum(self.held.values())
         book.missing = [layer.digest for layer in layers if layer.digest not in self.held]
         book.images_pending = self.images.pending(spec.images if spec is not None else ())
-        book.busy = bool(self.inflight)
+        book.busy = bool(self.inflight) or self._unpacking()
         if self.chains is not None:
             self.chains.report(spec)
         book.synced = True

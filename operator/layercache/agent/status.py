@@ -2,8 +2,9 @@
 
 `StatusBook` keeps the facts (inventory counts, byte counters, recent errors, disk
 pressure) and renders the ``status`` object of the CRD: ``peerEndpoint``, ``layers``,
-``chains`` (wanted, unpacked, bytes extracted; they do not decide Ready, which is about
-the blobs: a failed unpack is reported in ``errors`` and Degraded),
+``chains`` (wanted, unpacked, bytes extracted; Ready waits for the chains as for the
+blobs, except where the snapshotter is unsupported: then none can be unpacked and status
+says so in Degraded),
 ``missing``, ``bytes``, ``errors`` (≤ 20, newest first), ``diskPressure``, conditions
 ``Ready``/``Progressing``/``Degraded`` (CamelCase reasons, ``lastTransitionTime`` kept while
 a condition's status holds), ``observedGeneration`` and ``lastSync``. `StatusReporter`
@@ -81,6 +82,8 @@ class StatusBook:
         self.chains_wanted = 0
         self.chains_unpacked = 0
         self.bytes_unpacked = 0
+        #: Chains still to unpack that Ready waits for (0 when unpacking is unsupported).
+        self.chains_pending = 0
         self.missing: list[str] = []
         self.images_pending = 0
         self.busy = False
@@ -124,13 +127,18 @@ class StatusBook:
     def conditions(self) -> list[dict[str, Any]]:
         """``Ready``, ``Progressing`` and ``Degraded`` for the current facts."""
         missing = self.wanted - self.held
-        done = missing == 0 and self.images_pending == 0
+        done = missing == 0 and self.images_pending == 0 and self.chains_pending == 0
         if done:
-            ready = ("True", "AllLayersHeld", f"{self.held} of {self.wanted} layers held")
+            ready = ("True", "AllLayersHeld", f"{self.held} of {self.wanted} layers held"
+                     + (f", {self.chains_unpacked} chains unpacked" if self.chains_wanted
+                        else ""))
         elif missing:
             ready = ("False", "LayersMissing", f"{missing} of {self.wanted} layers missing")
-        else:
+        elif self.images_pending:
             ready = ("False", "ImagesPending", f"{self.images_pending} images not pulled yet")
+        else:
+            ready = ("False", "ChainsPending",
+                     f"{self.chains_pending} of {self.chains_wanted} chains not unpacked yet")
         if self.paused:
             progressing = ("False", "Paused", "spec.paused is set")
         elif done:
@@ -139,7 +147,8 @@ class StatusBook:
             progressing = ("False", self.pressure[0], self.pressure[1])
         else:
             progressing = ("True", "Fetching" if self.busy else "WaitingToRetry",
-                           f"{missing} layers and {self.images_pending} images to go")
+                           f"{missing} layers, {self.images_pending} images and "
+                           f"{self.chains_pending} chains to go")
         degraded = self._degraded()
         return [self._condition(kind, *values) for kind, values in
                 (("Ready", ready), ("Progressing", progressing), ("Degraded", degraded))]

@@ -224,6 +224,8 @@ class ChainUnpacker:
         self.book.chains_wanted = len(chains)
         self.book.chains_unpacked = sum(1 for c in chains if c.chain_id in self.unpacked)
         self.book.bytes_unpacked = sum(self.unpacked.get(c.chain_id, 0) for c in chains)
+        self.book.chains_pending = (self.book.chains_wanted - self.book.chains_unpacked
+                                    if self.unpacker is not None else 0)
 
 
 def _key(chain: WantedChain) -> str:
