@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from layercache.agent.backoff import RetryTimes
+from layercache.agent.disk import DiskGuard
 from layercache.agent.nodespec import Counters, InvalidNodeSpecError, parse_node_spec
 from layercache.agent.status import StatusBook
-from layercache.agent.unpacking import configured_snapshotter
+from layercache.agent.unpacking import ChainUnpacker, configured_snapshotter
 from layercache.digest import Digest, chain_ids
 from layercache.metrics import AgentGauges, AgentMetrics
 from layercache.reconciler import CacheState
@@ -118,3 +120,29 @@ def test_cache_status_sums_its_nodes_chains() -> None:
     status = cache_status(state, nodes)
     assert status["chains"] == {"planned": 0, "skippedForBudget": 0, "wanted": 6,
                                 "unpacked": 4, "bytesUnpacked": 400}
+
+
+def test_an_unsupported_snapshotter_is_reported_not_crashed_on(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    metrics = AgentMetrics("n1", registry)
+    book = StatusBook(Counters(), metrics, list)
+
+    async def nowhere() -> Path:
+        return tmp_path
+    chains = ChainUnpacker.for_node(tmp_path / "containerd.sock", "k8s.io", "native",
+                                    book=book, disk=DiskGuard(nowhere),
+                                    retry=RetryTimes(1, 2), metrics=metrics)
+    assert chains.unpacker is None
+    spec = parse_node_spec(_obj(_chain(chainID=str(CHAIN[0]), layers=[str(BASE)],
+                                       diffIDs=[str(DIFF_BASE)])))
+    chains.report(spec)
+    book.synced, book.wanted, book.held = True, 2, 2
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in book.body()["conditions"]}
+    # Nothing can be unpacked: Ready is about the blobs, Degraded says why.
+    assert conditions == {"Ready": ("True", "AllLayersHeld"),
+                          "Progressing": ("False", "Complete"),
+                          "Degraded": ("True", "UnsupportedSnapshotter")}
+    assert book.body()["chains"] == {"wanted": 1, "unpacked": 0, "bytesUnpacked": 0}
+    assert "'native' is not supported" in book.body()["errors"][0]["message"]
+    assert registry.get_sample_value("layercache_agent_errors_total",
+                                     {"node": "n1", "reason": "UnsupportedSnapshotter"}) == 1

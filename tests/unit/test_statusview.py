@@ -205,3 +205,23 @@ def test_no_color_and_pipes_get_plain_text(objs: dict[str, Any],
     assert "\x1b[1m" in styled  # bold stays
     assert "\x1b[31m" not in styled and "\x1b[32m" not in styled
     assert "\x1b[31m" in colour.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_detail_shows_unpacked_chains_per_node(objs: dict[str, Any]) -> None:
+    cache = copy.deepcopy(objs["cache"])
+    cache["status"]["chains"] = {"planned": 6, "skippedForBudget": 1, "wanted": 6,
+                                 "unpacked": 4, "bytesUnpacked": 400_000_000}
+    nodes = copy.deepcopy(objs["nodes"][:2])
+    nodes[0]["status"]["chains"] = {"wanted": 3, "unpacked": 3, "bytesUnpacked": 300_000_000}
+    nodes[1]["status"]["chains"] = {"wanted": 3, "unpacked": 1, "bytesUnpacked": 100_000_000}
+    console = _plain()
+    statusview.render_detail(console, cache, nodes, NOW)
+    text = console.export_text()
+    assert "Unpacked chains: 4/6" in text
+    assert "│ node-a │    3/3 │ 100% │  300.0 MB │" in text
+    assert "│ node-b │    1/3 │  33% │  100.0 MB │" in text
+    assert "1 chain(s) not unpacked: their estimated size is over maxBytesPerNode" in text
+    # A cache without chains shows no chain table (the golden detail view above).
+    console = _plain()
+    statusview.render_detail(console, objs["cache"], objs["nodes"], NOW)
+    assert "Unpacked chains" not in console.export_text()
