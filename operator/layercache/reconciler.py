@@ -4,8 +4,8 @@ Handlers (layercache.handlers) feed it: a LayerCache created/changed/refreshed â
 `resolve()`; anything that changes the plan (caches, nodes, agents' inventories) â†’
 `trigger()`. One background task turns triggers into at most one replan per debounce
 window, so a burst of events costs one plan and only changed `NodeLayerCache` specs are
-written. On a standby replica kopf freezes the handlers and layercache.handlers.lifecycle
-stops these loops (layercache.leadership), so a second replica never writes anything.
+written. Only the replica holding the operator's Lease runs kopf and these loops
+(layercache.leadership), so a second replica never writes anything.
 """
 
 from __future__ import annotations
