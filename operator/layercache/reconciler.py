@@ -397,6 +397,7 @@ class Reconciler:
         per_node = distribute(plans, present, previous)
         written = {}
         node_names = {n.name for n in nodes}
+        self.metrics.planned({n: len(per_node.get(n, [])) for n in node_names})
         for name in sorted(node_names | set(existing)):
             if name not in node_names:
                 await asyncio.to_thread(self.kube.delete_node_cache, name)
