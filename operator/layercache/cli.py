@@ -103,6 +103,31 @@ def operator_command(
     run_operator(verbose=verbose)
 
 
+@app.command("cleanup")
+def cleanup_command(
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=1, help="Seconds to wait for every agent to release its layers.")
+    ] = 240,
+) -> None:
+    """Delete every LayerCache; wait until every node released its layers (before uninstall).
+
+    The chart's pre-delete hook runs this. Exit 1 when the wait times out.
+    """
+    from layercache import kubeclient
+    from layercache.kube import KubeApi
+    from layercache.uninstall import CleanupTimeout, cleanup
+
+    api = kubeclient.api_client()
+    try:
+        cleanup(KubeApi(api), timeout)
+    except CleanupTimeout as error:
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(error))}", highlight=False,
+                                   soft_wrap=True)
+        raise typer.Exit(1) from None
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
+
+
 @app.command("agent")
 def agent_command() -> None:
     """Run the node agent; settings come from LAYERCACHE_* variables (NODE_NAME required)."""

@@ -100,17 +100,6 @@ class KubeApi:
         listed: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, LC_PLURAL)
         return list(listed["items"])
 
-    def peering_status(self, name: str) -> dict[str, Any] | None:
-        """The `status` of ClusterKopfPeering `name` (identity → peer info), None if absent."""
-        try:
-            obj: Any = self.custom.get_cluster_custom_object(
-                "kopf.dev", "v1", "clusterkopfpeerings", name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return dict(obj.get("status") or {})
-
     def node_layer_caches(self) -> dict[str, dict[str, Any]]:
         """Every NodeLayerCache by name (raw dicts)."""
         listed: Any = self.custom.list_cluster_custom_object(GROUP, VERSION, NLC_PLURAL)
@@ -139,6 +128,15 @@ class KubeApi:
         """Delete NodeLayerCache `name` (gone already is fine)."""
         try:
             self.custom.delete_cluster_custom_object(GROUP, VERSION, NLC_PLURAL, name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def delete_layer_cache(self, namespace: str, name: str) -> None:
+        """Delete LayerCache `namespace/name` (gone already is fine); its finalizer waits."""
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, LC_PLURAL,
+                                                        name)
         except ApiException as e:
             if e.status != 404:
                 raise

@@ -12,11 +12,11 @@ from a collector evaluated at scrape time, not from values pushed as things chan
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -233,7 +233,8 @@ class OperatorMetrics:
     ``layercache_operator_node_spec_writes_total``,
     ``layercache_operator_resolve_errors_total{reason}``,
     ``layercache_registry_requests_total{registry, code}`` (`registry_requests`); histogram
-    ``layercache_operator_replan_duration_seconds``; and per-cache gauges
+    ``layercache_operator_replan_duration_seconds``; gauge
+    ``layercache_operator_node_layers_planned{node}`` (`planned`); and per-cache gauges
     (``layercache_cache_*``, label ``cache`` = "namespace/name") from `statuses` at scrape
     time.
     """
@@ -249,7 +250,20 @@ class OperatorMetrics:
         self.replan_duration = Histogram("layercache_operator_replan_duration_seconds",
                                          "Time of one replan (plan, distribute, writes).",
                                          registry=registry)
+        # What the agents are compared with: a node planned layers but with no agent
+        # reporting is an agent that never started (alert LayerCacheAgentMissing).
+        self.node_layers_planned = Gauge(
+            "layercache_operator_node_layers_planned",
+            "Layers the last plan gives a node (nodes with none: no series).", ["node"],
+            registry=registry)
         self.registry_requests = RegistryMetrics(registry)
         for result in ("ok", "error"):
             self.replans.labels(result)
         registry.register(_CacheCollector(statuses))
+
+    def planned(self, layers: Mapping[str, int]) -> None:
+        """Set the planned layers per node (node name → count); nodes with 0 get no series."""
+        self.node_layers_planned.clear()
+        for node, count in layers.items():
+            if count:
+                self.node_layers_planned.labels(node).set(count)

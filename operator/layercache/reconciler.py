@@ -4,8 +4,8 @@ Handlers (layercache.handlers) feed it: a LayerCache created/changed/refreshed â
 `resolve()`; anything that changes the plan (caches, nodes, agents' inventories) â†’
 `trigger()`. One background task turns triggers into at most one replan per debounce
 window, so a burst of events costs one plan and only changed `NodeLayerCache` specs are
-written. On a standby replica kopf freezes the handlers and layercache.handlers.lifecycle
-stops these loops (layercache.leadership), so a second replica never writes anything.
+written. Only the replica holding the operator's Lease runs kopf and these loops
+(layercache.leadership), so a second replica never writes anything.
 """
 
 from __future__ import annotations
@@ -397,6 +397,7 @@ class Reconciler:
         per_node = distribute(plans, present, previous)
         written = {}
         node_names = {n.name for n in nodes}
+        self.metrics.planned({n: len(per_node.get(n, [])) for n in node_names})
         for name in sorted(node_names | set(existing)):
             if name not in node_names:
                 await asyncio.to_thread(self.kube.delete_node_cache, name)

@@ -6,7 +6,7 @@ Logged once at start-up (`summary()`), never with a secret in it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,11 +48,17 @@ class OperatorSettings(BaseSettings):
         0.5, ge=0, description="Seconds to gather changes before one replan.")
     status_interval_seconds: float = Field(
         5.0, gt=0, description="Seconds between LayerCache status aggregations.")
-    peering: str = Field("layercache", description="kopf peering name (2 replicas: one active).")
-    standalone: bool = Field(False, description="Run without peering (single replica, tests).")
-    priority: int | None = Field(
-        None, ge=0, description="Peering priority; the highest live replica is active. Unset: "
-                                "random, since kopf freezes every replica of equal priority.")
+    lease_name: str = Field(
+        "layercache-operator",
+        description="Lease (coordination.k8s.io, in `namespace`) the replicas elect their "
+                    "leader with; only the leader runs.")
+    standalone: bool = Field(
+        False, description="Run without leader election (a single replica, tests).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level (`layercache operator --verbose`: DEBUG).")
+    log_format: Literal["json", "plain", "full"] = Field(
+        "json", description="Log format: one JSON object a line, or kopf's plain or full "
+                            "text lines.")
 
     def registry_options(self) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
         """Per-registry options for insecure hosts, and the default for all others."""

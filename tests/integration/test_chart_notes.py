@@ -66,3 +66,13 @@ def test_notes_show_where_alert_runbook_links_point(tmp_path: Path) -> None:
                       "monitoring.prometheusRule.runbookBaseURL=https://docs.example.test/v0.1.0/")
     assert ("Alert runbook links (monitoring.prometheusRule.runbookBaseURL): "
             "https://docs.example.test/v0.1.0/docs/observability.md#…\n") in absolute
+
+
+def test_notes_say_the_uninstall_hook_releases_the_layers(tmp_path: Path) -> None:
+    notes = _notes(tmp_path / "on")
+    assert "`helm uninstall` first deletes every LayerCache and waits (up to 240 s)" in notes
+    assert "kubectl -n layercache-system logs job/layercache-cleanup" in notes
+    assert "kubectl wait nodelayercaches" not in notes
+    # Without the hook, the manual sequence.
+    off = _notes(tmp_path / "off", "cleanup.enabled=false")
+    assert "kubectl wait nodelayercaches --all" in off and "job/layercache-cleanup" not in off

@@ -84,21 +84,29 @@ def test_chart_lints_and_renders(values: Path) -> None:
     report = lint_chart([values])
     assert "1 chart(s) linted, 0 chart(s) failed" in report
     objects = render_chart(RELEASE, NAMESPACE, [values])
-    counts = kinds(objects)
+    counts = kinds([o for o in objects if not is_hook(o)])  # the uninstall hook has its own
     assert counts["Deployment"] == counts["DaemonSet"] == 1
     assert counts["ClusterRole"] == counts["ClusterRoleBinding"] == 2
     # Cluster-scoped names carry the release's name, so releases never share one.
     fullname = yaml.safe_load(values.read_text()).get("fullnameOverride", RELEASE)
     for obj in objects:
-        if obj["kind"] in {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}:
+        if obj["kind"] in {"ClusterRole", "ClusterRoleBinding"}:
             assert obj["metadata"]["name"].startswith(fullname)
         assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
     operator = pod_spec(objects, "Deployment")["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in operator["env"]}
     assert env["LAYERCACHE_STANDALONE"] == "false"
-    assert env["LAYERCACHE_PEERING"] == fullname
-    [peering] = [o for o in objects if o["kind"] == "ClusterKopfPeering"]
-    assert peering["metadata"]["name"] == fullname
+    # Leader election: a Lease in the release namespace, named like the operator, which
+    # the operator's Role (not its ClusterRole) may read and renew by that name only.
+    assert env["LAYERCACHE_LEASE_NAME"] == f"{fullname}-operator"
+    [role] = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith(
+        "-operator")]
+    assert {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+            "resourceNames": [f"{fullname}-operator"], "verbs": ["get", "update"]
+            } in role["rules"]
+    assert not any("coordination.k8s.io" in r["apiGroups"] or "kopf.dev" in r["apiGroups"]
+                   for o in objects if o["kind"] == "ClusterRole" for r in o["rules"])
+    assert not any(o["apiVersion"].startswith("kopf.dev") for o in objects)
     # A disruption budget only where a second replica can keep the operator up.
     replicas = next(o for o in objects if o["kind"] == "Deployment")["spec"]["replicas"]
     assert counts.get("PodDisruptionBudget", 0) == (1 if replicas >= 2 else 0)
@@ -119,7 +127,8 @@ def test_long_release_names_give_short_distinct_names() -> None:
         assert all(len(n) <= 63 for n in kind_names), kind
         assert len(set(kind_names)) == len(kind_names), f"{kind}: {kind_names}"
     assert f"{release[:46]}-operator-metrics" in names["Service"]
-    assert len(names["ClusterRole"]) == len(names["PodMonitor"]) == 2
+    assert len(names["PodMonitor"]) == 2
+    assert len(names["ClusterRole"]) == 3  # operator, agent, and the uninstall hook's
 
 
 def test_schema_refuses_typos_and_wrong_types() -> None:
@@ -139,10 +148,12 @@ def test_settings_the_chart_owns_cannot_be_overridden_by_env() -> None:
     objects = render_chart(sets=["agent.env.LAYERCACHE_CONCURRENCY=8"])
     env = pod_spec(objects, "DaemonSet")["spec"]["containers"][0]["env"]
     assert {"name": "LAYERCACHE_CONCURRENCY", "value": "8"} in env
-    # Settings that would break the install: one priority on every replica pauses them all
-    # in kopf; Secrets other than the chart's are outside the RBAC's resourceNames.
-    for bad in ("operator.env.LAYERCACHE_PRIORITY=5",
-                "operator.env.LAYERCACHE_CREDENTIALS_SECRET=mine",
+    # The Lease's name is the chart's (its Role names it).
+    with pytest.raises(ComponentError, match=r"operator\.env\.LAYERCACHE_LEASE_NAME is set by"):
+        render_chart(sets=["operator.env.LAYERCACHE_LEASE_NAME=mine"])
+    # Settings that would break the install: Secrets other than the chart's are outside the
+    # RBAC's resourceNames.
+    for bad in ("operator.env.LAYERCACHE_CREDENTIALS_SECRET=mine",
                 "operator.env.LAYERCACHE_PEER_TOKEN_SECRET=mine",
                 "agent.env.LAYERCACHE_PEER_TOKEN_SECRET=mine",
                 "agent.env.LAYERCACHE_REGISTRY_SECRET=mine"):
@@ -203,8 +214,13 @@ def test_chart_renders_what_the_manifests_hold() -> None:
     # then be the same, whole, once release and chart labels are set aside.
     chart = by_key(release_neutral(o) for o in render_chart("layercache", "layercache-system")
                    if not is_hook(o))
-    manifests = by_key(release_neutral(o) for o in kustomize()
-                       if o["kind"] not in {"CustomResourceDefinition", "Namespace"})
+    manifests = by_key(release_neutral(o) for o in kustomize() if o["kind"] != "Namespace")
+    # The CRDs (templates, crds.install) are the manifests' own, schema and all, plus the
+    # keep policy (crds.keep) that `helm uninstall` leaves them by.
+    crds = [k for k in chart if k[0] == "CustomResourceDefinition"]
+    assert len(crds) == 2
+    for k in crds:
+        assert chart[k]["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
     assert sorted(chart) == sorted(manifests)
     for key, obj in manifests.items():
         assert chart[key] == obj, f"chart and manifests/ differ in {key}"
@@ -327,7 +343,7 @@ def test_chart_passes_a_server_dry_run(kube: Kube, release_namespace: str,
                            ["monitoring.dashboard.namespace=" + release_namespace])
     served = without_monitoring(objects)
     skipped = {o["kind"] for o in objects} - {o["kind"] for o in served}
-    assert skipped <= {"PodMonitor", "PrometheusRule"}
+    assert skipped <= {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
     result = server_dry_run(kube.kubeconfig, served)
     assert len(result.applied) == len(served)
     assert any(is_hook(o) and o["kind"] == "Pod" for o in served)  # `helm test`, dry-run
@@ -339,7 +355,9 @@ def test_chart_passes_a_server_dry_run(kube: Kube, release_namespace: str,
 def test_helm_install_schedules_the_operator_and_one_agent_per_node(
         bed: BedState, kube: Kube, release_namespace: str) -> None:
     started = time.monotonic()
-    helm("install", RELEASE, CHART, "--namespace", release_namespace,
+    # The bed's CRDs came from manifests/crds (kubectl): the release adopts them, as a user
+    # who installed them that way does (or passes crds.install=false).
+    helm("install", RELEASE, CHART, "--namespace", release_namespace, "--take-ownership",
          kubeconfig=kube.kubeconfig)
     try:
         nodes = sorted(n.metadata.name for n in kube.core.list_node(
@@ -363,10 +381,10 @@ def test_helm_install_schedules_the_operator_and_one_agent_per_node(
             assert pod.spec.service_account_name.startswith(RELEASE)
         daemonset = kube.apps.read_namespaced_daemon_set(f"{RELEASE}-agent", release_namespace)
         assert daemonset.status.desired_number_scheduled == len(nodes)
-        peering = kube.kubectl("get", "clusterkopfpeering", RELEASE, "-o", "name")
-        assert peering.strip() == f"clusterkopfpeering.kopf.dev/{RELEASE}"
     finally:
-        helm("uninstall", RELEASE, "--namespace", release_namespace,
+        # --no-hooks: no kubelet would run the pre-delete cleanup Job (it waits for the pod
+        # network; its command runs as a process in test_uninstall.py).
+        helm("uninstall", RELEASE, "--namespace", release_namespace, "--no-hooks",
              kubeconfig=kube.kubeconfig)
     # The garbage collector takes the Pods with their owners; without a kubelet they wait
     # for its confirmation, so once all are marked for deletion, confirm in its place.
@@ -387,7 +405,7 @@ def _leftovers(kube: Kube, namespace: str) -> str:
                               "-o", "name")
     releases = kube.kubectl("-n", namespace, "get", "secrets", "-l", f"name={RELEASE}",
                             "-o", "name")  # Helm's release records
-    cluster = kube.kubectl("get", "clusterroles,clusterrolebindings,clusterkopfpeerings",
+    cluster = kube.kubectl("get", "clusterroles,clusterrolebindings",
                            "-l", INSTANCE, "-o", "name")
     return (namespaced + releases + cluster).strip()
 
@@ -397,7 +415,8 @@ def test_the_helm_test_script_passes_against_a_real_operator_and_agent(
     # `helm test` cannot run on the bed (no kubelet), but its script can: run the hook Pod's
     # own command, with the Pod's env pointed at a real operator and agent (processes under
     # their ServiceAccounts), instead of the Services' DNS names.
-    [hook] = [o for o in render_chart() if is_hook(o)]
+    [hook] = [o for o in render_chart() if is_hook(o)
+              and o["metadata"]["annotations"]["helm.sh/hook"] == "test"]
     [container] = hook["spec"]["containers"]
     assert container["command"] == ["python3", "-c"]
     script = container["args"][0]

@@ -6,7 +6,8 @@ module applies a cache that gets Ready (one of its layers corrupted twice by the
 proxy, so the agents record errors and failed ingests) and a cache naming an image that
 does not exist (a resolve error: not Ready, Degraded). Then every query of the dashboard
 and every alert expression is evaluated, and — last — one agent is stopped so the
-agent-down rule has something to find. The panel-by-panel picture of what the dashboard
+agent-down rule has something to find, and a node joins on which no agent is ever started
+so the agent-missing rule has something to find. The panel-by-panel picture of what the dashboard
 shows goes to out/observe/dashboard-snapshot.txt.
 """
 
@@ -31,6 +32,7 @@ from testbed.e2e import (
     delete_caches,
     get_cache,
     is_ready,
+    joined_node,
     node_caches,
     wait_cache,
     wait_released,
@@ -240,6 +242,36 @@ def test_every_alert_expression_evaluates(observed: Observed) -> None:
         assert rule["state"] == ("pending" if name in FIRING else "inactive"), (name, rule)
 
 
+def test_agent_missing_alert_finds_a_node_whose_agent_never_started(
+        observed: Observed, bed: BedState, kube: Kube,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Fewer agents than nodes: a fourth node joins (containerd, a Ready Node) and no agent
+    # is ever started there, as when its DaemonSet Pod is never created. It has no `up`
+    # series, so LayerCacheAgentDown cannot see it; LayerCacheAgentMissing must, and only it.
+    api = observed.prometheus.api
+    rule = next(r for r in rules.load(ALERTS) if r.alert == "LayerCacheAgentMissing")
+    # Every node that runs an agent reports (the agent-down test, next, restarts one on a
+    # port Prometheus does not scrape: this test runs before it).
+    assert not api.query(rule.expr)
+    name = f"noagent-{uuid.uuid4().hex[:4]}"
+    with joined_node(kube, bed, name, tmp_path_factory.mktemp("noagent")):
+        # The operator plans the Ready cache (no node selector) onto the new node too.
+        found = wait_for(lambda: api.query(rule.expr), 60, 0.5,
+                         "the agent-missing alert for the node without an agent")
+        assert [s.labels for s in found] == [{"node": name}]
+        assert found[0].value > 0  # the layers planned for it
+        up = api.query(f'up{{job="{AGENT_JOB}"}}')
+        assert len(up) == len(bed.nodes)  # no `up` series for the agent never started
+        down = next(r for r in rules.load(ALERTS) if r.alert == "LayerCacheAgentDown")
+        assert not api.query(down.expr)
+        if SNAPSHOT.exists():
+            with SNAPSHOT.open("a") as out:
+                out.write(f"\nA node {name} without an agent: LayerCacheAgentMissing holds "
+                          f"for {found[0].label_text()} (pending for its 10m `for`)\n")
+    # The node gone, the operator plans nothing for it: the alert clears.
+    wait_for(lambda: not api.query(rule.expr), 60, 0.5, "the agent-missing alert clearing")
+
+
 def test_agent_down_alert_finds_a_stopped_agent(observed: Observed, bed: BedState) -> None:
     api, cluster = observed.prometheus.api, observed.cluster
     victim = bed.nodes[-1]
@@ -256,3 +288,4 @@ def test_agent_down_alert_finds_a_stopped_agent(observed: Observed, bed: BedStat
                           f"holds for {found[0].label_text()} (pending for its 5m `for`)\n")
     finally:  # back for the teardown: the node must release what it holds
         cluster.start_agent(victim)
+

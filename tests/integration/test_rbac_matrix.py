@@ -8,7 +8,8 @@ rows the issue names plus one per resource each ServiceAccount needs (`KUBECTL_R
 which must agree with the review.
 
 Every ALLOWED row is an API call the code makes, named in ``why`` (operator:
-`layercache.kube`, `layercache.handlers`, kopf's own watches, peering and events; agent:
+`layercache.kube`, `layercache.handlers`, kopf's own watches and events, the Lease of
+`layercache.leadership`; agent:
 `layercache.agent.kubeapi`, `layercache.agent.secrets`). Every DENIED row is something the
 product must not be able to do. Each allowed row is also asked for a ServiceAccount with no
 bindings in the same namespace, which must be denied: the matrix can fail, and what is
@@ -45,7 +46,9 @@ UNBOUND = "layercache-unbound"
 ALL = "*"  # every namespace (`--all-namespaces`)
 LC, NLC = "layercaches.layercache.dev", "nodelayercaches.layercache.dev"
 CRD = "customresourcedefinitions.apiextensions.k8s.io"
-PEERING = "clusterkopfpeerings.kopf.dev"
+LEASES = "leases.coordination.k8s.io"
+#: The Lease the operator replicas elect their leader with (manifests/deployment-operator.yaml).
+LEASE = "layercache-operator"
 CREDENTIALS, TOKEN = "layercache-registry-credentials", "layercache-peer-token"
 
 
@@ -103,8 +106,10 @@ OPERATOR_CASES = [
     allow(OPERATOR, "delete", "secrets", "kube.write_secret (a credentials Secret of an "
           "older type)", namespace=NAMESPACE, name=CREDENTIALS),
     *(allow(OPERATOR, v, CRD, "kopf observes CRDs") for v in ("list", "watch")),
-    *(allow(OPERATOR, v, PEERING, "kopf peering (2 replicas)")
-      for v in ("get", "list", "watch", "patch")),
+    allow(OPERATOR, "create", LEASES, "leadership: the first candidate creates the Lease",
+          namespace=NAMESPACE),
+    *(allow(OPERATOR, v, LEASES, "leadership: read, renew, take over, release the Lease",
+            namespace=NAMESPACE, name=LEASE) for v in ("get", "update")),
     # -- must not
     *(deny(OPERATOR, v, "secrets", "no enumerating Secrets", namespace=ns)
       for v in ("list", "watch") for ns in (ALL, "default", NAMESPACE)),
@@ -130,6 +135,16 @@ OPERATOR_CASES = [
          subresource="token", name=AGENT),
     *(deny(OPERATOR, v, CRD, "never changes CRDs") for v in ("create", "patch", "delete")),
     deny(OPERATOR, "list", "namespaces", "not needed: kopf runs clusterwide=True"),
+    # Leader election is the Lease in its own namespace: no shared cluster object, no
+    # other Lease (e.g. kube-system's, other operators').
+    *(deny(OPERATOR, v, "clusterkopfpeerings.kopf.dev", "no kopf peering: a Lease instead")
+      for v in ("get", "list", "watch", "patch")),
+    *(deny(OPERATOR, v, LEASES, "only its own Lease", namespace=NAMESPACE, name="someone-else")
+      for v in ("get", "update")),
+    *(deny(OPERATOR, v, LEASES, "Leases in its own namespace only", namespace="kube-system",
+           name=LEASE) for v in ("get", "create", "update")),
+    *(deny(OPERATOR, v, LEASES, "no enumerating or deleting Leases", namespace=NAMESPACE)
+      for v in ("list", "watch", "delete")),
 ]
 
 AGENT_CASES = [

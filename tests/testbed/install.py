@@ -34,7 +34,7 @@ RELEASE_LABELS = frozenset({
 
 #: Cluster-scoped kinds of both install paths.
 CLUSTER_SCOPED = frozenset({
-    "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "CustomResourceDefinition",
+    "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
     "Namespace",
 })
 
@@ -70,7 +70,7 @@ def parse(text: str) -> list[Obj]:
 def render_chart(release: str = "layercache", namespace: str = "layercache-system",
                  values: Sequence[Path] = (), sets: Sequence[str] = (), *,
                  chart: Path = CHART) -> list[Obj]:
-    """`helm template` of the chart (hooks included, crds/ not), parsed.
+    """`helm template` of the chart (hooks and the CRD templates included), parsed.
 
     Raises:
         ComponentError: the chart failed to render.

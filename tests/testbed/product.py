@@ -21,7 +21,9 @@ MANIFESTS = REPO / "manifests"
 
 def install(kube: Kube, *files: str) -> None:
     """Apply the CRDs and the given manifest files (server-side, idempotent)."""
-    kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / "crds"))
+    # --force-conflicts: a test's Helm release may have taken the CRDs over (they are chart
+    # templates); the bed's CRDs are the manifests' again afterwards.
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(MANIFESTS / "crds"))
     kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                  "crd/layercaches.layercache.dev", "crd/nodelayercaches.layercache.dev")
     kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / "namespace.yaml"))
@@ -36,11 +38,12 @@ def _insecure(bed: BedState) -> list[str]:
 
 
 def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool = True,
-                   name: str = "operator", priority: int | None = None) -> tuple[Process, int]:
+                   name: str = "operator", lease: str | None = None) -> tuple[Process, int]:
     """Start the operator as ServiceAccount layercache-operator; returns (process, metrics port).
 
     The bed's proxy host (plain HTTP) is an insecure registry; the token registry's CA is
-    trusted. Readiness: the liveness endpoint answers.
+    trusted. Readiness: the liveness endpoint answers (a standby candidate for the Lease
+    answers it too). `lease`: the Lease the replicas elect their leader with (not standalone).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     kubeconfig = service_account_kubeconfig(kube, NAMESPACE, "layercache-operator",
@@ -53,7 +56,7 @@ def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool
         "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
         "LAYERCACHE_STANDALONE": "true" if standalone else "false",
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
-        **({"LAYERCACHE_PRIORITY": str(priority)} if priority is not None else {}),
+        **({"LAYERCACHE_LEASE_NAME": lease} if lease is not None else {}),
     }
     proc = Process(name, [sys.executable, "-m", "layercache.operator_main"],
                    workdir / f"{name}.log", env=env).start()

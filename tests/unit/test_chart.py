@@ -1,6 +1,10 @@
 """The chart's files against their sources and conventions (pure file checks, no helm).
 
-- crds/ is a byte-identical copy of manifests/crds/ (one source of truth);
+- files/crds/, which templates/crds.yaml renders (with release labels and the keep policy
+  inserted into the metadata, the rest as written), is a byte-identical copy of
+  manifests/crds/ (one source of truth); the chart has no crds/ directory, which Helm would
+  install once and never upgrade (the rendered CRDs are compared with manifests/crds/ in
+  tests/integration/test_install.py, which runs helm);
 - every value in values.yaml is documented with a helm-docs `# --` comment;
 - values.yaml and values.schema.json declare the same keys (the schema's types are applied
   by `helm lint --strict`, in tests/integration/test_install.py).
@@ -25,12 +29,26 @@ MANIFEST_CRDS = REPO / "manifests" / "crds"
 
 def test_chart_crds_are_the_manifests_crds_byte_for_byte() -> None:
     manifests = sorted(p.name for p in MANIFEST_CRDS.glob("*.yaml"))
-    chart = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    chart = sorted(p.name for p in (CHART / "files" / "crds").glob("*.yaml"))
     assert manifests, "manifests/crds holds the CRDs"
     assert chart == manifests
     for name in manifests:
-        assert (CHART / "crds" / name).read_bytes() == (MANIFEST_CRDS / name).read_bytes(), (
-            f"helm/layercache/crds/{name} differs: cp manifests/crds/{name} helm/layercache/crds/")
+        assert (CHART / "files" / "crds" / name).read_bytes() == (
+            MANIFEST_CRDS / name).read_bytes(), (
+            f"helm/layercache/files/crds/{name} differs: "
+            f"cp manifests/crds/{name} helm/layercache/files/crds/")
+
+
+def test_the_chart_ships_crds_as_templates_only() -> None:
+    # Helm installs crds/ once and never upgrades it; the CRDs are templates (crds.install).
+    assert not (CHART / "crds").exists()
+    template = (CHART / "templates" / "crds.yaml").read_text()
+    assert '.Files.Glob "files/crds/*.yaml"' in template
+    # Each CRD's metadata gets labels and annotations inserted: the sources have none, so
+    # the insertion never makes a second `labels:` key.
+    for path in MANIFEST_CRDS.glob("*.yaml"):
+        metadata = yaml.safe_load(path.read_text())["metadata"]
+        assert set(metadata) == {"name"}, path.name
 
 
 def _comment_above(lines: list[str], line: int) -> list[str]:
@@ -159,7 +177,7 @@ def test_the_workloads_set_only_variables_the_settings_read() -> None:
     agent = _env_names("daemonset-agent.yaml")
     assert operator <= _setting_variables(OperatorSettings)
     assert agent <= _setting_variables(AgentSettings)
-    assert {"LAYERCACHE_STANDALONE", "LAYERCACHE_PEERING"} <= operator
+    assert {"LAYERCACHE_STANDALONE", "LAYERCACHE_LEASE_NAME"} <= operator
     assert {"NODE_NAME", "POD_NAMESPACE", "POD_IP", "LAYERCACHE_CONTAINERD_SOCKET"} <= agent
 
 

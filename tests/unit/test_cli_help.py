@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from layercache.cli import app
 
-COMMANDS = ["plan", "status", "operator", "agent"]
+COMMANDS = ["plan", "status", "operator", "agent", "cleanup"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], *[[c, "--help"] for c in COMMANDS]])

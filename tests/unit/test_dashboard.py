@@ -85,8 +85,8 @@ def test_alert_rules_carry_severity_annotations_and_runbook_anchors() -> None:
     assert rules.annotation_problems(loaded) == []
     assert {r.alert for r in loaded} == {
         "LayerCacheNotReady", "LayerCacheDegraded", "LayerCacheNodeCannotIngest",
-        "LayerCacheNodeDiskPressure", "LayerCacheAgentDown", "LayerCacheOperatorDown",
-        "LayerCacheReplansFailing"}
+        "LayerCacheNodeDiskPressure", "LayerCacheAgentDown", "LayerCacheAgentMissing",
+        "LayerCacheOperatorDown", "LayerCacheReplansFailing"}
     assert next(r for r in loaded if r.alert == "LayerCacheNotReady").duration == "15m"
 
 

@@ -89,9 +89,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* The kopf peering (a ClusterKopfPeering) the operator replicas elect their leader in. */}}
-{{- define "layercache.peering" -}}
-{{- include "layercache.fullname" . }}
+{{/* The Lease (in the release namespace) the operator replicas elect their leader with. */}}
+{{- define "layercache.leaseName" -}}
+{{- include "layercache.componentName" (dict "ctx" . "component" "operator") }}
 {{- end }}
 
 {{/* Where registryCA's ConfigMap is mounted, and the file the settings point at. */}}
@@ -135,7 +135,6 @@ Call with (dict "env" .Values.x.env "reserved" (list "NAME" ...) "what" "x.env")
 
 {{/* Settings `env` must not change, and why (a YAML map: name → reason). */}}
 {{- define "layercache.fixedEnv" -}}
-LAYERCACHE_PRIORITY: every operator replica would get the same peering priority, and kopf pauses all replicas of equal priority
 LAYERCACHE_CREDENTIALS_SECRET: the chart's RBAC grants access to the Secret layercache-registry-credentials by name only
 LAYERCACHE_REGISTRY_SECRET: the chart's RBAC grants access to the Secret layercache-registry-credentials by name only
 LAYERCACHE_PEER_TOKEN_SECRET: the chart's RBAC grants access to the Secret layercache-peer-token by name only

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -14,15 +12,10 @@ from prometheus_client import REGISTRY
 
 from layercache import kubeclient
 from layercache.kube import KubeApi
-from layercache.leadership import is_active
 from layercache.reconciler import Reconciler
 from layercache.settings import OperatorSettings
 
 log = logging.getLogger("layercache.operator")
-
-#: How often a replica checks whether it is the active peer (kopf's peers refresh their
-#: entry every few seconds and are dead after their 60 s lifetime).
-LEADERSHIP_POLL_SECONDS = 5.0
 
 
 def api_client() -> client.ApiClient:
@@ -39,10 +32,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     ours = OperatorSettings()
     log.info("layercache operator starting: %s", ours.summary())
     settings.persistence.finalizer = "layercache.dev/finalizer"
-    # kopf freezes every replica when two share a priority; distinct ones make the highest
-    # active and the others stand by until it is gone.
-    settings.peering.priority = (ours.priority if ours.priority is not None
-                                 else secrets.randbelow(1_000_000) + 1)
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     # kopf's own API calls (its aiohttp client): deadlines too, as for ours (kubeclient).
@@ -55,71 +44,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # The default registry is what start_http_server (operator_main) exports.
     reconciler = Reconciler(kube, ours, REGISTRY)
     memo.settings, memo.api, memo.reconciler = ours, api, reconciler
-    if ours.standalone:
-        memo.tasks = _start_loops(reconciler)
-    else:
-        identity = getattr(memo, "identity", None)
-        assert identity, "run_operator passes the peering identity in the memo"
-        memo.tasks = [asyncio.create_task(
-            _lead(reconciler, kube, ours.peering, identity, lambda: settings.peering.priority),
-            name="leadership")]
+    # kopf runs only in the leader (layercache.operator_main), so the loops always run.
+    memo.tasks = _start_loops(reconciler)
 
 
 def _start_loops(reconciler: Reconciler) -> list[asyncio.Task[None]]:
     return [asyncio.create_task(reconciler.run(), name="replan"),
             asyncio.create_task(_aggregate_forever(reconciler), name="status"),
             asyncio.create_task(reconciler.refresh_forever(), name="refresh")]
-
-
-async def _lead(reconciler: Reconciler, kube: KubeApi, peering: str, identity: str,
-                priority: Callable[[], int]) -> None:
-    """Run the write loops only while this replica is kopf's active peer.
-
-    kopf pauses its watchers on a standby but not tasks started here (see
-    layercache.leadership). On promotion every LayerCache is resolved afresh, because what
-    changed while another replica was active reached this one's handlers never; on
-    demotion the loops stop and the caches are forgotten, so stale state is neither written
-    nor exported as metrics.
-    """
-    loops: list[asyncio.Task[None]] = []
-    try:
-        while True:
-            try:
-                peers = await asyncio.to_thread(kube.peering_status, peering)
-                active = is_active(peers, identity, priority())
-            except Exception:
-                log.exception("peering %s unreadable; keeping the current role", peering)
-                active = bool(loops)
-            if active and not loops:
-                log.info("active replica (%s): taking over every LayerCache", identity)
-                await _adopt(reconciler, kube)
-                loops = _start_loops(reconciler)
-            elif not active and loops:
-                log.info("standby (%s): a peer of higher priority is active", identity)
-                await _stop(loops)
-                loops = []
-                reconciler.caches.clear()
-            await asyncio.sleep(LEADERSHIP_POLL_SECONDS)
-    finally:
-        await _stop(loops)
-
-
-async def _adopt(reconciler: Reconciler, kube: KubeApi) -> None:
-    for obj in await asyncio.to_thread(kube.layer_caches):
-        meta = obj["metadata"]
-        try:
-            await reconciler.resolve(meta["namespace"], meta["name"], meta.get("generation", 0),
-                                     obj.get("spec") or {}, meta.get("uid", ""),
-                                     obj.get("status") or {})
-        except Exception:  # one cache's failure stops no other; its refresh retries it
-            log.exception("LayerCache %s/%s not resolved", meta["namespace"], meta["name"])
-    reconciler.trigger()
-
-
-async def _stop(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _aggregate_forever(reconciler: Reconciler) -> None:
