@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed ## Create the Python environment (.venv) with the test extras
 
 .PHONY: tools
-tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, crictl, kind, pause, containerd 2.x and 1.7, runc) into .tools/
+tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, helm-docs, actionlint, crictl, kind, pause, containerd 2.x and 1.7, runc) into .tools/
 	@bash tests/testbed/tools/build.sh
 
 .PHONY: setup
@@ -47,12 +47,18 @@ unit: venv ## Run the unit tests only (no I/O)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: venv tools ## ruff, mypy, yamllint, helm lint of the chart (every ci/ values file), dashboard + alert rules
+lint: venv tools ## ruff, mypy, yamllint, helm lint (every ci/ values file), chart README current, actionlint, dashboard + alert rules
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/yamllint --strict -c .yamllint.yaml .
 	bash .ci/lint-chart.sh
+	bash .ci/chart-docs.sh --check
+	.tools/bin/actionlint
 	$(PY) -m testbed.observe lint
+
+.PHONY: chart-docs
+chart-docs: tools ## Regenerate helm/layercache/README.md from values.yaml comments (helm-docs)
+	bash .ci/chart-docs.sh
 
 .PHONY: bench
 bench: setup ## Benchmarks against their baselines (A fan-out, B ingest, C pull after warm, D scale) -> out/bench
