@@ -65,7 +65,7 @@ bench: setup ## Benchmarks against their baselines (A fan-out, B ingest, C pull 
 	$(PY) -m bench.run --out out/bench $(BENCH_ARGS)
 
 .PHONY: image
-image: setup ## Build the layercache container image without Docker (mmdebstrap + wheel + umoci) into out/image
+image: deps venv ## Build the layercache image index (linux/amd64 + linux/arm64) without Docker or emulation into out/image
 	$(TESTBED) image --out out/image $(IMAGE_ARGS)
 
 .PHONY: testbed-up
