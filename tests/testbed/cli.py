@@ -110,7 +110,7 @@ def image(
 
     try:
         built = build_index(out, rebuild=rebuild)
-        console.print(f"[green]image[/] {built.source}: {describe_index(built)}")
+        console.print(f"[green]image[/] {built.source}: {describe_index(built)}", soft_wrap=True)
         targets = [(push, True)] if push else []
         if directory is not None:
             plain = BedState.load(directory).registries["plain"].host
