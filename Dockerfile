@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # layercache: one image, two entry points (`layercache operator`, `layercache agent`).
 #   docker build -t ghcr.io/layercache/layercache:0.1.0 .
+#   (both platforms: docker buildx build --platform linux/amd64,linux/arm64 ...; `make image`
+#   builds that index without Docker or emulation, see tests/testbed/product_index.py)
 # Kept step for step in line with the Docker-less build that our CI runs instead
 # (tests/testbed/product_image.py, `make image`): Debian bookworm's Python 3.11 at
 # /usr/bin/python3, the wheel of this checkout and its dependencies in a venv at

@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed ## Create the Python environment (.venv) with the test extras
 
 .PHONY: tools
-tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, crictl, kind, pause, containerd 2.x and 1.7, runc) into .tools/
+tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, helm-docs, actionlint, crictl, kind, pause, containerd 2.x and 1.7, runc) into .tools/
 	@bash tests/testbed/tools/build.sh
 
 .PHONY: setup
@@ -47,19 +47,25 @@ unit: venv ## Run the unit tests only (no I/O)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: venv tools ## ruff, mypy, yamllint, helm lint of the chart (every ci/ values file), dashboard + alert rules
+lint: venv tools ## ruff, mypy, yamllint, helm lint (every ci/ values file), chart README current, actionlint, dashboard + alert rules
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/yamllint --strict -c .yamllint.yaml .
 	bash .ci/lint-chart.sh
+	bash .ci/chart-docs.sh --check
+	.tools/bin/actionlint
 	$(PY) -m testbed.observe lint
+
+.PHONY: chart-docs
+chart-docs: tools ## Regenerate helm/layercache/README.md from values.yaml comments (helm-docs)
+	bash .ci/chart-docs.sh
 
 .PHONY: bench
 bench: setup ## Benchmarks against their baselines (A fan-out, B ingest, C pull after warm, D scale) -> out/bench
 	$(PY) -m bench.run --out out/bench $(BENCH_ARGS)
 
 .PHONY: image
-image: setup ## Build the layercache container image without Docker (mmdebstrap + wheel + umoci) into out/image
+image: deps venv ## Build the layercache image index (linux/amd64 + linux/arm64) without Docker or emulation into out/image
 	$(TESTBED) image --out out/image $(IMAGE_ARGS)
 
 .PHONY: testbed-up

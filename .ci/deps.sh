@@ -6,6 +6,7 @@
 # reads this script and the package index).
 set -euo pipefail
 packages=(docker-registry skopeo umoci mmdebstrap prometheus apache2-utils
+          shellcheck  # make lint: actionlint checks the workflows' run: scripts with it
           iproute2 psmisc ca-certificates rsync
           # runc's build (tests/testbed/tools/build.sh): cgo, with seccomp as kind's is.
           gcc libc6-dev pkg-config libseccomp-dev)

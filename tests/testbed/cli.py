@@ -90,29 +90,34 @@ def demo(directory: DirOption = Path("/tmp/layercache-demo"),
 
 @app.command()
 def image(
-    out: Annotated[Path, typer.Option(help="Copy the OCI layout and image.json here.")] = Path(
+    out: Annotated[Path, typer.Option(help="Write the OCI layout and index.json here.")] = Path(
         "out/image"),
     push: Annotated[str | None, typer.Option(
-        help="Push to this reference (registry/repo:tag), TLS verified.")] = None,
+        help="Push the index to this reference (registry/repo:tag), TLS verified.")] = None,
     directory: Annotated[Path | None, typer.Option(
         "--dir", help="Also push to the plain registry of the running bed in this directory.",
     )] = None,
     rebuild: Annotated[bool, typer.Option(help="Ignore a cached build of this wheel.")] = False,
 ) -> None:
-    """Build layercache's container image without Docker (cached); optionally push it."""
+    """Build layercache's image for linux/amd64 and linux/arm64 without Docker or emulation.
+
+    One OCI image index (cached per platform) in OUT/oci, tagged `<version>` (and each
+    platform `<version>-<arch>`), summarised in OUT/index.json; optionally pushed whole.
+    """
     from testbed.image_build import CommandError, ToolMissingError
-    from testbed.product_image import DEFAULT_REFERENCE, build_image, describe, push_image
+    from testbed.product_image import DEFAULT_REFERENCE
+    from testbed.product_index import build_index, describe_index, push_index
 
     try:
-        built = build_image(out, rebuild=rebuild)
-        console.print(f"[green]image[/] {built.source}: {describe(built)}")
+        built = build_index(out, rebuild=rebuild)
+        console.print(f"[green]image[/] {built.source}: {describe_index(built)}", soft_wrap=True)
         targets = [(push, True)] if push else []
         if directory is not None:
             plain = BedState.load(directory).registries["plain"].host
             repository = DEFAULT_REFERENCE.split("/", 1)[1]  # layercache/layercache:<tag>
             targets.append((f"{plain}/{repository}", False))
         for reference, tls_verify in targets:
-            digest = push_image(built, reference, tls_verify=tls_verify)
+            digest = push_index(built, reference, tls_verify=tls_verify)
             console.print(f"  pushed {reference}@{digest}")
     except FileNotFoundError:
         console.print(f"[red]no test bed in {directory}[/] (make testbed-up)")

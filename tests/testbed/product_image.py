@@ -27,6 +27,9 @@ lock (one build at a time). Measured on a busy 2-core machine: cold 10.6 min (mm
 with the base cached 3-4.5 min; warm ~22 s (the wheel is rebuilt to compute its key, then
 the layout is copied). The image: 83.6 MB, layers 46.0 + 37.6 MB compressed.
 
+This is the linux/amd64 image, the one the bed's nodes run; `testbed.product_index` adds
+the linux/arm64 image and the index of both that `make image` writes.
+
 Spec: OCI image layout and image config (image-spec v1.1), skopeo-copy(1), umoci(1).
 """
 
@@ -184,14 +187,16 @@ def build_wheel(dest: Path, repo: Path = REPO) -> Path:
     return wheels[0]
 
 
-def download_dependencies(wheel: Path, dest: Path) -> Path:
+def download_dependencies(wheel: Path, dest: Path, machine: str | None = None) -> Path:
     """Download the wheel's dependencies as binary wheels for the image's Python into `dest`.
 
-    Also fetches pip itself (into `dest/pip/`): the image has no pip; the build runs pip
-    from its wheel inside the chroot. Returns the pip wheel's path. Raises CommandError.
+    `machine` is the image's `uname -m` (`x86_64`, `aarch64`; default: this host's): pip
+    picks each wheel for that platform, whatever the host is. Also fetches pip itself (into
+    `dest/pip/`): the image has no pip; the amd64 build runs pip from its wheel inside the
+    chroot. Returns the pip wheel's path. Raises CommandError.
     """
     python = sys.executable  # the host's pip, with the host's index and CA settings
-    machine = platform.machine()
+    machine = machine or platform.machine()
     # pip does not widen a manylinux_2_X tag to older ones: list each glibc down to 2.17.
     platforms = [f"manylinux_2_{minor}_{machine}" for minor in range(GLIBC_MINOR, 16, -1)]
     platforms += [f"manylinux2014_{machine}"]
@@ -205,21 +210,26 @@ def download_dependencies(wheel: Path, dest: Path) -> Path:
     return next((dest / "pip").glob("pip-*.whl"))
 
 
-def build_rootfs(cache: Path) -> Path:
+def build_rootfs(cache: Path, key: str | None = None, packages: tuple[str, ...] = PACKAGES,
+                 options: tuple[str, ...] = MMDEBSTRAP_OPTIONS) -> Path:
     """The base layer tarball (Debian minbase + python3 + user nonroot), cached by its key.
 
-    Raises CommandError (mmdebstrap failed, e.g. no mirror) or ToolMissingError.
+    `key`, `packages` and `options` (default: this module's `rootfs_key()`, `PACKAGES`,
+    `MMDEBSTRAP_OPTIONS`) make another base, e.g. another architecture's; the key must
+    cover the other two. Raises CommandError (mmdebstrap failed, e.g. no mirror) or
+    ToolMissingError.
     """
-    final = cache / f"rootfs-{rootfs_key()}.tar"
+    key = key or rootfs_key()
+    final = cache / f"rootfs-{key}.tar"
     if final.exists():
         return final
     require_tools("mmdebstrap")
     cache.mkdir(parents=True, exist_ok=True)
-    partial = cache / f"rootfs-{rootfs_key()}.partial.tar"  # mmdebstrap: *.tar = tar output
+    partial = cache / f"rootfs-{key}.partial.tar"  # mmdebstrap: *.tar = tar output
     work = Path(tempfile.mkdtemp(prefix="rootfs-", dir=cache))
     try:
-        run(["mmdebstrap", "--quiet", "--skip=output/dev", f"--include={','.join(PACKAGES)}",
-             *MMDEBSTRAP_OPTIONS, SUITE, partial],
+        run(["mmdebstrap", "--quiet", "--skip=output/dev", f"--include={','.join(packages)}",
+             *options, SUITE, partial],
             env={"SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH), "TMPDIR": str(work),
                  "DEBIAN_FRONTEND": "noninteractive"})
         partial.rename(final)
@@ -273,14 +283,23 @@ def _assemble(layout: Path, rootfs_tar: Path, wheel: Path, wheels: Path, pip_whe
     run(["umoci", "repack", "--image", image, "--history.created", CREATED,
          "--history.created_by", f"python3 -m venv {VENV} && pip install {wheel.name}",
          bundle])
-    labels = {**LABELS, "org.opencontainers.image.version": version,
+    configure_entry_point(image, version)
+    run(["umoci", "gc", "--layout", layout])
+
+
+def configure_entry_point(image: str, version: str, labels: dict[str, str] | None = None) -> None:
+    """`umoci config` of `image` (`<layout>:<tag>`): entry point, user, env and OCI labels.
+
+    `labels` replaces `LABELS` (the version and revision labels are always added). The
+    same settings for every platform's image. Raises CommandError.
+    """
+    labels = {**(labels or LABELS), "org.opencontainers.image.version": version,
               "org.opencontainers.image.revision": _revision()}
     run(["umoci", "config", "--image", image, "--no-history", "--created", CREATED,
          "--config.entrypoint", ENTRYPOINT, "--config.user", USER,
          "--config.workingdir", "/home/nonroot",
          *[arg for env in ENV for arg in ("--config.env", env)],
          *[arg for k, v in labels.items() for arg in ("--config.label", f"{k}={v}")]])
-    run(["umoci", "gc", "--layout", layout])
 
 
 def _revision() -> str:
@@ -324,15 +343,17 @@ def build_image(out: Path | None = None, *, cache_dir: Path | None = None,
     return copied
 
 
-def _prune(root: Path, current: Path) -> None:
+def prune(root: Path, current: Path, rootfs: str | None = None) -> None:
     """Drop what interrupted builds left, old base layers and all but 3 image entries.
 
-    Each source change makes a new ~120 MB entry; clones sharing the cache keep theirs as
-    long as they are among the newest. Callers hold the build lock, so nothing is in use.
+    `rootfs` is the file name of the base layer to keep (default: this module's,
+    `rootfs-<rootfs_key()>.tar`). Each source change makes a new ~120 MB entry; clones
+    sharing the cache keep theirs as long as they are among the newest. Callers hold the
+    build lock, so nothing is in use.
     """
     entries = sorted((p for p in root.iterdir() if p.is_dir() and (p / IMAGE_JSON).exists()
                       and p != current), key=lambda p: p.stat().st_mtime, reverse=True)
-    keep = {current.name, f"rootfs-{rootfs_key()}.tar", "build.lock",
+    keep = {current.name, rootfs or f"rootfs-{rootfs_key()}.tar", "build.lock",
             *(p.name for p in entries[:2])}
     for child in root.iterdir():
         if child.name not in keep:
@@ -352,7 +373,7 @@ def _build_locked(root: Path, rebuild: bool) -> BuiltImage:
         final = root / key.hexdigest()[:16]
         cached = (final / IMAGE_JSON).exists() and not rebuild
         if cached:
-            os.utime(final)  # recently used: `_prune` keeps the newest entries
+            os.utime(final)  # recently used: `prune` keeps the newest entries
         else:
             rootfs_tar = build_rootfs(root)
             pip_wheel = download_dependencies(wheel, work / "wheels")
@@ -368,7 +389,7 @@ def _build_locked(root: Path, rebuild: bool) -> BuiltImage:
             partial.rename(final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _prune(root, final)
+    prune(root, final)
     return _read_summary(final, cached=cached)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the test bed's pinned tools (one Go module per tool, so their dependency graphs
+# Builds the test bed's and the linters' pinned tools (one Go module per tool, so their dependency graphs
 # never have to agree) into a cache outside the work tree, keyed by everything that can
 # change the binary, and links them into <repo>/.tools/bin. A tool whose key is already
 # built is skipped, so a warm run takes seconds; GOMODCACHE/GOCACHE are Go's own caches.
@@ -62,6 +62,11 @@ build etcd "" ./cmd/etcd
 build helm "" helm.sh/helm/v3/cmd/helm
 build cri-tools "-X sigs.k8s.io/cri-tools/pkg/version.Version=1.37.0" sigs.k8s.io/cri-tools/cmd/crictl
 build kind "" sigs.k8s.io/kind
+# Chart and CI checks for `make lint`: helm-docs writes helm/layercache/README.md from the
+# values.yaml comments (`make chart-docs`); actionlint checks .github/workflows/. Both set their
+# version the way their releases do, so `--version` and helm-docs' README footer name it.
+build helm-docs "-X main.version=1.14.2" github.com/norwoodj/helm-docs/cmd/helm-docs
+build actionlint "-X github.com/rhysd/actionlint.version=v1.7.12" github.com/rhysd/actionlint/cmd/actionlint
 # The pod sandbox binary the bed's kubelet nodes run as their pause image (testbed.kubelet):
 # static, so a one-layer image of just this file is a complete root filesystem.
 build -c 0 pause "" .
