@@ -434,7 +434,12 @@ class Reconciler:
         images_mode = tuple(
             (str(r.pinned), frozenset(layer.digest for layer in r.distributable))
             for r in state.resolved) if spec.mode == "Images" else ()
-        return CachePlan(state.key, state.plan, repositories, images_mode, spec.paused)
+        image_layers: dict[Platform, dict[tuple[Digest, ...], None]] = {}
+        for image in images:  # per platform, each distinct layer list once, in order
+            image_layers.setdefault(image.platform, {})[
+                tuple(layer.digest for layer in image.layers)] = None
+        return CachePlan(state.key, state.plan, repositories, images_mode, spec.paused,
+                         {p: tuple(lists) for p, lists in image_layers.items()})
 
     async def _write_credentials(self) -> None:
         """Write the agents' credentials Secret: each cache's configs under its own key.

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from layercache.agent.backoff import RetryTimes
 from layercache.agent.disk import DiskGuard, DiskPressureError
+from layercache.agent.disksavings import DiskMeter, Sharing
 from layercache.agent.fetch import LayerFetcher, failure_reason
 from layercache.agent.images import ImagePuller
 from layercache.agent.nodespec import InvalidNodeSpecError, NodeSpec, WantedLayer, parse_node_spec
@@ -52,7 +53,7 @@ class Reconciler:
 
     def __init__(self, *, store: ContentStore, fetcher: LayerFetcher, images: ImagePuller,
                  book: StatusBook, disk: DiskGuard, retry: RetryTimes,
-                 resync_seconds: float) -> None:
+                 resync_seconds: float, meter: DiskMeter | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
         self.images = images
@@ -60,6 +61,9 @@ class Reconciler:
         self.disk = disk
         self.retry = retry
         self.resync_seconds = resync_seconds
+        self.meter = meter
+        self._measured: tuple[frozenset[Digest], Sharing] | None = None
+        self._chains_unpacked = 0
         self.spec: NodeSpec | None = None
         self.held: dict[Digest, int] = {}
         self.inflight: dict[Digest, asyncio.Task[None]] = {}
@@ -131,6 +135,7 @@ class Reconciler:
         else:
             self._cancel(lambda _digest: True)
         self._report(spec)
+        await self._measure_disk(spec)
 
     async def _inventory(self, spec: NodeSpec | None) -> None:
         """Read what containerd holds; pin wanted blobs, release unwanted ones of ours."""
@@ -155,6 +160,30 @@ class Reconciler:
                 await self.store.release(digest)
                 log.info("released %s: no longer wanted", digest.short,
                          extra={"digest": digest})
+        self._measured = None  # re-read: measure again on this pass
+
+    async def _measure_disk(self, spec: NodeSpec | None) -> None:
+        """Refresh the disk-savings figures (`layercache.agent.disksavings`) when stale.
+
+        Stale: after an inventory, when the held blobs or the spec changed, and while a
+        wanted chain is not unpacked (another task commits it). ``self.held`` has the
+        content store's sizes (a blob is committed only at its verified size). A failure
+        keeps the figures measured before: they are a report, not a reason to stop
+        reconciling.
+        """
+        if self.meter is None or spec is None:
+            return
+        key = (frozenset(self.held), spec.sharing)
+        unpacking = len({c.chain_id for c in spec.sharing.chains}) != self._chains_unpacked
+        if key == self._measured and not unpacking:
+            return
+        try:
+            disk, unpacked = await self.meter.measure(spec.sharing, dict(self.held))
+        except ContainerdError as error:
+            log.warning("disk usage not measured: %s", error)
+            return
+        self.book.disk, self._chains_unpacked, self._measured = disk, unpacked, key
+        self.book.touch()
 
     def _cancel(self, which: Any) -> None:
         for digest, task in list(self.inflight.items()):

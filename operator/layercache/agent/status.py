@@ -2,7 +2,8 @@
 
 `StatusBook` keeps the facts (inventory counts, byte counters, recent errors, disk
 pressure) and renders the ``status`` object of the CRD: ``peerEndpoint``, ``layers``,
-``missing``, ``bytes``, ``errors`` (≤ 20, newest first), ``diskPressure``, conditions
+``missing``, ``bytes``, ``disk`` (`layercache.agent.disksavings`), ``errors`` (≤ 20,
+newest first), ``diskPressure``, conditions
 ``Ready``/``Progressing``/``Degraded`` (CamelCase reasons, ``lastTransitionTime`` kept while
 a condition's status holds), ``observedGeneration`` and ``lastSync``. `StatusReporter`
 patches it at most once per interval while things change, and at once on `flush`.
@@ -23,6 +24,7 @@ from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
 
+from layercache.agent.disksavings import NodeDisk
 from layercache.agent.nodespec import Counters
 from layercache.conditions import condition, now_iso
 from layercache.containerd.errors import redact
@@ -78,6 +80,7 @@ class StatusBook:
         self.bytes_held = 0
         self.missing: list[str] = []
         self.images_pending = 0
+        self.disk: NodeDisk | None = None  # None until measured
         self.busy = False
         self.pressure: tuple[str, str] | None = None  # (reason, message) while refused
         self.failing: dict[str, ErrorEntry] = {}  # digest (or "") → its latest failure
@@ -186,6 +189,8 @@ class StatusBook:
         }
         if self.peer_endpoint is not None:
             status["peerEndpoint"] = self.peer_endpoint
+        if self.disk is not None:
+            status["disk"] = self.disk.to_status()
         return status
 
 
