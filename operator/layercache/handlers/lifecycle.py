@@ -17,6 +17,7 @@ from layercache.kube import KubeApi
 from layercache.leadership import is_active
 from layercache.reconciler import Reconciler
 from layercache.settings import OperatorSettings
+from layercache.warmsignal import WarmSignal
 
 log = logging.getLogger("layercache.operator")
 
@@ -66,9 +67,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 
 def _start_loops(reconciler: Reconciler) -> list[asyncio.Task[None]]:
+    warm = WarmSignal(reconciler.kube, reconciler.settings)
     return [asyncio.create_task(reconciler.run(), name="replan"),
             asyncio.create_task(_aggregate_forever(reconciler), name="status"),
-            asyncio.create_task(reconciler.refresh_forever(), name="refresh")]
+            asyncio.create_task(reconciler.refresh_forever(), name="refresh"),
+            asyncio.create_task(warm.run_forever(), name="warm nodes")]
 
 
 async def _lead(reconciler: Reconciler, kube: KubeApi, peering: str, identity: str,
