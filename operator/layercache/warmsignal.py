@@ -1,6 +1,6 @@
-"""The operator's warm-node loop: label warm Nodes, lift the startup taint (`layercache.warm`).
+"""The operator's warm-node round: label warm Nodes, lift the startup taint (`layercache.warm`).
 
-Every few seconds (``LAYERCACHE_STATUS_INTERVAL_SECONDS``, the status loop's pace) it lists
+Run every few seconds (``LAYERCACHE_STATUS_INTERVAL_SECONDS``, the status loop's pace), it lists
 the Nodes and NodeLayerCaches and merge-patches each Node whose label or startup taint is
 out of date (`layercache.warm.warm_patch`). An unchanged cluster costs two lists and no
 writes. One Node that cannot be read or patched (deleted meanwhile, a 409 Conflict because
@@ -67,19 +67,10 @@ class WarmSignal:
         self.warm = frozenset(warm)
         return patched
 
-    async def run_forever(self) -> None:
-        """`run_once` every ``status_interval_seconds``; a failed round is logged, not fatal."""
-        while True:
-            await asyncio.sleep(self.settings.status_interval_seconds)
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("warm-node round failed; retrying")
-
 
 def _log_change(node: NodeWarmth, patch: dict[str, object], warm: bool) -> None:
-    labels = (patch.get("metadata") or {})
-    if isinstance(labels, dict) and WARM_LABEL in (labels.get("labels") or {}):
+    metadata = patch.get("metadata")
+    if isinstance(metadata, dict) and WARM_LABEL in (metadata.get("labels") or {}):
         log.info("Node %s %s", node.name, "is warm: labelled" if warm else
                  "is no longer warm: label removed")
     if "spec" in patch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
@@ -67,11 +67,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 
 def _start_loops(reconciler: Reconciler) -> list[asyncio.Task[None]]:
+    interval = reconciler.settings.status_interval_seconds
     warm = WarmSignal(reconciler.kube, reconciler.settings)
     return [asyncio.create_task(reconciler.run(), name="replan"),
-            asyncio.create_task(_aggregate_forever(reconciler), name="status"),
+            asyncio.create_task(_every(interval, reconciler.aggregate), name="status"),
             asyncio.create_task(reconciler.refresh_forever(), name="refresh"),
-            asyncio.create_task(warm.run_forever(), name="warm nodes")]
+            asyncio.create_task(_every(interval, warm.run_once), name="warm nodes")]
 
 
 async def _lead(reconciler: Reconciler, kube: KubeApi, peering: str, identity: str,
@@ -125,13 +126,14 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _aggregate_forever(reconciler: Reconciler) -> None:
+async def _every(seconds: float, step: Callable[[], Awaitable[object]]) -> None:
+    """``step()`` every ``seconds``; a failed step is logged and retried, never fatal."""
     while True:
-        await asyncio.sleep(reconciler.settings.status_interval_seconds)
+        await asyncio.sleep(seconds)
         try:
-            await reconciler.aggregate()
+            await step()
         except Exception:
-            log.exception("status aggregation failed; retrying")
+            log.exception("%s failed; retrying", getattr(step, "__qualname__", step))
 
 
 @kopf.on.cleanup()
