@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from layercache.agent.disksavings import DiskFigures, Sharing, measure
+from layercache.agent.disksavings import DiskFigures, Held, Sharing, measure
 from layercache.agent.nodespec import parse_node_spec
 from layercache.digest import Digest, chain_ids
 from layercache.distribute import CachePlan, distribute, node_spec
@@ -50,10 +50,13 @@ SPEC: dict[str, Any] = {
 }
 BASE_CHAIN, PY_CHAIN = chain_ids([DIFF[BASE], DIFF[PY]])
 USAGE = {BASE_CHAIN: 4000, PY_CHAIN: 2000}
+BOTH = frozenset({"ns/a", "ns/b"})
+#: What containerd holds: every blob, both chains pinned for both caches.
+HELD = Held(dict(SIZE), {}, {chain: (size, BOTH) for chain, size in USAGE.items()})
 
 
 def test_sharing_saves_every_copy_but_one_of_each_blob_and_chain() -> None:
-    disk = measure(Sharing.parse(SPEC), dict(SIZE), USAGE)
+    disk = measure(Sharing.parse(SPEC), HELD)
     blobs = sum(SIZE.values())
     # Node: three distinct images (ns/b's app-a is ns/a's): base in 3, py in 3 (chains too).
     separate = (3 * (SIZE[BASE] + USAGE[BASE_CHAIN]) + 2 * (SIZE[PY] + USAGE[PY_CHAIN])
@@ -73,16 +76,26 @@ def test_sharing_saves_every_copy_but_one_of_each_blob_and_chain() -> None:
 
 def test_only_what_containerd_holds_counts() -> None:
     held = {BASE: SIZE[BASE], APP_A: SIZE[APP_A]}  # python not fetched yet, nothing unpacked
-    disk = measure(Sharing.parse(SPEC), held, {})
+    disk = measure(Sharing.parse(SPEC), Held(held))
     assert disk.node == DiskFigures(SIZE[BASE] + SIZE[APP_A], 0,
                                     3 * SIZE[BASE] + SIZE[APP_A])
 
 
-def test_without_chains_or_image_layers_nothing_is_claimed() -> None:
+def test_without_image_layers_nothing_is_claimed() -> None:
     bare = {k: v for k, v in SPEC.items() if k not in ("chains", "imageLayers")}
-    disk = measure(Sharing.parse(bare), dict(SIZE), USAGE)
-    assert disk.node == DiskFigures(sum(SIZE.values()), 0, 0)
+    disk = measure(Sharing.parse(bare), HELD)
+    assert disk.node == DiskFigures(sum(SIZE.values()), 6000, 0)
     assert disk.node.saved == 0
+
+
+def test_without_spec_chains_the_blobs_labels_name_the_chains() -> None:
+    # An older operator (no spec.chains); the diff IDs come from the blobs' uncompressed
+    # labels, the snapshots are what we pinned: the same figures.
+    no_chains = {k: v for k, v in SPEC.items() if k != "chains"}
+    labelled = Held(dict(SIZE), {BASE: DIFF[BASE], PY: DIFF[PY]}, HELD.snapshots)
+    assert measure(Sharing.parse(no_chains), labelled) == measure(Sharing.parse(SPEC), HELD)
+    # Nothing unpacked and no diff IDs known: snapshots count 0, blobs are still shared.
+    assert measure(Sharing.parse(no_chains), Held(dict(SIZE))).node.snapshots == 0
 
 
 def test_unusable_entries_are_left_out_not_raised() -> None:
@@ -106,7 +119,7 @@ def _status(disk: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_a_cache_sums_its_figures_over_its_nodes() -> None:
-    one = measure(Sharing.parse(SPEC), dict(SIZE), USAGE).to_status()
+    one = measure(Sharing.parse(SPEC), HELD).to_status()
     nodes = {"n1": _status(one), "n2": _status(one), "n3": {"status": {}}}
     total = cache_disk("ns/a", ["n1", "n2", "n3", "gone"], nodes)
     a = next(c for c in one["caches"] if c["cache"] == "ns/a")

@@ -147,7 +147,7 @@ class Agent:
         reconciler = Reconciler(store=self.store, fetcher=fetcher, images=images, book=book,
                                 disk=self.disk, retry=retry,
                                 resync_seconds=settings.resync_seconds,
-                                meter=DiskMeter(Snapshots(
+                                meter=DiskMeter(self.store, Snapshots(
                                     settings.containerd_socket, settings.containerd_namespace,
                                     channel=self.store.channel)))
         reconciler.set_object(obj)

@@ -6,20 +6,22 @@ snapshot of it. That content addressing is containerd's; layercache plans which 
 chains a node holds and measures what holding them once saves (docs/observability.md,
 "Disk savings"):
 
-- ``blobs``: bytes of the wanted layer blobs the node's content store holds (``Content.Info``
+- ``blobs``: bytes of the wanted layer blobs the node's content store holds (``Content.List``
   sizes: compressed, as stored);
-- ``snapshots``: bytes of the wanted chain snapshots committed in the snapshotter
-  (``Snapshots.Usage`` of each: its own layer's disk, not its parents');
+- ``snapshots``: bytes of the committed chain snapshots layercache pinned (our ``gc.root``
+  and managed-by labels): ``Snapshots.Usage`` of each, its own layer's disk, not its
+  parents';
 - ``separate``: the bytes the same planned images would take if each kept its own copy of
   its layers and chains (no sharing): per image, the held blobs of its layers plus the
-  usage of the wanted chains that are prefixes of it, summed over the images;
+  usage of the pinned snapshots of its chains (named from its layers' diff IDs), summed
+  over the images;
 - ``saved`` = ``separate`` - ``blobs`` - ``snapshots`` (never below 0).
 
 Per node, an image listed by two caches counts once; per cache, only that cache's images,
-blobs (``spec.layers[].caches``) and chains (``spec.chains[].caches``) count, so a blob two
+blobs (``spec.layers[].caches``) and snapshots (labelled for it) count, so a blob two
 caches share is in both caches' figures. Inputs come from the NodeLayerCache spec
-(`Sharing.parse`: ``imageLayers`` from the operator, ``chains`` when the operator plans
-unpacking — absent means no chains wanted) and from containerd, read by `DiskMeter`.
+(`Sharing.parse`: ``layers``, ``imageLayers`` from the operator, and ``chains`` when the
+operator plans unpacking — absent means none) and from containerd, read by `DiskMeter`.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import NotFound
-from layercache.containerd.unpack import Snapshots
+from layercache.containerd.labels import GC_ROOT_LABEL, caches_of, is_managed
+from layercache.containerd.unpack import UNCOMPRESSED_LABEL, Snapshots
 from layercache.digest import Digest, InvalidDigestError, chain_ids
 
-__all__ = ["DiskFigures", "DiskMeter", "NodeDisk", "Sharing", "WantedChain", "measure"]
+__all__ = ["DiskFigures", "DiskMeter", "Held", "NodeDisk", "Sharing", "WantedChain", "measure"]
 
 log = logging.getLogger(__name__)
 
@@ -154,82 +158,97 @@ class NodeDisk:
                            for cache, figures in sorted(self.caches.items())]}
 
 
-def measure(sharing: Sharing, blob_sizes: Mapping[Digest, int],
-            snapshot_usage: Mapping[Digest, int]) -> NodeDisk:
+@dataclass(frozen=True)
+class Held:
+    """What containerd holds for us: blobs and the chain snapshots layercache pinned.
+
+    ``blobs``: digest → size (bytes) of the blobs in the content store; ``diff_ids``: layer
+    digest → diff ID, from the blobs' ``containerd.io/uncompressed`` labels (set by whoever
+    unpacked them); ``snapshots``: chain ID → (``Snapshots.Usage`` bytes, caches labelled
+    on it) of the committed snapshots carrying our pin labels.
+    """
+
+    blobs: Mapping[Digest, int] = field(default_factory=dict)
+    diff_ids: Mapping[Digest, Digest] = field(default_factory=dict)
+    snapshots: Mapping[Digest, tuple[int, frozenset[str]]] = field(default_factory=dict)
+
+
+def measure(sharing: Sharing, held: Held) -> NodeDisk:
     """The disk figures from the spec's ``sharing`` and what containerd holds.
 
-    Args:
-        sharing: the spec's layers, planned images and wanted chains.
-        blob_sizes: digest → size (bytes) of the blobs in the content store (others ignored).
-        snapshot_usage: chain ID → ``Snapshots.Usage`` size (bytes) of the committed chain
-            snapshots (others ignored).
+    Blobs count when the spec wants them (each cache: the layers naming it); snapshots when
+    layercache pinned them (each cache: the snapshots labelled for it). An image's chains
+    are named from its layers' diff IDs (the spec's chains', else the blobs' labels).
 
     Returns:
         Node and per-cache figures, as the module docstring defines them.
 
     """
-    held = {d: blob_sizes[d] for d in sharing.layer_caches if d in blob_sizes}
-    unpacked = {c.chain_id: snapshot_usage[c.chain_id] for c in sharing.chains
-                if c.chain_id in snapshot_usage}
+    blobs = {d: held.blobs[d] for d in sharing.layer_caches if d in held.blobs}
+    usage = {chain: size for chain, (size, _) in held.snapshots.items()}
+    names = Sharing(sharing.layer_caches, sharing.images, sharing.chains,
+                    {**held.diff_ids, **sharing.diff_ids})
     caches = sorted({c for cs in sharing.layer_caches.values() for c in cs}
                     | {cache for cache, _ in sharing.images}
-                    | {c for chain in sharing.chains for c in chain.caches})
+                    | {c for chain in sharing.chains for c in chain.caches}
+                    | {c for _, labelled in held.snapshots.values() for c in labelled})
 
     def apart(images: Iterable[tuple[Digest, ...]]) -> int:
         total = 0
         for layers in images:
-            total += sum(held.get(d, 0) for d in layers)
-            total += sum(unpacked.get(c, 0) for c in sharing.image_chains(layers))
+            total += sum(blobs.get(d, 0) for d in layers)
+            total += sum(usage.get(c, 0) for c in names.image_chains(layers))
         return total
 
-    node = DiskFigures(sum(held.values()), sum(unpacked.values()),
+    node = DiskFigures(sum(blobs.values()), sum(usage.values()),
                        apart({layers for _, layers in sharing.images}))
-    per_cache = {}
-    for cache in caches:
-        per_cache[cache] = DiskFigures(
-            sum(size for d, size in held.items() if cache in sharing.layer_caches[d]),
-            sum(unpacked[c.chain_id] for c in sharing.chains
-                if cache in c.caches and c.chain_id in unpacked),
+    per_cache = {
+        cache: DiskFigures(
+            sum(size for d, size in blobs.items() if cache in sharing.layer_caches[d]),
+            sum(size for size, labelled in held.snapshots.values() if cache in labelled),
             apart(layers for owner, layers in sharing.images if owner == cache))
+        for cache in caches}
     return NodeDisk(node, per_cache)
 
 
 class DiskMeter:
-    """Reads chain snapshot usage from a node's containerd for `measure`.
+    """Reads what `measure` needs from a node's containerd: one content and one snapshot list.
 
-    ``snapshots`` is the snapshotter and namespace the chains are unpacked into (the CRI's).
+    ``store`` is the content store the agent writes to; ``snapshots`` the snapshotter and
+    namespace chains are unpacked into (the CRI's).
     """
 
-    def __init__(self, snapshots: Snapshots) -> None:
+    def __init__(self, store: ContentStore, snapshots: Snapshots) -> None:
+        self.store = store
         self.snapshots = snapshots
 
-    async def usage(self, chains: Iterable[WantedChain]) -> dict[Digest, int]:
-        """Chain ID → ``Snapshots.Usage`` bytes of each of ``chains`` committed now.
+    async def held(self) -> Held:
+        """Blobs, their diff IDs, and the usage of the committed snapshots we pinned.
 
         Raises:
-            ContainerdError: listing or a usage call failed (other than a snapshot removed
-                between the list and its usage call, which is left out).
+            ContainerdError: a list or usage call failed (a snapshot removed between the
+                list and its usage call is left out, not raised on).
 
         """
-        wanted = {c.chain_id for c in chains}
-        if not wanted:
-            return {}
-        found: dict[Digest, int] = {}
-        for info in await self.snapshots.list():
-            if info.committed and info.name in wanted:
-                try:
-                    found[Digest(info.name)] = (await self.snapshots.usage(info.name)).size
-                except NotFound:
-                    continue
-        return found
+        blobs: dict[Digest, int] = {}
+        diff_ids: dict[Digest, Digest] = {}
+        for info in await self.store.list():
+            blobs[info.digest] = info.size
+            if (diff_id := _digest(info.labels.get(UNCOMPRESSED_LABEL))) is not None:
+                diff_ids[info.digest] = diff_id
+        snapshots: dict[Digest, tuple[int, frozenset[str]]] = {}
+        for snap in await self.snapshots.list():
+            name = _digest(snap.name)
+            if (name is None or not snap.committed or not is_managed(snap.labels)
+                    or GC_ROOT_LABEL not in snap.labels):
+                continue
+            try:
+                size = (await self.snapshots.usage(snap.name)).size
+            except NotFound:
+                continue
+            snapshots[name] = (size, caches_of(snap.labels))
+        return Held(blobs, diff_ids, snapshots)
 
-    async def measure(self, sharing: Sharing, blob_sizes: Mapping[Digest, int]
-                      ) -> tuple[NodeDisk, int]:
-        """`measure` with the usage of ``sharing``'s chains read from containerd now.
-
-        Returns:
-            The figures, and how many of the wanted chains are committed.
-
-        """
-        usage = await self.usage(sharing.chains)
-        return measure(sharing, blob_sizes, usage), len(usage)
+    async def measure(self, sharing: Sharing) -> NodeDisk:
+        """`measure` with what containerd holds now."""
+        return measure(sharing, await self.held())

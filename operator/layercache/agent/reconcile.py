@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between space checks while fetching is stopped by disk pressure.
 PRESSURE_RECHECK: Final = 10.0
+#: Seconds between two measurements of the disk-savings figures of an unchanged node.
+DISK_MEASURE_SECONDS: Final = 15.0
 #: Missing layers in progress at once, per transfer slot.
 WINDOW_PER_SLOT: Final = 8
 
@@ -63,7 +65,7 @@ class Reconciler:
         self.resync_seconds = resync_seconds
         self.meter = meter
         self._measured: tuple[frozenset[Digest], Sharing] | None = None
-        self._chains_unpacked = 0
+        self._measure_due = 0.0
         self.spec: NodeSpec | None = None
         self.held: dict[Digest, int] = {}
         self.inflight: dict[Digest, asyncio.Task[None]] = {}
@@ -111,7 +113,8 @@ class Reconciler:
 
     async def _sleep(self) -> None:
         now = self.loop_time
-        wakes = [self._next_resync, *([self._pressure_until] if self._refused() else [])]
+        wakes = [self._next_resync, *([self._pressure_until] if self._refused() else []),
+                 *([self._measure_due] if self.meter is not None else [])]
         if (at := self.retry.earliest()) is not None:
             wakes.append(at)
         timeout = max(0.05, min(wakes) - now)
@@ -163,27 +166,29 @@ class Reconciler:
         self._measured = None  # re-read: measure again on this pass
 
     async def _measure_disk(self, spec: NodeSpec | None) -> None:
-        """Refresh the disk-savings figures (`layercache.agent.disksavings`) when stale.
+        """Refresh the disk-savings figures (`layercache.agent.disksavings`) when due.
 
-        Stale: after an inventory, when the held blobs or the spec changed, and while a
-        wanted chain is not unpacked (another task commits it). ``self.held`` has the
-        content store's sizes (a blob is committed only at its verified size). A failure
-        keeps the figures measured before: they are a report, not a reason to stop
-        reconciling.
+        Due after an inventory, when the held blobs or the spec changed, and every
+        `DISK_MEASURE_SECONDS` (chains are unpacked, and images pulled, outside this loop).
+        A failure keeps the figures measured before: they are a report, not a reason to
+        stop reconciling.
         """
         if self.meter is None or spec is None:
+            self._measure_due = self.loop_time + DISK_MEASURE_SECONDS  # no busy wake-ups
             return
         key = (frozenset(self.held), spec.sharing)
-        unpacking = len({c.chain_id for c in spec.sharing.chains}) != self._chains_unpacked
-        if key == self._measured and not unpacking:
+        if key == self._measured and self.loop_time < self._measure_due:
             return
+        self._measure_due = self.loop_time + DISK_MEASURE_SECONDS
         try:
-            disk, unpacked = await self.meter.measure(spec.sharing, dict(self.held))
+            disk = await self.meter.measure(spec.sharing)
         except ContainerdError as error:
             log.warning("disk usage not measured: %s", error)
             return
-        self.book.disk, self._chains_unpacked, self._measured = disk, unpacked, key
-        self.book.touch()
+        self._measured = key
+        if disk != self.book.disk:
+            self.book.disk = disk
+            self.book.touch()
 
     def _cancel(self, which: Any) -> None:
         for digest, task in list(self.inflight.items()):
