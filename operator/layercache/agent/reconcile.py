@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 PRESSURE_RECHECK: Final = 10.0
 #: Seconds between two measurements of the disk-savings figures of an unchanged node.
 DISK_MEASURE_SECONDS: Final = 15.0
+#: Least seconds between two measurements while what the node holds keeps changing.
+DISK_MEASURE_MIN_SECONDS: Final = 2.0
 #: Missing layers in progress at once, per transfer slot.
 WINDOW_PER_SLOT: Final = 8
 
@@ -66,6 +68,7 @@ class Reconciler:
         self.meter = meter
         self._measured: tuple[frozenset[Digest], Sharing] | None = None
         self._measure_due = 0.0
+        self._measured_at = float("-inf")
         self.spec: NodeSpec | None = None
         self.held: dict[Digest, int] = {}
         self.inflight: dict[Digest, asyncio.Task[None]] = {}
@@ -163,23 +166,28 @@ class Reconciler:
                 await self.store.release(digest)
                 log.info("released %s: no longer wanted", digest.short,
                          extra={"digest": digest})
-        self._measured = None  # re-read: measure again on this pass
+        self._measured = None  # re-read: measure again soon
 
     async def _measure_disk(self, spec: NodeSpec | None) -> None:
         """Refresh the disk-savings figures (`layercache.agent.disksavings`) when due.
 
-        Due after an inventory, when the held blobs or the spec changed, and every
-        `DISK_MEASURE_SECONDS` (chains are unpacked, and images pulled, outside this loop).
-        A failure keeps the figures measured before: they are a report, not a reason to
-        stop reconciling.
+        Due every `DISK_MEASURE_SECONDS` (chains are unpacked, and images pulled, outside
+        this loop), and sooner — but at most every `DISK_MEASURE_MIN_SECONDS`, as a node
+        warming thousands of layers changes with each — after an inventory or when the held
+        blobs or the spec changed. A failure keeps the figures measured before: they are
+        a report, not a reason to stop reconciling.
         """
+        now = self.loop_time
         if self.meter is None or spec is None:
-            self._measure_due = self.loop_time + DISK_MEASURE_SECONDS  # no busy wake-ups
+            self._measure_due = now + DISK_MEASURE_SECONDS  # no busy wake-ups
             return
         key = (frozenset(self.held), spec.sharing)
-        if key == self._measured and self.loop_time < self._measure_due:
+        if key != self._measured:
+            self._measure_due = min(self._measure_due,
+                                    self._measured_at + DISK_MEASURE_MIN_SECONDS)
+        if now < self._measure_due:
             return
-        self._measure_due = self.loop_time + DISK_MEASURE_SECONDS
+        self._measured_at, self._measure_due = now, now + DISK_MEASURE_SECONDS
         try:
             disk = await self.meter.measure(spec.sharing)
         except ContainerdError as error:
