@@ -24,15 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, takewhile
 from typing import Any
 
 from layercache.digest import Digest
 from layercache.planner import Layer, Plan
+from layercache.platform import Platform
 
-__all__ = ["MAX_NODE_CHAINS", "MAX_NODE_LAYERS", "MAX_PEERS",
-           "CachePlan", "NodeLayer", "Previous", "distribute",
-           "node_spec", "previous_assignments"]
+__all__ = ["MAX_IMAGE_LAYERS", "MAX_NODE_CHAINS", "MAX_NODE_LAYERS", "MAX_PEERS",
+           "CachePlan", "NodeLayer", "Previous", "distribute", "node_spec",
+           "previous_assignments"]
 
 #: Candidate peers listed per layer (the CRD caps the list at 8).
 MAX_PEERS = 8
@@ -41,6 +42,8 @@ MAX_PEERS = 8
 MAX_NODE_LAYERS = 5000
 #: Chains listed per node (the CRD's maxItems), for the same reason.
 MAX_NODE_CHAINS = 1000
+#: Images listed in ``spec.imageLayers`` per node (the CRD's maxItems).
+MAX_IMAGE_LAYERS = 1000
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,9 @@ class CachePlan:
 
     ``key`` is "namespace/name"; ``repositories`` maps each layer digest to the
     "registry/repository" of an image that has it; ``images`` lists, for mode Images, each
-    image pinned by digest with the digests of its layers; ``paused`` stops fetching.
+    image pinned by digest with the digests of its layers; ``paused`` stops fetching;
+    ``image_layers`` maps each platform to the layer digests (base first) of each of the
+    cache's images for it, for the agents' disk-savings figures (``spec.imageLayers``).
     """
 
     key: str
@@ -57,6 +62,8 @@ class CachePlan:
     repositories: Mapping[Digest, str]
     images: tuple[tuple[str, frozenset[Digest]], ...] = ()
     paused: bool = False
+    image_layers: Mapping[Platform, tuple[tuple[Digest, ...], ...]] = field(
+        default_factory=dict)
 
 
 @dataclass
@@ -202,6 +209,8 @@ def node_spec(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan
         "images": [{"reference": ref, "caches": sorted(images[ref])} for ref in sorted(images)],
         "caches": wanting,
         "paused": bool(wanting) and all(by_key[k].paused for k in wanting),
+        "imageLayers": _image_layers(name, layers[:MAX_NODE_LAYERS],
+                                     [by_key[key] for key in wanting]),
     }
 
 
@@ -222,3 +231,28 @@ def _chains(name: str, held: set[Digest], caches: Sequence[CachePlan]) -> list[d
                     "unpackedBytes": wanted.unpacked_bytes, "caches": []}
             entry["caches"].append(cache.key)
     return list(merged.values())[:MAX_NODE_CHAINS]
+
+
+def _image_layers(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan]
+                  ) -> list[dict[str, Any]]:
+    """``spec.imageLayers``: per cache and image planned on `name`, its held layers' indexes.
+
+    Each image's layers base first, as indexes into ``spec.layers``, up to the first layer
+    the node does not hold (a budget or ``minSharedBy`` cut; nothing above it is a held
+    chain). Images with no held layer and repeats within a cache are left out. The agent
+    counts what the images would take stored apart from this (`MAX_IMAGE_LAYERS` at most).
+    """
+    position = {entry.layer.digest: index for index, entry in enumerate(layers)}
+    found: list[dict[str, Any]] = []
+    for cache in caches:
+        node_plan = cache.plan.nodes.get(name)
+        if node_plan is None:
+            continue
+        seen: set[tuple[int, ...]] = set()
+        for digests in cache.image_layers.get(node_plan.platform, ()):
+            indexes = tuple(takewhile(lambda i: i >= 0,
+                                                (position.get(d, -1) for d in digests)))
+            if indexes and indexes not in seen:
+                seen.add(indexes)
+                found.append({"cache": cache.key, "layers": list(indexes)})
+    return found[:MAX_IMAGE_LAYERS]

@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from layercache.platform import Platform
 from layercache.spec import LabelSelector
+from layercache.warm import NodeWarmth
 
 __all__ = ["GROUP", "VERSION", "KubeApi", "NodeInfo", "PodImages", "SecretMissingError"]
 
@@ -89,6 +90,21 @@ class KubeApi:
                                    platform, conditions.get("DiskPressure") == "True",
                                    bool(spec.get("unschedulable"))))
         return result
+
+    def node_warmth(self) -> list[NodeWarmth | str]:
+        """Every Node as `NodeWarmth`; the name (or "?") of one that cannot be read as such."""
+        response: Any = self.core.list_node(_preload_content=False)
+        found: list[NodeWarmth | str] = []
+        for node in json.loads(response.data)["items"]:
+            try:
+                found.append(NodeWarmth.from_node(node))
+            except (ValueError, TypeError, AttributeError):
+                found.append(str(((node or {}).get("metadata") or {}).get("name") or "?"))
+        return found
+
+    def patch_node(self, name: str, patch: dict[str, Any]) -> None:
+        """JSON merge patch (RFC 7386) Node `name`; 409 when its resourceVersion moved on."""
+        self.core.patch_node(name, patch, _content_type="application/merge-patch+json")
 
     def layer_cache_keys(self) -> set[str]:
         """"namespace/name" of every LayerCache in the cluster."""

@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["AgentGauges", "AgentMetrics", "CacheStatuses", "FetchSource", "OperatorMetrics",
-           "RegistryMetrics"]
+__all__ = ["DISK_HELP", "AgentGauges", "AgentMetrics", "CacheStatuses", "FetchSource",
+           "OperatorMetrics", "RegistryMetrics"]
 
 # --- registry client (operator and agent) ---------------------------------------------------
 
@@ -58,6 +58,20 @@ INGEST_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
                          600.0, 1800.0)
 
 
+#: Help of the disk-savings gauges (agent per node, operator per cache): what sharing saves
+#: is containerd's content addressing at work; layercache plans it and measures it.
+DISK_HELP: Final = {
+    "disk": "Bytes on disk of the wanted layer blobs (kind=blobs, content sizes) and unpacked "
+            "chain snapshots (kind=snapshots, Snapshots.Usage) layercache holds; each stored "
+            "once however many images share it (containerd's content addressing).",
+    "separate": "Bytes the planned images' layers and unpacked chains would take stored "
+                "separately per image (no sharing).",
+    "saved": "Disk bytes saved by sharing read-only layers and chains: separate minus blobs "
+             "and snapshots. containerd's content addressing shares them; layercache plans "
+             "which are held and measures this.",
+}
+
+
 @dataclass(frozen=True)
 class AgentGauges:
     """What the node holds right now, for the agent's scrape-time gauges.
@@ -65,7 +79,9 @@ class AgentGauges:
     ``layers_wanted``/``layers_held``: counts; ``bytes_held``: bytes of held wanted layers;
     ``disk_pressure``: fetching stopped for lack of space; ``chains_wanted``/
     ``chains_unpacked``: chains to unpack and those committed; ``unpacked_bytes``:
-    uncompressed bytes the agent extracted into them.
+    uncompressed bytes the agent extracted into them; ``disk_blobs``/``disk_snapshots``/
+    ``disk_separate``/``disk_saved``: the node's disk-savings figures in bytes
+    (`layercache.agent.disksavings`; 0 until measured).
     """
 
     layers_wanted: int
@@ -75,6 +91,10 @@ class AgentGauges:
     chains_wanted: int = 0
     chains_unpacked: int = 0
     unpacked_bytes: int = 0
+    disk_blobs: int = 0
+    disk_snapshots: int = 0
+    disk_separate: int = 0
+    disk_saved: int = 0
 
 
 class _AgentGaugeCollector(Collector):
@@ -104,6 +124,16 @@ class _AgentGaugeCollector(Collector):
              now.unpacked_bytes),
         ):
             family = GaugeMetricFamily(name, doc, labels=["node"])
+            family.add_metric([self.node], value)
+            yield family
+        disk = GaugeMetricFamily("layercache_agent_disk_bytes", DISK_HELP["disk"],
+                                 labels=["node", "kind"])
+        disk.add_metric([self.node, "blobs"], now.disk_blobs)
+        disk.add_metric([self.node, "snapshots"], now.disk_snapshots)
+        yield disk
+        for name, value in (("separate", now.disk_separate), ("saved", now.disk_saved)):
+            family = GaugeMetricFamily(f"layercache_agent_disk_{name}_bytes", DISK_HELP[name],
+                                       labels=["node"])
             family.add_metric([self.node], value)
             yield family
 
@@ -224,6 +254,25 @@ class _CacheCollector(Collector):
             degraded.add_metric([cache], 1.0 if conditions.get("Degraded") == "True" else 0.0)
         yield from byte_families.values()
         yield from (nodes, shared, ready, degraded)
+        yield from _cache_disk(self._statuses())
+
+
+def _cache_disk(statuses: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    """``layercache_cache_disk_*`` from each cache's ``status.disk`` (absent: 0)."""
+    disk = GaugeMetricFamily("layercache_cache_disk_bytes", DISK_HELP["disk"] + " Summed "
+                             "over the cache's nodes (LayerCache status.disk).",
+                             labels=["cache", "kind"])
+    separate = GaugeMetricFamily("layercache_cache_disk_separate_bytes", DISK_HELP["separate"],
+                                 labels=["cache"])
+    saved = GaugeMetricFamily("layercache_cache_disk_saved_bytes", DISK_HELP["saved"],
+                              labels=["cache"])
+    for cache, status in statuses:
+        figures = status.get("disk") or {}
+        for kind in ("blobs", "snapshots"):
+            disk.add_metric([cache, kind], float(figures.get(kind, 0)))
+        separate.add_metric([cache], float(figures.get("separate", 0)))
+        saved.add_metric([cache], float(figures.get("saved", 0)))
+    yield from (disk, separate, saved)
 
 
 class OperatorMetrics:

@@ -437,7 +437,13 @@ class Reconciler:
         images_mode = tuple(
             (str(r.pinned), frozenset(layer.digest for layer in r.distributable))
             for r in state.resolved) if spec.mode == "Images" else ()
-        return CachePlan(state.key, state.plan, repositories, images_mode, spec.paused)
+        image_layers: dict[Platform, set[tuple[Digest, ...]]] = {}
+        for image in images:  # per platform, each distinct layer list once
+            image_layers.setdefault(image.platform, set()).add(
+                tuple(layer.digest for layer in image.layers))
+        # Sorted: the order images resolve in must not rewrite node specs.
+        return CachePlan(state.key, state.plan, repositories, images_mode, spec.paused,
+                         {p: tuple(sorted(lists)) for p, lists in image_layers.items()})
 
     async def _write_credentials(self) -> None:
         """Write the agents' credentials Secret: each cache's configs under its own key.

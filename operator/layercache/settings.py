@@ -48,6 +48,11 @@ class OperatorSettings(BaseSettings):
         0.5, ge=0, description="Seconds to gather changes before one replan.")
     status_interval_seconds: float = Field(
         5.0, gt=0, description="Seconds between LayerCache status aggregations.")
+    warming_deadline_seconds: float = Field(
+        900.0, ge=0,
+        description="Seconds after a Node's creation when the operator removes its startup "
+                    "taint layercache.dev/warming:NoSchedule even if the node is not warm "
+                    "yet, so pods are never blocked on layercache for ever (docs/warm-nodes.md).")
     lease_name: str = Field(
         "layercache-operator",
         description="Lease (coordination.k8s.io, in `namespace`) the replicas elect their "

@@ -17,6 +17,7 @@ from kubernetes.utils import parse_quantity
 
 from layercache.platform import InvalidPlatformError, Platform, parse_platform
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
+from layercache.warm import WARMING_TAINT
 
 __all__ = ["CacheSpec", "InvalidSpecError", "LabelSelector", "Toleration", "parse_duration",
            "parse_spec"]
@@ -169,12 +170,15 @@ class CacheSpec:
         """Whether a node with `labels` and `taints` should hold this cache.
 
         All of `node_selector` must match, and every NoSchedule/NoExecute taint must be
-        tolerated — the scheduler's rule for whether a Pod may land there.
+        tolerated — the scheduler's rule for whether a Pod may land there — except the
+        startup taint `layercache.warm.WARMING_TAINT`, there until the node is warm.
         """
         if any(labels.get(k) != v for k, v in self.node_selector.items()):
             return False
+        # The startup taint waits for us to warm the node: it must not keep us away.
         return all(any(t.tolerates(taint) for t in self.tolerations) for taint in taints
-                   if taint.get("effect") in ("NoSchedule", "NoExecute"))
+                   if taint.get("effect") in ("NoSchedule", "NoExecute")
+                   and taint.get("key") != WARMING_TAINT)
 
 
 def parse_spec(obj: str, raw: Mapping[str, Any]) -> CacheSpec:

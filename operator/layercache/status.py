@@ -9,7 +9,7 @@ is bounded (counts, plus at most `MAX_FAILING` failing nodes), so status stays s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,7 +19,8 @@ from layercache.conditions import condition, headline_reason, now_iso
 from layercache.planner import saved_bytes
 from layercache.units import human_bytes
 
-__all__ = ["MAX_FAILING", "MAX_FOREIGN", "cache_status", "foreign_layers"]
+__all__ = ["DISK_KEYS", "MAX_FAILING", "MAX_FOREIGN", "cache_disk", "cache_status",
+           "foreign_layers"]
 
 MAX_FAILING = 20
 #: Foreign layers listed in status at most (the CRD's maxItems).
@@ -35,6 +36,28 @@ def foreign_layers(state: CacheState) -> list[dict[str, str]]:
              for r in state.resolved for layer in r.non_distributable}
     return [{"image": image, "digest": digest, "mediaType": media_type}
             for (image, digest), media_type in sorted(found.items())][:MAX_FOREIGN]
+
+
+#: The figures of ``status.disk`` (NodeLayerCache and LayerCache), bytes each.
+DISK_KEYS = ("blobs", "snapshots", "separate", "saved")
+
+
+def cache_disk(cache: str, nodes: Iterable[str],
+               node_caches: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """A cache's ``status.disk``: its figures on each of ``nodes``, summed (bytes).
+
+    Each agent reports, per cache on its node, the bytes of the blobs and chain snapshots
+    the cache wants there, what its images would take stored apart, and the difference
+    (`layercache.agent.disksavings`); a node that has not measured yet adds 0.
+    """
+    total = dict.fromkeys(DISK_KEYS, 0)
+    for name in nodes:
+        disk = ((node_caches.get(name) or {}).get("status") or {}).get("disk") or {}
+        for entry in disk.get("caches") or ():
+            if entry.get("cache") == cache:
+                for key in DISK_KEYS:
+                    total[key] += int(entry.get(key, 0))
+    return total
 
 
 def _node_state(obj: Mapping[str, Any] | None) -> tuple[bool, str, str]:
@@ -155,6 +178,7 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
                   "savedHuman": human_bytes(saved)},
         "nodes": {"desired": len(nodes), "ready": ready_nodes,
                   "summary": f"{ready_nodes}/{len(nodes)}", "failing": failing[:MAX_FAILING]},
+        "disk": cache_disk(state.key, nodes, node_caches),
         "lastResolved": state.resolved_time,
         "nonDistributableLayers": foreign_layers(state),
     }

@@ -288,7 +288,7 @@ def _opt_bytes(value: int | None) -> str:
 def render_detail(console: Console, cache: Obj, node_caches: Sequence[Obj] | None,
                   now: datetime.datetime, stale_after: float | None = None,
                   nodes_error: str | None = None) -> None:
-    """One LayerCache in full: header, images, conditions, nodes with bars, savings.
+    """One LayerCache in full: header, images, conditions, nodes with bars, savings, disk.
 
     ``node_caches`` are the cluster's NodeLayerCaches (None when they could not be read;
     ``nodes_error`` says why, e.g. RBAC). Byte figures are compressed blob bytes.
@@ -313,6 +313,7 @@ def render_detail(console: Console, cache: Obj, node_caches: Sequence[Obj] | Non
     _print_nodes(console, cache, node_caches, now, nodes_error)
     _print_chains(console, status, node_rows(cache, node_caches or ()))
     _print_savings(console, status)
+    _print_disk(console, cache, node_caches or ())
 
 
 def _print_images(console: Console, status: Obj) -> None:
@@ -423,6 +424,36 @@ def _print_savings(console: Console, status: Obj) -> None:
         table.add_row("skipped for budget", "-",
                       f"{layers['skippedForBudget']} layer(s) over maxBytesPerNode")
     console.print(table)
+
+
+def _print_disk(console: Console, cache: Obj, node_caches: Iterable[Obj]) -> None:
+    """Disk savings of the cache per node and in total (``status.disk``), when reported.
+
+    Per node: the cache's entry in the NodeLayerCache's ``status.disk.caches``.
+    """
+    total = (cache.get("status") or {}).get("disk")
+    if not total:
+        return
+    key = cache_key(cache)
+    table = _table("Disk (this LayerCache)", "NODE", "BLOBS#", "SNAPSHOTS#", "SEPARATE#",
+                   "SAVED#", "%#")
+
+    def row(name: str, figures: Obj) -> None:
+        separate, saved = int(figures.get("separate", 0)), int(figures.get("saved", 0))
+        table.add_row(name, *(human_bytes(int(figures.get(k, 0)))
+                              for k in ("blobs", "snapshots", "separate", "saved")),
+                      _percent(saved, separate))
+    for obj in sorted(node_caches, key=lambda o: str((o.get("metadata") or {}).get("name"))):
+        for entry in ((obj.get("status") or {}).get("disk") or {}).get("caches") or ():
+            if entry.get("cache") == key:
+                row(str((obj.get("metadata") or {}).get("name", "")), entry)
+    row("total", total)
+    console.print(table)
+    console.print(Text("On disk: blobs (compressed, as stored) and unpacked chain snapshots "
+                       "(Snapshots.Usage). SEPARATE: the same images each storing their own "
+                       "layers and chains. SAVED: what sharing them saves; containerd's "
+                       "content addressing shares them, layercache plans what is held and "
+                       "measures it.", style="dim"), soft_wrap=True)
 
 
 def cache_json(cache: Obj, node_caches: Sequence[Obj] | None) -> dict[str, Any]:

@@ -151,13 +151,19 @@ def _settled(observed: Observed, expr: str, probe: object) -> None:
 
 
 def test_every_dashboard_query_returns_data(observed: Observed, bed: BedState,
-                                            kube: Kube) -> None:
+                                            kube: Kube, family: Family) -> None:
     api = observed.prometheus.api
     status = observed.good["status"]
     saved = status["bytes"]["saved"]
     assert saved > 0
     _settled(observed, 'layercache_cache_saved_bytes{cache=~".*/runtimes"}',
              lambda s: s and s[0].value == saved)
+    # Disk: python and curl share their base blob, held once per node (nothing unpacked).
+    runtimes = [family.image_layers(n) for n in ("python", "curl")]
+    base = runtimes[0][0].size
+    blobs = sum({ly.digest: ly.size for layers in runtimes for ly in layers}.values())
+    _settled(observed, 'layercache_cache_disk_saved_bytes{cache=~".*/runtimes"}',
+             lambda s: s and s[0].value == len(bed.nodes) * base)
     dashboard = model.load(DASHBOARD)
     variables = describe.variable_values(api, dashboard)
     assert set(variables["node"]) == {n.name for n in bed.nodes}
@@ -211,6 +217,15 @@ def test_every_dashboard_query_returns_data(observed: Observed, bed: BedState,
     assert any('reason="DigestMismatch"' in k and v >= 1 for k, v in errors.items()), errors
     assert values("Image resolve errors, by reason"), "the missing image's reason"
     assert values("Operator replans, by result")['{result="ok"}'] > 0
+    disk_panel = "Disk per node: on disk, stored separately, saved by sharing"
+    assert values(disk_panel, "A") == {
+        f'{{kind="{kind}", node="{n.name}"}}': value for n in bed.nodes
+        for kind, value in (("blobs", blobs), ("snapshots", 0))}
+    assert values(disk_panel, "B") == {f'{{node="{n.name}"}}': blobs + base for n in bed.nodes}
+    assert values(disk_panel, "C") == {f'{{node="{n.name}"}}': base for n in bed.nodes}
+    per_cache = values("Disk saved by sharing, per cache")
+    assert per_cache == {f'{{cache="{observed.namespace}/runtimes"}}': len(bed.nodes) * base,
+                         f'{{cache="{observed.namespace}/missing"}}': 0}
 
 
 def test_every_alert_expression_evaluates(observed: Observed) -> None:

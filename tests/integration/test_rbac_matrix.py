@@ -92,6 +92,7 @@ OPERATOR_CASES = [
     *(allow(OPERATOR, v, NLC, "kube.write_node_spec / delete_node_cache")
       for v in ("create", "patch", "delete")),
     *(allow(OPERATOR, v, "nodes", "kube.nodes, kopf on.event(nodes)") for v in ("list", "watch")),
+    allow(OPERATOR, "patch", "nodes", "kube.patch_node: warm label, startup taint (warmsignal)"),
     allow(OPERATOR, "list", "pods", "kube.pods (imagesFrom)", namespace="default"),
     allow(OPERATOR, "get", "serviceaccounts",
           "kube.service_account_pull_secrets (imagesFrom: a Pod's ServiceAccount)",
@@ -128,7 +129,9 @@ OPERATOR_CASES = [
     deny(OPERATOR, "patch", NLC, "agents own NodeLayerCache status", subresource="status"),
     *(deny(OPERATOR, v, LC, "users own LayerCaches", namespace="default")
       for v in ("create", "delete")),
-    *(deny(OPERATOR, v, "nodes", "reads Nodes only") for v in ("patch", "delete")),
+    *(deny(OPERATOR, v, "nodes", "Nodes: reads, and merge patches for the warm signal only")
+      for v in ("update", "delete", "create")),
+    deny(OPERATOR, "patch", "nodes", "node status is the kubelet's", subresource="status"),
     deny(OPERATOR, "create", "pods", "runs nothing", namespace="default"),
     deny(OPERATOR, "create", "pods", "no exec", namespace=NAMESPACE, subresource="exec"),
     deny(OPERATOR, "create", "serviceaccounts", "mints no tokens", namespace=NAMESPACE,
@@ -261,7 +264,8 @@ def _kubectl_rows() -> list[Case]:
              "agent-list-secrets@all", "operator-delete-nodes", "agent-delete-nodes",
              "operator-create-pods@default", "agent-create-pods@default",
              "operator-escalate-clusterroles", "agent-escalate-clusterroles",
-             "agent-patch-nodelayercaches", "agent-patch-layercaches/status@default"}
+             "agent-patch-nodelayercaches", "agent-patch-layercaches/status@default",
+             "operator-patch-nodes", "operator-update-nodes"}
     rows += [c for c in CASES if c.id in named and c not in rows]
     rows += [c for c in CONTROLS if c.resource == "secrets"]
     return rows

@@ -225,3 +225,30 @@ def test_detail_shows_unpacked_chains_per_node(objs: dict[str, Any]) -> None:
     console = _plain()
     statusview.render_detail(console, objs["cache"], objs["nodes"], NOW)
     assert "Unpacked chains" not in console.export_text()
+
+
+def test_detail_shows_disk_savings_per_node_and_in_total(objs: dict[str, Any]) -> None:
+    cache = copy.deepcopy(objs["cache"])
+    key = statusview.cache_key(cache)
+    figures = {"blobs": 81_000_000, "snapshots": 170_000_000, "separate": 502_000_000,
+               "saved": 251_000_000}
+    nodes = copy.deepcopy(objs["nodes"][:2])
+    for node in nodes:
+        node["status"]["disk"] = {**figures, "caches": [{"cache": key, **figures},
+                                                        {"cache": "other/cache", **figures}]}
+    cache["status"]["disk"] = {k: 2 * v for k, v in figures.items()}
+    console = _plain()
+    statusview.render_detail(console, cache, nodes, NOW)
+    text = console.export_text()
+    assert "Disk (this LayerCache)" in text
+    rows = [line for line in text.splitlines() if "251.0 MB" in line or "502.0 MB" in line]
+    assert [line.split("│")[1].strip() for line in rows] == ["node-a", "node-b", "total"]
+    cells = [[cell.strip() for cell in line.split("│")[2:-1]] for line in rows]
+    assert cells[0] == ["81.0 MB", "170.0 MB", "502.0 MB", "251.0 MB", "50%"]
+    assert cells[2] == ["162.0 MB", "340.0 MB", "1.0 GB", "502.0 MB", "50%"]
+    assert "content addressing" in text
+    # Without status.disk (an older operator) the view has no disk table.
+    del cache["status"]["disk"]
+    console = _plain()
+    statusview.render_detail(console, cache, nodes, NOW)
+    assert "Disk (this LayerCache)" not in console.export_text()

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from layercache.agent.backoff import RetryTimes
 from layercache.agent.cleanup import clean_stale
 from layercache.agent.disk import DiskGuard
+from layercache.agent.disksavings import DiskMeter
 from layercache.agent.fetch import FetchConfig, LayerFetcher
 from layercache.agent.images import ImagePuller
 from layercache.agent.kubeapi import AgentKube, Obj, OwnObjectWatch
@@ -47,6 +48,7 @@ from layercache.agent.transfer import ByteRate
 from layercache.agent.unpacking import ChainUnpacker, configured_snapshotter
 from layercache.containerd.content import ContentStore
 from layercache.containerd.cri import CRIImages
+from layercache.containerd.unpack import Snapshots
 from layercache.metrics import AgentGauges, AgentMetrics
 from layercache.registry.client import RegistryClient, registry_options
 from layercache.registry.hosts import RegistryHosts
@@ -81,6 +83,14 @@ async def _every(seconds: float, step: Callable[[], Awaitable[None]]) -> None:
             await step()
         except Exception:  # a periodic step must not end the agent
             log.exception("periodic step %s failed", getattr(step, "__name__", step))
+
+
+def _disk_gauges(book: StatusBook) -> tuple[int, int, int, int]:
+    """The node's (blobs, snapshots, separate, saved) disk bytes; zeros until measured."""
+    if book.disk is None:
+        return 0, 0, 0, 0
+    node = book.disk.node
+    return node.blobs, node.snapshots, node.separate, node.saved
 
 
 class Agent:
@@ -143,11 +153,15 @@ class Agent:
         await _retrying("removing stale unpack snapshots", chains.remove_stale)
         reconciler = Reconciler(store=self.store, fetcher=fetcher, images=images, book=book,
                                 disk=self.disk, retry=retry,
-                                resync_seconds=settings.resync_seconds, chains=chains)
+                                resync_seconds=settings.resync_seconds, chains=chains,
+                                meter=DiskMeter(self.store, Snapshots(
+                                    settings.containerd_socket, settings.containerd_namespace,
+                                    snapshotter=snapshotter, channel=self.store.channel)))
         reconciler.set_object(obj)
         self.metrics.track(lambda: AgentGauges(
             book.wanted, book.held, book.bytes_held, book.pressure is not None,
-            book.chains_wanted, book.chains_unpacked, book.bytes_unpacked))
+            book.chains_wanted, book.chains_unpacked, book.bytes_unpacked,
+            *_disk_gauges(book)))
         # A cheap containerd call (a lookup of a digest nobody has) every few seconds; a
         # stale socket mount or a dead containerd fails /healthz after a minute.
         liveness = ContainerdLiveness(lambda: self.store.info(_NO_BLOB))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from layercache.agent.disksavings import Sharing
 from layercache.digest import Digest, InvalidDigestError, chain_ids
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
 
@@ -106,6 +107,8 @@ class NodeSpec:
     conditions: tuple[Mapping[str, Any], ...]
     image_caches: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     chains: tuple[WantedChain, ...] = ()
+    #: What the disk-savings figures need: planned images and wanted chains.
+    sharing: Sharing = field(default_factory=Sharing)
 
     @property
     def wanted(self) -> frozenset[Digest]:
@@ -203,4 +206,5 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
         image_caches={str(image["reference"]): tuple(str(c) for c in image.get("caches") or ())
                       for image in spec.get("images") or () if image.get("reference")},
         chains=chains,
+        sharing=Sharing.parse(spec),
     )

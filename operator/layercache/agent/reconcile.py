@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from layercache.agent.backoff import RetryTimes
 from layercache.agent.disk import DiskGuard, DiskPressureError
+from layercache.agent.disksavings import DiskMeter, Sharing
 from layercache.agent.fetch import LayerFetcher, failure_reason
 from layercache.agent.images import ImagePuller
 from layercache.agent.nodespec import InvalidNodeSpecError, NodeSpec, WantedLayer, parse_node_spec
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between space checks while fetching is stopped by disk pressure.
 PRESSURE_RECHECK: Final = 10.0
+#: Seconds between two measurements of the disk-savings figures of an unchanged node.
+DISK_MEASURE_SECONDS: Final = 15.0
+#: Least seconds between two measurements while what the node holds keeps changing.
+DISK_MEASURE_MIN_SECONDS: Final = 2.0
 #: Missing layers in progress at once, per transfer slot.
 WINDOW_PER_SLOT: Final = 8
 
@@ -55,7 +60,8 @@ class Reconciler:
 
     def __init__(self, *, store: ContentStore, fetcher: LayerFetcher, images: ImagePuller,
                  book: StatusBook, disk: DiskGuard, retry: RetryTimes,
-                 resync_seconds: float, chains: ChainUnpacker | None = None) -> None:
+                 resync_seconds: float, chains: ChainUnpacker | None = None,
+                 meter: DiskMeter | None = None) -> None:
         self.store = store
         self.fetcher = fetcher
         self.images = images
@@ -64,6 +70,10 @@ class Reconciler:
         self.retry = retry
         self.resync_seconds = resync_seconds
         self.chains = chains
+        self.meter = meter
+        self._measured: tuple[frozenset[Digest], Sharing] | None = None
+        self._measure_due = 0.0
+        self._measured_at = float("-inf")
         self.spec: NodeSpec | None = None
         self.held: dict[Digest, int] = {}
         self.inflight: dict[Digest, asyncio.Task[None]] = {}
@@ -114,7 +124,8 @@ class Reconciler:
 
     async def _sleep(self) -> None:
         now = self.loop_time
-        wakes = [self._next_resync, *([self._pressure_until] if self._refused() else [])]
+        wakes = [self._next_resync, *([self._pressure_until] if self._refused() else []),
+                 *([self._measure_due] if self.meter is not None else [])]
         if (at := self.retry.earliest()) is not None:
             wakes.append(at)
         timeout = max(0.05, min(wakes) - now)
@@ -140,6 +151,7 @@ class Reconciler:
         else:
             self._cancel(lambda _digest: True)
         self._report(spec)
+        await self._measure_disk(spec)
 
     async def _inventory(self, spec: NodeSpec | None) -> None:
         """Read what containerd holds; pin wanted blobs, release unwanted ones of ours."""
@@ -166,12 +178,43 @@ class Reconciler:
                          extra={"digest": digest})
         if self.chains is not None and not self._unpacking():
             await self.chains.inventory(spec)
+        self._measured = None  # re-read: measure again soon
 
     def _unpacking(self) -> bool:
         # An unpack in flight changes the snapshots under the inventory's feet; its own
         # result is recorded when it ends, and the next resync reads the rest.
         task = self.chains.task if self.chains is not None else None
         return task is not None and not task.done()
+
+    async def _measure_disk(self, spec: NodeSpec | None) -> None:
+        """Refresh the disk-savings figures (`layercache.agent.disksavings`) when due.
+
+        Due every `DISK_MEASURE_SECONDS` (chains are unpacked, and images pulled, outside
+        this loop), and sooner — but at most every `DISK_MEASURE_MIN_SECONDS`, as a node
+        warming thousands of layers changes with each — after an inventory or when the held
+        blobs or the spec changed. A failure keeps the figures measured before: they are
+        a report, not a reason to stop reconciling.
+        """
+        now = self.loop_time
+        if self.meter is None or spec is None:
+            self._measure_due = now + DISK_MEASURE_SECONDS  # no busy wake-ups
+            return
+        key = (frozenset(self.held), spec.sharing)
+        if key != self._measured:
+            self._measure_due = min(self._measure_due,
+                                    self._measured_at + DISK_MEASURE_MIN_SECONDS)
+        if now < self._measure_due:
+            return
+        self._measured_at, self._measure_due = now, now + DISK_MEASURE_SECONDS
+        try:
+            disk = await self.meter.measure(spec.sharing)
+        except ContainerdError as error:
+            log.warning("disk usage not measured: %s", error)
+            return
+        self._measured = key
+        if disk != self.book.disk:
+            self.book.disk = disk
+            self.book.touch()
 
     def _cancel(self, which: Any) -> None:
         for digest, task in list(self.inflight.items()):

@@ -5,7 +5,8 @@ pressure) and renders the ``status`` object of the CRD: ``peerEndpoint``, ``laye
 ``chains`` (wanted, unpacked, bytes extracted; Ready waits for the chains as for the
 blobs, except where the snapshotter is unsupported: then none can be unpacked and status
 says so in Degraded),
-``missing``, ``bytes``, ``errors`` (≤ 20, newest first), ``diskPressure``, conditions
+``missing``, ``bytes``, ``disk`` (`layercache.agent.disksavings`), ``errors`` (≤ 20,
+newest first), ``diskPressure``, conditions
 ``Ready``/``Progressing``/``Degraded`` (CamelCase reasons, ``lastTransitionTime`` kept while
 a condition's status holds), ``observedGeneration`` and ``lastSync``. `StatusReporter`
 patches it at most once per interval while things change, and at once on `flush`.
@@ -26,6 +27,7 @@ from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
 
+from layercache.agent.disksavings import NodeDisk
 from layercache.agent.nodespec import Counters
 from layercache.conditions import condition, now_iso
 from layercache.containerd.errors import redact
@@ -86,6 +88,7 @@ class StatusBook:
         self.chains_pending = 0
         self.missing: list[str] = []
         self.images_pending = 0
+        self.disk: NodeDisk | None = None  # None until measured
         self.busy = False
         self.pressure: tuple[str, str] | None = None  # (reason, message) while refused
         self.failing: dict[str, ErrorEntry] = {}  # digest (or "") → its latest failure
@@ -202,6 +205,8 @@ class StatusBook:
         }
         if self.peer_endpoint is not None:
             status["peerEndpoint"] = self.peer_endpoint
+        if self.disk is not None:
+            status["disk"] = self.disk.to_status()
         return status
 
 

@@ -87,6 +87,7 @@ __all__ = [
     "LayerToUnpack",
     "Mount",
     "SnapshotInfo",
+    "SnapshotUsage",
     "Snapshots",
     "UnpackResult",
     "Unpacker",
@@ -151,6 +152,13 @@ class Applied(NamedTuple):
 
     diff_id: Digest
     size: int
+
+
+class SnapshotUsage(NamedTuple):
+    """Disk a snapshot uses on its own: ``size`` in bytes, ``inodes`` in files."""
+
+    size: int
+    inodes: int
 
 
 class LayerToUnpack(NamedTuple):
@@ -296,6 +304,23 @@ class Snapshots(Client):
             response: snapshots_pb2.UpdateSnapshotResponse = await self.stub.Update(
                 request, metadata=self.metadata(), timeout=self.timeout)
         return SnapshotInfo.from_proto(response.info)
+
+    async def usage(self, key: str) -> SnapshotUsage:
+        """Disk used by snapshot ``key`` itself (``Snapshots.Usage``): bytes and inodes.
+
+        A committed snapshot's usage is its own layer's (its diff), not its parents': the
+        disk a chain takes is the sum over its snapshots. containerd's overlayfs computes it
+        at commit and keeps it, so the call is cheap for committed snapshots.
+
+        Raises:
+            NotFound: no such snapshot.
+
+        """
+        request = snapshots_pb2.UsageRequest(snapshotter=self.snapshotter, key=key)
+        with self.errors(self._subject(key), "Snapshots.Usage"):
+            response: snapshots_pb2.UsageResponse = await self.stub.Usage(
+                request, metadata=self.metadata(), timeout=self.timeout)
+        return SnapshotUsage(response.size, response.inodes)
 
     async def list(self, filters: Sequence[str] = ()) -> builtins.list[SnapshotInfo]:
         """Snapshots matching any of ``filters`` (containerd filter syntax); all when empty."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
@@ -14,6 +15,7 @@ from layercache import kubeclient
 from layercache.kube import KubeApi
 from layercache.reconciler import Reconciler
 from layercache.settings import OperatorSettings
+from layercache.warmsignal import WarmSignal
 
 log = logging.getLogger("layercache.operator")
 
@@ -49,18 +51,22 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 
 def _start_loops(reconciler: Reconciler) -> list[asyncio.Task[None]]:
+    interval = reconciler.settings.status_interval_seconds
+    warm = WarmSignal(reconciler.kube, reconciler.settings)
     return [asyncio.create_task(reconciler.run(), name="replan"),
-            asyncio.create_task(_aggregate_forever(reconciler), name="status"),
-            asyncio.create_task(reconciler.refresh_forever(), name="refresh")]
+            asyncio.create_task(_every(interval, reconciler.aggregate), name="status"),
+            asyncio.create_task(reconciler.refresh_forever(), name="refresh"),
+            asyncio.create_task(_every(interval, warm.run_once), name="warm nodes")]
 
 
-async def _aggregate_forever(reconciler: Reconciler) -> None:
+async def _every(seconds: float, step: Callable[[], Awaitable[object]]) -> None:
+    """``step()`` every ``seconds``; a failed step is logged and retried, never fatal."""
     while True:
-        await asyncio.sleep(reconciler.settings.status_interval_seconds)
+        await asyncio.sleep(seconds)
         try:
-            await reconciler.aggregate()
+            await step()
         except Exception:
-            log.exception("status aggregation failed; retrying")
+            log.exception("%s failed; retrying", getattr(step, "__qualname__", step))
 
 
 @kopf.on.cleanup()

@@ -74,6 +74,11 @@ class SnapshotsStub:
                 request_serializer=layercache_dot_containerd_dot_protos_dot_snapshots__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=layercache_dot_containerd_dot_protos_dot_snapshots__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.Usage = channel.unary_unary(
+                '/containerd.services.snapshots.v1.Snapshots/Usage',
+                request_serializer=layercache_dot_containerd_dot_protos_dot_snapshots__pb2.UsageRequest.SerializeToString,
+                response_deserializer=layercache_dot_containerd_dot_protos_dot_snapshots__pb2.UsageResponse.FromString,
+                _registered_method=True)
 
 
 class SnapshotsServicer:
@@ -132,6 +137,13 @@ class SnapshotsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Usage(self, request, context):
+        """Usage returns the disk a snapshot uses on its own (not its parents'): bytes and inodes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +181,11 @@ def add_SnapshotsServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=layercache_dot_containerd_dot_protos_dot_snapshots__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=layercache_dot_containerd_dot_protos_dot_snapshots__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'Usage': grpc.unary_unary_rpc_method_handler(
+                    servicer.Usage,
+                    request_deserializer=layercache_dot_containerd_dot_protos_dot_snapshots__pb2.UsageRequest.FromString,
+                    response_serializer=layercache_dot_containerd_dot_protos_dot_snapshots__pb2.UsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +381,33 @@ class Snapshots:
             '/containerd.services.snapshots.v1.Snapshots/List',
             layercache_dot_containerd_dot_protos_dot_snapshots__pb2.ListSnapshotsRequest.SerializeToString,
             layercache_dot_containerd_dot_protos_dot_snapshots__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Usage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.snapshots.v1.Snapshots/Usage',
+            layercache_dot_containerd_dot_protos_dot_snapshots__pb2.UsageRequest.SerializeToString,
+            layercache_dot_containerd_dot_protos_dot_snapshots__pb2.UsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
