@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Final, Generic, NamedTuple, TypeVar, overload
 
 from layercache.digest import Digest, chain_ids
 
 if TYPE_CHECKING:
     from layercache.planner import Layer, ResolvedImage
 
-__all__ = ["COMPRESSION_RATIO", "Chain", "ChainOrder", "Run", "chain_order",
-           "estimate_unpacked_bytes"]
+__all__ = ["COMPRESSION_RATIO", "Chain", "ChainOrder", "PlatformChains", "PrefixCatalogue",
+           "Run", "chain_order", "estimate_unpacked_bytes"]
 
 #: Estimated unpacked bytes per compressed byte of a gzip or zstd layer. Measured here: the
 #: Debian minbase rootfs is 170 MB as a tar and 56 MB gzipped (3.0); OS and language
@@ -82,16 +83,17 @@ def estimate_unpacked_bytes(layer: Layer) -> int:
     return layer.size * COMPRESSION_RATIO if compressed else layer.size
 
 
-@dataclass(frozen=True, slots=True)
-class Chain:
+class Chain(NamedTuple):
     """A chain to unpack: ``chain_id``; ``layers`` base first; estimated bytes; sharing.
 
     ``unpacked_bytes`` estimates its own snapshot (its top layer, `estimate_unpacked_bytes`);
-    ``shared_by`` counts the distinct images of the platform that start with it.
+    ``shared_by`` counts the distinct images of the platform that start with it. A tuple
+    (not a dataclass) and ``layers`` a view of its image's layers: a plan of 10,000 images
+    makes ~10^5 of them.
     """
 
     chain_id: Digest
-    layers: tuple[Layer, ...]
+    layers: Sequence[Layer]
     unpacked_bytes: int
     shared_by: int
 
@@ -106,15 +108,12 @@ class ChainOrder:
     """One node group's candidate chains in order, and what a node needs to cut a prefix.
 
     ``ready[i]``: how many blobs of the group order a node must hold for ``chains[i]``;
-    ``cum_bytes[i]``: estimated unpacked bytes of ``chains[: i + 1]``; ``below_min``:
-    chains of the group's images left out (for ``min_shared_by``, or resting on a layer
-    the blob order leaves out).
+    ``cum_bytes[i]``: estimated unpacked bytes of ``chains[: i + 1]``.
     """
 
     chains: tuple[Chain, ...]
     ready: list[int]
     cum_bytes: list[int]
-    below_min: int
 
     def cut(self, held_layers: int, free_bytes: int | None) -> tuple[int, int]:
         """(chains taken, chains whose blobs are held but that the budget leaves out)."""
@@ -126,7 +125,7 @@ class ChainOrder:
 
 
 class PrefixCatalogue:
-    """Every image's chain IDs (cached by manifest) and, per platform, sharing counts."""
+    """Every image's chain IDs, computed once per manifest."""
 
     def __init__(self, images: Sequence[ResolvedImage]) -> None:
         """Compute the chain IDs of ``images``' unpackable prefixes (`ResolvedImage.unpackable`)."""
@@ -141,56 +140,76 @@ class PrefixCatalogue:
                     layer.diff_id for layer in image.layers[:count])
             self.ids.append(ids)
 
-    def shared_by(self, members: Sequence[int]) -> dict[Digest, int]:
-        """Chain ID → distinct manifests among images ``members`` that start with it."""
-        counts: dict[Digest, int] = {}
+
+class PlatformChains:
+    """The chains of one platform's images: how many images share each, made on demand.
+
+    Per chain ID one index into flat arrays (sharing count, first image, depth), not a
+    dict of tuples: a platform of 10,000 images has ~10^5 chains.
+    """
+
+    def __init__(self, prefixes: PrefixCatalogue, members: Sequence[int]) -> None:
+        """Count, per chain ID, the distinct manifests among images ``members`` with it."""
+        self.prefixes = prefixes
+        self.index: dict[Digest, int] = {}
+        self.shared, self.image, self.depth = array("l"), array("l"), array("l")
         seen: set[Digest] = set()
         for i in members:
-            manifest = self.images[i].manifest_digest
+            manifest = prefixes.images[i].manifest_digest
             if manifest in seen:
                 continue
             seen.add(manifest)
-            for chain_id in self.ids[i]:
-                counts[chain_id] = counts.get(chain_id, 0) + 1
-        return counts
+            for depth, chain_id in enumerate(prefixes.ids[i]):
+                k = self.index.get(chain_id)
+                if k is None:
+                    self.index[chain_id] = len(self.shared)
+                    self.shared.append(1)
+                    self.image.append(i)
+                    self.depth.append(depth)
+                else:
+                    self.shared[k] += 1
+        self._made: dict[int, Chain] = {}
+
+    def chain(self, chain_id: Digest) -> Chain:
+        """The `Chain` of ``chain_id`` (one object per platform, shared by its groups)."""
+        k = self.index[chain_id]
+        made = self._made.get(k)
+        if made is None:
+            depth = self.depth[k]
+            layers = self.prefixes.images[self.image[k]].layers
+            made = self._made[k] = Chain(
+                chain_id, Run(layers, 0, depth + 1), estimate_unpacked_bytes(layers[depth]),
+                self.shared[k])
+        return made
 
 
-def chain_order(prefixes: PrefixCatalogue, members: Sequence[int], shared: Mapping[Digest, int],
+def chain_order(platform: PlatformChains, members: Sequence[int],
                 position: Mapping[Digest, int], min_shared_by: int) -> ChainOrder:
     """Order the chains of images ``members`` for one node group (module docstring).
 
-    ``shared`` is `PrefixCatalogue.shared_by` over the platform's images; ``position``
-    maps each blob digest of the group's order to its index there.
+    ``position`` maps each blob digest of the group's order to its index there.
     """
-    found: dict[Digest, Chain] = {}
+    prefixes, index, shared = platform.prefixes, platform.index, platform.shared
     ready: dict[Digest, int] = {}
-    below: set[Digest] = set()
     for i in members:
-        image = prefixes.images[i]
+        layers = prefixes.images[i].layers
         last = -1
         for depth, chain_id in enumerate(prefixes.ids[i]):
-            if chain_id in found:  # from another image: as ready as it was there
-                last = max(last, ready[chain_id] - 1)
+            known = ready.get(chain_id)
+            if known is not None:  # from another image: as ready as it was there
+                last = max(last, known - 1)
                 continue
-            if chain_id in below:
-                last = len(position)
-                continue
-            layer = image.layers[depth]
-            at = position.get(layer.digest)
-            count = shared.get(chain_id, 0)
-            if count < min_shared_by or at is None or last >= len(position):
-                below.add(chain_id)
-                last = len(position)
-                continue
+            at = position.get(layers[depth].digest)
+            # Left out, and so is every chain above it (sharing only falls with depth).
+            if at is None or shared[index[chain_id]] < min_shared_by:
+                break
             last = max(last, at)
-            found[chain_id] = Chain(chain_id, image.layers[: depth + 1],
-                                    estimate_unpacked_bytes(layer), count)
             ready[chain_id] = last + 1
-    ordered = sorted(found.values(),
-                     key=lambda c: (ready[c.chain_id], len(c.layers), c.chain_id))
+    depth_of = platform.depth
+    ordered = sorted(ready, key=lambda c: (ready[c], depth_of[index[c]], c))
+    chains = tuple(map(platform.chain, ordered))
     return ChainOrder(
-        chains=tuple(ordered),
-        ready=[ready[c.chain_id] for c in ordered],
-        cum_bytes=list(itertools.accumulate(c.unpacked_bytes for c in ordered)),
-        below_min=len(below),
+        chains=chains,
+        ready=[ready[c] for c in ordered],
+        cum_bytes=list(itertools.accumulate(c.unpacked_bytes for c in chains)),
     )

@@ -39,7 +39,7 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from layercache.chains import Chain, ChainOrder, PrefixCatalogue, Run, chain_order
+from layercache.chains import Chain, ChainOrder, PlatformChains, PrefixCatalogue, Run, chain_order
 from layercache.digest import Digest
 from layercache.layerorder import Catalogue, Order, PlanInputError, order
 from layercache.platform import Platform
@@ -366,7 +366,7 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], options: PlanO
         for p in {node.platform for node in nodes}
     }
     prefixes = PrefixCatalogue(images)
-    chain_shares = {p: prefixes.shared_by(by_platform.get(p, [])) for p in platforms}
+    chain_shares = {p: PlatformChains(prefixes, by_platform.get(p, [])) for p in platforms}
     wanted_labels = [frozenset(im.node_selector.items()) for im in images]
     selectors = sorted(set(wanted_labels), key=sorted)
     selector_of = list(map({s: i for i, s in enumerate(selectors)}.__getitem__, wanted_labels))
@@ -382,8 +382,8 @@ def _plan(images: Iterable[ResolvedImage], nodes: Iterable[Node], options: PlanO
             everything = len(members) == len(every)
             group = groups[key] = _group(cat, members, platforms[node.platform], everything)
             position = {layer.digest: i for i, layer in enumerate(group.layers)}
-            group.chains = chain_order(prefixes, members, chain_shares[node.platform],
-                                       position, chain_min)
+            group.chains = chain_order(chain_shares[node.platform], members, position,
+                                       chain_min)
         node_plans[node.name] = _node_plan(groups[key], node)
 
     planned: set[int] = set()
@@ -491,7 +491,7 @@ def _node_plan(group: _Group, node: Node) -> NodePlan:
             bytes=cum[-1] - held,
         )
     bisect.insort(group.nodes, (-count, node.name))
-    chains = group.chains or ChainOrder((), [], [], 0)
+    chains = group.chains or ChainOrder((), [], [])
     taken, chains_skipped = chains.cut(count, None if budget is None else budget - held)
     return NodePlan(
         node=node.name,

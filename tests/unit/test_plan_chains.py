@@ -59,7 +59,7 @@ def test_min_shared_by_two_keeps_shared_prefixes_in_blob_order() -> None:
     assert chains(result, "n1") == [chain_of(BASE), chain_of(BASE, PY)]
     first, second = result.nodes["n1"].chains
     assert (first.shared_by, second.shared_by) == (3, 2)
-    assert second.layers == (BASE, PY) and second.diff_ids == (BASE.diff_id, PY.diff_id)
+    assert tuple(second.layers) == (BASE, PY) and second.diff_ids == (BASE.diff_id, PY.diff_id)
     assert result.nodes["n1"].unpacked_bytes == (100 + 50) * COMPRESSION_RATIO
 
 
