@@ -23,6 +23,7 @@ from layercache.agent.kubeapi import AgentKube
 from layercache.agent.transfer import ByteRate, OnBytes, metered, resume_refusal, skip
 from layercache.containerd.ingest import ResumableSource
 from layercache.digest import Digest
+from layercache.httptransport import BlobTransport
 
 __all__ = ["PeerClient", "PeerDirectory", "PeerError", "PeerUnauthorizedError", "blob_url"]
 
@@ -96,7 +97,8 @@ class PeerClient:
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=5.0),
             headers={"User-Agent": f"layercache-agent/{__version__}",
-                     "Accept-Encoding": "identity"})
+                     "Accept-Encoding": "identity"},
+            transport=BlobTransport())
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -138,7 +140,7 @@ class PeerClient:
             ResumeRefusedError: a resume answered with other bytes (206 elsewhere, 416).
             PeerUnauthorizedError, PeerError: the peer cannot serve it (any other failure,
                 including a body cut short).
-            DigestMismatchError: see `layercache.agent.transfer.metered`.
+            (Wrong bytes are refused by containerd at COMMIT: `layercache.agent.transfer`.)
 
         """
         url = blob_url(endpoint, digest)
@@ -153,8 +155,7 @@ class PeerClient:
                 raise PeerError(f"GET {url}: {error.__class__.__name__}") from None
             try:
                 chunks = self._body(url, response, offset)
-                async for chunk in metered(chunks, digest=digest, size=size, offset=offset,
-                                           rate=rate, on_bytes=on_bytes):
+                async for chunk in metered(chunks, rate=rate, on_bytes=on_bytes):
                     yield chunk
             finally:
                 await response.aclose()
