@@ -94,6 +94,7 @@ class PeerClient:
 
     def __init__(self, token: Callable[[], str | None], timeout: float = 30.0) -> None:
         self.token = token
+        self.timeout = timeout
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=5.0),
             headers={"User-Agent": f"layercache-agent/{__version__}",
@@ -113,8 +114,11 @@ class PeerClient:
             headers["Range"] = f"bytes={offset}-"
         return headers
 
-    async def has(self, endpoint: str, digest: Digest) -> bool:
+    async def has(self, endpoint: str, digest: Digest, wait: float = 0.0) -> bool:
         """Whether the peer at ``endpoint`` holds blob ``digest`` (``HEAD``: 200 or 404).
+
+        ``wait`` > 0: a long-poll (``?wait=``): the peer answers as soon as it holds or
+        receives the blob, else after up to ``wait`` seconds (an older agent at once).
 
         Raises:
             PeerUnauthorizedError: the peer refused our token (or we have none).
@@ -123,7 +127,9 @@ class PeerClient:
         """
         url = blob_url(endpoint, digest)
         try:
-            response = await self.http.head(url, headers=self._headers())
+            response = await self.http.head(
+                url, headers=self._headers(), params={"wait": f"{wait:g}"} if wait else None,
+                timeout=httpx.Timeout(self.timeout + wait, connect=5.0))
         except httpx.HTTPError as error:
             raise PeerError(f"HEAD {url}: {error.__class__.__name__}") from None
         if response.status_code == 401:
