@@ -20,6 +20,13 @@ containerd ``Content.Write`` is a bidirectional stream of ``WriteContentRequest`
 4. Close the sending side and read the stream to its end: the server sends its last reply
    once more when the stream closes cleanly.
 
+What an agent ingest costs after issue 15 (bench B, 1 GiB from a loopback registry): 2.7
+client CPU-s per GiB against ``ctr content fetch``'s 2.2. A profile of the same path in one
+process (cProfile on thread time, 4.5 CPU-s per GiB with its overhead): socket reads and
+aiohttp's parser about 29 %, gRPC's send about 24 % (its C-core thread 0.77 s, the Python
+call 0.3 s), the one ``join`` per WRITE about 9 %, and the event loop's scheduling (timers,
+callbacks) most of the rest.
+
 This module runs that exchange; `layercache.containerd.content.ContentStore.write` adds the
 lease, the abort on failure and the labels of a blob that already existed.
 """
