@@ -1,7 +1,8 @@
 """Scenario A, fan-out: N nodes pre-warm the same images through one throttled uplink.
 
-One bed with 6 nodes is started once and reused for N = 1, 2, 4, 6 (``--quick``: 1, 2 on a
-2-node bed). At each N, on the same first N nodes, emptied before each run:
+One bed with 12 nodes is started once and reused for N = 1, 2, 4, 6, 12 (``--quick``: 1, 2
+on a 2-node bed; ``--counts`` picks others). At each N, on the same first N nodes, emptied
+before each run:
 
 - baseline: every node pulls every image itself through CRI (``crictl pull``, the call a
   kubelet makes), the nodes side by side, each pulling its images one after another (the
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -47,18 +49,21 @@ from bench.bedtools import (
 from bench.common import Row, ratio, write_result
 from testbed.bed import NodeRecord
 from testbed.cri import pull
+from testbed.paths import tool
 
 SCENARIO = "A fan-out"
 #: The example cache's images (examples/layercache.yaml), pulled through the proxy.
 IMAGES = ("python", "curl", "nginx")
-COUNTS = (1, 2, 4, 6)
+COUNTS = (1, 2, 4, 6, 12)
 QUICK_COUNTS = (1, 2)
 #: First wait between an agent's peer probes (s). The product's default, 2 s growing to
 #: 10 s, is made for hundreds of nodes polling one seeder; with transfers of a few seconds
 #: here it would measure the poll interval, not the fetch. Recorded in the results.
 PEER_POLL_SECONDS = "0.25"
 UPSTREAM_TARGET = 1.02
-SCALE_TARGET = 1.5
+SCALE_TARGET = 1.3
+#: The node count the scaling target is for (warm time at N over N = 1).
+SCALE_AT = 6
 
 
 def _counters(bench: Bench, nodes: list[NodeRecord]) -> dict[str, tuple[int, int]]:
@@ -128,9 +133,27 @@ def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int) -> dict[s
     }
 
 
+def holdings(bench: Bench, node: NodeRecord) -> dict[str, int]:
+    """What ``node``'s containerd holds of the family: layer blobs, snapshots, images.
+
+    Recorded before each baseline run: a node that still held layers or their unpacked
+    snapshots would fetch less than its share (containerd's unpacker skips fetching a
+    layer whose chain is already unpacked), and the baseline's upstream ratio would drop.
+    """
+    def ctr(*args: str) -> list[str]:
+        out = subprocess.run([str(tool("ctr")), "--address", node.socket, "--namespace",
+                              "k8s.io", *args], check=True, capture_output=True, text=True)
+        return out.stdout.splitlines()
+    layers = {layer.digest for layer in bench.family.layers}
+    return {"layer_blobs": len(layers.intersection(ctr("content", "ls", "-q"))),
+            "snapshots": len(ctr("snapshots", "ls")[1:]),  # below a header line
+            "family_images": sum(1 for name in ctr("images", "ls", "-q") if "/family/" in name)}
+
+
 def run_baseline(bench: Bench, nodes: list[NodeRecord]) -> dict[str, Any]:
     """Every node CRI-pulls every image itself, side by side; seconds and the proxy's bytes."""
     refs = bench.image_refs(IMAGES)
+    held_before = {node.name: holdings(bench, node) for node in nodes}
     bench.proxy.reset()
     started = time.monotonic()
 
@@ -147,6 +170,7 @@ def run_baseline(bench: Bench, nodes: list[NodeRecord]) -> dict[str, Any]:
         bench.clear(nodes)
     return {"seconds": round(seconds, 2),
             "bytes": asdict(split) | {"total": split.total},
+            "held_before": held_before,
             "per_node_seconds": dict(zip([n.name for n in nodes], [round(s, 2) for s in per_node],
                                          strict=True))}
 
@@ -195,13 +219,17 @@ def rows(runs: dict[int, dict[str, Any]], unique: int) -> list[Row]:
         value, base = run["layercache"]["seconds"], run["baseline"]["seconds"]
         out.append(Row(SCENARIO, f"warm_seconds_n{n}", value, base, ratio(value, base),
                        "info", True))
-    first, last = min(runs), max(runs)
-    if last > first:
-        value = runs[last]["layercache"]["seconds"] / runs[first]["layercache"]["seconds"]
-        base = runs[last]["baseline"]["seconds"] / runs[first]["baseline"]["seconds"]
-        out.append(Row(SCENARIO, f"warm_time_n{last}_over_n{first}", round(value, 3),
-                       round(base, 3), ratio(value, base), f"<= {SCALE_TARGET}",
-                       value <= SCALE_TARGET))
+    first = min(runs)
+    for n in sorted(runs):
+        if n == first:
+            continue
+        value = runs[n]["layercache"]["seconds"] / runs[first]["layercache"]["seconds"]
+        base = runs[n]["baseline"]["seconds"] / runs[first]["baseline"]["seconds"]
+        target = n == SCALE_AT or (SCALE_AT not in runs and n == max(runs))
+        out.append(Row(SCENARIO, f"warm_time_n{n}_over_n{first}", round(value, 3),
+                       round(base, 3), ratio(value, base),
+                       f"<= {SCALE_TARGET}" if target else "info",
+                       value <= SCALE_TARGET if target else True))
     return out
 
 
@@ -210,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--quick", action="store_true", help="N = 1, 2 on a 2-node bed")
     parser.add_argument("--rate", type=int, default=RATE_20MB, help="uplink cap, bytes/s")
-    parser.add_argument("--counts", help="node counts instead of 1,2,4,6, e.g. 1,6")
+    parser.add_argument("--counts", help="node counts instead of 1,2,4,6,12, e.g. 1,6")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="layercache only (for profiling a run; no rows)")
     args = parser.parse_args(argv)

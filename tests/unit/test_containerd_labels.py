@@ -1,4 +1,4 @@
-"""Pure parts of the containerd clients: GC labels, rechunking, secret redaction."""
+"""Pure parts of the containerd clients: GC labels, WRITE payloads, secret redaction."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from layercache.containerd.cri import AuthConfig
 from layercache.containerd.errors import redact
-from layercache.containerd.ingest import rechunk
+from layercache.containerd.ingest import coalesce, write_request
 from layercache.containerd.labels import (
     GC_ROOT_LABEL,
     MANAGED_BY_LABEL,
@@ -18,6 +18,7 @@ from layercache.containerd.labels import (
     pin_labels,
     unpin_keys,
 )
+from layercache.containerd.protos import content_pb2
 
 PINNED = pin_labels(["a/one", "b/two"])
 
@@ -47,8 +48,10 @@ def test_unpin_keys(labels: dict[str, str], caches: list[str] | None,
     assert unpin_keys(labels, caches) == removed
 
 
-@pytest.mark.parametrize("sizes", [[], [10], [4, 4, 4], [3, 9, 1, 7], [8], [16, 1]])
-async def test_rechunk_gives_exact_pieces_of_the_same_bytes(sizes: list[int]) -> None:
+@pytest.mark.parametrize("sizes", [[], [10], [4, 4, 4], [3, 9, 1, 7], [8], [16, 1],
+                                   [5, 40, 2], [17]])
+async def test_coalesce_joins_small_pieces_splits_large_and_keeps_the_bytes(
+        sizes: list[int]) -> None:
     data = bytes(range(256))
     chunks, at = [], 0
     for size in sizes:
@@ -59,10 +62,25 @@ async def test_rechunk_gives_exact_pieces_of_the_same_bytes(sizes: list[int]) ->
         for chunk in chunks:
             yield chunk
 
-    pieces = [piece async for piece in rechunk(source(), 8)]
+    pieces = [piece async for piece in coalesce(source(), 8, 16)]
     assert b"".join(pieces) == data[:at]
-    assert all(len(piece) == 8 for piece in pieces[:-1])
-    assert not pieces or 0 < len(pieces[-1]) <= 8
+    assert all(8 <= len(piece) <= 16 for piece in pieces[:-1])
+    assert not pieces or 0 < len(pieces[-1]) <= 16
+    # A piece already in range is handed on as the very object received: no copy.
+    if chunks and 8 <= len(chunks[0]) <= 16:
+        assert pieces[0] is chunks[0]
+
+
+@pytest.mark.parametrize(("offset", "size"), [(0, 0), (0, 5), (127, 128), (1 << 40, 300)])
+def test_write_request_is_the_protobuf_wire_form(offset: int, size: int) -> None:
+    data = bytes(range(256)) * (size // 256 + 1)
+    data = data[:size]
+    wire = write_request(offset, data)
+    parsed = content_pb2.WriteContentRequest.FromString(wire)
+    assert (parsed.action, parsed.offset, parsed.data) == (content_pb2.WRITE, offset, data)
+    if size:  # protobuf leaves an empty field out; containerd reads both the same
+        assert wire == content_pb2.WriteContentRequest(action=content_pb2.WRITE, offset=offset,
+                                                       data=data).SerializeToString()
 
 
 def test_secrets_stay_out_of_reprs_and_messages() -> None:

@@ -40,6 +40,7 @@ from layercache.agent.nodeinfo import NodeInfo
 from layercache.agent.nodespec import Counters, parse_node_spec
 from layercache.agent.peers import PeerClient, PeerDirectory
 from layercache.agent.reconcile import Reconciler
+from layercache.agent.relay import Relays
 from layercache.agent.secrets import LiveKeyring, Secrets
 from layercache.agent.server import ContainerdLiveness, PeerServer, metrics_app, start_site
 from layercache.agent.settings import AgentSettings
@@ -117,6 +118,7 @@ class Agent:
             transport_factory=(lambda tls: MirrorTransport(hosts, tls)) if hosts.roots
             else None)
         self.peers = PeerClient(lambda: self.secrets.token)
+        self.relays = Relays()  # cut-through: shared by the fetcher and the peer server
         self.runners: list[Any] = []
 
     async def _image_fs(self) -> Path:
@@ -142,7 +144,7 @@ class Agent:
             store=self.store, registry=self.registry, peers=self.peers,
             directory=PeerDirectory(self.kube), rate=ByteRate(settings.max_bytes_per_second),
             disk=self.disk, book=book, metrics=self.metrics,
-            keyrings=self.secrets.keyrings_for)
+            keyrings=self.secrets.keyrings_for, relays=self.relays)
         images = ImagePuller(cri=self.cri, store=self.store, registry=self.registry,
                              keyrings=self.secrets.keyrings_for, book=book, retry=retry,
                              platform=lambda: self.node_info.platform)
@@ -166,7 +168,7 @@ class Agent:
         # stale socket mount or a dead containerd fails /healthz after a minute.
         liveness = ContainerdLiveness(lambda: self.store.info(_NO_BLOB))
         server = PeerServer(self.store, lambda: self.secrets.token, book.served_bytes,
-                            liveness)
+                            liveness, self.relays)
         self.runners.append(await start_site(server.app(), settings.peer_bind,
                                              settings.peer_port))
         self.runners.append(await start_site(metrics_app(self.registry_metrics),

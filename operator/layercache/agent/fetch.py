@@ -1,12 +1,16 @@
 """Fetch one layer into containerd: from a peer that holds it, else from the registry.
 
-For a ``Peer`` layer, the listed peers are probed with a cheap ``HEAD`` (most likely first)
-every `AgentSettings.peer_poll_seconds` — growing to 5 times that, with jitter, so that many
-waiting nodes do not poll a seeder in step — until one holds the blob — then it is copied from
-there — or until `AgentSettings.peer_wait_seconds` have passed; then the registry. A peer
-whose ``GET`` fails is dropped for that layer at once, and with every peer dropped the
-registry is next without waiting further. An
-``Upstream`` layer (this node seeds it) goes to the registry at once. Either way:
+For a ``Peer`` layer, the listed peers are asked together with a long-poll ``HEAD
+?wait=`` (`layercache.agent.server`: each answers as soon as it holds the blob *or starts
+receiving it*, else after up to `LONG_POLL` seconds) until one has it — then it is copied
+from there, cut-through while the seeder still receives it (`layercache.agent.relay`) — or
+until `AgentSettings.peer_wait_seconds` have passed; then the registry. Peers that answer
+at once without it (an older agent, an error) are asked again after
+`AgentSettings.peer_poll_seconds`, growing to 5 times that, with jitter. A peer whose
+``GET`` fails (also mid-body: a seeder killed mid-relay) is dropped for that layer at once,
+and with every peer dropped the registry is next without waiting further, resuming from
+what the ingest holds. An ``Upstream`` layer (this node seeds it) goes to the registry at
+once, relayed to peers as it arrives (within `Relays.budget`). Either way:
 
 - the write goes through containerd's content API under a lease, with the ingest ref
   derived from the digest (`layercache.containerd.content.ingest_ref`): a retry — or a
@@ -17,8 +21,10 @@ registry is next without waiting further. An
   check); a mismatching ingest is aborted, never committed;
 - the blob is committed with ``containerd.io/gc.root``, our managed-by and cache labels,
   the source it came from, and containerd's ``distribution.source`` label;
-- a transfer holds one of `AgentSettings.concurrency` slots and reserves its remaining
-  bytes on the image filesystem (`layercache.agent.disk.DiskGuard`) while it runs.
+- a transfer holds one of `AgentSettings.concurrency` slots (`Slots`: upstream transfers
+  before peer copies, so a node seeds what others wait for before it copies for itself)
+  and reserves its remaining bytes on the image filesystem
+  (`layercache.agent.disk.DiskGuard`) while it runs.
 
 `failure_reason` turns any exception into the CamelCase reason status and metrics use.
 """
@@ -26,15 +32,17 @@ registry is next without waiting further. An
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from layercache.agent.disk import DiskGuard, DiskPressureError
 from layercache.agent.nodespec import WantedLayer
 from layercache.agent.peers import PeerClient, PeerDirectory, PeerError, PeerUnauthorizedError
+from layercache.agent.relay import Relays, relayed
 from layercache.agent.status import StatusBook
 from layercache.agent.transfer import ByteRate, ResumeRefusedError, upstream_source
 from layercache.containerd.content import ContentStore, WriteResult, ingest_ref
@@ -60,7 +68,7 @@ from layercache.registry.errors import (
 )
 from layercache.registry.mediatypes import layer_type
 
-__all__ = ["FetchConfig", "LayerFetcher", "failure_reason"]
+__all__ = ["FetchConfig", "LayerFetcher", "Slots", "failure_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,8 @@ log = logging.getLogger(__name__)
 SOURCE_LABEL = "layercache.dev/source"
 #: A peer wait polls every ``peer_poll`` seconds at first, growing to this many times that.
 POLL_GROWTH = 5.0
+#: Longest long-poll asked of a peer (seconds; the server caps it too).
+LONG_POLL = 20.0
 #: containerd's own label for the repository a blob was pulled from, per registry host.
 DISTRIBUTION_SOURCE_PREFIX = "containerd.io/distribution.source."
 
@@ -99,6 +109,39 @@ def failure_reason(error: BaseException) -> str:
     return "InternalError"
 
 
+class Slots:
+    """``count`` transfer slots; a waiting upstream transfer is served before any peer copy.
+
+    Why: a node seeds layers other nodes wait for; its own peer copies must not hold every
+    slot while those wait (the issue-15 rule "the seeder fetches its upstream layers
+    before its own peer fetches").
+    """
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self.upstream_waiting = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def take(self, upstream: bool) -> AsyncIterator[None]:
+        """Hold one slot for the block; ``upstream`` transfers go first."""
+        async with self._changed:
+            self.upstream_waiting += upstream
+            try:
+                await self._changed.wait_for(
+                    lambda: self.free > 0 and (upstream or not self.upstream_waiting))
+            finally:
+                self.upstream_waiting -= upstream
+                self._changed.notify_all()  # a peer copy may go now that no upstream waits
+            self.free -= 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.free += 1
+                self._changed.notify_all()
+
+
 @dataclass(frozen=True)
 class FetchConfig:
     """This node's name, the peer wait (``peer_wait``, ``peer_poll``: seconds), concurrency."""
@@ -115,7 +158,8 @@ class LayerFetcher:
     def __init__(self, config: FetchConfig, *, store: ContentStore, registry: RegistryClient,
                  peers: PeerClient, directory: PeerDirectory, rate: ByteRate, disk: DiskGuard,
                  book: StatusBook, metrics: AgentMetrics,
-                 keyrings: Callable[[Sequence[str], str], list[Keyring]] | None = None) -> None:
+                 keyrings: Callable[[Sequence[str], str], list[Keyring]] | None = None,
+                 relays: Relays | None = None) -> None:
         self.config = config
         #: (caches, registry) → keyrings to try upstream (`Secrets.keyrings_for`); None:
         #: the registry client's own keyring.
@@ -128,7 +172,9 @@ class LayerFetcher:
         self.disk = disk
         self.book = book
         self.metrics = metrics
-        self.slots = asyncio.Semaphore(config.concurrency)
+        #: Blobs being received upstream, served to peers cut-through (the peer server's).
+        self.relays = relays if relays is not None else Relays()
+        self.slots = Slots(config.concurrency)
 
     async def fetch(self, layer: WantedLayer, caches: Sequence[str]) -> FetchSource:
         """Bring ``layer`` into the content store; returns where it came from.
@@ -145,8 +191,10 @@ class LayerFetcher:
             raise NonDistributableLayerError(str(layer.digest), layer.media_type)
         others = [peer for peer in layer.peers if peer != self.config.node]
         if layer.source == "Peer" and others and await self._from_peers(layer, others, caches):
+            self.relays.announce(layer.digest)
             return "peer"
         await self._from_upstream(layer, caches)
+        self.relays.announce(layer.digest)
         return "upstream"
 
     async def _from_peers(self, layer: WantedLayer, peers: Sequence[str],
@@ -163,24 +211,9 @@ class LayerFetcher:
         dropped: set[str] = set()
         delay = self.config.peer_poll
         while True:
-            for node in peers:
-                if node in dropped:
-                    continue
-                endpoint = await self.directory.endpoint(node)
-                if endpoint is None:
-                    continue
-                try:
-                    if not await self.peers.has(endpoint, layer.digest):
-                        continue
-                except PeerUnauthorizedError as error:
-                    if node not in refused:  # once per layer and peer, not once per poll
-                        refused.add(node)
-                        self.book.error("PeerUnauthorized", str(error), layer.digest)
-                    continue
-                except PeerError as error:
-                    log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
-                    self.directory.forget(node)
-                    continue
+            asked = loop.time()
+            wait = min(LONG_POLL, max(0.0, deadline - asked))
+            for node, endpoint in await self._holders(layer, peers, dropped, refused, wait):
                 source = self.peers.source(endpoint, layer.digest, layer.size, self.rate,
                                            lambda n: self.book.fetched("peer", n))
                 try:
@@ -205,10 +238,52 @@ class LayerFetcher:
                 log.info("no peer served %s in %.0f s: fetching upstream", layer.digest.short,
                          self.config.peer_wait, extra={"digest": layer.digest})
                 return False
-            # Jittered and growing: many nodes waiting on one seeder must not poll in step.
-            await asyncio.sleep(min(delay * random.uniform(0.5, 1.0),  # noqa: S311 - jitter
-                                    max(0.0, deadline - loop.time())))
-            delay = min(delay * 1.5, self.config.peer_poll * POLL_GROWTH)
+            if loop.time() - asked < min(delay, wait):
+                # Answered at once without the blob (an agent without long-polls, errors):
+                # jittered and growing, so many waiting nodes do not poll in step.
+                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0),  # noqa: S311 - jitter
+                                        max(0.0, deadline - loop.time())))
+                delay = min(delay * 1.5, self.config.peer_poll * POLL_GROWTH)
+
+    async def _holders(self, layer: WantedLayer, peers: Sequence[str], dropped: set[str],
+                       refused: set[str], wait: float) -> list[tuple[str, str]]:
+        """The peers (node, endpoint) that hold ``layer`` or receive it, asked together.
+
+        Each is asked with a long-poll of ``wait`` seconds; returns as soon as one says
+        yes (with any others that said yes by then, in ``peers`` order), or an empty list
+        once all said no.
+        """
+        asking: dict[asyncio.Task[bool], tuple[str, str]] = {}
+        for node in peers:
+            if node in dropped:
+                continue
+            endpoint = await self.directory.endpoint(node)
+            if endpoint is not None:
+                asking[asyncio.create_task(self.peers.has(endpoint, layer.digest, wait))] = (
+                    node, endpoint)
+        yes: list[tuple[str, str]] = []
+        pending = set(asking)
+        try:
+            while pending and not yes:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    node, endpoint = asking[task]
+                    try:
+                        if task.result():
+                            yes.append((node, endpoint))
+                    except PeerUnauthorizedError as error:
+                        if node not in refused:  # once per layer and peer, not once per poll
+                            refused.add(node)
+                            self.book.error("PeerUnauthorized", str(error), layer.digest)
+                    except PeerError as error:
+                        log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
+                        self.directory.forget(node)
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        order = {node: index for index, node in enumerate(peers)}
+        return sorted(yes, key=lambda held: order[held[0]])
 
     async def _from_upstream(self, layer: WantedLayer, caches: Sequence[str]) -> None:
         """Copy ``layer`` from its registry; transient failures retry and resume.
@@ -219,17 +294,20 @@ class LayerFetcher:
         source = upstream_source(self.registry, layer.repository, layer.digest, layer.size,
                                  self.rate, lambda n: self.book.fetched("upstream", n))
         what = f"layer {layer.digest.short} from {layer.repository.name}"
+        with self.relays.receiving(layer.digest, layer.size) as relay:
+            if relay is not None:  # peers may read it while it arrives (cut-through)
+                source = relayed(source, relay)
 
-        async def copy() -> None:
-            async for attempt in self.registry.retry.retrying(what):
-                with attempt:
-                    await self._write(layer, caches, "upstream", source)
+            async def copy() -> None:
+                async for attempt in self.registry.retry.retrying(what):
+                    with attempt:
+                        await self._write(layer, caches, "upstream", source)
 
-        if self.keyrings is None:
-            await copy()
-        else:
-            await first_accepted(self.keyrings(layer.caches or caches,
-                                               layer.repository.registry), copy)
+            if self.keyrings is None:
+                await copy()
+            else:
+                await first_accepted(self.keyrings(layer.caches or caches,
+                                                   layer.repository.registry), copy)
 
     def _labels(self, layer: WantedLayer, source: FetchSource) -> dict[str, str]:
         return {SOURCE_LABEL: source,
@@ -250,7 +328,7 @@ class LayerFetcher:
 
         """
         ref = ingest_ref(layer.digest)
-        async with self.slots:
+        async with self.slots.take(upstream=source_kind == "upstream"):
             try:
                 result = await self._write_once(layer, caches, source_kind, source)
             except ResumeRefusedError as error:

@@ -23,6 +23,7 @@ from layercache.agent.kubeapi import AgentKube
 from layercache.agent.transfer import ByteRate, OnBytes, metered, resume_refusal, skip
 from layercache.containerd.ingest import ResumableSource
 from layercache.digest import Digest
+from layercache.httptransport import BlobTransport
 
 __all__ = ["PeerClient", "PeerDirectory", "PeerError", "PeerUnauthorizedError", "blob_url"]
 
@@ -93,10 +94,12 @@ class PeerClient:
 
     def __init__(self, token: Callable[[], str | None], timeout: float = 30.0) -> None:
         self.token = token
+        self.timeout = timeout
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=5.0),
             headers={"User-Agent": f"layercache-agent/{__version__}",
-                     "Accept-Encoding": "identity"})
+                     "Accept-Encoding": "identity"},
+            transport=BlobTransport())
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -111,8 +114,11 @@ class PeerClient:
             headers["Range"] = f"bytes={offset}-"
         return headers
 
-    async def has(self, endpoint: str, digest: Digest) -> bool:
+    async def has(self, endpoint: str, digest: Digest, wait: float = 0.0) -> bool:
         """Whether the peer at ``endpoint`` holds blob ``digest`` (``HEAD``: 200 or 404).
+
+        ``wait`` > 0: a long-poll (``?wait=``): the peer answers as soon as it holds or
+        receives the blob, else after up to ``wait`` seconds (an older agent at once).
 
         Raises:
             PeerUnauthorizedError: the peer refused our token (or we have none).
@@ -121,7 +127,9 @@ class PeerClient:
         """
         url = blob_url(endpoint, digest)
         try:
-            response = await self.http.head(url, headers=self._headers())
+            response = await self.http.head(
+                url, headers=self._headers(), params={"wait": f"{wait:g}"} if wait else None,
+                timeout=httpx.Timeout(self.timeout + wait, connect=5.0))
         except httpx.HTTPError as error:
             raise PeerError(f"HEAD {url}: {error.__class__.__name__}") from None
         if response.status_code == 401:
@@ -138,7 +146,7 @@ class PeerClient:
             ResumeRefusedError: a resume answered with other bytes (206 elsewhere, 416).
             PeerUnauthorizedError, PeerError: the peer cannot serve it (any other failure,
                 including a body cut short).
-            DigestMismatchError: see `layercache.agent.transfer.metered`.
+            (Wrong bytes are refused by containerd at COMMIT: `layercache.agent.transfer`.)
 
         """
         url = blob_url(endpoint, digest)
@@ -153,8 +161,7 @@ class PeerClient:
                 raise PeerError(f"GET {url}: {error.__class__.__name__}") from None
             try:
                 chunks = self._body(url, response, offset)
-                async for chunk in metered(chunks, digest=digest, size=size, offset=offset,
-                                           rate=rate, on_bytes=on_bytes):
+                async for chunk in metered(chunks, rate=rate, on_bytes=on_bytes):
                     yield chunk
             finally:
                 await response.aclose()

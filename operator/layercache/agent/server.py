@@ -2,8 +2,11 @@
 
 Peer protocol (read-only, by digest, agents only):
 
-- ``HEAD /v1/blobs/{digest}`` → 200 with ``Content-Length`` when this node holds the blob,
-  404 when it does not;
+- ``HEAD /v1/blobs/{digest}`` → 200 with ``Content-Length`` when this node holds the blob
+  (or receives it: below), 404 when it does not; with ``?wait=<seconds>`` (at most
+  `MAX_WAIT`) a blob not here yet is waited for that long first, answered as soon as it
+  becomes available (a long-poll: waiting nodes learn of a layer when it starts, instead of
+  polling);
 - ``GET /v1/blobs/{digest}`` → the blob, read from containerd's content store
   (``Content.Read``); a single ``Range`` (RFC 9110 §14: ``bytes=a-b``, ``bytes=a-``,
   ``bytes=-n``) gives 206 with ``Content-Range``, an unsatisfiable one 416; several ranges
@@ -11,7 +14,11 @@ Peer protocol (read-only, by digest, agents only):
 - every blob request needs ``Authorization: Bearer <peer token>``, compared in constant
   time; 401 otherwise (also while no token is loaded);
 - only blobs this agent pinned (our managed-by label) are served, so a layer the kubelet
-  pulled from a private registry is never handed out; any other is 404.
+  pulled from a private registry is never handed out; any other is 404;
+- cut-through: a blob this agent is still receiving from upstream is served from its relay
+  (`layercache.agent.relay`): the bytes received so far at once, then the rest as it
+  arrives; if the seeder's transfer fails the connection is closed mid-body, and the peer
+  resumes elsewhere.
 
 ``GET /healthz`` answers 200 while the event loop runs and containerd answers; 503 once
 containerd has not answered for `ContainerdLiveness.max_down_seconds` (a socket recreated by a
@@ -34,6 +41,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from layercache.agent.relay import Relay, RelayFailedError, Relays
 from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import ContainerdError
 from layercache.digest import Digest, InvalidDigestError
@@ -43,6 +51,8 @@ __all__ = ["ContainerdLiveness", "PeerServer", "metrics_app", "parse_range", "st
 log = logging.getLogger(__name__)
 
 _RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)
+#: Longest long-poll a ``HEAD ?wait=`` may ask for (seconds).
+MAX_WAIT: Final = 30.0
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -119,16 +129,19 @@ class PeerServer:
 
     ``token`` gives the current token (None: none loaded, every request is refused);
     ``on_served`` is called with each chunk's byte count as it is sent; ``liveness`` (None:
-    the event loop alone) makes ``/healthz`` fail while containerd is unreachable.
+    the event loop alone) makes ``/healthz`` fail while containerd is unreachable;
+    ``relays`` (None: none) are the blobs being received, served cut-through.
     """
 
     def __init__(self, store: ContentStore, token: Callable[[], str | None],
                  on_served: Callable[[int], None],
-                 liveness: ContainerdLiveness | None = None) -> None:
+                 liveness: ContainerdLiveness | None = None,
+                 relays: Relays | None = None) -> None:
         self.store = store
         self.token = token
         self.on_served = on_served
         self.liveness = liveness
+        self.relays = relays
 
     def app(self) -> web.Application:
         """The aiohttp application: blob routes and ``/healthz``."""
@@ -165,29 +178,65 @@ class PeerServer:
         except InvalidDigestError:
             return web.Response(status=400, text="not a digest\n")
         try:
-            info = await self.store.info(digest)
+            size, relay = await self._find(digest)
+            wait = _wait_seconds(request)
+            if size is None and wait and self.relays is not None:
+                await self.relays.wait_available(digest, wait)
+                size, relay = await self._find(digest)
         except ContainerdError as error:
             log.warning("cannot look up %s for a peer: %s", digest.short, error)
             return web.Response(status=503, text="containerd unavailable\n")
-        if info is None or not info.managed:
+        if size is None:
             return web.Response(status=404, text="not held\n")
         headers = {"Accept-Ranges": "bytes", "Docker-Content-Digest": str(digest),
                    "Content-Type": "application/octet-stream"}
         try:
-            wanted = parse_range(request.headers.get("Range"), info.size)
+            wanted = parse_range(request.headers.get("Range"), size)
         except ValueError:
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{info.size}"})
-        start, end = wanted if wanted is not None else (0, info.size - 1)
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+        start, end = wanted if wanted is not None else (0, size - 1)
         response = web.StreamResponse(status=206 if wanted is not None else 200,
                                       headers=headers)
         if wanted is not None:
-            response.headers["Content-Range"] = f"bytes {start}-{end}/{info.size}"
+            response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         response.content_length = end - start + 1
         await response.prepare(request)
         if request.method == "HEAD" or end < start:
             return response
-        await self._send(response, digest, start, end - start + 1)
+        if relay is not None:
+            await self._relay(request, response, relay, start, end + 1)
+        else:
+            await self._send(response, digest, start, end - start + 1)
         return response
+
+    async def _find(self, digest: Digest) -> tuple[int | None, Relay | None]:
+        """(size, relay) of ``digest`` here: committed (no relay), being received, or neither.
+
+        The relay is looked up first: a blob committed between the two lookups is then
+        still found by the second.
+        """
+        relay = self.relays.get(digest) if self.relays is not None else None
+        info = await self.store.info(digest)
+        if info is not None and info.managed:
+            return info.size, None
+        if relay is not None:
+            return relay.size, relay
+        return None, None
+
+    async def _relay(self, request: web.Request, response: web.StreamResponse, relay: Relay,
+                     start: int, end: int) -> None:
+        """Send bytes ``start`` to ``end`` (excluded) of a blob as its seeder receives them."""
+        try:
+            async for view in relay.read(start, end):
+                await response.write(view)
+                self.on_served(len(view))
+            await response.write_eof()
+        except (ConnectionError, RelayFailedError) as error:
+            # A short body tells the peer to resume elsewhere; closing the connection makes
+            # sure it is not mistaken for the end of a keep-alive response.
+            log.info("relaying %s to a peer stopped: %s", relay.digest.short, error)
+            if request.transport is not None:
+                request.transport.close()
 
     async def _send(self, response: web.StreamResponse, digest: Digest, start: int,
                     length: int) -> None:
@@ -202,6 +251,16 @@ class PeerServer:
             # The peer went away, or containerd failed mid-blob: the peer sees a short body
             # and resumes elsewhere; nothing to answer any more.
             log.info("serving %s to a peer stopped: %s", digest.short, error)
+
+
+def _wait_seconds(request: web.Request) -> float:
+    """The long-poll a ``HEAD ?wait=<seconds>`` asks for, within 0 .. `MAX_WAIT` (0: none)."""
+    if request.method != "HEAD":
+        return 0.0
+    try:
+        return max(0.0, min(float(request.query.get("wait", "0")), MAX_WAIT))
+    except ValueError:
+        return 0.0
 
 
 def metrics_app(registry: CollectorRegistry) -> web.Application:

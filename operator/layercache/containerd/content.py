@@ -352,7 +352,7 @@ class ContentStore(Client):
                 await self.leases.create(lease_id, {MANAGED_BY_LABEL: MANAGED_BY},
                                          expire=INGEST_LEASE_EXPIRY, exist_ok=True)
             try:
-                outcome = await write_stream(self, self.stub, ref=ref, expected=expected,
+                outcome = await write_stream(self, ref=ref, expected=expected,
                                              total=total, source=source,
                                              labels=commit_labels, lease=lease_id)
             except AlreadyExists:

@@ -39,6 +39,7 @@ from typing import Final
 import httpx
 
 from layercache import __version__
+from layercache.httptransport import BlobTransport
 from layercache.reference import Reference, parse_registry_hosts
 from layercache.registry.auth import Authenticator, repository_scope
 from layercache.registry.credentials import Keyring
@@ -152,6 +153,8 @@ class _RedactQueries(logging.Filter):
 
 
 _REDACT_QUERIES: Final = _RedactQueries()
+#: Connection pool limits of each trust profile's client.
+_LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
 #: Every logger httpx and httpcore log through (a logger's filter does not see records
 #: of its children, so each is named).
 _HTTP_LOGGERS: Final = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
@@ -233,13 +236,15 @@ class RegistryClient:
             transport = self._transport
             if transport is None and self._transport_factory is not None:
                 transport = self._transport_factory(context)
+            if transport is None:  # aiohttp moves the bytes (layercache.httptransport)
+                transport = BlobTransport(context, _LIMITS)
             client = httpx.AsyncClient(
                 verify=context,
                 timeout=self._timeout,
                 follow_redirects=False,  # by hand: see _follow
                 # identity: blob bytes must arrive as stored, or digests and Range break.
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+                limits=_LIMITS,
                 transport=transport,
             )
             self._clients[ca_file] = client

@@ -45,6 +45,7 @@ from typing import Any, Final
 
 import httpx
 
+from layercache.httptransport import BlobTransport
 from layercache.reference import DOCKER_HUB, DOCKER_HUB_API_HOST
 
 __all__ = [
@@ -273,10 +274,10 @@ class MirrorTransport(httpx.AsyncBaseTransport):
         self.hosts = hosts
         self._verify = verify
         self._limits = limits or httpx.Limits(max_connections=200, max_keepalive_connections=50)
-        self._transports: dict[tuple[tuple[Path, ...], bool], httpx.AsyncHTTPTransport] = {}
+        self._transports: dict[tuple[tuple[Path, ...], bool], BlobTransport] = {}
 
     def _transport(self, ca: tuple[Path, ...] = (), skip_verify: bool = False
-                   ) -> httpx.AsyncHTTPTransport:
+                   ) -> BlobTransport:
         key = (ca, skip_verify)
         transport = self._transports.get(key)
         if transport is None:
@@ -290,7 +291,7 @@ class MirrorTransport(httpx.AsyncBaseTransport):
                         context.load_verify_locations(cafile=str(file))
                 except (OSError, ssl.SSLError) as error:
                     raise HostsConfigError(f"CA file {file}: {error}") from None
-            transport = httpx.AsyncHTTPTransport(verify=context, limits=self._limits)
+            transport = BlobTransport(context, self._limits)
             self._transports[key] = transport
         return transport
 

@@ -1,0 +1,91 @@
+"""Relays (cut-through fan-out) and transfer slots: pure logic, one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from layercache.agent.fetch import Slots
+from layercache.agent.relay import Relay, RelayFailedError, Relays, relayed
+from layercache.digest import Digest
+
+BLOB = bytes(range(256)) * 64
+DIGEST = Digest.from_bytes(BLOB)
+
+
+async def _read(relay: Relay, start: int, end: int) -> bytes:
+    return b"".join([bytes(view) async for view in relay.read(start, end)])
+
+
+async def test_a_reader_follows_the_growing_blob_from_any_offset() -> None:
+    relay = Relay(DIGEST, len(BLOB))
+    relay.feed(0, BLOB[:1000])
+    early = asyncio.create_task(_read(relay, 0, len(BLOB)))
+    ranged = asyncio.create_task(_read(relay, 500, 3000))
+    await asyncio.sleep(0)
+    assert not early.done()  # waits for bytes not received yet
+    relay.feed(1000, BLOB[1000:2500])
+    relay.feed(2000, BLOB[2000:6000])  # a retry resuming from an earlier offset: no repeat
+    relay.feed(6000, BLOB[6000:])
+    assert await early == BLOB
+    assert await ranged == BLOB[500:3000]
+    assert await _read(relay, 7000, len(BLOB)) == BLOB[7000:]  # a late reader
+
+
+async def test_a_failed_relay_stops_its_readers_and_a_gap_fails_it() -> None:
+    relay = Relay(DIGEST, len(BLOB))
+    relay.feed(0, BLOB[:100])
+    reader = asyncio.create_task(_read(relay, 0, len(BLOB)))
+    await asyncio.sleep(0)
+    relay.feed(200, BLOB[200:300])  # bytes this relay never saw before them
+    with pytest.raises(RelayFailedError, match="only 100 held"):
+        await reader
+
+
+async def test_relays_bound_memory_announce_and_fail_on_error() -> None:
+    relays = Relays(budget=len(BLOB) + 10)
+    waiter = asyncio.create_task(relays.wait_available(DIGEST, 30))
+    other = Digest.from_bytes(b"other")
+    with pytest.raises(ValueError, match="boom"), relays.receiving(DIGEST, len(BLOB)) as relay:
+        assert relay is not None and relays.get(DIGEST) is relay
+        await asyncio.wait_for(waiter, 1)  # announced when the relay started
+        with relays.receiving(other, 20) as over:
+            assert over is None  # over budget: not relayed
+        raise ValueError("boom")
+    assert relay.error is not None and "boom" in relay.error
+    assert relays.get(DIGEST) is None and relays.held == 0
+    with relays.receiving(other, 20) as fits:
+        assert fits is not None
+
+
+async def test_relayed_source_feeds_what_it_yields_at_its_offset() -> None:
+    relay = Relay(DIGEST, len(BLOB))
+
+    async def source(offset: int):  # type: ignore[no-untyped-def]
+        for start in range(offset, len(BLOB), 3000):
+            yield BLOB[start:start + 3000]
+
+    assert b"".join([c async for c in relayed(source, relay)(0)]) == BLOB
+    assert relay.length == len(BLOB)
+    assert await _read(relay, 0, len(BLOB)) == BLOB
+
+
+async def test_slots_serve_a_waiting_upstream_transfer_before_peer_copies() -> None:
+    slots = Slots(1)
+    order: list[str] = []
+
+    async def transfer(name: str, upstream: bool) -> None:
+        async with slots.take(upstream):
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    async with slots.take(upstream=False):  # the one slot is busy
+        tasks = [asyncio.create_task(transfer("peer1", False)),
+                 asyncio.create_task(transfer("peer2", False))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(transfer("upstream", True)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert order[0] == "upstream"
+    assert sorted(order[1:]) == ["peer1", "peer2"] and slots.free == 1
