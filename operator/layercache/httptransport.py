@@ -44,6 +44,13 @@ def _httpx_errors() -> Iterator[None]:
     try:
         with map_aiohttp_exceptions():
             yield
+    except httpx.ConnectTimeout as error:
+        # A refused or unreachable connection is httpx's ConnectError, as with its own
+        # transport; the library's map (0.2) says ConnectTimeout, since its
+        # ClientConnectionError entry comes first and wins over ClientConnectorError's.
+        if isinstance(error.__cause__, aiohttp.ClientConnectorError):
+            raise httpx.ConnectError(str(error)) from error.__cause__
+        raise
     except aiohttp.ClientError as error:
         raise httpx.RemoteProtocolError(f"{error.__class__.__name__}: {error}") from error
 

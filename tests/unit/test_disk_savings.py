@@ -147,7 +147,8 @@ def test_operator_writes_each_planned_images_layers_as_indexes() -> None:
 def test_metrics_export_the_figures_per_node_and_per_cache() -> None:
     registry = CollectorRegistry()
     agent = AgentMetrics("n1", registry)
-    agent.track(lambda: AgentGauges(1, 1, 10, False, 100, 50, 400, 250))
+    agent.track(lambda: AgentGauges(1, 1, 10, False, disk_blobs=100, disk_snapshots=50,
+                                         disk_separate=400, disk_saved=250))
     get = registry.get_sample_value
     assert get("layercache_agent_disk_bytes", {"node": "n1", "kind": "blobs"}) == 100
     assert get("layercache_agent_disk_bytes", {"node": "n1", "kind": "snapshots"}) == 50
