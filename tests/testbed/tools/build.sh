@@ -58,6 +58,10 @@ build() {
 
 build kubernetes "$k8s_flags" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet
+# kube-proxy of the same release, one per kubelet node (testbed.podnet): a module of its own
+# (kube-proxy/, same requirements plus the proxy's), so ../kubernetes keeps its cache key;
+# the packages both share come from GOCACHE.
+build kube-proxy "$k8s_flags" k8s.io/kubernetes/cmd/kube-proxy
 build etcd "" ./cmd/etcd
 build helm "" helm.sh/helm/v3/cmd/helm
 build cri-tools "-X sigs.k8s.io/cri-tools/pkg/version.Version=1.37.0" sigs.k8s.io/cri-tools/cmd/crictl
@@ -65,6 +69,8 @@ build kind "" sigs.k8s.io/kind
 # The pod sandbox binary the bed's kubelet nodes run as their pause image (testbed.kubelet):
 # static, so a one-layer image of just this file is a complete root filesystem.
 build -c 0 pause "" .
+# The in-cluster probe pods of kubelet beds run (testbed.podnet; static, a one-layer image too).
+build -c 0 probe "" .
 
 # Node runtimes, as kind v0.33.0's base image builds them (images/base/Dockerfile):
 # containerd v2.3.4 with its build tags (no aufs, zfs, btrfs or devmapper snapshotters) and
