@@ -35,6 +35,12 @@ of namespaces instead of a container:
   certificate of `system:kube-proxy`, whom the bootstrap RBAC binds to
   `system:node-proxier`) writes its rules in the node's network namespace, so a pod reaches
   the apiserver through the `kubernetes` Service's ClusterIP.
+- **Cluster DNS.** CoreDNS v1.14.6 (kubeadm v1.37's; `tests/testbed/tools/coredns`, only
+  the plugins a cluster zone needs) runs as a bed process on the bridge address, port 53,
+  with kind's Corefile for `cluster.local` minus forwarding (no upstream), as the user
+  `system:coredns` with kubeadm's ClusterRole of that name. The Service `kube-system/kube-dns`
+  has kind's ClusterIP 10.96.0.10 and an EndpointSlice naming the bridge address; the
+  kubelets' `clusterDNS` is that IP, so pods resolve `<service>.<namespace>.svc` as on kind.
 
 Host state the bed changes, all removed by `teardown` (also from another process: it reads
 `NETWORK_FILE` and the nodes' `NS_FILE`): the bridge (with it the host veth ends and the
@@ -59,7 +65,7 @@ from typing import Any
 import yaml
 
 from testbed.paths import tool
-from testbed.procs import ComponentError, Process, pid_alive, run
+from testbed.procs import ComponentError, Process, free_port, pid_alive, run
 
 #: Bed bridges are named `<BRIDGE_PREFIX><slot>`.
 BRIDGE_PREFIX = "lcbed"
@@ -82,6 +88,8 @@ READY_FILE = "node-ns.ready"
 #: Standard ports of a node's components: each node has its own network namespace.
 KUBELET_PORT, KUBELET_HEALTHZ_PORT = 10250, 10248
 KUBE_PROXY_HEALTHZ_PORT, KUBE_PROXY_METRICS_PORT = 10256, 10249
+#: The cluster DNS: its Service's ClusterIP (kubeadm's and kind's), domain and port.
+DNS_SERVICE_IP, CLUSTER_DOMAIN, DNS_PORT = "10.96.0.10", "cluster.local", 53
 
 
 def is_holder(process_name: str) -> bool:
@@ -417,3 +425,89 @@ def kill_node_processes(node_dir: Path) -> list[int]:
     while any(pid_alive(p) for p in killed) and time.monotonic() < deadline:
         time.sleep(0.05)
     return killed
+
+
+def corefile(address: str, kubeconfig: Path, ready_port: int, health_port: int) -> str:
+    """The CoreDNS config: kind's cluster zone, served on `address`:53 only, no forwarding.
+
+    `ready_port`/`health_port`: its /ready and /health on 127.0.0.1 (the bed waits on /ready,
+    which answers once the kubernetes plugin has synced).
+    """
+    return f"""\
+.:{DNS_PORT} {{
+    bind {address}
+    errors
+    health 127.0.0.1:{health_port}
+    ready 127.0.0.1:{ready_port}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig} testbed
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 30
+    }}
+    cache 30
+}}
+"""
+
+
+def dns_objects(gateway: str) -> list[dict[str, Any]]:
+    """The cluster DNS's API objects, as dicts to create in this order.
+
+    kubeadm's `system:coredns` ClusterRole and its binding (to the user of that name), and
+    the `kube-dns` Service (kind's ClusterIP) with an EndpointSlice naming `gateway`:53.
+    """
+    ports = [("dns", "UDP"), ("dns-tcp", "TCP")]
+    labels = {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": "system:coredns"},
+         "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods",
+                                                     "namespaces"], "verbs": ["list", "watch"]},
+                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "system:coredns"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": "system:coredns"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                       "name": "system:coredns"}]},
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": labels},
+         "spec": {"clusterIP": DNS_SERVICE_IP,
+                  "ports": [{"name": n, "protocol": p, "port": DNS_PORT, "targetPort": DNS_PORT}
+                            for n, p in ports]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "kube-dns-bed", "namespace": "kube-system",
+                      "labels": {"kubernetes.io/service-name": "kube-dns",
+                                 "endpointslice.kubernetes.io/managed-by": "layercache-testbed"}},
+         "addressType": "IPv4", "endpoints": [{"addresses": [gateway]}],
+         "ports": [{"name": n, "protocol": p, "port": DNS_PORT} for n, p in ports]},
+    ]
+
+
+def start_cluster_dns(workdir: Path, gateway: str, kubeconfig: Path) -> tuple[Process, int]:
+    """Start CoreDNS (`corefile`) with `kubeconfig` (user `system:coredns`).
+
+    Returns the process and its ready port (`wait_cluster_dns`).
+    """
+    ready, health = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "Corefile"
+    config.write_text(corefile(gateway, kubeconfig, ready, health))
+    process = Process("coredns", [tool("coredns"), "-conf", config], workdir / "coredns.log",
+                      cwd=workdir).start()
+    return process, ready
+
+
+def wait_cluster_dns(process: Process, ready_port: int, timeout: float = 60) -> None:
+    """Block until CoreDNS reports ready (its kubernetes plugin has synced).
+
+    Raises:
+        ComponentError: it exited or was not ready within `timeout` seconds.
+    """
+    import urllib.request
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ready_port}/ready", timeout=2) as r:
+            return r.status == 200
+    process.wait_ready(ready, timeout)

@@ -13,10 +13,13 @@ from pathlib import Path
 
 from testbed.podnet import (
     BED_NETWORKS,
+    DNS_SERVICE_IP,
     POD_NETWORKS,
     SLOTS,
     BedNetwork,
     NodeNamespace,
+    corefile,
+    dns_objects,
     kube_proxy_config,
     node_argv,
 )
@@ -61,3 +64,21 @@ def test_kube_proxy_serves_on_the_node_ip_and_leaves_conntrack_sizes_alone() -> 
     assert config["conntrack"]["maxPerCore"] == 0
     assert node_argv(42, ["ip", "addr"]) == [
         "nsenter", "--target=42", "--mount", "--net", "--uts", "--", "ip", "addr"]
+
+
+def test_cluster_dns_serves_the_cluster_zone_on_the_bridge_only_and_forwards_nothing() -> None:
+    text = corefile("10.250.1.1", Path("/tmp/bed/coredns.kubeconfig"), 20001, 20002)
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[0] == ".:53 {" and "bind 10.250.1.1" in lines
+    assert "kubernetes cluster.local in-addr.arpa ip6.arpa {" in lines
+    assert "kubeconfig /tmp/bed/coredns.kubeconfig testbed" in lines
+    assert (lines[4], lines[3]) == ("ready 127.0.0.1:20001", "health 127.0.0.1:20002")
+    assert not any(line.startswith("forward") for line in lines)
+    role, binding, service, endpoints = dns_objects("10.250.1.1")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "system:coredns"
+    assert binding["subjects"][0]["name"] == "system:coredns"
+    assert service["spec"]["clusterIP"] == DNS_SERVICE_IP == "10.96.0.10"
+    assert "selector" not in service["spec"]  # its endpoints are the bed's, not pods'
+    assert endpoints["metadata"]["labels"]["kubernetes.io/service-name"] == "kube-dns"
+    assert endpoints["endpoints"] == [{"addresses": ["10.250.1.1"]}]
+    assert {(p["protocol"], p["port"]) for p in endpoints["ports"]} == {("UDP", 53), ("TCP", 53)}
