@@ -265,8 +265,10 @@ def test_teardown_from_another_process_leaves_nothing(
     assert _bed_links(slot) == []
     routes = run(["ip", "route", "show"])
     assert state.bridge not in routes and state.gateway not in routes
-    assert _iptables() - rules_before == set()
-    assert run(["ip", "netns", "list"]) == netns_before
+    # Other beds on the host may add their own rules meanwhile: none may name this one's.
+    ours = (state.bridge, str(workdir), state.cluster_cidr, state.gateway)
+    assert [r for r in _iptables() - rules_before if any(o in r for o in ours)] == []
+    assert run(["ip", "netns", "list"]) == netns_before  # the nodes' never were named ones
     assert [h / root.lstrip("/") for h in cgroup_hierarchies() for root in roots
             if (h / root.lstrip("/")).exists()] == []
     assert not workdir.exists()

@@ -30,7 +30,7 @@ of namespaces instead of a container:
   `lcb<k>p<i>`, `host-local` IPAM on the podCIDR, `portmap`) and routes to every podCIDR
   via its node IP, in every other node and on the host (`ip route ... dev lcbed<k>`, gone
   with the bridge). Forwarding is on only in node network namespaces (per-namespace
-  sysctls); no host sysctl changes. No masquerading: the host routes replies to pod IPs.
+  sysctls); no host network sysctl changes. No masquerading: the host routes replies to pod IPs.
 - **Services.** A kube-proxy per node (the pinned v1.37.2, iptables mode, with the client
   certificate of `system:kube-proxy`, whom the bootstrap RBAC binds to
   `system:node-proxier`) writes its rules in the node's network namespace, so a pod reaches
@@ -41,6 +41,12 @@ of namespaces instead of a container:
   `system:coredns` with kubeadm's ClusterRole of that name. The Service `kube-system/kube-dns`
   has kind's ClusterIP 10.96.0.10 and an EndpointSlice naming the bridge address; the
   kubelets' `clusterDNS` is that IP, so pods resolve `<service>.<namespace>.svc` as on kind.
+
+One host-wide sysctl: `fs.inotify.max_user_instances` (Linux's default 128 is shared by
+every root process; each kubelet takes 6, containerd's CRI needs one or fails to load, so
+a few kubelet beds side by side run out: "too many open files", seen here; kind's docs
+raise it too). A bed raises it to `INOTIFY_INSTANCES` if lower and records the original in
+`SYSCTL_FILE` (shared by the beds on the host); the last bed torn down restores it.
 
 Host state the bed changes, all removed by `teardown` (also from another process: it reads
 `NETWORK_FILE` and the nodes' `NS_FILE`): the bridge (with it the host veth ends and the
@@ -64,7 +70,7 @@ from typing import Any
 
 import yaml
 
-from testbed.paths import tool
+from testbed.paths import CACHE, tool
 from testbed.procs import ComponentError, Process, free_port, pid_alive, run
 
 #: Bed bridges are named `<BRIDGE_PREFIX><slot>`.
@@ -85,6 +91,11 @@ NETWORK_FILE = "network.json"
 NS_FILE = "node-ns.json"
 #: Marker the holder writes once its mounts and sysctls are in place.
 READY_FILE = "node-ns.ready"
+#: The least `fs.inotify.max_user_instances` kubelet beds run with, and where the value
+#: the host had before is kept while beds run (one file for all beds of this host).
+INOTIFY_INSTANCES = 1024
+INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
+SYSCTL_FILE = CACHE / "bed-sysctl.json"
 #: Standard ports of a node's components: each node has its own network namespace.
 KUBELET_PORT, KUBELET_HEALTHZ_PORT = 10250, 10248
 KUBE_PROXY_HEALTHZ_PORT, KUBE_PROXY_METRICS_PORT = 10256, 10249
@@ -173,6 +184,7 @@ class BedNetwork:
         net = cls(slot, workdir.resolve())
         (workdir / NETWORK_FILE).write_text(json.dumps({"slot": slot, "rule": False}))
         try:
+            raise_inotify_limit()
             net._check_free()
             _ip("addr", "add", f"{net.gateway}/{net.subnet.prefixlen}", "dev", net.bridge)
             _ip("link", "set", net.bridge, "up")
@@ -225,6 +237,38 @@ def teardown(workdir: Path) -> None:
         _ip("link", "del", name, check=False)
     _ip("link", "del", net.bridge, check=False)
     (workdir / NETWORK_FILE).unlink(missing_ok=True)
+    if not bed_bridges():
+        restore_inotify_limit()
+
+
+def bed_bridges() -> list[str]:
+    """Names of the bed bridges (`lcbed<k>`) that exist on this host now."""
+    links = json.loads(_ip("-j", "link", "show").stdout or b"[]")
+    return [link["ifname"] for link in links if link["ifname"].startswith(BRIDGE_PREFIX)
+            and link["ifname"].removeprefix(BRIDGE_PREFIX).isdigit()]
+
+
+def raise_inotify_limit() -> None:
+    """Raise `fs.inotify.max_user_instances` to `INOTIFY_INSTANCES` if it is lower.
+
+    The first bed to raise it records the host's value in `SYSCTL_FILE`
+    (`restore_inotify_limit` puts it back). A host already at or above it is left alone.
+    """
+    current = int(INOTIFY_SYSCTL.read_text())
+    if current >= INOTIFY_INSTANCES:
+        return
+    SYSCTL_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError), SYSCTL_FILE.open("x") as record:
+        record.write(json.dumps({str(INOTIFY_SYSCTL): current}))
+    INOTIFY_SYSCTL.write_text(str(INOTIFY_INSTANCES))
+
+
+def restore_inotify_limit() -> None:
+    """Put back the value `raise_inotify_limit` recorded (no bed is left to need it)."""
+    with contextlib.suppress(FileNotFoundError):
+        for path, value in json.loads(SYSCTL_FILE.read_text()).items():
+            Path(path).write_text(str(value))
+        SYSCTL_FILE.unlink()
 
 
 def veths(slot: int) -> list[str]:

@@ -11,6 +11,9 @@ import ipaddress
 import json
 from pathlib import Path
 
+import pytest
+
+from testbed import podnet
 from testbed.podnet import (
     BED_NETWORKS,
     DNS_SERVICE_IP,
@@ -82,3 +85,20 @@ def test_cluster_dns_serves_the_cluster_zone_on_the_bridge_only_and_forwards_not
     assert endpoints["metadata"]["labels"]["kubernetes.io/service-name"] == "kube-dns"
     assert endpoints["endpoints"] == [{"addresses": ["10.250.1.1"]}]
     assert {(p["protocol"], p["port"]) for p in endpoints["ports"]} == {("UDP", 53), ("TCP", 53)}
+
+
+def test_inotify_limit_is_raised_once_and_the_hosts_value_restored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sysctl, record = tmp_path / "max_user_instances", tmp_path / "cache" / "bed-sysctl.json"
+    monkeypatch.setattr(podnet, "INOTIFY_SYSCTL", sysctl)
+    monkeypatch.setattr(podnet, "SYSCTL_FILE", record)
+    sysctl.write_text("128\n")
+    podnet.raise_inotify_limit()
+    podnet.raise_inotify_limit()  # a second bed: the host's value stays the one recorded
+    assert sysctl.read_text() == str(podnet.INOTIFY_INSTANCES)
+    assert json.loads(record.read_text()) == {str(sysctl): 128}
+    podnet.restore_inotify_limit()
+    assert (sysctl.read_text(), record.exists()) == ("128", False)
+    sysctl.write_text("8192")  # a host above the floor is left alone
+    podnet.raise_inotify_limit()
+    assert (sysctl.read_text(), record.exists()) == ("8192", False)
