@@ -29,7 +29,12 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedState]:
 @pytest.fixture(scope="session")
 def kube(bed: BedState) -> Iterator[Kube]:
     """Admin access to the bed's apiserver (kubernetes client and kubectl)."""
-    client = Kube(Path(bed.kubeconfig))
+    yield from _admin(bed)
+
+
+def _admin(state: BedState) -> Iterator[Kube]:
+    """Admin access to the bed of `state` until the generator is closed."""
+    client = Kube(Path(state.kubeconfig))
     yield client
     client.close()
 
@@ -52,3 +57,21 @@ def proxy(bed: BedState) -> Iterator[FaultProxy]:
     client.reset()
     client.set_rate(None)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def kubelet_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedState]:
+    """A bed of 2 kubelet nodes (own namespaces, pod network, kube-proxy: testbed.podnet).
+
+    No image family: its tests run the static pause and probe images every node has.
+    """
+    testbed = TestBed(tmp_path_factory.mktemp("kubelet-bed"), nodes=2, seed_images=False,
+                      kubelets=True)
+    yield testbed.up()
+    testbed.down()
+
+
+@pytest.fixture(scope="session")
+def kubelet_kube(kubelet_bed: BedState) -> Iterator[Kube]:
+    """Admin access to the kubelet bed's apiserver."""
+    yield from _admin(kubelet_bed)

@@ -1,14 +1,14 @@
 """The bed with real kubelets (`TestBed(kubelets=True)`): Nodes are the kubelets' own.
 
-Each node's kubelet v1.37.2 registers its Node with its node certificate, runs hostNetwork
-pods through the node's containerd, is held to its own Node by NodeRestriction, and
-teardown leaves no process, mount or cgroup directory behind.
+Each node's kubelet v1.37.2 registers its Node with its node certificate and its node IP,
+runs hostNetwork pods through the node's containerd, is held to its own Node by
+NodeRestriction, and teardown leaves no process, mount or cgroup directory behind. (Pod
+network, Services and the nodes' namespaces: test_pod_network.py.)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +18,21 @@ from kubernetes import client, config
 from testbed.bed import KUBERNETES_VERSION, BedState, TestBed
 from testbed.cri import crictl
 from testbed.kube import Kube, wait_for
-from testbed.kubelet import (
-    CONTAINER_LOG_LINKS,
-    cgroup_hierarchies,
-    cgroup_root_for,
-    kubeconfig_path,
-)
+from testbed.kubelet import cgroup_hierarchies, cgroup_root_for, kubeconfig_path
 from testbed.nodes import BED_LABEL, SANDBOX_IMAGE, SOCKET_ANNOTATION
 from testbed.procs import pid_alive, processes_naming
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def kubelet_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedState]:
-    """A bed of 2 nodes with kubelets (no image family: these tests need only pause)."""
-    bed = TestBed(tmp_path_factory.mktemp("kubelet-bed"), nodes=2, seed_images=False,
-                  kubelets=True)
-    yield bed.up()
-    bed.down()
+#: Where a kubelet links container logs (fixed in its code); in a node's mount namespace
+#: that is the node's own directory, never the host's.
+CONTAINER_LOG_LINKS = Path("/var/log/containers")
 
 
-@pytest.fixture(scope="module")
-def admin(kubelet_bed: BedState) -> Iterator[Kube]:
-    """Admin access to the kubelet bed."""
-    kube = Kube(Path(kubelet_bed.kubeconfig))
-    yield kube
-    kube.close()
+@pytest.fixture
+def admin(kubelet_kube: Kube) -> Kube:
+    """Admin access to the session's kubelet bed (`kubelet_bed`, tests/conftest.py)."""
+    return kubelet_kube
 
 
 def _pod(name: str, node: str) -> dict[str, Any]:
@@ -89,8 +77,9 @@ def test_every_node_is_registered_by_its_kubelet_and_ready(kubelet_bed: BedState
         assert node.metadata.labels[BED_LABEL] == "true"
         assert node.metadata.labels["kubernetes.io/hostname"] == record.name
         assert node.metadata.annotations[SOCKET_ANNOTATION] == record.socket
+        # The kubelet's own --node-ip: the node's address on the bed bridge.
         assert [(a.type, a.address) for a in node.status.addresses] == [
-            ("InternalIP", "127.0.0.1"), ("Hostname", record.name)]
+            ("InternalIP", record.ip), ("Hostname", record.name)]
         assert not node.spec.taints
     assert kubelet_bed.kubelets
 
@@ -106,7 +95,7 @@ def test_host_network_pod_runs_on_each_node_and_is_deleted(kubelet_bed: BedState
                            .status.phase == "Running" and p, timeout=90,
                            what=f"pod {pod} Running")
         assert running.spec.node_name == record.name
-        assert (running.status.host_ip, running.status.pod_ip) == ("127.0.0.1", "127.0.0.1")
+        assert (running.status.host_ip, running.status.pod_ip) == (record.ip, record.ip)
         # The node's own containerd runs it: a ready sandbox and a running pause container.
         assert [s["state"] for s in _sandboxes(record.socket, pod)] == ["SANDBOX_READY"]
         containers = json.loads(crictl(record.socket, "ps", "--label",
@@ -114,7 +103,7 @@ def test_host_network_pod_runs_on_each_node_and_is_deleted(kubelet_bed: BedState
                                        timeout=30))["containers"]
         assert [(c["metadata"]["name"], c["state"]) for c in containers] == [
             ("pause", "CONTAINER_RUNNING")]
-        # The apiserver reaches the kubelet (127.0.0.1, verified TLS): pause logs nothing.
+        # The apiserver reaches the kubelet (node IP, verified TLS): pause logs nothing.
         assert admin.kubectl("logs", pod) == ""
     for record in kubelet_bed.nodes:
         pod = names[record.name]
@@ -174,7 +163,6 @@ def _hold_pods(state: BedState) -> list[int]:
 
 def test_teardown_leaves_no_process_mount_or_cgroup(
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    # A short directory: the kubelet's unix sockets live below it (`MAX_ROOT_DIR`).
     bed = TestBed(tmp_path_factory.mktemp("kubelet-down"), nodes=2, seed_images=False,
                   kubelets=True)
     state = bed.up()
@@ -183,12 +171,14 @@ def test_teardown_leaves_no_process_mount_or_cgroup(
     hierarchies = cgroup_hierarchies()
     try:
         pause_pids = _hold_pods(state)
-        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        # The node's mounts, in its own mount namespace (testbed.podnet).
+        mounts = [line.split()[1] for line in
+                  Path(f"/proc/{state.nodes[0].ns_pid}/mounts").read_text().splitlines()]
         # What teardown has to undo is there: the kubelets' and containers' processes, their
         # mounts, the nodes' cgroups in every hierarchy.
         assert any("kubelet" in c for c in processes_naming(workdir).values())
         assert all(pid_alive(pid) for pid in pause_pids)
-        assert any(m.startswith(f"{workdir}/nodes/n0/kubelet/pods/") for m in mounts)
+        assert any(m.startswith("/var/lib/kubelet/pods/") for m in mounts)
         assert all((h / root.lstrip("/")).is_dir() for h in hierarchies for root in roots)
     except BaseException:
         bed.down()  # a failure here must not leak a running bed
@@ -198,6 +188,7 @@ def test_teardown_leaves_no_process_mount_or_cgroup(
 
     assert processes_naming(workdir) == {}
     assert [pid for pid in pause_pids if pid_alive(pid)] == []
+    assert [n.ns_pid for n in state.nodes if n.ns_pid and pid_alive(n.ns_pid)] == []
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     assert [m for m in mounts if m.startswith(str(workdir))] == []
     assert [h / root.lstrip("/") for h in hierarchies for root in roots

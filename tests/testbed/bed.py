@@ -16,8 +16,8 @@ from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from testbed import pki
-from testbed.controlplane import ControlPlane
+from testbed import pki, podnet
+from testbed.controlplane import ControlPlane, write_kubeconfig
 from testbed.faultproxy import start_fault_proxy
 from testbed.images import build_family, push_family
 from testbed.kubelet import (
@@ -26,9 +26,10 @@ from testbed.kubelet import (
     kill_strays,
     kubelet_node_dirs,
     pause_image,
+    probe_image,
     remove_cgroups,
     stop_pods,
-    unlink_container_logs,
+    wait_pod_cidrs,
     wait_registered,
 )
 from testbed.nodes import SANDBOX_IMAGE, RegistryHost, SimNode, containerd_version, unmount_under
@@ -58,11 +59,20 @@ class ProcessRecord:
 
 @dataclass
 class NodeRecord:
-    """A simulated node as recorded in the state file."""
+    """A simulated node as recorded in the state file.
+
+    `socket` is its containerd's socket as the host sees it. Kubelet nodes also have `ip`
+    (node IP on the bed bridge, the Node's InternalIP) and `ns_pid`, the PID holding the
+    node's namespaces: `nsenter --target=<ns_pid> --mount --net --uts -- CMD` runs CMD
+    inside the node (`testbed.podnet.node_argv`), where the socket is
+    /run/containerd/containerd.sock.
+    """
 
     name: str
     socket: str
     workdir: str
+    ip: str | None = None
+    ns_pid: int | None = None
 
 
 @dataclass
@@ -102,6 +112,11 @@ class BedState:
     ready_seconds: float = 0.0
     #: Whether every node runs a kubelet that registered its own Node (`testbed.kubelet`).
     kubelets: bool = False
+    #: Kubelet beds (`testbed.podnet`): the bed bridge, the host's address on it (where
+    #: the apiserver and registries listen) and the pods' cluster CIDR.
+    bridge: str | None = None
+    gateway: str | None = None
+    cluster_cidr: str | None = None
 
     @classmethod
     def load(cls, workdir: Path) -> BedState:
@@ -145,11 +160,13 @@ class TestBed:
     """Bring the bed up in `workdir` with `nodes` simulated nodes, or tear it down.
 
     `containerd` is the nodes' containerd profile (`testbed.paths.CONTAINERD_PROFILES`; None:
-    `LAYERCACHE_BED_CONTAINERD`, else the default). `kubelets`: run a real kubelet per node
-    that registers its own Node (`testbed.kubelet`; the apiserver then also runs the
-    NodeRestriction admission plugin and the node lifecycle controller runs); off, the bed
-    writes each Node and its status itself. Attributes after `up()`: `state` (BedState),
-    `control_plane`, `nodes`.
+    `LAYERCACHE_BED_CONTAINERD`, else the default). `kubelets`: each node gets its own
+    namespaces on a bed bridge, a kubelet that registers its own Node, a pod network and a
+    kube-proxy (`testbed.podnet`, `testbed.kubelet`; the apiserver and the registries then
+    listen on the bridge address, the apiserver also runs NodeRestriction, and the node
+    lifecycle and IPAM controllers run); off, nodes are containerd processes on the host
+    and the bed writes each Node and its status itself. Attributes after `up()`: `state`
+    (BedState), `control_plane`, `nodes`, `network` (kubelet beds).
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -166,6 +183,9 @@ class TestBed:
         self.nodes: list[SimNode] = []
         self.processes: list[Process] = []
         self.state: BedState | None = None
+        self.network: podnet.BedNetwork | None = None
+        #: Where the apiserver, registries and fault proxy listen.
+        self.address = "127.0.0.1"
 
     def up(self) -> BedState:
         """Start every component and wait until all are ready; returns the state.
@@ -192,10 +212,13 @@ class TestBed:
         cp = ControlPlane(self.workdir / "control-plane", ca,
                           apiserver_args=self.apiserver_args)
         if self.kubelets:
-            # The apiserver reaches kubelets (logs, exec) at their InternalIP, 127.0.0.1, and
+            # The apiserver reaches kubelets (logs, exec) at their InternalIP, the node IP, and
             # checks their serving certificates, which the bed's CA issued.
             kubelet_client = ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
                                       orgs=("system:masters",), client=True)
+            self.network = podnet.BedNetwork.create(self.workdir)
+            self.address = cp.address = self.network.gateway
+            cp.cluster_cidr = self.network.cluster_cidr
             cp.apiserver_args = (
                 "--enable-admission-plugins=NodeRestriction",
                 "--kubelet-preferred-address-types=InternalIP",
@@ -203,13 +226,21 @@ class TestBed:
                 f"--kubelet-client-certificate={kubelet_client.cert}",
                 f"--kubelet-client-key={kubelet_client.key}", *self.apiserver_args)
             # Kubelets heartbeat: the node lifecycle controller can run (and lifts the
-            # not-ready taint admission puts on every new Node once it reports Ready).
-            cp.controllers = "*,-node-ipam-controller"
+            # not-ready taint admission puts on every new Node once it reports Ready); the
+            # node IPAM controller gives each Node its podCIDR.
+            cp.controllers = "*"
         cp.workdir.mkdir(parents=True, exist_ok=True)
         self.control_plane = cp
         self.nodes = [SimNode(node_name(i), self.workdir / "nodes" / f"n{i}",
                               containerd=self.containerd)
                       for i in range(self.node_count)]
+        if self.network is not None:
+            for i, node in enumerate(self.nodes):
+                node.ns = podnet.NodeNamespace(node.name, i, node.workdir, self.network)
+                self.processes.append(node.ns.start())
+            for node in self.nodes:
+                assert node.ns is not None
+                node.ns.wait()
         etcd = cp.start_etcd()
         self.processes.append(etcd)
         for node in self.nodes:
@@ -225,7 +256,8 @@ class TestBed:
             controllers = cp.start_controllers()
             self.processes += controllers
             registries = {f: r.result() for f, r in regs.items()}
-            proxy = start_fault_proxy(self.workdir / "proxy", registries["plain"].url)
+            proxy = start_fault_proxy(self.workdir / "proxy", registries["plain"].url,
+                                      address=self.address)
             proxy.close()  # the process stays; only this client's connection pool goes
             assert proxy.process is not None
             self.processes.append(proxy.process)
@@ -244,7 +276,9 @@ class TestBed:
         return BedState(
             workdir=str(self.workdir), kubeconfig=str(cp.admin_kubeconfig), server=cp.server,
             ca_file=str(ca.cert), kubernetes_version=KUBERNETES_VERSION,
-            nodes=[NodeRecord(n.name, str(n.socket), str(n.workdir)) for n in self.nodes],
+            nodes=[NodeRecord(n.name, str(n.socket), str(n.workdir),
+                              ip=n.ns.ip if n.ns else None, ns_pid=n.ns.pid if n.ns else None)
+                   for n in self.nodes],
             containerd=self.containerd,
             registries={f: RegistryRecord(
                 flavour=f, host=r.host, url=r.url, username=r.username, password=r.password,
@@ -255,21 +289,67 @@ class TestBed:
             proxy_url=proxy.url, family=family_path,
             processes=[ProcessRecord(p.name, p.pid, str(p.log)) for p in self.processes],
             kubelets=self.kubelets,
+            bridge=self.network.bridge if self.network else None,
+            gateway=self.network.gateway if self.network else None,
+            cluster_cidr=self.network.cluster_cidr if self.network else None,
         )
 
     def _start_kubelets(self, cp: ControlPlane, ca: pki.CA) -> None:
-        """Start a kubelet per node and wait until each registered its Node, Ready."""
-        pause = pause_image(self.workdir / "kubelet")
+        """Start a kubelet per node, its pod network and kube-proxy; wait until all are Ready.
+
+        The CNI config needs the podCIDR the controller-manager gives the Node the kubelet
+        registers; until CRI finds one, the kubelet reports the Node NotReady.
+        """
+        assert self.network is not None
+        dns, dns_ready = self._start_cluster_dns(cp, ca)
+        images = (pause_image(self.workdir / "kubelet"), probe_image(self.workdir / "kubelet"))
         kubelets = [Kubelet(node, ca, cp.server) for node in self.nodes]
         for kubelet in kubelets:
-            kubelet.prepare(pause)
+            kubelet.prepare(*images)
             self.processes.append(kubelet.start())
         for kubelet in kubelets:
             kubelet.wait()
+        spaces = [kubelet.ns for kubelet in kubelets]
+        cidrs = wait_pod_cidrs(cp.admin_kubeconfig, self.nodes)
+        for ns, cidr in zip(spaces, cidrs, strict=True):
+            ns.write_cni_config(cidr)
+        self.network.pod_routes(list(zip(spaces, cidrs, strict=True)))
+        # The bootstrap RBAC binds system:node-proxier to this user (as kubeadm's).
+        proxy_kubeconfig = write_kubeconfig(
+            self.workdir / "kube-proxy.kubeconfig", cp.server, ca.cert,
+            ca.issue("kube-proxy", "system:kube-proxy", client=True), "system:kube-proxy")
+        proxies = [podnet.start_kube_proxy(ns, proxy_kubeconfig) for ns in spaces]
+        self.processes += proxies
         wait_registered(cp.admin_kubeconfig, self.nodes)
+        for ns, proxy in zip(spaces, proxies, strict=True):
+            podnet.wait_kube_proxy(ns, proxy)
+        podnet.wait_cluster_dns(dns, dns_ready)
+
+    def _start_cluster_dns(self, cp: ControlPlane, ca: pki.CA) -> tuple[Process, int]:
+        """Create the cluster DNS's RBAC, Service and EndpointSlice; start CoreDNS.
+
+        Returns its process and ready port (`podnet.wait_cluster_dns`).
+        """
+        from kubernetes import config, utils  # imported late: only the bed process needs it
+
+        assert self.network is not None
+        api = config.new_client_from_config(config_file=str(cp.admin_kubeconfig))
+        try:
+            for obj in podnet.dns_objects(self.network.gateway):
+                utils.create_from_dict(api, obj)
+        finally:
+            api.close()
+        kubeconfig = write_kubeconfig(
+            self.workdir / "coredns.kubeconfig", cp.server, ca.cert,
+            ca.issue("coredns", "system:coredns", client=True), "system:coredns")
+        dns, ready = podnet.start_cluster_dns(self.workdir / "coredns", self.network.gateway,
+                                              kubeconfig)
+        self.processes.append(dns)
+        return dns, ready
 
     def _start_registry(self, flavour: Flavour, ca: pki.CA) -> Registry:
-        registry = start_registry(flavour, self.workdir / "registries" / flavour, ca)
+        registry = start_registry(flavour, self.workdir / "registries" / flavour, ca,
+                                  address=self.address)
         self.processes.append(registry.process)
         if registry.token_server is not None:
             self.processes.append(registry.token_server.process)
@@ -319,16 +399,22 @@ def stop_bed(workdir: Path, processes: list[Process] | None = None) -> list[str]
             stop(pid, name)
     for node_dir in kubelet_dirs:
         stop_pods(node_dir)
-    # Newest first: clients (controllers) before the servers they talk to.
+    # Newest first: clients (controllers) before the servers they talk to. Node namespace
+    # holders last: what is left inside a node (shims) is found by its namespaces.
     for pid, name in reversed(names.items()):
-        if not is_kubelet(name):
+        if not is_kubelet(name) and not podnet.is_holder(name):
+            stop(pid, name)
+    for node_dir in sorted((workdir / "nodes").glob(f"*/{podnet.NS_FILE}")):
+        podnet.kill_node_processes(node_dir.parent)
+    for pid, name in reversed(names.items()):
+        if podnet.is_holder(name):
             stop(pid, name)
     if kubelet_dirs:
         kill_strays(workdir)
-        unlink_container_logs(workdir)
     unmount_under(workdir)
     for node_dir in kubelet_dirs:
         remove_cgroups(node_dir)
+    podnet.teardown(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     return stopped
 

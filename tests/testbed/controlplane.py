@@ -17,6 +17,7 @@ import yaml
 
 from testbed import pki
 from testbed.paths import tool
+from testbed.podnet import NODE_CIDR_MASK
 from testbed.procs import Process, free_port
 
 #: Service CIDR; the first address is the `kubernetes` Service, hence in the server cert.
@@ -58,12 +59,17 @@ class ControlPlane:
     apiserver_args: tuple[str, ...] = ()
     #: kube-controller-manager's `--controllers` (with kubelets the node lifecycle one runs).
     controllers: str = CONTROLLERS
+    #: The apiserver's bind and advertise address. Not loopback (kubelet beds: the bed
+    #: bridge's, `testbed.podnet`): the `kubernetes` Service's endpoint, reached from pods.
+    address: str = "127.0.0.1"
+    #: Pod CIDR the controller-manager allocates node podCIDRs (/24) from; None: none.
+    cluster_cidr: str | None = None
     processes: list[Process] = field(default_factory=list)
 
     @property
     def server(self) -> str:
-        """The apiserver URL, https://127.0.0.1:PORT."""
-        return f"https://127.0.0.1:{self.api_port}"
+        """The apiserver URL, https://ADDRESS:PORT (`address`, by default 127.0.0.1)."""
+        return f"https://{self.address}:{self.api_port}"
 
     @property
     def admin_kubeconfig(self) -> Path:
@@ -103,14 +109,15 @@ class ControlPlane:
     def start_apiserver(self, timeout: float = 90) -> None:
         """Start kube-apiserver and wait for /readyz (needs etcd up)."""
         serving = self.ca.issue("apiserver", "kube-apiserver", hosts=(
-            "127.0.0.1", "localhost", "10.96.0.1", "kubernetes", "kubernetes.default",
+            *dict.fromkeys(("127.0.0.1", self.address)), "localhost", "10.96.0.1",
+            "kubernetes", "kubernetes.default",
             "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"))
         sa = pki.service_account_keys(self.workdir)
         self._kubeconfig("admin", "kubernetes-admin", ("system:masters",))
         apiserver = Process("kube-apiserver", [
             tool("kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}", f"--advertise-address={self.address}",
             f"--secure-port={self.api_port}",
             f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
             f"--client-ca-file={self.ca.cert}",
@@ -120,7 +127,9 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC", "--allow-privileged=true",
             "--enable-priority-and-fairness=false", "--profiling=false",
-            "--endpoint-reconciler-type=none", *self.apiserver_args,
+            # On loopback no pod could use the `kubernetes` Service's endpoint: none is kept.
+            *(["--endpoint-reconciler-type=none"] if self.address == "127.0.0.1" else []),
+            *self.apiserver_args,
         ], self.workdir / "logs" / "kube-apiserver.log").start()
         self.processes.append(apiserver)
         context = ssl.create_default_context(cafile=str(self.ca.cert))
@@ -149,6 +158,9 @@ class ControlPlane:
                 f"--service-account-private-key-file={sa_key}",
                 f"--root-ca-file={self.ca.cert}", "--use-service-account-credentials=true",
                 f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false",
+                *([] if self.cluster_cidr is None else [
+                    "--allocate-node-cidrs=true", f"--cluster-cidr={self.cluster_cidr}",
+                    f"--node-cidr-mask-size={NODE_CIDR_MASK}"]),
             ], self.workdir / "logs" / "kube-controller-manager.log").start(),
             Process("kube-scheduler", [
                 tool("kube-scheduler"), f"--kubeconfig={sched_config}",

@@ -602,8 +602,9 @@ class FaultProxy:
 
 def start_fault_proxy(workdir: Path, upstream_url: str, *, upstream_ca: Path | None = None,
                       tls: tuple[Path, Path, Path] | None = None,
-                      ready_timeout: float = READY_TIMEOUT) -> FaultProxy:
-    """Start a proxy in front of `upstream_url` on a free 127.0.0.1 port; wait until it answers.
+                      ready_timeout: float = READY_TIMEOUT,
+                      address: str = "127.0.0.1") -> FaultProxy:
+    """Start a proxy in front of `upstream_url` on a free port of `address`; wait until it answers.
 
     `tls` = (certificate, key, CA file): serve HTTPS with that certificate (its SAN must
     hold 127.0.0.1) and verify it with the CA. Its log is `workdir/faultproxy-PORT.log`
@@ -617,7 +618,7 @@ def start_fault_proxy(workdir: Path, upstream_url: str, *, upstream_ca: Path | N
     workdir.mkdir(parents=True, exist_ok=True)
     port = procs.free_port()
     argv: list[str | Path] = [sys.executable, "-m", "testbed.faultproxy",
-                              "--listen", f"127.0.0.1:{port}", "--upstream", upstream_url]
+                              "--listen", f"{address}:{port}", "--upstream", upstream_url]
     if upstream_ca is not None:
         argv += ["--upstream-ca", upstream_ca]
     if tls is not None:
@@ -625,7 +626,7 @@ def start_fault_proxy(workdir: Path, upstream_url: str, *, upstream_ca: Path | N
     process = procs.Process(f"faultproxy-{port}", argv, log=workdir / f"faultproxy-{port}.log",
                             cwd=workdir).start()
     scheme = "https" if tls is not None else "http"
-    proxy = FaultProxy(f"{scheme}://127.0.0.1:{port}", process,
+    proxy = FaultProxy(f"{scheme}://{address}:{port}", process,
                        ca_file=tls[2] if tls is not None else None)
     try:
         process.wait_ready(lambda: proxy.stats() is not None, ready_timeout)

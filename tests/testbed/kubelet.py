@@ -1,9 +1,11 @@
 """Real kubelets on the bed's nodes (opt-in: `TestBed(kubelets=True)`, `testbed up --kubelets`).
 
-Each simulated node then runs the pinned kubelet (`make tools`) against its own containerd,
-as a kind node does: the kubelet registers its own `Node` with a node client certificate
-from the bed's CA (CN=system:node:<name>, O=system:nodes, so the apiserver's Node authorizer
-and NodeRestriction admission apply), and runs pods through CRI. What one host needs for
+Each node then runs the pinned kubelet (`make tools`) against its own containerd, both in the
+node's own namespaces (`testbed.podnet`: mount, network, UTS; kind's paths inside, its own
+node IP on the bed bridge, a pod network and a kube-proxy), as a kind node does: the kubelet
+registers its own `Node` with a node client certificate from the bed's CA
+(CN=system:node:<name>, O=system:nodes, so the apiserver's Node authorizer and
+NodeRestriction admission apply), and runs pods through CRI. What one host needs for
 several kubelets side by side (seen on these machines, see FACTS.md "Local control plane
 from binaries"):
 
@@ -11,18 +13,21 @@ from binaries"):
 - a `cgroupRoot` per node that exists in every mounted hierarchy before the kubelet starts
   (else it refuses with "cgroup has some missing paths"); cpuset needs `cpuset.cpus` and
   `cpuset.mems` copied from the parent before anything can join it;
-- every path the kubelet writes (root dir, pod logs, certificates, volume plugins) under the
-  node's directory, and distinct ports (kubelet API, healthz; the read-only port is off);
+- every path the kubelet writes on kind's paths inside the node's mount namespace, which
+  maps them to the node's directory (root dir /var/lib/kubelet with its config.yaml as the
+  chart's agent reads it, /var/log/pods, /var/log/containers; volume plugins below the
+  root dir), and the standard ports on the node IP (the read-only port is off);
 - the sandbox ("pause") image imported into containerd's `k8s.io` namespace under the name
   the node's containerd pins (`SANDBOX_IMAGE`), built from the static `pause` tool as a
   one-layer OCI image, since the bed never pulls from the internet;
-- a CNI config, so CRI reports its network ready (else the kubelet keeps the Node NotReady).
-  It is a loopback-only network: pods here are `hostNetwork` (a pod network is later work).
+- a CNI config, so CRI reports its network ready (else the kubelet keeps the Node NotReady):
+  written once the controller-manager gave the Node its podCIDR (`testbed.podnet`).
 
 Teardown (`stop_pods`, `remove_cgroups`) leaves no process, mount or cgroup directory: pod
 sandboxes are stopped and removed through CRI (`crictl stopp`/`rmp`) while containerd still
-runs, so runc removes the containers' cgroups and the shims exit; then the bed unmounts
-what is left under its directory and removes the node's cgroup directories, deepest first.
+runs, so runc removes the containers' cgroups and the shims exit; what is left in the node's
+namespaces is killed (`podnet.kill_node_processes`), the holder goes last and with it every
+mount the node made; then the bed removes the node's cgroup directories, deepest first.
 A node with a kubelet is marked by the file `CGROUP_ROOT_FILE` in its directory, written
 before its cgroups are made, so `testbed down` in another process finds what to clean.
 """
@@ -39,9 +44,10 @@ import signal
 import tarfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -50,7 +56,8 @@ from testbed.controlplane import write_kubeconfig
 from testbed.cri import crictl
 from testbed.nodes import _ARCH, BED_LABEL, SANDBOX_IMAGE, SOCKET_ANNOTATION, SimNode
 from testbed.paths import tool
-from testbed.procs import ComponentError, Process, free_port, processes_naming
+from testbed.podnet import CLUSTER_DOMAIN, DNS_SERVICE_IP, KUBELET_HEALTHZ_PORT, KUBELET_PORT
+from testbed.procs import ComponentError, Process, processes_naming
 
 #: Where the kernel's cgroup hierarchies are mounted (v1: one per controller; v2: unified).
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
@@ -59,11 +66,14 @@ CGROUP_ROOT_FILE = "kubelet-cgroup-root"
 #: Node labels the kubelet sets at registration (`--node-labels`): NodeRestriction lets a
 #: kubelet set labels outside the kubernetes.io/k8s.io namespaces, such as the bed's own.
 KUBELET_LABELS = {BED_LABEL: "true"}
-#: Longest kubelet root dir: the kubelet listens on unix sockets below it (the longest,
-#: `pod-resources/<10 digits>`, adds 25 characters) and a socket path has at most 107 bytes.
-MAX_ROOT_DIR = 107 - len("/pod-resources/1234567890")
-#: Where every kubelet links container logs (fixed in its code, whatever `podLogsDir`).
-CONTAINER_LOG_LINKS = Path("/var/log/containers")
+T = TypeVar("T")
+#: The image of the bed's in-cluster probe (`probe_image`), imported into every kubelet
+#: node: pods run it with `imagePullPolicy: Never`.
+PROBE_IMAGE = "layercache.dev/testbed/probe:1"
+#: The kubelet's root dir and config file inside its node (kind's, and the chart's
+#: `agent.kubeletConfig`); the node's mount namespace maps them to its directory.
+ROOT_DIR = Path("/var/lib/kubelet")
+CONFIG_FILE = ROOT_DIR / "config.yaml"
 
 
 def is_kubelet(process_name: str) -> bool:
@@ -150,26 +160,43 @@ def cgroup_root_for(workdir: Path, node: str) -> str:
 
 
 def pause_image(directory: Path) -> Path:
-    """Write the bed's sandbox image, an OCI image-layout tar, into `directory`; returns it.
+    """Write the bed's sandbox image (`SANDBOX_IMAGE`, the `pause` tool) into `directory`.
 
-    One gzip layer holding the static `pause` tool as `/pause` (its entrypoint), for this
-    host's platform, named `SANDBOX_IMAGE` (annotation `io.containerd.image.name`, which
-    `ctr images import` names the image by). Deterministic: same binary, same digests.
+    See `static_image`; returns the tar's path.
+    """
+    return static_image("pause", SANDBOX_IMAGE, directory)
+
+
+def probe_image(directory: Path) -> Path:
+    """Write the bed's in-cluster probe image (`PROBE_IMAGE`) into `directory`.
+
+    The `probe` tool (tests/testbed/tools/probe); see `static_image`; returns the tar's path.
+    """
+    return static_image("probe", PROBE_IMAGE, directory)
+
+
+def static_image(command: str, name: str, directory: Path) -> Path:
+    """Write an image of the static pinned tool `command` as an OCI image-layout tar.
+
+    One gzip layer holding the binary as `/<command>` (its entrypoint), for this host's
+    platform, named `name` (annotation `io.containerd.image.name`, which `ctr images import`
+    names the image by), written to `directory/<command>-image.tar`; returns that path.
+    Deterministic: same binary, same digests.
 
     Raises:
-        MissingToolError: the pause tool is not built (`make tools`).
+        MissingToolError: the tool is not built (`make tools`).
     """
-    binary = tool("pause").read_bytes()
+    binary = tool(command).read_bytes()
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as layer:
-        info = tarfile.TarInfo("pause")
+        info = tarfile.TarInfo(command)
         info.size, info.mode, info.mtime = len(binary), 0o755, 0
         layer.addfile(info, io.BytesIO(binary))
     diff = raw.getvalue()
     compressed = gzip.compress(diff, mtime=0)
     platform = {"architecture": _ARCH, "os": "linux"}
     config = json.dumps({
-        **platform, "config": {"Entrypoint": ["/pause"]},
+        **platform, "config": {"Entrypoint": [f"/{command}"]},
         "rootfs": {"type": "layers", "diff_ids": [_digest(diff)]},
     }, sort_keys=True).encode()
     manifest = json.dumps({
@@ -180,11 +207,11 @@ def pause_image(directory: Path) -> Path:
     index = json.dumps({"schemaVersion": 2, "manifests": [{
         **_descriptor("application/vnd.oci.image.manifest.v1+json", manifest),
         "platform": platform,
-        "annotations": {"io.containerd.image.name": SANDBOX_IMAGE,
-                        "org.opencontainers.image.ref.name": SANDBOX_IMAGE.rsplit(":", 1)[1]},
+        "annotations": {"io.containerd.image.name": name,
+                        "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1]},
     }]}, sort_keys=True).encode()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "pause-image.tar"
+    path = directory / f"{command}-image.tar"
     with tarfile.open(path, "w") as out:
         files = {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": index}
         files |= {f"blobs/sha256/{_digest(b).split(':')[1]}": b
@@ -213,86 +240,81 @@ def kubeconfig_path(node_dir: Path) -> Path:
 class Kubelet:
     """The kubelet of `node`, talking to the apiserver `server` with a certificate from `ca`.
 
-    `start()` writes its configuration and certificates under the node's directory and
-    starts it; `wait()` blocks until its /healthz answers. Ports are free ones on 127.0.0.1.
+    `start()` writes its configuration and certificates and starts it in the node's
+    namespaces (`node.ns`, required); `wait()` blocks until its /healthz answers. It serves
+    on the node IP's standard ports (`podnet.KUBELET_PORT`, `KUBELET_HEALTHZ_PORT`).
     """
 
     node: SimNode
     ca: pki.CA
     server: str
-    port: int = field(default_factory=free_port)
-    healthz_port: int = field(default_factory=free_port)
     process: Process | None = None
+
+    def __post_init__(self) -> None:
+        if self.node.ns is None:
+            raise ValueError(f"node {self.node.name} has no namespaces (testbed.podnet): "
+                             "a kubelet runs only in a node's own namespaces")
+        self.ns = self.node.ns
 
     @property
     def root_dir(self) -> Path:
-        """The kubelet's `--root-dir` (pods, volumes, plugins; it bind-mounts it on itself)."""
-        return self.node.workdir / "kubelet"
+        """The kubelet's root dir as the host sees it (`ROOT_DIR` inside the node)."""
+        return self.node.workdir / "var" / "lib" / "kubelet"
 
     @property
     def cgroup_root(self) -> str:
         """The node's cgroupRoot ("/layercache-bed-<bed>-<node>")."""
         return cgroup_root_for(self.node.workdir.parents[1], self.node.name)
 
-    def prepare(self, pause_tar: Path) -> None:
-        """Import the sandbox image, write the CNI config, create the node's cgroups."""
-        self.node.ctr("images", "import", str(pause_tar))
-        (self.node.workdir / "cni" / "10-bed-hostnetwork.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0", "name": "bed-hostnetwork",
-            "plugins": [{"type": "loopback"}]}))
+    def prepare(self, *images: Path) -> None:
+        """Import `images` (OCI layout tars: the sandbox image, the probe), create cgroups."""
+        for image in images:
+            self.node.ctr("images", "import", str(image))
         # Marker first: whatever happens next, teardown knows which cgroups to remove.
         (self.node.workdir / CGROUP_ROOT_FILE).write_text(self.cgroup_root)
         create_cgroup_root(self.cgroup_root)
 
     def start(self) -> Process:
-        """Write certificates, kubeconfig and KubeletConfiguration; start the kubelet.
-
-        Raises:
-            ValueError: the root dir's path is too long for the kubelet's sockets below it
-                (`MAX_ROOT_DIR`); the kubelet itself would fail late with "bind: invalid
-                argument".
-        """
-        name, workdir = self.node.name, self.node.workdir
-        if len(str(self.root_dir)) > MAX_ROOT_DIR:
-            raise ValueError(f"kubelet root dir {self.root_dir} of node {name} is "
-                             f"{len(str(self.root_dir))} characters, more than the "
-                             f"{MAX_ROOT_DIR} its unix sockets allow: use a shorter bed directory")
+        """Write certificates, kubeconfig and KubeletConfiguration; start the kubelet."""
+        name, workdir, ip = self.node.name, self.node.workdir, self.ns.ip
         client = self.ca.issue(f"kubelet-{name}", f"system:node:{name}",
                                orgs=("system:nodes",), client=True)
         serving = self.ca.issue(f"kubelet-{name}-serving", f"system:node:{name}",
-                                hosts=("127.0.0.1", "localhost", name))
+                                hosts=(ip, name))
         kubeconfig = write_kubeconfig(kubeconfig_path(workdir), self.server, self.ca.cert,
                                       client, f"system:node:{name}")
-        config = workdir / "kubelet-config.yaml"
-        config.write_text(yaml.safe_dump(self.configuration(serving), sort_keys=False))
         self.root_dir.mkdir(parents=True, exist_ok=True)
+        config = self.root_dir / CONFIG_FILE.name
+        config.write_text(yaml.safe_dump(self.configuration(serving), sort_keys=False))
         labels = ",".join(f"{k}={v}" for k, v in {**KUBELET_LABELS, **self.node.labels}.items())
-        self.process = Process(f"kubelet[{name}]", [
-            tool("kubelet"), f"--config={config}", f"--kubeconfig={kubeconfig}",
-            f"--root-dir={self.root_dir}", f"--cert-dir={workdir / 'kubelet-pki'}",
-            f"--hostname-override={name}", "--node-ip=127.0.0.1", f"--node-labels={labels}",
-        ], workdir / "kubelet.log").start()
+        self.process = Process(f"kubelet[{name}]", self.ns.argv([
+            tool("kubelet"), f"--config={CONFIG_FILE}", f"--kubeconfig={kubeconfig}",
+            f"--root-dir={ROOT_DIR}", f"--cert-dir={ROOT_DIR / 'pki'}",
+            f"--hostname-override={name}", f"--node-ip={ip}", f"--node-labels={labels}",
+        ]), workdir / "kubelet.log").start()
         return self.process
 
     def configuration(self, serving: pki.CertPair) -> dict[str, Any]:
         """The KubeletConfiguration (kubelet.config.k8s.io/v1beta1) this kubelet runs with."""
-        workdir = self.node.workdir
         return {
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "address": "127.0.0.1", "port": self.port, "readOnlyPort": 0,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": self.healthz_port,
+            "address": self.ns.ip, "port": KUBELET_PORT, "readOnlyPort": 0,
+            "healthzBindAddress": self.ns.ip, "healthzPort": KUBELET_HEALTHZ_PORT,
             "tlsCertFile": str(serving.cert), "tlsPrivateKeyFile": str(serving.key),
             "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
                                "x509": {"clientCAFile": str(self.ca.cert)}},
             "authorization": {"mode": "Webhook"},
-            "containerRuntimeEndpoint": f"unix://{self.node.socket}",
+            "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
             # No systemd as PID 1, cgroup v1 hybrid: see the module docstring.
             "cgroupDriver": "cgroupfs", "failCgroupV1": False, "failSwapOn": False,
             "cgroupRoot": self.cgroup_root,
             # The bed lacks CAP_SYS_RESOURCE: the kubelet cannot lower its own OOM score.
             "oomScoreAdj": 0,
-            "podLogsDir": str(workdir / "pod-logs"),
-            "volumePluginDir": str(workdir / "kubelet-volume-plugins"),
+            "podLogsDir": "/var/log/pods",
+            # The cluster DNS Service (testbed.podnet), as kind's nodes have it.
+            "clusterDNS": [DNS_SERVICE_IP], "clusterDomain": CLUSTER_DOMAIN,
+            # Its default, /usr/libexec/kubernetes/…, is on the host's file system.
+            "volumePluginDir": str(ROOT_DIR / "volume-plugins"),
             # Every node shares one disk with the rest of the bed: never evict for disk or
             # memory, never garbage-collect images (the layers are what layercache shares).
             "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
@@ -307,7 +329,7 @@ class Kubelet:
             ComponentError: it exited or was not healthy within `timeout` seconds.
         """
         assert self.process is not None
-        url = f"http://127.0.0.1:{self.healthz_port}/healthz"
+        url = f"http://{self.ns.ip}:{KUBELET_HEALTHZ_PORT}/healthz"
 
         def healthy() -> bool:
             with urllib.request.urlopen(url, timeout=2) as r:
@@ -315,13 +337,56 @@ class Kubelet:
         self.process.wait_ready(healthy, timeout)
 
 
+def _wait_nodes(api: Any, nodes: list[SimNode], value: Callable[[Any], T | None],
+                deadline: float, what: str) -> list[T]:
+    """Poll each node's Node until `value(node)` is truthy; returns the values, in order.
+
+    A missing Node counts as not yet. `what` names the wait in the error.
+
+    Raises:
+        ComponentError: a node's value is still falsy at `deadline` (time.monotonic()).
+    """
+    from kubernetes import client  # imported late: only the bed process needs it
+
+    found: list[T] = []
+    for node in nodes:
+        while True:
+            got = None
+            with contextlib.suppress(client.ApiException):
+                got = value(api.read_node(node.name))
+            if got:
+                found.append(got)
+                break
+            if time.monotonic() > deadline:
+                raise ComponentError(f"Node {node.name}: {what} not seen in time (last: "
+                                     f"{got!r}); log {node.workdir / 'kubelet.log'}")
+            time.sleep(0.3)
+    return found
+
+
+def wait_pod_cidrs(kubeconfig: Path, nodes: list[SimNode], timeout: float = 120) -> list[str]:
+    """Wait until the controller-manager gave each node's Node a podCIDR; returns them.
+
+    Raises:
+        ComponentError: a Node is missing or has none after `timeout` seconds.
+    """
+    from kubernetes import client, config  # imported late: only the bed process needs it
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+    try:
+        return _wait_nodes(api, nodes, lambda n: n.spec.pod_cidr,
+                           time.monotonic() + timeout, "podCIDR (node IPAM controller)")
+    finally:
+        api.api_client.close()
+
+
 def wait_registered(kubeconfig: Path, nodes: list[SimNode], timeout: float = 120) -> None:
     """Wait until each node's kubelet has registered its Node and reports it Ready.
 
     Then, as the admin, annotate each Node with its containerd socket (`SOCKET_ANNOTATION`;
-    the kubelet has no flag for annotations) and set its addresses (see below), and wait
-    until the node lifecycle controller has lifted the not-ready taint admission put on
-    the new Node, so the bed's nodes are schedulable once `up()` returns.
+    the kubelet has no flag for annotations), and wait until the node lifecycle controller
+    has lifted the not-ready taint admission put on the new Node, so the bed's nodes are
+    schedulable once `up()` returns.
 
     Raises:
         ComponentError: a Node is missing, not Ready or still tainted after `timeout` seconds.
@@ -331,36 +396,14 @@ def wait_registered(kubeconfig: Path, nodes: list[SimNode], timeout: float = 120
     api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
     try:
         deadline = time.monotonic() + timeout
+        _wait_nodes(api, nodes, lambda n: any(
+            c.type == "Ready" and c.status == "True" for c in n.status.conditions or []),
+            deadline, "registered Ready by its kubelet")
         for node in nodes:
-            while True:
-                ready = None
-                with contextlib.suppress(client.ApiException):
-                    found = api.read_node(node.name)
-                    ready = next((c.status for c in found.status.conditions or []
-                                  if c.type == "Ready"), None)
-                if ready == "True":
-                    break
-                if time.monotonic() > deadline:
-                    raise ComponentError(
-                        f"Node {node.name} not registered Ready by its kubelet after "
-                        f"{timeout:.0f} s (Ready: {ready}); log {node.workdir / 'kubelet.log'}")
-                time.sleep(0.5)
             api.patch_node(node.name, {"metadata": {"annotations": {
                 SOCKET_ANNOTATION: str(node.socket)}}})
-            # The kubelet refuses a loopback node IP ("nodeIP can't be loopback address") and
-            # then leaves the addresses alone; without --node-ip it would pick a non-loopback
-            # interface, and the bed stays on 127.0.0.1. So the admin sets them, as the bed's
-            # simulated nodes have them: hostNetwork pods get 127.0.0.1, the apiserver
-            # reaches the kubelet there.
-            api.patch_node_status(node.name, {"status": {"addresses": [
-                {"type": "InternalIP", "address": "127.0.0.1"},
-                {"type": "Hostname", "address": node.name}]}})
-        for node in nodes:
-            while taints := api.read_node(node.name).spec.taints:
-                if time.monotonic() > deadline:
-                    raise ComponentError(f"Node {node.name} still tainted after {timeout:.0f} s: "
-                                         f"{[t.key for t in taints]}")
-                time.sleep(0.5)
+        _wait_nodes(api, nodes, lambda n: not n.spec.taints, deadline,
+                    "not-ready taint lifted (node lifecycle controller)")
     finally:
         api.api_client.close()
 
@@ -377,7 +420,7 @@ def stop_pods(node_dir: Path) -> None:
     runc then removes the containers and their cgroups, and their shims exit. Errors (a
     containerd already gone) are ignored: `remove_cgroups` and `kill_strays` catch the rest.
     """
-    socket = node_dir / "containerd.sock"
+    socket = node_dir / "run" / "containerd" / "containerd.sock"  # SimNode.socket, with ns
     if not socket.exists():
         return
     with contextlib.suppress(ComponentError, OSError):
@@ -392,24 +435,6 @@ def remove_cgroups(node_dir: Path) -> list[Path]:
     with contextlib.suppress(FileNotFoundError):
         return remove_cgroup_root((node_dir / CGROUP_ROOT_FILE).read_text().strip())
     return []
-
-
-def unlink_container_logs(workdir: Path) -> list[Path]:
-    """Remove the kubelets' links in `CONTAINER_LOG_LINKS` that point under `workdir`.
-
-    The kubelet links each container's log there whatever its `podLogsDir` (the path is
-    fixed in its code); a pod removed through CRI instead of by its kubelet leaves them.
-    Returns the links removed.
-    """
-    prefix = str(workdir.resolve()) + "/"
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for link in CONTAINER_LOG_LINKS.iterdir():
-            with contextlib.suppress(OSError):
-                if link.is_symlink() and str(link.readlink()).startswith(prefix):
-                    link.unlink()
-                    removed.append(link)
-    return removed
 
 
 def kill_strays(workdir: Path) -> list[int]:

@@ -21,10 +21,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed.paths import containerd_profile, containerd_tool
 from testbed.procs import Process, run
+
+if TYPE_CHECKING:
+    from testbed.podnet import NodeNamespace
 
 #: Annotation on the Node naming its containerd socket (bed only; agents in pods mount it).
 SOCKET_ANNOTATION = "layercache.dev/containerd-socket"
@@ -45,7 +48,7 @@ class RegistryHost:
 
 
 def containerd_config(workdir: Path, registry_dir: Path, sandbox_image: str, *,
-                      profile: str, runc: Path) -> str:
+                      profile: str, runc: Path, standard_paths: bool = False) -> str:
     """The config of a node's containerd rooted at `workdir`, for containerd `profile`.
 
     containerd 2.x gets its native config version 3, 1.x version 2: the settings of kind
@@ -58,19 +61,27 @@ def containerd_config(workdir: Path, registry_dir: Path, sandbox_image: str, *,
     CAP_SYS_RESOURCE, as kind's rootless nodes do).
 
     `runc` is the OCI runtime's path (CRI's default runtime); `registry_dir` holds the
-    per-registry `hosts.toml` files. Returns the TOML text.
+    per-registry `hosts.toml` files. `standard_paths`: a node in its own mount namespace
+    (`testbed.podnet`): root, state, socket and CNI config at kind's paths
+    (/var/lib/containerd, /run/containerd, /run/containerd/containerd.sock, /etc/cni/net.d),
+    which that namespace maps to the node's directories. Returns the TOML text.
     """
+    root, state, sock = workdir / "root", workdir / "state", workdir / "containerd.sock"
+    cni_conf = workdir / "cni"
+    if standard_paths:
+        root, state = Path("/var/lib/containerd"), Path("/run/containerd")
+        sock, cni_conf = state / "containerd.sock", Path("/etc/cni/net.d")
     common = f"""\
-root = "{workdir / 'root'}"
-state = "{workdir / 'state'}"
+root = "{root}"
+state = "{state}"
 # Snapshotters that need kernel features or devices we don't set up; overlayfs works here.
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
 
 [grpc]
-  address = "{workdir / 'containerd.sock'}"
+  address = "{sock}"
 [ttrpc]
-  address = "{workdir / 'containerd.sock.ttrpc'}"
+  address = "{sock}.ttrpc"
 [debug]
   level = "info"
 [metrics]
@@ -121,7 +132,7 @@ version = 3
   restrict_oom_score_adj = true
 {runtimes(runtime)}  [{runtime}.cni]
     bin_dirs = ["/usr/lib/cni"]
-    conf_dir = "{workdir / 'cni'}"
+    conf_dir = "{cni_conf}"
 """
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return f"""\
@@ -131,7 +142,7 @@ version = 2
 {stream}  restrict_oom_score_adj = true
 {runtimes(cri, textwrap.indent(keep_blobs, "    "))}  [{cri}.cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "{workdir / 'cni'}"
+    conf_dir = "{cni_conf}"
   [{cri}.registry]
     config_path = "{registry_dir}"
 """
@@ -167,7 +178,9 @@ class SimNode:
     """One simulated node: `name`, its containerd under `workdir`, and its Node object.
 
     `containerd` is the profile it runs (`testbed.paths.CONTAINERD_PROFILES`; by default the
-    one `LAYERCACHE_BED_CONTAINERD` names, else the bed's default).
+    one `LAYERCACHE_BED_CONTAINERD` names, else the bed's default). `ns`: the node's own
+    namespaces (kubelet nodes, `testbed.podnet`), in which containerd then runs on kind's
+    standard paths; None: a host process with every path under `workdir`.
 
     Raises:
         ValueError: unknown profile.
@@ -178,13 +191,20 @@ class SimNode:
     labels: Mapping[str, str] = field(default_factory=dict)
     process: Process | None = None
     containerd: str = field(default_factory=containerd_profile)
+    ns: NodeNamespace | None = None
 
     def __post_init__(self) -> None:
         containerd_profile(self.containerd)  # fail here, not at start
 
     @property
     def socket(self) -> Path:
-        """Containerd's gRPC socket (also serves CRI `runtime.v1`)."""
+        """Containerd's gRPC socket (also serves CRI `runtime.v1`), as the host sees it.
+
+        In a node's namespaces (`ns`) containerd listens on /run/containerd/containerd.sock,
+        which is `<workdir>/run/containerd/containerd.sock` from outside.
+        """
+        if self.ns is not None:
+            return self.workdir / "run" / "containerd" / "containerd.sock"
         return self.workdir / "containerd.sock"
 
     def configure_registries(self, registries: list[RegistryHost]) -> None:
@@ -201,14 +221,18 @@ class SimNode:
         config = self.workdir / "containerd.toml"
         binary = containerd_tool("containerd", self.containerd)
         runc = containerd_tool("runc", self.containerd)
-        config.write_text(containerd_config(self.workdir, registry_dir, sandbox_image,
-                                            profile=self.containerd, runc=runc))
+        standard = self.ns is not None
+        config.write_text(containerd_config(
+            self.workdir, Path("/etc/containerd/certs.d") if standard else registry_dir,
+            sandbox_image, profile=self.containerd, runc=runc, standard_paths=standard))
         # containerd looks its shim up on PATH, and the shim its runc (`ctr run` names none):
         # the profile's own must come before any system one.
         path = os.pathsep.join(dict.fromkeys([str(binary.parent), str(runc.parent),
                                               os.environ.get("PATH", os.defpath)]))
         env = {"PATH": path}
-        self.process = Process(f"containerd[{self.name}]", [binary, "--config", config],
+        argv: list[str | os.PathLike[str]] = [binary, "--config", config]
+        self.process = Process(f"containerd[{self.name}]",
+                               self.ns.argv(argv) if self.ns is not None else argv,
                                self.workdir / "containerd.log", env=env).start()
         return self.process
 

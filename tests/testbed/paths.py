@@ -18,7 +18,8 @@ CACHE = Path(
 #: Pinned tools and the command that provides them.
 _GO_TOOLS = {
     "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
-    "kubelet", "helm", "crictl", "kind", "pause", "helm-docs", "actionlint",
+    "kubelet", "kube-proxy", "coredns", "helm", "crictl", "kind", "pause", "probe",
+    "helm-docs", "actionlint",
 }
 
 #: Environment variable choosing the containerd the bed's nodes run (a key of

@@ -82,13 +82,14 @@ class Registry:
 
 def start_registry(flavour: Flavour, workdir: Path, ca: pki.CA | None = None, *,
                    username: str = USERNAME, password: str | None = None,
-                   ready_timeout: float = READY_TIMEOUT) -> Registry:
+                   ready_timeout: float = READY_TIMEOUT, address: str = "127.0.0.1") -> Registry:
     """Start one registry of `flavour` with its state under `workdir` and wait until it answers.
 
     `password` defaults to a fresh random one (`basic`, `token`). The `token` flavour needs
     `ca` and starts a token server under `workdir/tokenserver` granting `username` pull and
     push on every repository and anonymous clients nothing. Ready means `GET /v2/` answers
-    200 or 401.
+    200 or 401. `address`: the IP it (and its token server) listens on; a kubelet bed's is
+    its bridge's (`testbed.podnet`), so nodes and pods reach it.
 
     Raises:
         ValueError: unknown flavour, or `token` without `ca`.
@@ -116,9 +117,9 @@ def start_registry(flavour: Flavour, workdir: Path, ca: pki.CA | None = None, *,
         },
         # A fixed secret keeps upload state valid across requests (a random one is
         # generated per start otherwise and logged as a warning).
-        "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16)},
+        "http": {"addr": f"{address}:{port}", "secret": secrets.token_hex(16)},
     }
-    registry = Registry(flavour, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}", root,
+    registry = Registry(flavour, f"{address}:{port}", f"http://{address}:{port}", root,
                         workdir / "registry.log", process=procs.Process(
                             f"docker-registry-{flavour}",
                             [tool("docker-registry"), "serve", workdir / "config.yml"],
@@ -160,8 +161,9 @@ def _configure_token(registry: Registry, config: dict[str, object], workdir: Pat
                      ca: pki.CA) -> None:
     """Start the token server, switch `registry` to HTTPS and point its auth at the server."""
     assert registry.username is not None and registry.password is not None
-    port = registry.host.rpartition(":")[2]
-    tls = ca.issue(f"registry-{port}", "127.0.0.1", hosts=("127.0.0.1", "localhost"))
+    address, _, port = registry.host.rpartition(":")
+    tls = ca.issue(f"registry-{port}", address,
+                   hosts=(*dict.fromkeys(("127.0.0.1", address)), "localhost"))
     registry.url = f"https://{registry.host}"
     registry.ca_file = ca.cert
     registry.cert_dir = workdir / "certs.d"
@@ -171,7 +173,8 @@ def _configure_token(registry: Registry, config: dict[str, object], workdir: Pat
         tokenserver.Grant("repository", "*", frozenset({"pull", "push", "delete"})),
         tokenserver.Grant("registry", "catalog", frozenset({"*"})),
     ))
-    server = tokenserver.start_token_server(workdir / "tokenserver", ca, [user])
+    server = tokenserver.start_token_server(workdir / "tokenserver", ca, [user],
+                                            address=address)
     registry.token_server = server
     http = config["http"]
     assert isinstance(http, dict)

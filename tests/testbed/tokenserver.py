@@ -320,10 +320,11 @@ class TokenServer:
 def start_token_server(workdir: Path, ca: pki.CA, users: Sequence[User], *,
                        anonymous: Sequence[Grant] = (), service: str = SERVICE,
                        issuer: str = ISSUER, ready_timeout: float = READY_TIMEOUT,
-                       ) -> TokenServer:
+                       address: str = "127.0.0.1") -> TokenServer:
     """Write a config for `users` into `workdir`, start the server, wait until it answers.
 
-    The TLS certificate (SANs 127.0.0.1, localhost) and the signing certificate are issued
+    It listens on `address`. The TLS certificate (SANs 127.0.0.1, `address`, localhost) and
+    the signing certificate are issued
     by `ca` into its directory as `tokenserver-PORT.*` and `token-signer-PORT.*`.
     Ready means `GET /token?service=…` returns 200 over verified TLS.
 
@@ -334,7 +335,8 @@ def start_token_server(workdir: Path, ca: pki.CA, users: Sequence[User], *,
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = procs.free_port()
-    tls = ca.issue(f"tokenserver-{port}", "127.0.0.1", hosts=("127.0.0.1", "localhost"))
+    tls = ca.issue(f"tokenserver-{port}", address,
+                   hosts=(*dict.fromkeys(("127.0.0.1", address)), "localhost"))
     signing = ca.issue(f"token-signer-{port}", issuer, client=True)
     config = workdir / "tokenserver.yaml"
     config.write_text(yaml.safe_dump({
@@ -349,11 +351,11 @@ def start_token_server(workdir: Path, ca: pki.CA, users: Sequence[User], *,
     logfile = workdir / "tokenserver.log"
     process = procs.Process(
         "tokenserver",
-        [sys.executable, "-m", "testbed.tokenserver", "--listen", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "testbed.tokenserver", "--listen", f"{address}:{port}",
          "--config", config],
         log=logfile, cwd=workdir,
     ).start()
-    server = TokenServer(f"https://127.0.0.1:{port}/token", service, issuer, ca.cert, config,
+    server = TokenServer(f"https://{address}:{port}/token", service, issuer, ca.cert, config,
                          logfile, process)
     context = ssl.create_default_context(cafile=ca.cert)
 

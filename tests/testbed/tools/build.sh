@@ -58,6 +58,13 @@ build() {
 
 build kubernetes "$k8s_flags" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet
+# kube-proxy of the same release, one per kubelet node (testbed.podnet): a module of its own
+# (kube-proxy/, same requirements plus the proxy's), so ../kubernetes keeps its cache key;
+# the packages both share come from GOCACHE.
+build kube-proxy "$k8s_flags" k8s.io/kubernetes/cmd/kube-proxy
+# The cluster DNS of kubelet beds: CoreDNS v1.14.6 (kubeadm v1.37's) with only the plugins
+# a cluster zone needs (coredns/main.go).
+build -c 0 coredns "" .
 build etcd "" ./cmd/etcd
 build helm "" helm.sh/helm/v3/cmd/helm
 build cri-tools "-X sigs.k8s.io/cri-tools/pkg/version.Version=1.37.0" sigs.k8s.io/cri-tools/cmd/crictl
@@ -70,6 +77,8 @@ build actionlint "-X github.com/rhysd/actionlint.version=v1.7.12" github.com/rhy
 # The pod sandbox binary the bed's kubelet nodes run as their pause image (testbed.kubelet):
 # static, so a one-layer image of just this file is a complete root filesystem.
 build -c 0 pause "" .
+# The in-cluster probe pods of kubelet beds run (testbed.podnet; static, a one-layer image too).
+build -c 0 probe "" .
 
 # Node runtimes, as kind v0.33.0's base image builds them (images/base/Dockerfile):
 # containerd v2.3.4 with its build tags (no aufs, zfs, btrfs or devmapper snapshotters) and
