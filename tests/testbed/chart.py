@@ -198,10 +198,13 @@ def wait_ready(kube: Kube, release: Release, timeout: float = 300) -> None:
 def helm_test(kube: Kube, release: Release, timeout: float = 180) -> str:
     """`helm test` of `release` (the chart's metrics hook Pod); returns helm's report.
 
+    No `--logs`: the hook's delete policy removes a Pod that succeeded before helm asks
+    for its logs ("unable to get pod logs").
+
     Raises:
-        ComponentError: the hook Pod failed (helm's stderr, with `--logs` output).
+        ComponentError: the hook Pod failed (helm's stderr).
     """
-    return helm("test", release.name, "--namespace", release.namespace, "--logs",
+    return helm("test", release.name, "--namespace", release.namespace,
                 f"--timeout={int(timeout)}s", kubeconfig=kube.kubeconfig, timeout=timeout + 30)
 
 
