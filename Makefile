@@ -76,6 +76,10 @@ testbed-up: setup ## Start the local test bed (BED_DIR, NODES) and leave it runn
 testbed-status: venv ## Show each bed component; non-zero exit unless all are ready
 	$(TESTBED) status --dir $(BED_DIR)
 
+.PHONY: testbed-load
+testbed-load: setup ## Build the product image (cached) and import it into every node of the bed, as kind load
+	$(TESTBED) load-image --dir $(BED_DIR)
+
 .PHONY: testbed-down
 testbed-down: venv ## Stop the test bed and remove its state
 	$(TESTBED) down --dir $(BED_DIR)

@@ -70,7 +70,12 @@ def uses_kubeconfig(kubeconfig: Path | None = None, context: str | None = None) 
     """Whether `api_client` would read a kubeconfig (True) or go in-cluster (False)."""
     if kubeconfig is not None or context is not None or os.environ.get("KUBECONFIG"):
         return True
-    return (Path.home() / ".kube" / "config").is_file()
+    try:
+        return (Path.home() / ".kube" / "config").is_file()
+    except PermissionError:
+        # A home this process may not enter is no kubeconfig: the chart's agent runs as
+        # root without CAP_DAC_OVERRIDE, and the image's HOME is nonroot's 0750 directory.
+        return False
 
 
 def api_client(kubeconfig: Path | None = None, context: str | None = None, *,

@@ -14,6 +14,7 @@ from testbed.contract import family_registry
 from testbed.faultproxy import FaultProxy
 from testbed.images import Family, build_family
 from testbed.paths import CONTRACT_CONTAINERD
+from testbed.product_image import BuiltImage, build_image
 
 
 @pytest.fixture(scope="module", params=CONTRACT_CONTAINERD)
@@ -35,3 +36,9 @@ def registry_proxy(tmp_path_factory: pytest.TempPathFactory,
     """A plain registry holding the family, behind a counting proxy."""
     with family_registry(tmp_path_factory.mktemp("registry"), oci_family) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="session")
+def built() -> BuiltImage:
+    """The product image (`make image`; cached after the first build of this source)."""
+    return build_image()

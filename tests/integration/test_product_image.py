@@ -29,16 +29,10 @@ from testbed.product_image import (
     USER,
     VENV,
     BuiltImage,
-    build_image,
     push_image,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def built() -> BuiltImage:
-    return build_image()
 
 
 def manifest_and_config(image: BuiltImage) -> tuple[dict[str, Any], dict[str, Any]]:

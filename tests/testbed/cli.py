@@ -1,4 +1,4 @@
-"""`python -m testbed.cli`: the local test bed (up, status, down, demo) and the product image."""
+"""`python -m testbed.cli`: the local test bed (up, status, down, demo, load-image), the image."""
 
 from __future__ import annotations
 
@@ -131,6 +131,24 @@ def image(
     except (CommandError, ToolMissingError) as e:
         console.print(f"[red]image build failed[/]: {e}")
         raise typer.Exit(1) from None
+
+
+@app.command("load-image")
+def load_image_command(directory: DirOption = DEFAULT_DIR) -> None:
+    """Build the product image (cached) and import it into every node, as `kind load`."""
+    from testbed.chart import load_image
+    from testbed.image_build import CommandError, ToolMissingError
+
+    try:
+        loaded = load_image(BedState.load(directory))
+    except FileNotFoundError:
+        console.print(f"[red]no test bed in {directory}[/] (make testbed-up)")
+        raise typer.Exit(1) from None
+    except (CommandError, ToolMissingError, ComponentError) as e:
+        console.print(f"[red]image load failed[/]: {e}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]loaded[/] {loaded.reference}@{loaded.digest} into "
+                  f"{', '.join(loaded.nodes)} (containerd namespace k8s.io)")
 
 
 @app.command()

@@ -202,8 +202,9 @@ def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = 120.0,
-        input: bytes | None = None, env: Mapping[str, str] | None = None) -> str:
-    """Run a short command and return its stdout.
+        input: bytes | None = None, env: Mapping[str, str] | None = None,
+        cwd: Path | None = None) -> str:
+    """Run a short command (in `cwd`, default ours) and return its stdout.
 
     Raises:
         ComponentError: non-zero exit; the message has the command and its stderr tail.
@@ -211,7 +212,7 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = 120.0,
     """
     cmd = [os.fspath(a) for a in argv]
     proc = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input,
-                          env={**os.environ, **(env or {})}, check=False)
+                          env={**os.environ, **(env or {})}, cwd=cwd, check=False)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.decode(errors="replace").splitlines()[-LOG_TAIL_LINES:])
         raise ComponentError(f"{' '.join(cmd)} failed with status {proc.returncode}:\n{tail}")

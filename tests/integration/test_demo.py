@@ -1,0 +1,52 @@
+"""`make demo` end to end: the bed with kubelets, Helm, a warmed and a cold app Pod.
+
+Runs `testbed.demo.run` as `make demo` does and checks what it prints and reports: the
+layercache-system Pods Running on every node, both app Pods Running, the kubelet's pull
+times from their `Pulled` events (the warmed node's smaller: it pulls only the app's own
+layer), containerd 2.x, and the byte figures as before (the app pull on the warmed node
+fetches exactly the app's own layer, config and manifest).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from testbed.bed import stop_bed
+from testbed.demo import NODES, WARM_NODES, run
+
+# Bed start, image load and install take minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+
+
+def test_demo_runs_the_chart_and_reports_pod_pull_times(tmp_path: Path) -> None:
+    workdir, report = tmp_path / "demo", tmp_path / "demo-report.json"
+    out = io.StringIO()
+    try:
+        result = run(workdir, report, Console(file=out, width=200))
+    finally:
+        stop_bed(workdir)
+    assert json.loads(report.read_text()) == result
+    printed = out.getvalue()
+    nodes = [r for r in result["pods_running"] if r["namespace"] == "layercache-system"]
+    agents = sorted(r["node"] for r in nodes if "-agent-" in r["name"])
+    assert len(agents) == NODES and len(set(agents)) == NODES  # one Running on every node
+    assert len([r for r in nodes if "-operator-" in r["name"]]) == 2
+    apps = {r["name"].rsplit("-", 2)[0]: r["node"] for r in result["pods_running"]
+            if r["namespace"] == "default"}
+    assert apps == {"app-warm": result["app_pod_node_warm"],
+                    "app-cold": result["app_pod_node_cold"]}
+    assert result["containerd_version"].startswith("2.")
+    warm, cold = result["app_pod_pull_seconds_warm"], result["app_pod_pull_seconds_cold"]
+    assert 0 < warm < cold
+    assert result["app_pull_registry_bytes"] == result["app_pull_expected_bytes"]
+    assert result["nodes"] == result["nodes_ready"] == WARM_NODES
+    assert result["upstream_bytes"] >= result["unique_bytes"] > 0
+    assert f"{warm} s on warmed node" in printed and f"{cold} s on cold" in printed
+    assert "helm test layercache: passed" in printed
+    for row in result["pods_running"]:
+        assert row["name"] in printed
