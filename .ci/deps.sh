@@ -7,6 +7,9 @@
 set -euo pipefail
 packages=(docker-registry skopeo umoci mmdebstrap prometheus apache2-utils
           iproute2 psmisc ca-certificates rsync
+          # kubelet beds (tests/testbed/podnet.py): CNI plugins (bridge, host-local, portmap,
+          # loopback in /usr/lib/cni) and iptables for kube-proxy and the bed's FORWARD rule.
+          containernetworking-plugins iptables
           # runc's build (tests/testbed/tools/build.sh): cgo, with seccomp as kind's is.
           gcc libc6-dev pkg-config libseccomp-dev)
 missing=()

@@ -60,6 +60,14 @@ def _running(kube: Kube, name: str) -> Any:
                     .status.phase == "Running" and p, timeout=90, what=f"pod {name} Running")
 
 
+def _wait_endpoints(kube: Kube, service: str, count: int) -> None:
+    """Wait until Service `service` (namespace default) has `count` endpoint addresses."""
+    slices = client.DiscoveryV1Api(kube.api)
+    wait_for(lambda: sum(len(e.addresses) for s in slices.list_namespaced_endpoint_slice(
+        "default", label_selector=f"kubernetes.io/service-name={service}").items
+        for e in s.endpoints or []) == count, timeout=30, what=f"{service} endpoints")
+
+
 def test_pod_reaches_the_apiserver_through_the_kubernetes_service(kubelet_bed: BedState,
                                                                    kubelet_kube: Kube) -> None:
     endpoints = client.DiscoveryV1Api(kubelet_kube.api).read_namespaced_endpoint_slice(
@@ -98,13 +106,11 @@ def test_pods_reach_each_other_across_nodes_directly_and_through_a_service(
         "spec": {"selector": {"app": "listener"},
                  "ports": [{"port": 80, "targetPort": 8080}]}})
     cluster_ip = kubelet_kube.core.read_namespaced_service("listener", "default").spec.cluster_ip
-    slices = client.DiscoveryV1Api(kubelet_kube.api)
-    wait_for(lambda: any(e.addresses for s in slices.list_namespaced_endpoint_slice(
-        "default", label_selector="kubernetes.io/service-name=listener").items
-        for e in s.endpoints or []), timeout=30, what="listener endpoints")
+    _wait_endpoints(kubelet_kube, "listener", 1)
     # The pod's host name is its name: the listener answers with it.
     for name, url in (("direct", f"http://{listener.status.pod_ip}:8080/"),
-                      ("service", f"http://{cluster_ip}/")):
+                      ("service", f"http://{cluster_ip}/"),
+                      ("dns", "http://listener.default.svc/")):
         kubelet_kube.core.create_namespaced_pod("default", _probe_pod(
             name, second.name, ["get", url], once=True))
         phase, log = _finished(kubelet_kube, name)
@@ -112,6 +118,34 @@ def test_pods_reach_each_other_across_nodes_directly_and_through_a_service(
     # The host routes each podCIDR to its node (the apiserver reaches webhooks so).
     reply = httpx.get(f"http://{listener.status.pod_ip}:8080/", timeout=10)
     assert reply.text.strip() == "listener"
+
+
+def test_cluster_dns_resolves_services_and_headless_services_as_on_kind(
+        kubelet_bed: BedState, kubelet_kube: Kube) -> None:
+    first, second = kubelet_bed.nodes
+    # A headless Service of hostNetwork pods, as the chart's agent Service: node IPs.
+    for i, record in enumerate(kubelet_bed.nodes):
+        kubelet_kube.core.create_namespaced_pod("default", _probe_pod(
+            f"dns-peer-{i}", record.name, ["listen", "5790"], host_network=True,
+            labels={"app": "dns-peer"}))
+        _running(kubelet_kube, f"dns-peer-{i}")
+    kubelet_kube.core.create_namespaced_service("default", {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "dns-peers"},
+        "spec": {"clusterIP": "None", "selector": {"app": "dns-peer"},
+                 "ports": [{"port": 5790}]}})
+    _wait_endpoints(kubelet_kube, "dns-peers", len(kubelet_bed.nodes))
+    dns = kubelet_kube.core.read_namespaced_service("kube-dns", "kube-system")
+    assert dns.spec.cluster_ip == "10.96.0.10"
+    expected = {"kubernetes.default.svc.cluster.local": ["10.96.0.1"],
+                "kubernetes.default": ["10.96.0.1"],
+                "kube-dns.kube-system.svc": ["10.96.0.10"],
+                "dns-peers.default.svc": sorted([first.ip, second.ip])}
+    for i, (name, addresses) in enumerate(expected.items()):
+        pod = f"lookup-{i}"
+        kubelet_kube.core.create_namespaced_pod("default", _probe_pod(
+            pod, second.name, ["lookup", name], once=True))
+        phase, log = _finished(kubelet_kube, pod)
+        assert (phase, log.split()) == ("Succeeded", addresses), name
 
 
 def test_host_network_pods_on_two_nodes_bind_the_same_port(kubelet_bed: BedState,
@@ -231,8 +265,10 @@ def test_teardown_from_another_process_leaves_nothing(
     assert _bed_links(slot) == []
     routes = run(["ip", "route", "show"])
     assert state.bridge not in routes and state.gateway not in routes
-    assert _iptables() - rules_before == set()
-    assert run(["ip", "netns", "list"]) == netns_before
+    # Other beds on the host may add their own rules meanwhile: none may name this one's.
+    ours = (state.bridge, str(workdir), state.cluster_cidr, state.gateway)
+    assert [r for r in _iptables() - rules_before if any(o in r for o in ours)] == []
+    assert run(["ip", "netns", "list"]) == netns_before  # the nodes' never were named ones
     assert [h / root.lstrip("/") for h in cgroup_hierarchies() for root in roots
             if (h / root.lstrip("/")).exists()] == []
     assert not workdir.exists()

@@ -302,6 +302,7 @@ class TestBed:
         registers; until CRI finds one, the kubelet reports the Node NotReady.
         """
         assert self.network is not None
+        dns, dns_ready = self._start_cluster_dns(cp, ca)
         images = (pause_image(self.workdir / "kubelet"), probe_image(self.workdir / "kubelet"))
         dns = start_cluster_dns(self.workdir / "clusterdns", cp.admin_kubeconfig,
                                 self.network.gateway)
@@ -327,6 +328,29 @@ class TestBed:
         wait_registered(cp.admin_kubeconfig, self.nodes)
         for ns, proxy in zip(spaces, proxies, strict=True):
             podnet.wait_kube_proxy(ns, proxy)
+        podnet.wait_cluster_dns(dns, dns_ready)
+
+    def _start_cluster_dns(self, cp: ControlPlane, ca: pki.CA) -> tuple[Process, int]:
+        """Create the cluster DNS's RBAC, Service and EndpointSlice; start CoreDNS.
+
+        Returns its process and ready port (`podnet.wait_cluster_dns`).
+        """
+        from kubernetes import config, utils  # imported late: only the bed process needs it
+
+        assert self.network is not None
+        api = config.new_client_from_config(config_file=str(cp.admin_kubeconfig))
+        try:
+            for obj in podnet.dns_objects(self.network.gateway):
+                utils.create_from_dict(api, obj)
+        finally:
+            api.close()
+        kubeconfig = write_kubeconfig(
+            self.workdir / "coredns.kubeconfig", cp.server, ca.cert,
+            ca.issue("coredns", "system:coredns", client=True), "system:coredns")
+        dns, ready = podnet.start_cluster_dns(self.workdir / "coredns", self.network.gateway,
+                                              kubeconfig)
+        self.processes.append(dns)
+        return dns, ready
 
     def _start_registry(self, flavour: Flavour, ca: pki.CA) -> Registry:
         registry = start_registry(flavour, self.workdir / "registries" / flavour, ca,

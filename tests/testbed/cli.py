@@ -30,7 +30,9 @@ def up(directory: DirOption = DEFAULT_DIR,
            envvar=CONTAINERD_ENV, show_default=DEFAULT_CONTAINERD,
            help=f"The nodes' containerd: one of {', '.join(CONTAINERD_PROFILES)}.")] = None,
        kubelets: Annotated[bool, typer.Option(
-           help="Run a real kubelet per node (registers its own Node; hostNetwork pods run).",
+           help="Make each node a kind-like node: own namespaces, a kubelet (registers its "
+                "own Node), a pod network and kube-proxy; the apiserver and registries then "
+                "listen on the bed bridge (docs/testbed.md).",
        )] = False,
        ) -> None:
     """Start the bed and leave it running; prints how to use it."""
@@ -47,6 +49,10 @@ def up(directory: DirOption = DEFAULT_DIR,
     console.print(f"  export KUBECONFIG={state.kubeconfig}")
     for reg in state.registries.values():
         console.print(f"  registry {reg.flavour}: {reg.url}")
+    for node in state.nodes:
+        if node.ns_pid is not None:
+            console.print(f"  node {node.name}: {node.ip}, inside: "
+                          f"nsenter --target={node.ns_pid} --mount --net --uts -- CMD")
     if state.proxy_url:
         console.print(f"  fault proxy (the upstream clients should use): {state.proxy_url}")
 

@@ -57,7 +57,7 @@ from testbed.controlplane import write_kubeconfig
 from testbed.cri import crictl
 from testbed.nodes import _ARCH, BED_LABEL, SANDBOX_IMAGE, SOCKET_ANNOTATION, SimNode
 from testbed.paths import tool
-from testbed.podnet import KUBELET_HEALTHZ_PORT, KUBELET_PORT
+from testbed.podnet import CLUSTER_DOMAIN, DNS_SERVICE_IP, KUBELET_HEALTHZ_PORT, KUBELET_PORT
 from testbed.procs import ComponentError, Process, processes_naming
 
 #: Where the kernel's cgroup hierarchies are mounted (v1: one per controller; v2: unified).
@@ -314,6 +314,8 @@ class Kubelet:
             # The bed lacks CAP_SYS_RESOURCE: the kubelet cannot lower its own OOM score.
             "oomScoreAdj": 0,
             "podLogsDir": "/var/log/pods",
+            # The cluster DNS Service (testbed.podnet), as kind's nodes have it.
+            "clusterDNS": [DNS_SERVICE_IP], "clusterDomain": CLUSTER_DOMAIN,
             # Its default, /usr/libexec/kubernetes/…, is on the host's file system.
             "volumePluginDir": str(ROOT_DIR / "volume-plugins"),
             # Every node shares one disk with the rest of the bed: never evict for disk or

@@ -18,7 +18,7 @@ CACHE = Path(
 #: Pinned tools and the command that provides them.
 _GO_TOOLS = {
     "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
-    "kubelet", "kube-proxy", "helm", "crictl", "kind", "pause", "probe",
+    "kubelet", "kube-proxy", "coredns", "helm", "crictl", "kind", "pause", "probe",
 }
 
 #: Environment variable choosing the containerd the bed's nodes run (a key of

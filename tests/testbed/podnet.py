@@ -30,11 +30,23 @@ of namespaces instead of a container:
   `lcb<k>p<i>`, `host-local` IPAM on the podCIDR, `portmap`) and routes to every podCIDR
   via its node IP, in every other node and on the host (`ip route ... dev lcbed<k>`, gone
   with the bridge). Forwarding is on only in node network namespaces (per-namespace
-  sysctls); no host sysctl changes. No masquerading: the host routes replies to pod IPs.
+  sysctls); no host network sysctl changes. No masquerading: the host routes replies to pod IPs.
 - **Services.** A kube-proxy per node (the pinned v1.37.2, iptables mode, with the client
   certificate of `system:kube-proxy`, whom the bootstrap RBAC binds to
   `system:node-proxier`) writes its rules in the node's network namespace, so a pod reaches
   the apiserver through the `kubernetes` Service's ClusterIP.
+- **Cluster DNS.** CoreDNS v1.14.6 (kubeadm v1.37's; `tests/testbed/tools/coredns`, only
+  the plugins a cluster zone needs) runs as a bed process on the bridge address, port 53,
+  with kind's Corefile for `cluster.local` minus forwarding (no upstream), as the user
+  `system:coredns` with kubeadm's ClusterRole of that name. The Service `kube-system/kube-dns`
+  has kind's ClusterIP 10.96.0.10 and an EndpointSlice naming the bridge address; the
+  kubelets' `clusterDNS` is that IP, so pods resolve `<service>.<namespace>.svc` as on kind.
+
+One host-wide sysctl: `fs.inotify.max_user_instances` (Linux's default 128 is shared by
+every root process; each kubelet takes 6, containerd's CRI needs one or fails to load, so
+a few kubelet beds side by side run out: "too many open files", seen here; kind's docs
+raise it too). A bed raises it to `INOTIFY_INSTANCES` if lower and records the original in
+`SYSCTL_FILE` (shared by the beds on the host); the last bed torn down restores it.
 
 Host state the bed changes, all removed by `teardown` (also from another process: it reads
 `NETWORK_FILE` and the nodes' `NS_FILE`): the bridge (with it the host veth ends and the
@@ -58,8 +70,8 @@ from typing import Any
 
 import yaml
 
-from testbed.paths import tool
-from testbed.procs import ComponentError, Process, pid_alive, run
+from testbed.paths import CACHE, tool
+from testbed.procs import ComponentError, Process, free_port, pid_alive, run
 
 #: Bed bridges are named `<BRIDGE_PREFIX><slot>`.
 BRIDGE_PREFIX = "lcbed"
@@ -79,9 +91,16 @@ NETWORK_FILE = "network.json"
 NS_FILE = "node-ns.json"
 #: Marker the holder writes once its mounts and sysctls are in place.
 READY_FILE = "node-ns.ready"
+#: The least `fs.inotify.max_user_instances` kubelet beds run with, and where the value
+#: the host had before is kept while beds run (one file for all beds of this host).
+INOTIFY_INSTANCES = 1024
+INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
+SYSCTL_FILE = CACHE / "bed-sysctl.json"
 #: Standard ports of a node's components: each node has its own network namespace.
 KUBELET_PORT, KUBELET_HEALTHZ_PORT = 10250, 10248
 KUBE_PROXY_HEALTHZ_PORT, KUBE_PROXY_METRICS_PORT = 10256, 10249
+#: The cluster DNS: its Service's ClusterIP (kubeadm's and kind's), domain and port.
+DNS_SERVICE_IP, CLUSTER_DOMAIN, DNS_PORT = "10.96.0.10", "cluster.local", 53
 
 
 def is_holder(process_name: str) -> bool:
@@ -165,6 +184,7 @@ class BedNetwork:
         net = cls(slot, workdir.resolve())
         (workdir / NETWORK_FILE).write_text(json.dumps({"slot": slot, "rule": False}))
         try:
+            raise_inotify_limit()
             net._check_free()
             _ip("addr", "add", f"{net.gateway}/{net.subnet.prefixlen}", "dev", net.bridge)
             _ip("link", "set", net.bridge, "up")
@@ -217,6 +237,38 @@ def teardown(workdir: Path) -> None:
         _ip("link", "del", name, check=False)
     _ip("link", "del", net.bridge, check=False)
     (workdir / NETWORK_FILE).unlink(missing_ok=True)
+    if not bed_bridges():
+        restore_inotify_limit()
+
+
+def bed_bridges() -> list[str]:
+    """Names of the bed bridges (`lcbed<k>`) that exist on this host now."""
+    links = json.loads(_ip("-j", "link", "show").stdout or b"[]")
+    return [link["ifname"] for link in links if link["ifname"].startswith(BRIDGE_PREFIX)
+            and link["ifname"].removeprefix(BRIDGE_PREFIX).isdigit()]
+
+
+def raise_inotify_limit() -> None:
+    """Raise `fs.inotify.max_user_instances` to `INOTIFY_INSTANCES` if it is lower.
+
+    The first bed to raise it records the host's value in `SYSCTL_FILE`
+    (`restore_inotify_limit` puts it back). A host already at or above it is left alone.
+    """
+    current = int(INOTIFY_SYSCTL.read_text())
+    if current >= INOTIFY_INSTANCES:
+        return
+    SYSCTL_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError), SYSCTL_FILE.open("x") as record:
+        record.write(json.dumps({str(INOTIFY_SYSCTL): current}))
+    INOTIFY_SYSCTL.write_text(str(INOTIFY_INSTANCES))
+
+
+def restore_inotify_limit() -> None:
+    """Put back the value `raise_inotify_limit` recorded (no bed is left to need it)."""
+    with contextlib.suppress(FileNotFoundError):
+        for path, value in json.loads(SYSCTL_FILE.read_text()).items():
+            Path(path).write_text(str(value))
+        SYSCTL_FILE.unlink()
 
 
 def veths(slot: int) -> list[str]:
@@ -417,3 +469,89 @@ def kill_node_processes(node_dir: Path) -> list[int]:
     while any(pid_alive(p) for p in killed) and time.monotonic() < deadline:
         time.sleep(0.05)
     return killed
+
+
+def corefile(address: str, kubeconfig: Path, ready_port: int, health_port: int) -> str:
+    """The CoreDNS config: kind's cluster zone, served on `address`:53 only, no forwarding.
+
+    `ready_port`/`health_port`: its /ready and /health on 127.0.0.1 (the bed waits on /ready,
+    which answers once the kubernetes plugin has synced).
+    """
+    return f"""\
+.:{DNS_PORT} {{
+    bind {address}
+    errors
+    health 127.0.0.1:{health_port}
+    ready 127.0.0.1:{ready_port}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig} testbed
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 30
+    }}
+    cache 30
+}}
+"""
+
+
+def dns_objects(gateway: str) -> list[dict[str, Any]]:
+    """The cluster DNS's API objects, as dicts to create in this order.
+
+    kubeadm's `system:coredns` ClusterRole and its binding (to the user of that name), and
+    the `kube-dns` Service (kind's ClusterIP) with an EndpointSlice naming `gateway`:53.
+    """
+    ports = [("dns", "UDP"), ("dns-tcp", "TCP")]
+    labels = {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": "system:coredns"},
+         "rules": [{"apiGroups": [""], "resources": ["endpoints", "services", "pods",
+                                                     "namespaces"], "verbs": ["list", "watch"]},
+                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "system:coredns"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": "system:coredns"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                       "name": "system:coredns"}]},
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": labels},
+         "spec": {"clusterIP": DNS_SERVICE_IP,
+                  "ports": [{"name": n, "protocol": p, "port": DNS_PORT, "targetPort": DNS_PORT}
+                            for n, p in ports]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "kube-dns-bed", "namespace": "kube-system",
+                      "labels": {"kubernetes.io/service-name": "kube-dns",
+                                 "endpointslice.kubernetes.io/managed-by": "layercache-testbed"}},
+         "addressType": "IPv4", "endpoints": [{"addresses": [gateway]}],
+         "ports": [{"name": n, "protocol": p, "port": DNS_PORT} for n, p in ports]},
+    ]
+
+
+def start_cluster_dns(workdir: Path, gateway: str, kubeconfig: Path) -> tuple[Process, int]:
+    """Start CoreDNS (`corefile`) with `kubeconfig` (user `system:coredns`).
+
+    Returns the process and its ready port (`wait_cluster_dns`).
+    """
+    ready, health = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "Corefile"
+    config.write_text(corefile(gateway, kubeconfig, ready, health))
+    process = Process("coredns", [tool("coredns"), "-conf", config], workdir / "coredns.log",
+                      cwd=workdir).start()
+    return process, ready
+
+
+def wait_cluster_dns(process: Process, ready_port: int, timeout: float = 60) -> None:
+    """Block until CoreDNS reports ready (its kubernetes plugin has synced).
+
+    Raises:
+        ComponentError: it exited or was not ready within `timeout` seconds.
+    """
+    import urllib.request
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ready_port}/ready", timeout=2) as r:
+            return r.status == 200
+    process.wait_ready(ready, timeout)

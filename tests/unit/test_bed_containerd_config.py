@@ -118,3 +118,23 @@ def test_profile_comes_from_the_caller_then_the_environment(
     with pytest.raises(ValueError, match=f"'1.5'.*{CONTAINERD_ENV}"):
         containerd_profile()
     assert {"2", "1.7"} <= set(CONTAINERD_PROFILES)
+
+
+@pytest.mark.parametrize("profile", ["2", "1.7"])
+def test_a_node_in_its_own_namespaces_uses_kinds_paths(profile: str) -> None:
+    # Kubelet nodes (testbed.podnet): the node's mount namespace maps kind's paths to the
+    # node's directory, so the chart's hostPaths find this containerd.
+    config = tomllib.loads(containerd_config(
+        WORKDIR, Path("/etc/containerd/certs.d"), SANDBOX, profile=profile, runc=RUNC,
+        standard_paths=True))
+    version = CONFIG_VERSION[profile]
+    assert (config["root"], config["state"]) == ("/var/lib/containerd", "/run/containerd")
+    assert config["grpc"]["address"] == "/run/containerd/containerd.sock"
+    assert config["ttrpc"]["address"] == "/run/containerd/containerd.sock.ttrpc"
+    assert _dig(config["plugins"], REGISTRY[version])["config_path"] == \
+        "/etc/containerd/certs.d"
+    cni = _dig(config["plugins"], RUNTIME[version])["cni"]
+    assert cni["conf_dir"] == "/etc/cni/net.d"
+    # The rest of kind's settings and our patch are the same as on a host node.
+    assert _subset({k: v for k, v in _config(profile).items()
+                    if k not in ("root", "state", "grpc", "ttrpc", "plugins")}, config) == []

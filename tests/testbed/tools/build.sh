@@ -62,6 +62,9 @@ build kubernetes "$k8s_flags" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubern
 # (kube-proxy/, same requirements plus the proxy's), so ../kubernetes keeps its cache key;
 # the packages both share come from GOCACHE.
 build kube-proxy "$k8s_flags" k8s.io/kubernetes/cmd/kube-proxy
+# The cluster DNS of kubelet beds: CoreDNS v1.14.6 (kubeadm v1.37's) with only the plugins
+# a cluster zone needs (coredns/main.go).
+build -c 0 coredns "" .
 build etcd "" ./cmd/etcd
 build helm "" helm.sh/helm/v3/cmd/helm
 build cri-tools "-X sigs.k8s.io/cri-tools/pkg/version.Version=1.37.0" sigs.k8s.io/cri-tools/cmd/crictl

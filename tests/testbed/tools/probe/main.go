@@ -8,10 +8,13 @@
 //	probe listen PORT   listens on 0.0.0.0:PORT and answers every HTTP request with the
 //	                    host name (a hostNetwork pod: its node's), until SIGTERM.
 //	probe get URL       GETs URL (plain HTTP) and prints the body; exit 1 unless 200.
+//	probe lookup NAME   resolves NAME through the pod's resolv.conf (the cluster DNS) and
+//	                    prints its addresses, sorted, one a line; exit 1 if none.
 package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -20,6 +23,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sort"
 	"syscall"
 	"time"
 )
@@ -106,6 +110,20 @@ func get(url string) error {
 	return nil
 }
 
+func lookup(name string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	addrs, err := net.DefaultResolver.LookupHost(ctx, name)
+	if err != nil {
+		return err
+	}
+	sort.Strings(addrs)
+	for _, a := range addrs {
+		fmt.Println(a)
+	}
+	return nil
+}
+
 func main() {
 	var err error
 	switch {
@@ -115,8 +133,10 @@ func main() {
 		err = listen(os.Args[2])
 	case len(os.Args) == 3 && os.Args[1] == "get":
 		err = get(os.Args[2])
+	case len(os.Args) == 3 && os.Args[1] == "lookup":
+		err = lookup(os.Args[2])
 	default:
-		err = fmt.Errorf("usage: probe whoami | probe listen PORT | probe get URL")
+		err = fmt.Errorf("usage: probe whoami | probe listen PORT | probe get URL | probe lookup NAME")
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "probe:", err)
