@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from testbed import pki, podnet
-from testbed.clusterdns import start_cluster_dns
 from testbed.controlplane import ControlPlane, write_kubeconfig
 from testbed.faultproxy import start_fault_proxy
 from testbed.images import build_family, push_family
@@ -304,11 +303,7 @@ class TestBed:
         assert self.network is not None
         dns, dns_ready = self._start_cluster_dns(cp, ca)
         images = (pause_image(self.workdir / "kubelet"), probe_image(self.workdir / "kubelet"))
-        dns = start_cluster_dns(self.workdir / "clusterdns", cp.admin_kubeconfig,
-                                self.network.gateway)
-        self.processes.append(dns)
-        kubelets = [Kubelet(node, ca, cp.server, cluster_dns=self.network.gateway)
-                    for node in self.nodes]
+        kubelets = [Kubelet(node, ca, cp.server) for node in self.nodes]
         for kubelet in kubelets:
             kubelet.prepare(*images)
             self.processes.append(kubelet.start())

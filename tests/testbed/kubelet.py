@@ -52,7 +52,6 @@ from typing import Any, TypeVar
 import yaml
 
 from testbed import pki
-from testbed.clusterdns import DOMAIN as CLUSTER_DOMAIN
 from testbed.controlplane import write_kubeconfig
 from testbed.cri import crictl
 from testbed.nodes import _ARCH, BED_LABEL, SANDBOX_IMAGE, SOCKET_ANNOTATION, SimNode
@@ -250,8 +249,6 @@ class Kubelet:
     ca: pki.CA
     server: str
     process: Process | None = None
-    #: The cluster DNS server Pods resolve Service names with (`testbed.clusterdns`).
-    cluster_dns: str | None = None
 
     def __post_init__(self) -> None:
         if self.node.ns is None:
@@ -323,9 +320,6 @@ class Kubelet:
             "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
                              "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            # Pods' resolv.conf (dnsPolicy ClusterFirst): Service names, as with CoreDNS.
-            **({"clusterDNS": [self.cluster_dns], "clusterDomain": CLUSTER_DOMAIN}
-               if self.cluster_dns else {}),
         }
 
     def wait(self, timeout: float = 60) -> None:
