@@ -155,8 +155,10 @@ def test_the_walkthrough_sample_and_its_kubectl_commands(admin: Kube,
     # Step 3's checks: `helm status` (the NOTES) and the listing.
     status = helm("status", RELEASE, "-n", NAMESPACE, kubeconfig=admin.kubeconfig)
     assert "STATUS: deployed" in status
-    listing = admin.kubectl("-n", NAMESPACE, "get", "deploy,ds")
-    assert f"deployment.apps/{RELEASE}-operator   2/2" in " ".join(listing.split("  "))
+    listing = {line.split()[0]: line.split()[1:] for line in admin.kubectl(
+        "-n", NAMESPACE, "get", "deploy,ds").splitlines() if line and not line.startswith("NAME")}
+    assert listing[f"deployment.apps/{RELEASE}-operator"][0] == "2/2"  # READY
+    assert listing[f"daemonset.apps/{RELEASE}-agent"][:4] == ["3"] * 4  # DESIRED … READY
 
 
 def test_the_documented_uninstall_order_leaves_no_pinned_layer(
