@@ -209,24 +209,18 @@ def helm_test(kube: Kube, release: Release, timeout: float = 180) -> str:
 
 
 def uninstall(kube: Kube, timeout: float = 600) -> list[str]:
-    """Uninstall by the commands of docs/kind.md's "Uninstall" section, in its order.
+    """Uninstall by the Helm path of docs/kind.md's "Uninstall" section (its first block).
 
-    Caches first, then wait until no node holds a layer, then the release, then the CRDs.
-    Returns each command's output. `kubectl wait` with no NodeLayerCache left says "no
-    matching resources found", which the doc calls fine: that failure alone is accepted.
+    `helm uninstall` runs the chart's pre-delete hook (a Job: `layercache cleanup` deletes
+    every LayerCache and waits until every agent has released its layers), then the CRDs
+    the chart keeps are deleted. The section's second block, plain manifests, is run by
+    tests/integration/test_uninstall.py. Returns each command's output.
 
     Raises:
-        ComponentError: any other command failed.
+        ComponentError: a command failed (a hook that timed out fails `helm uninstall`).
     """
-    outputs = []
-    for line in commands(UNINSTALL_STEP):
-        try:
-            outputs.append(run_command(line, kube.kubeconfig, timeout=timeout))
-        except ComponentError as e:
-            if not (line.startswith("kubectl wait ") and "no matching resources found" in str(e)):
-                raise
-            outputs.append("no matching resources found")
-    return outputs
+    return [run_command(line, kube.kubeconfig, timeout=timeout)
+            for line in commands(UNINSTALL_STEP, block=0)]
 
 
 #: Columns of `kubectl get pods -o wide` that `pod_rows` fills.
