@@ -73,10 +73,31 @@ def _untaint(kube: Kube, node: str) -> None:
 
 
 def _remove_chains(socket: str, chains: list[Digest]) -> None:
+    """Remove ``chains`` and every snapshot above them, children first.
+
+    Earlier tests may leave snapshots on top of the family's chains (a CRI pull of an app
+    image whose image record went, its snapshots not yet collected): containerd refuses to
+    remove a parent before them.
+    """
     async def work() -> None:
         async with Snapshots(socket) as snapshots:
-            for chain in reversed(chains):  # children first
-                await snapshots.remove(chain)
+            for _ in range(128):
+                infos = await snapshots.list()
+                parent = {info.name: info.parent for info in infos}
+
+                def above(name: str, parent: dict[str, str] = parent) -> bool:
+                    while name:
+                        if name in chains:
+                            return True
+                        name = parent.get(name, "")
+                    return False
+
+                doomed = [name for name in parent if above(name)]
+                leaves = [name for name in doomed if name not in set(parent.values())]
+                if not leaves:
+                    return
+                for name in leaves:
+                    await snapshots.remove(name)
     asyncio.run(work())
 
 

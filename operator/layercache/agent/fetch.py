@@ -7,10 +7,12 @@ from there, cut-through while the seeder still receives it (`layercache.agent.re
 until `AgentSettings.peer_wait_seconds` have passed; then the registry. Peers that answer
 at once without it (an older agent, an error) are asked again after
 `AgentSettings.peer_poll_seconds`, growing to 5 times that, with jitter. A peer whose
-``GET`` fails (also mid-body: a seeder killed mid-relay) is dropped for that layer at once,
-and with every peer dropped the registry is next without waiting further, resuming from
-what the ingest holds. An ``Upstream`` layer (this node seeds it) goes to the registry at
-once, relayed to peers as it arrives (within `Relays.budget`). Either way:
+``GET`` fails is dropped for that layer at once, and with every peer dropped the registry
+is next without waiting further, resuming from what the ingest holds; a peer that stops
+mid-body (a seeder killed mid-relay, or whose own upstream transfer failed: the peers
+waiting on it would otherwise wait out `peer_wait_seconds`) sends us to the registry at once.
+An ``Upstream`` layer (this node seeds it) goes to the registry at once, relayed to peers
+as it arrives (within `Relays.budget`). Either way:
 
 - the write goes through containerd's content API under a lease, with the ingest ref
   derived from the digest (`layercache.containerd.content.ingest_ref`): a retry — or a
@@ -41,7 +43,13 @@ from dataclasses import dataclass
 
 from layercache.agent.disk import DiskGuard, DiskPressureError
 from layercache.agent.nodespec import WantedLayer
-from layercache.agent.peers import PeerClient, PeerDirectory, PeerError, PeerUnauthorizedError
+from layercache.agent.peers import (
+    PeerClient,
+    PeerCutError,
+    PeerDirectory,
+    PeerError,
+    PeerUnauthorizedError,
+)
 from layercache.agent.relay import Relays, relayed
 from layercache.agent.status import StatusBook
 from layercache.agent.transfer import ByteRate, ResumeRefusedError, upstream_source
@@ -227,6 +235,13 @@ class LayerFetcher:
                         self.book.error("PeerUnauthorized", str(error), layer.digest)
                     dropped.add(node)
                     self.directory.forget(node)
+                    if isinstance(error, PeerCutError):
+                        # Cut mid-body: the seeder died or its own transfer failed (say its
+                        # registry refused it), and every other waiting peer waits on that
+                        # seeder; the registry, resuming from what the ingest holds, now.
+                        log.info("peer %s cut %s mid-body: fetching upstream", node,
+                                 layer.digest.short, extra={"digest": layer.digest})
+                        return False
                 except DigestMismatchError as error:
                     dropped.add(node)
                     self.book.error("DigestMismatch", f"from peer {node}: {error}", layer.digest)

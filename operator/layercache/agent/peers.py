@@ -41,6 +41,14 @@ class PeerUnauthorizedError(PeerError):
     """A peer refused our peer token (401): the agents' tokens differ."""
 
 
+class PeerCutError(PeerError):
+    """A peer stopped sending mid-body: it died, or its own transfer of a relayed blob failed.
+
+    Either way it holds no whole copy to ask for again soon (a seeder whose upstream fetch
+    failed retries it on its own schedule), so the caller goes to the registry.
+    """
+
+
 def blob_url(endpoint: str, digest: Digest) -> str:
     """The peer URL of blob ``digest`` at ``endpoint`` (``http://IP:PORT``)."""
     return f"{endpoint.rstrip('/')}/v1/blobs/{digest}"
@@ -184,4 +192,4 @@ class PeerClient:
             async for chunk in chunks:
                 yield chunk
         except httpx.HTTPError as error:
-            raise PeerError(f"GET {url}: {error.__class__.__name__} mid-body") from None
+            raise PeerCutError(f"GET {url}: {error.__class__.__name__} mid-body") from None
