@@ -414,16 +414,28 @@ def push_image(image: BuiltImage, reference: str, *, tls_verify: bool = True,
     against the built one. `tls_verify=False` is for the test bed's plain-HTTP registry
     only. Raises CommandError (skopeo failed, or the registry stored another digest).
     """
+    return skopeo_push(image.source, image.manifest_digest, reference, tls_verify=tls_verify,
+                       authfile=authfile)
+
+
+def skopeo_push(source: str, built_digest: str, reference: str, *, tls_verify: bool = True,
+                authfile: Path | None = None, every_platform: bool = False) -> str:
+    """`skopeo copy` ``source`` to ``reference`` with its digest kept; the pushed digest.
+
+    ``every_platform``: an index with all its images (``--all``). The digest skopeo reports
+    must equal ``built_digest``. Raises CommandError (skopeo failed, or another digest).
+    """
     require_tools("skopeo")
     with tempfile.TemporaryDirectory(prefix="layercache-push-") as scratch:
         digest_file = Path(scratch) / "digest"
-        run(["skopeo", "--insecure-policy", "copy", "--quiet", "--preserve-digests",
+        run(["skopeo", "--insecure-policy", "copy", "--quiet",
+             *(["--all"] if every_platform else []), "--preserve-digests",
              "--retry-times", "3", f"--dest-tls-verify={str(tls_verify).lower()}",
-             *(["--dest-authfile", authfile] if authfile else []),
-             "--digestfile", digest_file, image.source, f"docker://{reference}"])
+             *(["--dest-authfile", str(authfile)] if authfile else []),
+             "--digestfile", str(digest_file), source, f"docker://{reference}"])
         pushed = digest_file.read_text().strip()
-    if pushed != image.manifest_digest:
-        raise CommandError(f"{reference} was pushed as {pushed}, built {image.manifest_digest}")
+    if pushed != built_digest:
+        raise CommandError(f"{reference} was pushed as {pushed}, built {built_digest}")
     log.info("pushed %s %s", reference, pushed)
     return pushed
 

@@ -89,6 +89,7 @@ from testbed.product_image import (
     configure_entry_point,
     download_dependencies,
     prune,
+    skopeo_push,
     wheel_key,
 )
 
@@ -377,17 +378,8 @@ def push_index(built: BuiltIndex, reference: str, *, tls_verify: bool = True) ->
     Digests are preserved and the pushed one checked against the built one. Credentials
     come from skopeo's auth file (`skopeo login`, REGISTRY_AUTH_FILE). Raises CommandError.
     """
-    require_tools("skopeo")
-    with tempfile.TemporaryDirectory(prefix="layercache-push-") as scratch:
-        digest_file = Path(scratch) / "digest"
-        run(["skopeo", "--insecure-policy", "copy", "--quiet", "--all", "--preserve-digests",
-             "--retry-times", "3", f"--dest-tls-verify={str(tls_verify).lower()}",
-             "--digestfile", digest_file, built.source, f"docker://{reference}"])
-        pushed = digest_file.read_text().strip()
-    if pushed != built.index_digest:
-        raise CommandError(f"{reference} was pushed as {pushed}, built {built.index_digest}")
-    log.info("pushed %s %s", reference, pushed)
-    return pushed
+    return skopeo_push(built.source, built.index_digest, reference, tls_verify=tls_verify,
+                       every_platform=True)
 
 
 def describe_index(built: BuiltIndex) -> str:
