@@ -78,8 +78,10 @@ def namespace(kube: Kube) -> Iterator[str]:
         helm("uninstall", name, "--namespace", name, "--ignore-not-found", "--no-hooks",
              kubeconfig=kube.kubeconfig)
     finally:
-        # Give the other tests back the CRD of manifests/crds (without the probe field).
-        kube.kubectl("replace", "-f", str(MANIFESTS / "crds" / "layercache.dev_layercaches.yaml"))
+        # Give the other tests back the CRDs of manifests/crds: without the probe field, and
+        # without the release's labels, whose field manager ("helm") would make later
+        # server-side applies of another release's labels conflict.
+        kube.kubectl("replace", "-f", str(MANIFESTS / "crds"))
         kube.kubectl("delete", "namespace", name, "--wait=false")
 
 
