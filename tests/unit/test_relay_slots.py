@@ -48,8 +48,12 @@ async def test_relays_bound_memory_announce_and_fail_on_error() -> None:
     waiter = asyncio.create_task(relays.wait_available(DIGEST, 30))
     other = Digest.from_bytes(b"other")
     with pytest.raises(ValueError, match="boom"), relays.receiving(DIGEST, len(BLOB)) as relay:
-        assert relay is not None and relays.get(DIGEST) is relay
-        await asyncio.wait_for(waiter, 1)  # announced when the relay started
+        assert relay is not None and relays.get(DIGEST) is None  # no byte yet: not offered
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        relay.feed(0, BLOB[:10])
+        assert relays.get(DIGEST) is relay
+        await asyncio.wait_for(waiter, 1)  # announced when its first bytes arrived
         with relays.receiving(other, 20) as over:
             assert over is None  # over budget: not relayed
         raise ValueError("boom")
@@ -57,6 +61,23 @@ async def test_relays_bound_memory_announce_and_fail_on_error() -> None:
     assert relays.get(DIGEST) is None and relays.held == 0
     with relays.receiving(other, 20) as fits:
         assert fits is not None
+
+
+async def test_a_seeder_the_registry_refuses_never_offers_its_relay() -> None:
+    # The seeder's first upstream request is refused (say 401 before its pull secret is
+    # read): waiting peers must not hear "held" and then find nothing to GET.
+    relays = Relays()
+    waiter = asyncio.create_task(relays.wait_available(DIGEST, 0.2))
+    with pytest.raises(PermissionError), relays.receiving(DIGEST, len(BLOB)) as relay:
+        assert relay is not None and relays.get(DIGEST) is None
+        raise PermissionError("401")
+    await waiter  # timed out: never announced
+    assert relays.get(DIGEST) is None
+    with relays.receiving(DIGEST, len(BLOB)) as retry:  # the seeder's retry offers it
+        assert retry is not None
+        retry.feed(0, BLOB[:1])
+        assert relays.get(DIGEST) is retry
+        retry.feed(1, BLOB[1:])
 
 
 async def test_relayed_source_feeds_what_it_yields_at_its_offset() -> None:

@@ -19,7 +19,8 @@ A seeder killed outright closes its connections: the same, seen from the peer.
 (``budget`` bytes over all blobs being received: a layer that does not fit is not relayed,
 and its peers wait for the commit as before) and tells waiting peers when a blob becomes
 available (`Relays.wait_available`: the peer server's long-poll ``HEAD ?wait=``), so waiting
-nodes learn of a layer when it starts, not at their next poll.
+nodes learn of a layer when its first bytes arrive, not at their next poll — and not
+before: a seeder the registry refuses offers nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from typing import Final
 
 from layercache.containerd.ingest import ResumableSource
@@ -47,9 +48,12 @@ class RelayFailedError(Exception):
 class Relay:
     """One blob of ``size`` bytes being received, readable from any offset while it grows."""
 
-    def __init__(self, digest: Digest, size: int) -> None:
+    def __init__(self, digest: Digest, size: int,
+                 on_start: Callable[[], None] | None = None) -> None:
+        """A relay of blob ``digest`` (``size`` bytes); ``on_start`` runs at its first bytes."""
         self.digest = digest
         self.size = size
+        self._on_start = on_start
         self._chunks: list[bytes] = []
         self._starts: list[int] = []  # offset of each chunk
         self.length = 0  # bytes held, from 0
@@ -70,10 +74,18 @@ class Relay:
             self.fail(f"bytes from {offset} arrived with only {self.length} held")
             return
         piece = chunk if offset == self.length else chunk[self.length - offset:]
+        started = self.length == 0
         self._starts.append(self.length)
         self._chunks.append(piece)
         self.length = end
         self._wake()
+        if started and self._on_start is not None:
+            self._on_start()
+
+    @property
+    def started(self) -> bool:
+        """Whether bytes arrived and none went wrong: only then is it offered to peers."""
+        return self.length > 0 and self.error is None
 
     def fail(self, why: str) -> None:
         """The seeder's transfer failed (``why``): readers stop with `RelayFailedError`."""
@@ -128,8 +140,14 @@ class Relays:
         self._announced: set[Digest] = set()  # so a waiter that comes late does not wait
 
     def get(self, digest: Digest) -> Relay | None:
-        """The relay of ``digest`` while its seeder receives it, else None."""
-        return self._relays.get(digest)
+        """The relay of ``digest`` once its seeder receives bytes of it, else None.
+
+        Not before the first bytes: a registry that refuses the seeder (401, 429, a reset)
+        would otherwise have told waiting peers "held" for a blob no byte of which arrives,
+        and their ``GET`` would find nothing (a 404 they drop the seeder for).
+        """
+        relay = self._relays.get(digest)
+        return relay if relay is not None and relay.started else None
 
     @contextlib.contextmanager
     def receiving(self, digest: Digest, size: int) -> Iterator[Relay | None]:
@@ -142,10 +160,9 @@ class Relays:
         if digest in self._relays or self.held + size > self.budget:
             yield None
             return
-        relay = Relay(digest, size)
+        relay = Relay(digest, size, on_start=lambda: self.announce(digest))
         self._relays[digest] = relay
         self.held += size
-        self.announce(digest)
         try:
             yield relay
         except BaseException as error:
