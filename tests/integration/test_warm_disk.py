@@ -4,9 +4,9 @@ One operator and one agent per node run for the module (`testbed.e2e.LayerCacheC
 the RBAC of `manifests/`). The agents re-read containerd every few seconds here, so the
 disk figures follow an unpack within the test's time.
 
-- Disk: a cache of two apps on one python base is warmed; its base and python chains are
-  unpacked on every node with layercache's own unpacker (pinned for the cache, as the
-  agent's chain unpacking pins them). Each agent's ``layercache_agent_disk_*`` metrics and
+- Disk: a cache of two apps on one python base is warmed; the agents unpack every prefix
+  of both (Images mode: the base and python chains, and each app's own) and pin them for
+  the cache. Each agent's ``layercache_agent_disk_*`` metrics and
   NodeLayerCache ``status.disk`` must equal what containerd reports through its API: the
   content sizes of the wanted blobs, and ``Snapshots.Usage`` of the snapshots we pinned;
   ``separate`` is each image's blobs and chains counted per image; the LayerCache's
@@ -18,7 +18,6 @@ disk figures follow an unpack within the test's time.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import time
 import urllib.request
@@ -29,20 +28,18 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from layercache.containerd.content import ContentStore
-from layercache.containerd.labels import GC_ROOT_LABEL, is_managed
-from layercache.containerd.unpack import LayerToUnpack, Snapshots, Unpacker
 from layercache.digest import Digest, chain_ids
-from layercache.registry.manifest import LayerDescriptor
 from layercache.warm import WARM_LABEL, WARMING_TAINT
 from testbed.bed import BedState
 from testbed.e2e import (
     LayerCacheCluster,
     apply_cache,
+    blob_infos,
     clear_family,
     delete_caches,
     is_ready,
     node_caches,
+    pinned_chain_usage,
     wait_cache,
     wait_released,
 )
@@ -72,44 +69,13 @@ def _untaint(kube: Kube, node: str) -> None:
                                     t) for t in taints]}})
 
 
-def _remove_chains(socket: str, chains: list[Digest]) -> None:
-    """Remove ``chains`` and every snapshot above them, children first.
-
-    Earlier tests may leave snapshots on top of the family's chains (a CRI pull of an app
-    image whose image record went, its snapshots not yet collected): containerd refuses to
-    remove a parent before them.
-    """
-    async def work() -> None:
-        async with Snapshots(socket) as snapshots:
-            for _ in range(128):
-                infos = await snapshots.list()
-                parent = {info.name: info.parent for info in infos}
-
-                def above(name: str, parent: dict[str, str] = parent) -> bool:
-                    while name:
-                        if name in chains:
-                            return True
-                        name = parent.get(name, "")
-                    return False
-
-                doomed = [name for name in parent if above(name)]
-                leaves = [name for name in doomed if name not in set(parent.values())]
-                if not leaves:
-                    return
-                for name in leaves:
-                    await snapshots.remove(name)
-    asyncio.run(work())
-
-
 @pytest.fixture(scope="module")
 def cluster(bed: BedState, kube: Kube, family: Family,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[LayerCacheCluster]:
     """The operator and three agents on empty nodes; all stopped and cleaned afterwards."""
     digests = [layer.digest for layer in family.layers]
-    chains = _chains(family)
-    for node in bed.nodes:
+    for node in bed.nodes:  # every chain of ours goes, and what earlier tests built on it
         clear_family(node.socket, digests)
-        _remove_chains(node.socket, chains)
     product = LayerCacheCluster(bed, kube, tmp_path_factory.mktemp("warm"))
     try:
         with pytest.MonkeyPatch.context() as env:
@@ -128,7 +94,6 @@ def cluster(bed: BedState, kube: Kube, family: Family,
             kube.kubectl("delete", "nodelayercaches", "--all", "--wait=false")
             for node in bed.nodes:
                 _untaint(kube, node.name)
-                _remove_chains(node.socket, chains)
                 clear_family(node.socket, digests)
 
 
@@ -146,36 +111,14 @@ def _via_proxy(bed: BedState, family: Family, *names: str) -> list[str]:
     return [f"{host}/{family.images[n].reference}" for n in names]
 
 
-def _chain_layers(family: Family) -> list[LayerToUnpack]:
-    layers = family.image_layers(BASE_CHAIN_IMAGE)
-    return [LayerToUnpack(LayerDescriptor.model_validate(
-        {"mediaType": ly.media_type, "digest": ly.digest, "size": ly.size}),
-        Digest(ly.diff_id)) for ly in layers]
+def _chains(family: Family, image: str) -> list[str]:
+    """The chain IDs of every prefix of ``image`` (OCI image-spec config.md)."""
+    return [str(c) for c in chain_ids(Digest(ly.diff_id) for ly in family.image_layers(image))]
 
 
-def _chains(family: Family) -> list[Digest]:
-    return chain_ids(Digest(ly.diff_id) for ly in family.image_layers(BASE_CHAIN_IMAGE))
-
-
-def _unpack(socket: str, family: Family, cache: str) -> None:
-    async def work() -> None:
-        async with Unpacker(socket) as unpacker:
-            await unpacker.unpack_chain(_chain_layers(family), [cache])
-    asyncio.run(work())
-
-
-def _containerd_says(socket: str, wanted: set[str]
-                     ) -> tuple[dict[str, int], dict[str, int]]:
-    """Content sizes of the wanted blobs, and Usage of the snapshots we pinned (the API's)."""
-    async def work() -> tuple[dict[str, int], dict[str, int]]:
-        async with ContentStore(socket) as store:
-            blobs = {d: info.size for d in wanted if (info := await store.info(d)) is not None}
-            snapshots = Snapshots(socket, channel=store.channel)
-            usage = {s.name: (await snapshots.usage(s.name)).size
-                     for s in await snapshots.list()
-                     if s.committed and is_managed(s.labels) and GC_ROOT_LABEL in s.labels}
-            return blobs, usage
-    return asyncio.run(work())
+def _blob_sizes(socket: str, wanted: set[str]) -> dict[str, int]:
+    """Content sizes of the wanted blobs, as containerd's content store reports them."""
+    return {d: info.size for d, info in blob_infos(socket, wanted).items() if info is not None}
 
 
 def _node(kube: Kube, name: str) -> Any:
@@ -205,17 +148,18 @@ def test_disk_figures_equal_containerd_and_warm_nodes_are_signalled(
     assert _taint_keys(kube, tainted) == [KEEP_TAINT]
 
     key = f"{namespace}/apps"
-    for node in bed.nodes:
-        _unpack(node.socket, family, key)
     layers = {n: [ly.digest for ly in family.image_layers(n)] for n in APPS}
     wanted = {d for ds in layers.values() for d in ds}
-    chains = _chains(family)
+    chains = {n: _chains(family, n) for n in APPS}
+    shared = _chains(family, BASE_CHAIN_IMAGE)  # base and python: both apps start with them
+    assert set(shared) == set(chains[APPS[0]]) & set(chains[APPS[1]])
     report: list[str] = []
     for node in bed.nodes:
-        blobs, usage = _containerd_says(node.socket, wanted)
-        assert set(usage) == set(chains), (node.name, usage)
+        blobs, usage = _blob_sizes(node.socket, wanted), pinned_chain_usage(node.socket)
+        assert set(usage) == {c for cs in chains.values() for c in cs}, (node.name, usage)
         unpacked = sum(usage.values())
-        separate = sum(blobs[d] for ds in layers.values() for d in ds) + len(APPS) * unpacked
+        separate = sum(blobs[d] for ds in layers.values() for d in ds) + sum(
+            usage[c] for cs in chains.values() for c in cs)
         expected = {"blobs": sum(blobs.values()), "snapshots": unpacked,
                     "separate": separate, "saved": separate - sum(blobs.values()) - unpacked}
         port = cluster.metrics_ports[node.name]
@@ -248,7 +192,8 @@ def test_disk_figures_equal_containerd_and_warm_nodes_are_signalled(
                       f"{expected['saved']} B")
     print("\n".join(report))
     # Sharing saves a copy of the base and python blobs and chains per node.
-    assert expected["saved"] == blobs[layers[APPS[0]][0]] + blobs[layers[APPS[0]][1]] + unpacked
+    assert expected["saved"] == blobs[layers[APPS[0]][0]] + blobs[layers[APPS[0]][1]] + sum(
+        usage[c] for c in shared)
 
     totals = dict.fromkeys(("blobs", "snapshots", "separate", "saved"), 0)
     for nlc in node_caches(kube).values():

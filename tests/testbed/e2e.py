@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from kubernetes.client.exceptions import ApiException
 
 from layercache.containerd.content import BlobInfo, ContentStore
 from layercache.containerd.cri import CRIImages
-from layercache.containerd.errors import ContainerdError, NotFound
-from layercache.containerd.labels import MANAGED_BY, MANAGED_BY_LABEL, is_managed
+from layercache.containerd.errors import NotFound
+from layercache.containerd.labels import GC_ROOT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, is_managed
 from layercache.containerd.unpack import Snapshots
 from testbed.bed import BedState, NodeRecord, register_nodes
 from testbed.kube import Kube, wait_for
@@ -201,13 +202,25 @@ def wait_cache(kube: Kube, namespace: str, name: str, probe: Callable[[dict[str,
     """Poll LayerCache `namespace/name` until `probe(obj)`; returns the object.
 
     With `cluster`, fails at once (AssertionError) when a product process exited.
+
+    Raises:
+        TimeoutError: after `timeout` seconds; the message ends with the last status seen
+            (conditions, nodes, chains), which is what a failed CI run has to go on.
+
     """
+    seen: list[dict[str, Any] | None] = [None]
+
     def check() -> dict[str, Any] | None:
         if cluster is not None:
             assert not cluster.alive(), f"exited: {cluster.alive()}"
-        obj = get_cache(kube, namespace, name)
+        seen[0] = obj = get_cache(kube, namespace, name)
         return obj if obj is not None and probe(obj) else None
-    return wait_for(check, timeout, 0.5, f"LayerCache {namespace}/{name}: {what}")
+    try:
+        return wait_for(check, timeout, 0.5, f"LayerCache {namespace}/{name}: {what}")
+    except TimeoutError as exc:
+        status = (seen[0] or {}).get("status") or {}
+        last = {k: status.get(k) for k in ("conditions", "nodes", "chains", "images")}
+        raise TimeoutError(f"{exc}; last status: {json.dumps(last)[:4000]}") from None
 
 
 def node_caches(kube: Kube) -> dict[str, dict[str, Any]]:
@@ -277,10 +290,57 @@ def ingest_refs(socket: str) -> list[str]:
     return _run(socket, work)
 
 
+def pinned_chain_usage(socket: str) -> dict[str, int]:
+    """Chain ID → bytes on disk (containerd's Snapshots.Usage) of each chain a cache pins.
+
+    The chains are the committed snapshots layercache manages that carry containerd's
+    ``gc.root`` label (what the agent's unpacking sets while a cache wants a chain),
+    read through containerd's API: the figure the agents' disk metrics must equal.
+    """
+    async def work(store: ContentStore) -> dict[str, int]:
+        snapshots = Snapshots(socket, channel=store.channel)
+        return {s.name: (await snapshots.usage(s.name)).size for s in await snapshots.list()
+                if s.committed and is_managed(s.labels) and GC_ROOT_LABEL in s.labels}
+    return _run(socket, work)
+
+
+async def remove_managed_snapshots(snapshots: Snapshots) -> None:
+    """Remove layercache's snapshots (chains) and every snapshot above them, children first.
+
+    Earlier tests leave snapshots on top of our chains (a CRI pull of an app image whose
+    image record went, its snapshots not yet collected by containerd's GC): containerd
+    refuses to remove a parent before its children, so the leaves go first, round by round.
+
+    Raises:
+        TimeoutError: snapshots still stand after 128 rounds (something keeps adding them).
+
+    """
+    for _ in range(128):
+        infos = await snapshots.list()
+        parent = {info.name: info.parent for info in infos}
+        ours = {info.name for info in infos if is_managed(info.labels)}
+
+        def doomed(name: str, ours: set[str] = ours, parent: dict[str, str] = parent) -> bool:
+            while name:
+                if name in ours:
+                    return True
+                name = parent.get(name, "")
+            return False
+
+        parents = set(parent.values())
+        leaves = [name for name in parent if doomed(name) and name not in parents]
+        if not leaves:
+            return
+        for name in leaves:
+            await snapshots.remove(name)  # absent (containerd's GC was first): fine
+    raise TimeoutError("layercache's snapshots still stand after 128 rounds of removal")
+
+
 def clear_family(socket: str, digests: Iterable[str]) -> None:
     """Forget the image family on a node: images, blobs, our ingests, leases and chains.
 
-    Chains (the snapshots layercache unpacked) go children first. For use between
+    Chains (the snapshots layercache unpacked) go with every snapshot above them
+    (`remove_managed_snapshots`). For use between
     product runs: a test that measures upstream bytes needs nodes that do not hold the
     layers already, and one that times a pull needs them not unpacked.
     """
@@ -299,13 +359,5 @@ def clear_family(socket: str, digests: Iterable[str]) -> None:
         for digest in doomed:
             with contextlib.suppress(NotFound):  # absent, or collected by containerd's GC
                 await store.delete(digest)
-        snapshots = Snapshots(socket, channel=store.channel)
-        for _ in range(128):  # a chain goes once its children have: deepest first
-            ours = [s.name for s in await snapshots.list() if is_managed(s.labels)]
-            removed = 0
-            for name in ours:
-                with contextlib.suppress(ContainerdError):  # has children: next round
-                    removed += await snapshots.remove(name)
-            if not ours or not removed:
-                break
+        await remove_managed_snapshots(Snapshots(socket, channel=store.channel))
     _run(socket, work)
