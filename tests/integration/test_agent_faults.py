@@ -296,10 +296,12 @@ def test_refused_resume_aborts_the_ingest_and_restarts_from_byte_0(
 
 
 @contextlib.contextmanager
-def _liar_peer(size: int) -> Iterator[tuple[str, list[str]]]:
+def _liar_peer(size: int, body: bytes | None = None) -> Iterator[tuple[str, list[str]]]:
     """A peer on loopback that answers ``HEAD`` 200 (it holds the blob) and ``GET`` 404.
 
-    Yields its endpoint and the methods it was asked with, in order.
+    With ``body`` (``size`` bytes that are not the blob), ``GET`` answers 200 with it: a
+    seeder relaying what a broken upstream sent. Yields its endpoint and the methods it was
+    asked with, in order.
     """
     asked: list[str] = []
 
@@ -312,9 +314,11 @@ def _liar_peer(size: int) -> Iterator[tuple[str, list[str]]]:
 
         def do_GET(self) -> None:
             asked.append("GET")
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
+            self.send_response(404 if body is None else 200)
+            self.send_header("Content-Length", "0" if body is None else str(len(body)))
             self.end_headers()
+            if body is not None:
+                self.wfile.write(body)
 
         def log_message(self, *_args: object) -> None:
             pass
@@ -355,3 +359,34 @@ def test_peer_that_fails_its_get_is_dropped_at_once(
                 assert stored_sha256(node.socket, layer.digest) == layer.digest
         finally:
             delete_cache(kube, liar.name)
+
+
+def test_a_peer_with_wrong_bytes_sends_the_node_upstream_at_once(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # The liar relays its registry's wrong bytes; the other listed peer (no agent: it never
+    # has the layer) waits on the same seeder. Dropping only the liar would leave the node
+    # waiting out the 120 s peer wait on that peer.
+    node, liar, other = bed.nodes[2], bed.nodes[0], bed.nodes[1]
+    layer = _layer(family, 5)
+    entry = layer_entry(family, proxy.host, layer, "Peer", [liar.name, other.name])
+    with _liar_peer(layer.size, body=b"\0" * layer.size) as (endpoint, asked):
+        for name in (liar.name, other.name):
+            write_cache(kube, name, [])
+        try:
+            kube.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, PLURAL, liar.name, {"status": {"peerEndpoint": endpoint}})
+            env = _env(proxy, LAYERCACHE_PEER_POLL_SECONDS="0.5")
+            with one_agent(kube, node, [entry], tmp_path, env) as agent:
+                started = time.monotonic()
+                found = wait_ready(kube, agent, 45)
+                assert time.monotonic() - started < 45
+                assert asked[:2] == ["HEAD", "GET"] and asked.count("GET") == 1, asked
+                assert found["bytes"]["upstream"] == layer.size
+                assert found["bytes"]["peer"] == layer.size  # received, rejected at COMMIT
+                assert [e["reason"] for e in found["errors"]] == ["DigestMismatch"]
+                assert stored_sha256(node.socket, layer.digest) == layer.digest
+                assert ingest_ref(layer.digest) not in ingests(node.socket)
+        finally:
+            for name in (liar.name, other.name):
+                delete_cache(kube, name)

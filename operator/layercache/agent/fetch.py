@@ -10,7 +10,9 @@ at once without it (an older agent, an error) are asked again after
 ``GET`` fails is dropped for that layer at once, and with every peer dropped the registry
 is next without waiting further, resuming from what the ingest holds; a peer that stops
 mid-body (a seeder killed mid-relay, or whose own upstream transfer failed: the peers
-waiting on it would otherwise wait out `peer_wait_seconds`) sends us to the registry at once.
+waiting on it would otherwise wait out `peer_wait_seconds`), or whose bytes do not match the
+digest (its seeder's upstream sent wrong bytes, relayed as they came), sends us to the
+registry at once.
 An ``Upstream`` layer (this node seeds it) goes to the registry at once, relayed to peers
 as it arrives (within `Relays.budget`). Either way:
 
@@ -211,7 +213,8 @@ class LayerFetcher:
 
         A peer whose ``GET`` fails after its ``HEAD`` said it holds the blob (an error
         status, a body cut short or with wrong bytes) is dropped for this layer at once:
-        asking it again would fail again. With every peer dropped, the wait ends early.
+        asking it again would fail again. With every peer dropped, the wait ends early; a
+        body cut mid-way or with wrong bytes ends it at once (see the module docstring).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.peer_wait
@@ -243,8 +246,14 @@ class LayerFetcher:
                                  layer.digest.short, extra={"digest": layer.digest})
                         return False
                 except DigestMismatchError as error:
+                    # Wrong bytes from a peer are its seeder's upstream body relayed as it
+                    # came (cut-through); the seeder finds out at its own COMMIT and retries,
+                    # while every other waiting peer waits on that seeder: the registry now.
                     dropped.add(node)
                     self.book.error("DigestMismatch", f"from peer {node}: {error}", layer.digest)
+                    log.info("peer %s sent %s with wrong bytes: fetching upstream", node,
+                             layer.digest.short, extra={"digest": layer.digest})
+                    return False
             if dropped.issuperset(peers):
                 log.info("every peer failed to send %s: fetching upstream", layer.digest.short,
                          extra={"digest": layer.digest})

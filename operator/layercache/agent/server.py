@@ -5,8 +5,8 @@ Peer protocol (read-only, by digest, agents only):
 - ``HEAD /v1/blobs/{digest}`` → 200 with ``Content-Length`` when this node holds the blob
   (or receives it: below), 404 when it does not; with ``?wait=<seconds>`` (at most
   `MAX_WAIT`) a blob not here yet is waited for that long first, answered as soon as it
-  becomes available (a long-poll: waiting nodes learn of a layer when it starts, instead of
-  polling);
+  becomes available (a long-poll: waiting nodes learn of a layer when its first bytes
+  arrive here, instead of polling);
 - ``GET /v1/blobs/{digest}`` → the blob, read from containerd's content store
   (``Content.Read``); a single ``Range`` (RFC 9110 §14: ``bytes=a-b``, ``bytes=a-``,
   ``bytes=-n``) gives 206 with ``Content-Range``, an unsatisfiable one 416; several ranges
