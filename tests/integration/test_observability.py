@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from layercache.digest import Digest, chain_ids
 from testbed.bed import BedState
 from testbed.e2e import (
     LayerCacheCluster,
@@ -34,6 +35,7 @@ from testbed.e2e import (
     is_ready,
     joined_node,
     node_caches,
+    pinned_chain_usage,
     wait_cache,
     wait_released,
 )
@@ -146,8 +148,15 @@ def _query_values(observed: Observed) -> dict[str, str]:
 def _settled(observed: Observed, expr: str, probe: object) -> None:
     """Wait until Prometheus's answer for `expr` satisfies `probe` (scrapes lag ≤ 1 s)."""
     assert callable(probe)
-    wait_for(lambda: probe(observed.prometheus.api.query(expr)), 15, 0.5,
-             f"Prometheus to show {expr}")
+    seen: list[object] = []
+
+    def check() -> object:
+        seen[:] = [observed.prometheus.api.query(expr)]
+        return probe(seen[0])
+    try:
+        wait_for(check, 15, 0.5, f"Prometheus to show {expr}")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}; the answer: {seen}") from None
 
 
 def test_every_dashboard_query_returns_data(observed: Observed, bed: BedState,
@@ -158,12 +167,23 @@ def test_every_dashboard_query_returns_data(observed: Observed, bed: BedState,
     assert saved > 0
     _settled(observed, 'layercache_cache_saved_bytes{cache=~".*/runtimes"}',
              lambda s: s and s[0].value == saved)
-    # Disk: python and curl share their base blob, held once per node (nothing unpacked).
+    # Disk: python and curl share their base blob and its unpacked chain (chain ID = the
+    # base layer's diff ID), each held once per node: what sharing saves is one more copy
+    # of both, as containerd reports the chain's usage.
     runtimes = [family.image_layers(n) for n in ("python", "curl")]
-    base = runtimes[0][0].size
+    base = runtimes[0][0]
     blobs = sum({ly.digest: ly.size for layers in runtimes for ly in layers}.values())
+    chains = {node.name: pinned_chain_usage(node.socket) for node in bed.nodes}
+    wanted = {str(c) for layers in runtimes for c in chain_ids(Digest(ly.diff_id) for ly in layers)}
+    assert all(set(usage) == wanted for usage in chains.values()), chains  # base, python, curl
+    saved_on = {name: base.size + usage[base.diff_id] for name, usage in chains.items()}
+    disk_saved = sum(saved_on.values())
     _settled(observed, 'layercache_cache_disk_saved_bytes{cache=~".*/runtimes"}',
-             lambda s: s and s[0].value == len(bed.nodes) * base)
+             lambda s: s and s[0].value == disk_saved)
+    # Every chain is counted once its unpack ended (the agents measure again within seconds).
+    snapshots = {name: sum(usage.values()) for name, usage in chains.items()}
+    _settled(observed, 'layercache_agent_disk_bytes{kind="snapshots"}',
+             lambda s: {x.labels["node"]: x.value for x in s} == snapshots)
     dashboard = model.load(DASHBOARD)
     variables = describe.variable_values(api, dashboard)
     assert set(variables["node"]) == {n.name for n in bed.nodes}
@@ -220,11 +240,14 @@ def test_every_dashboard_query_returns_data(observed: Observed, bed: BedState,
     disk_panel = "Disk per node: on disk, stored separately, saved by sharing"
     assert values(disk_panel, "A") == {
         f'{{kind="{kind}", node="{n.name}"}}': value for n in bed.nodes
-        for kind, value in (("blobs", blobs), ("snapshots", 0))}
-    assert values(disk_panel, "B") == {f'{{node="{n.name}"}}': blobs + base for n in bed.nodes}
-    assert values(disk_panel, "C") == {f'{{node="{n.name}"}}': base for n in bed.nodes}
+        for kind, value in (("blobs", blobs), ("snapshots", snapshots[n.name]))}
+    # Stored separately: each image its blobs and its chains, so the base's twice.
+    assert values(disk_panel, "B") == {
+        f'{{node="{n.name}"}}': blobs + snapshots[n.name] + saved_on[n.name] for n in bed.nodes}
+    assert values(disk_panel, "C") == {f'{{node="{n.name}"}}': saved_on[n.name]
+                                       for n in bed.nodes}
     per_cache = values("Disk saved by sharing, per cache")
-    assert per_cache == {f'{{cache="{observed.namespace}/runtimes"}}': len(bed.nodes) * base,
+    assert per_cache == {f'{{cache="{observed.namespace}/runtimes"}}': disk_saved,
                          f'{{cache="{observed.namespace}/missing"}}': 0}
 
 

@@ -71,7 +71,7 @@ class Reconciler:
         self.resync_seconds = resync_seconds
         self.chains = chains
         self.meter = meter
-        self._measured: tuple[frozenset[Digest], Sharing] | None = None
+        self._measured: tuple[frozenset[Digest], frozenset[Digest], Sharing] | None = None
         self._measure_due = 0.0
         self._measured_at = float("-inf")
         self.spec: NodeSpec | None = None
@@ -192,14 +192,16 @@ class Reconciler:
         Due every `DISK_MEASURE_SECONDS` (chains are unpacked, and images pulled, outside
         this loop), and sooner — but at most every `DISK_MEASURE_MIN_SECONDS`, as a node
         warming thousands of layers changes with each — after an inventory or when the held
-        blobs or the spec changed. A failure keeps the figures measured before: they are
+        blobs, the unpacked chains or the spec changed (so the figures follow an unpack
+        within seconds, not at the next full measurement). A failure keeps the figures measured before: they are
         a report, not a reason to stop reconciling.
         """
         now = self.loop_time
         if self.meter is None or spec is None:
             self._measure_due = now + DISK_MEASURE_SECONDS  # no busy wake-ups
             return
-        key = (frozenset(self.held), spec.sharing)
+        unpacked = frozenset(self.chains.unpacked) if self.chains is not None else frozenset()
+        key = (frozenset(self.held), unpacked, spec.sharing)
         if key != self._measured:
             self._measure_due = min(self._measure_due,
                                     self._measured_at + DISK_MEASURE_MIN_SECONDS)
