@@ -16,7 +16,7 @@ token spec. One `RegistryClient` serves every registry of a process:
   the origin changes, so registry credentials never reach a storage host, and refusing a
   redirect from ``https`` to ``http`` (a downgrade would expose the bytes and the signed URL);
 - no URL query string is ever logged: pre-signed storage URLs carry their credentials there,
-  so httpx's own request log lines are redacted (`redact_url_queries`);
+  so httpx's own request log lines are redacted (`layercache.redact.RedactingFilter`);
 - each logical request runs in one retry loop (`RetryPolicy`); a 401 gets one token
   refresh inside the attempt, which is not a retry.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import httpx
 
 from layercache import __version__
 from layercache.httptransport import BlobTransport
+from layercache.redact import RedactingFilter
 from layercache.reference import Reference, parse_registry_hosts
 from layercache.registry.auth import Authenticator, repository_scope
 from layercache.registry.credentials import Keyring
@@ -54,8 +54,7 @@ from layercache.registry.errors import (
 from layercache.registry.hosts import HostState, RegistryHosts
 from layercache.registry.retry import RetryPolicy, parse_retry_after
 
-__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "redact_url_queries",
-           "registry_options"]
+__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "registry_options"]
 
 log = logging.getLogger(__name__)
 
@@ -127,32 +126,7 @@ def describe(url: httpx.URL, method: str = "GET") -> str:
     return f"{method} {url.netloc.decode()}{url.path}"
 
 
-_URL_QUERY: Final = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"']*)\?[^\s#\"']*")
-
-
-def redact_url_queries(text: str) -> str:
-    """``text`` with the query of every URL in it replaced by ``?<redacted>``."""
-    return _URL_QUERY.sub(r"\1?<redacted>", text)
-
-
-class _RedactQueries(logging.Filter):
-    """Rewrites a record's message and arguments so no URL query string reaches a handler.
-
-    httpx logs every request at INFO as ``HTTP Request: GET <url> "HTTP/1.1 200 OK"``, the
-    whole URL included: for a blob redirected to object storage, its pre-signed query.
-    httpcore's DEBUG traces print response headers, a redirect's ``Location`` among them.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                redact_url_queries(str(arg)) if isinstance(arg, httpx.URL | str) else arg
-                for arg in record.args)
-        record.msg = redact_url_queries(record.msg) if isinstance(record.msg, str) else record.msg
-        return True
-
-
-_REDACT_QUERIES: Final = _RedactQueries()
+_REDACT_URLS: Final = RedactingFilter(httpx.URL)
 #: Connection pool limits of each trust profile's client.
 _LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
 #: Every logger httpx and httpcore log through (a logger's filter does not see records
@@ -160,7 +134,7 @@ _LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
 _HTTP_LOGGERS: Final = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
                         "httpcore.proxy", "httpcore.socks")
 for _name in _HTTP_LOGGERS:
-    logging.getLogger(_name).addFilter(_REDACT_QUERIES)
+    logging.getLogger(_name).addFilter(_REDACT_URLS)
 
 
 class RegistryClient:
