@@ -30,8 +30,7 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -40,7 +39,7 @@ import httpx
 from layercache import __version__
 from layercache.httptransport import BlobTransport
 from layercache.redact import RedactingFilter
-from layercache.reference import Reference, parse_registry_hosts
+from layercache.reference import Reference
 from layercache.registry.auth import Authenticator, repository_scope
 from layercache.registry.credentials import Keyring
 from layercache.registry.errors import (
@@ -53,6 +52,7 @@ from layercache.registry.errors import (
 )
 from layercache.registry.hosts import HostState, RegistryHosts
 from layercache.registry.retry import RetryPolicy, parse_retry_after
+from layercache.registryconfig import RegistryOptions, registry_options
 
 __all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "registry_options"]
 
@@ -62,51 +62,6 @@ USER_AGENT: Final = f"layercache/{__version__}"
 MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _NOT_FOUND_CODES: Final = frozenset({"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"})
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    """How to reach one registry.
-
-    Attributes:
-        insecure: speak plain HTTP (no TLS at all). Default False: HTTPS, verified.
-        ca_file: PEM file of extra CA certificates trusted for this registry (and its token
-            realm), on top of httpx's default roots.
-        max_concurrency: concurrent requests to this registry (>= 1), by every client that
-            shares a `RegistryHosts` (the first client to reach the host sets it).
-
-    """
-
-    insecure: bool = False
-    ca_file: Path | None = None
-    max_concurrency: int = 8
-
-    def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-
-
-def registry_options(
-    insecure: str | Iterable[str] = (),
-    *,
-    ca_file: Path | None = None,
-    max_concurrency: int = 8,
-) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
-    """`RegistryClient`'s ``registries`` and ``default`` from what a user configures.
-
-    ``insecure``: registry hosts spoken to in plain HTTP, as comma-separated text or a list
-    of such (``LAYERCACHE_INSECURE_REGISTRIES``, ``--insecure-registry``), canonicalised by
-    `layercache.reference.parse_registry_hosts` so ``Reg.Example:05000`` matches images of
-    ``reg.example:5000``. ``ca_file`` is trusted for every other registry.
-
-    Raises:
-        InvalidReferenceError: an insecure entry is not a registry host.
-
-    """
-    hosts = parse_registry_hosts(insecure)
-    return ({host: RegistryOptions(insecure=True, max_concurrency=max_concurrency)
-             for host in hosts},
-            RegistryOptions(ca_file=ca_file, max_concurrency=max_concurrency))
 
 
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
