@@ -52,3 +52,19 @@ def test_shared_pieces_sit_low(module: str) -> None:
     # The pieces moved down import only the OCI vocabulary, nothing that does I/O.
     assert _imports(module) <= {"digest", "digest.Digest", "platform", "platform.Platform",
                                 "reference", "reference.parse_registry_hosts"}
+
+
+def test_one_digest_mismatch_error() -> None:
+    # One class of that name in the package; the registry's name for it is the same object,
+    # and what the registry and containerd raise are subclasses of it (one except catches all).
+    from layercache import digest, registry
+    from layercache.containerd.ingest import ContentDigestMismatchError
+    from layercache.registry import errors
+
+    defined = [path for path in PACKAGE.rglob("*.py")
+               if "class DigestMismatchError(" in path.read_text()]
+    assert defined == [PACKAGE / "digest.py"]
+    assert registry.DigestMismatchError is errors.DigestMismatchError is digest.DigestMismatchError
+    assert issubclass(errors.RegistryDigestMismatchError, digest.DigestMismatchError)
+    assert issubclass(errors.RegistryDigestMismatchError, errors.RegistryError)
+    assert issubclass(ContentDigestMismatchError, digest.DigestMismatchError)

@@ -29,17 +29,16 @@ from typing import IO, Protocol, runtime_checkable
 
 import httpx
 
-from layercache import digest as _digest
 from layercache import httprange
-from layercache.digest import Digest, DigestVerifier
+from layercache.digest import Digest, DigestMismatchError, DigestVerifier
 from layercache.reference import Reference
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import (
     BlobNotFoundError,
     BlobTooLargeError,
-    DigestMismatchError,
     IncompleteBodyError,
     NonDistributableLayerError,
+    RegistryDigestMismatchError,
 )
 from layercache.registry.manifest import MAX_LAYER_BYTES
 from layercache.registry.mediatypes import layer_type
@@ -241,7 +240,8 @@ async def fetch_blob(
     Raises:
         NonDistributableLayerError: a foreign / non-distributable layer media type.
         BlobTooLargeError: ``size`` outside 0..``max_size``, or the server sent more.
-        DigestMismatchError: the bytes do not hash to ``digest`` (the sink discarded them).
+        RegistryDigestMismatchError: (a `DigestMismatchError`) the bytes do not hash to
+            ``digest`` (the sink discarded them).
         BlobNotFoundError: the registry has no such blob there.
         TransientError: retry budget spent (connection errors, 5xx, 429, short bodies).
         RegistryAuthError, RegistryStatusError: final refusals.
@@ -272,8 +272,8 @@ async def fetch_blob(
                     )
         try:
             state.verifier.verify()
-        except _digest.DigestMismatchError as exc:
-            raise DigestMismatchError(exc.expected, exc.actual, exc.size) from None
+        except DigestMismatchError as exc:
+            raise RegistryDigestMismatchError(exc.expected, exc.actual, exc.size) from None
     except BaseException:
         await sink.discard()
         raise
