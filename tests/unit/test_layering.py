@@ -68,3 +68,20 @@ def test_one_digest_mismatch_error() -> None:
     assert issubclass(errors.RegistryDigestMismatchError, digest.DigestMismatchError)
     assert issubclass(errors.RegistryDigestMismatchError, errors.RegistryError)
     assert issubclass(ContentDigestMismatchError, digest.DigestMismatchError)
+
+
+def test_one_kubernetes_client_factory_one_timeout_policy() -> None:
+    # Only layercache.kubeclient builds an ApiClient or loads a kubeconfig; every process
+    # takes its timeouts from there.
+    from layercache import kubeclient, statusapi
+    from layercache.agent import kubeapi
+
+    builders = ("ApiClient(", "load_kube_config(", "load_incluster_config(",
+                "new_client_from_config(")
+    found = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                   if any(b in path.read_text() for b in builders))
+    assert found == ["kubeclient.py"]
+    assert (kubeclient.CONNECT_TIMEOUT, kubeclient.REQUEST_TIMEOUT,
+            kubeclient.INTERACTIVE_TIMEOUT, kubeclient.WATCH_SECONDS) == (10.0, 30.0, 15.0, 300)
+    assert statusapi.REQUEST_TIMEOUT == kubeclient.INTERACTIVE_TIMEOUT
+    assert kubeapi.WATCH_SECONDS == kubeclient.WATCH_SECONDS

@@ -22,6 +22,7 @@ from typing import Any, Final
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from layercache import kubeclient
 from layercache.agent.nodespec import GROUP, PLURAL, VERSION
 from layercache.agent.settings import AgentSettings
 from layercache.backoff import Backoff
@@ -32,7 +33,7 @@ __all__ = ["KUBE_BACKOFF", "AgentKube", "OwnObjectWatch"]
 log = logging.getLogger(__name__)
 
 #: Seconds the apiserver keeps one watch request open before we start the next.
-WATCH_SECONDS: Final = 300
+WATCH_SECONDS: Final = kubeclient.WATCH_SECONDS
 #: Waits before retrying a failed watch, or a start-up call (`layercache.agent.app`):
 #: 1 s doubling to 30 s, started over after a success.
 KUBE_BACKOFF: Final = Backoff(1.0, 30.0)
