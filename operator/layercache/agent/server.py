@@ -40,16 +40,11 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from layercache import httprange
 from layercache.agent.relay import Relay, RelayFailedError, Relays
 from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import ContainerdError
 from layercache.digest import Digest, InvalidDigestError
-from layercache.httprange import (
-    RangeNotSatisfiableError,
-    content_range,
-    parse_range,
-    unsatisfied_range,
-)
 
 __all__ = ["ContainerdLiveness", "PeerServer", "metrics_app", "start_site"]
 
@@ -167,14 +162,15 @@ class PeerServer:
         headers = {"Accept-Ranges": "bytes", "Docker-Content-Digest": str(digest),
                    "Content-Type": "application/octet-stream"}
         try:
-            wanted = parse_range(request.headers.get("Range"), size)
-        except RangeNotSatisfiableError:
-            return web.Response(status=416, headers={"Content-Range": unsatisfied_range(size)})
+            wanted = httprange.parse_range(request.headers.get("Range"), size)
+        except httprange.RangeNotSatisfiableError:
+            return web.Response(status=416,
+                                headers={"Content-Range": httprange.unsatisfied_range(size)})
         start, end = wanted if wanted is not None else (0, size - 1)
         response = web.StreamResponse(status=206 if wanted is not None else 200,
                                       headers=headers)
         if wanted is not None:
-            response.headers["Content-Range"] = content_range(start, end, size)
+            response.headers["Content-Range"] = httprange.content_range(start, end, size)
         response.content_length = end - start + 1
         await response.prepare(request)
         if request.method == "HEAD" or end < start:
