@@ -47,7 +47,12 @@ class Backoff:
                              f"and factor ({self.factor}) >= 1")
 
     def step(self, attempt: int) -> float:
-        """The unjittered wait (seconds) after failed attempt ``attempt`` (1-based)."""
+        """The unjittered wait (seconds) after failed attempt ``attempt`` (1-based).
+
+        Raises:
+            ValueError: ``attempt`` < 1.
+
+        """
         if attempt < 1:
             raise ValueError(f"attempt {attempt} < 1")
         return float(min(self.cap, self.initial * self.factor ** (attempt - 1)))

@@ -41,7 +41,12 @@ class RangeNotSatisfiableError(ValueError):
 
 
 def resume_headers(offset: int) -> dict[str, str]:
-    """The request headers that ask for bytes ``offset`` to the end: none when 0."""
+    """The request headers that ask for bytes ``offset`` to the end: none when 0.
+
+    Raises:
+        ValueError: ``offset`` < 0.
+
+    """
     if offset < 0:
         raise ValueError(f"offset {offset} < 0")
     return {"Range": f"bytes={offset}-"} if offset else {}
