@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final, Generic, NamedTuple, TypeVar, overload
 from layercache.digest import Digest, chain_ids
 
 if TYPE_CHECKING:
-    from layercache.planner import Layer, ResolvedImage
+    from layercache.image import Layer, ResolvedImage
 
 __all__ = ["COMPRESSION_RATIO", "Chain", "ChainOrder", "PlatformChains", "PrefixCatalogue",
            "Run", "chain_order", "estimate_unpacked_bytes"]

@@ -11,6 +11,20 @@ balancer that accepts and never answers) would stall the operator's replans or t
 status reports for good. Plain requests get `CONNECT_TIMEOUT` to connect and `REQUEST_TIMEOUT`
 for each read; a watch (``watch=true``) may stay quiet as long as the ``timeoutSeconds`` it
 asked the server for, plus `REQUEST_TIMEOUT`, after which the watch is over anyway.
+
+The timeout policy, in one place (every process builds its client here):
+
+- connect: `CONNECT_TIMEOUT` (10 s) everywhere: a reachable apiserver accepts in
+  milliseconds, and a connection failure is retried (twice) by the client itself;
+- read, operator and agent: `REQUEST_TIMEOUT` (30 s): both retry on their own loops
+  (kopf, the replan and status loops, the agent's `layercache.backoff`), so the bound only
+  has to end a hung call, well above what a slow list of a large cluster takes;
+- read, ``kubectl layercache status`` and other commands a person waits on:
+  `INTERACTIVE_TIMEOUT` (15 s): an answer or a clear error within seconds, not a minute;
+- watches: the server ends them after `WATCH_SECONDS` (300 s, the operator's kopf watches
+  and the agent's own-object watch alike), and the client gives up `REQUEST_TIMEOUT` later;
+- kopf's own aiohttp client gets the same connect, read and watch numbers (its settings
+  are set from these constants at start-up, `layercache.handlers.lifecycle`).
 """
 
 from __future__ import annotations
@@ -23,12 +37,17 @@ from urllib.parse import parse_qs, urlsplit
 import urllib3
 from kubernetes import client, config
 
-__all__ = ["CONNECT_TIMEOUT", "REQUEST_TIMEOUT", "api_client", "uses_kubeconfig"]
+__all__ = ["CONNECT_TIMEOUT", "INTERACTIVE_TIMEOUT", "REQUEST_TIMEOUT", "WATCH_SECONDS",
+           "api_client", "uses_kubeconfig"]
 
 #: Seconds to establish a connection to the API server.
 CONNECT_TIMEOUT: Final = 10.0
 #: Seconds a plain request may wait for the server between bytes (urllib3 read timeout).
 REQUEST_TIMEOUT: Final = 30.0
+#: The read timeout of commands a person waits on (``kubectl layercache status``).
+INTERACTIVE_TIMEOUT: Final = 15.0
+#: Seconds the apiserver keeps one of our watch requests open before we start the next.
+WATCH_SECONDS: Final = 300
 #: Seconds a watch without ``timeoutSeconds`` may stay quiet (the apiserver ends its
 #: watches after 30-60 minutes by default).
 WATCH_DEFAULT_SECONDS: Final = 3600

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from layercache.digest import Digest
-    from layercache.planner import Layer, ResolvedImage
+    from layercache.image import Layer, ResolvedImage
 
 __all__ = ["Catalogue", "Order", "PlanInputError", "order"]
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from layercache.chains import Chain, ChainOrder, PlatformChains, PrefixCatalogue, Run, chain_order
 from layercache.digest import Digest
+from layercache.image import Layer, ResolvedImage
 from layercache.layerorder import Catalogue, Order, PlanInputError, order
 from layercache.platform import Platform
 
@@ -60,40 +61,6 @@ __all__ = [
     "plan",
     "saved_bytes",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Layer:
-    """A layer descriptor from an image manifest.
-
-    ``digest`` names the compressed blob; ``size`` is its compressed size in bytes (what a
-    pull transfers and the content store keeps); ``diff_id`` is the digest of the
-    uncompressed tar (from the image config), the input to chain IDs.
-    """
-
-    digest: Digest
-    size: int
-    media_type: str
-    diff_id: Digest
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedImage:
-    """One image resolved for one platform: its manifest and layers, base layer first.
-
-    ``platform`` is the node platform it was resolved for (the kubelet may run a compatible
-    one, e.g. 386 on amd64). ``node_selector`` (label → value, all must match; empty = every
-    node of the platform) lets caches with different node selectors share one plan.
-    ``unpackable``: how many of ``layers``, from the base, form chains that can be unpacked
-    (None: all); a foreign layer left out of ``layers`` ends the image's chains there.
-    """
-
-    reference: str
-    platform: Platform
-    manifest_digest: Digest
-    layers: tuple[Layer, ...]
-    node_selector: Mapping[str, str] = field(default_factory=dict)
-    unpackable: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

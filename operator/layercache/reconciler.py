@@ -16,10 +16,11 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 
+from layercache.backoff import Backoff
 from layercache.conditions import now_iso
 from layercache.digest import Digest
 from layercache.distribute import CachePlan, distribute, node_spec, previous_assignments
@@ -46,6 +47,8 @@ from layercache.status import cache_status, foreign_layers
 __all__ = ["CREDENTIALS_KEY", "CacheState", "ImageError", "Reconciler"]
 
 log = logging.getLogger(__name__)
+#: Waits before retrying a failed replan: 2 s doubling to 10 s, started over by a success.
+REPLAN_BACKOFF: Final = Backoff(2.0, 10.0)
 #: Seconds before a cache whose resolution failed transiently is resolved again (at least:
 #: a server's longer ``Retry-After`` pushes it back).
 TRANSIENT_RETRY_SECONDS = 30.0
@@ -352,8 +355,10 @@ class Reconciler:
     async def run(self) -> None:
         """Replan whenever triggered, forever.
 
-        A failed replan is logged and retried after 10 seconds; it never ends the loop.
+        A failed replan is logged and retried after `REPLAN_BACKOFF` (2 s doubling to 10 s,
+        never later than the fixed 10 s it used to be); it never ends the loop.
         """
+        delays = REPLAN_BACKOFF.delays()
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self.settings.replan_debounce_seconds)
@@ -362,10 +367,12 @@ class Reconciler:
                 with self.metrics.replan_duration.time():
                     await self.replan()
                 self.metrics.replans.labels("ok").inc()
+                delays = REPLAN_BACKOFF.delays()
             except Exception:
                 self.metrics.replans.labels("error").inc()
-                log.exception("replan failed; retrying in 10 s")
-                await asyncio.sleep(10)
+                delay = next(delays)
+                log.exception("replan failed; retrying in %.0f s", delay)
+                await asyncio.sleep(delay)
                 self._dirty.set()
 
     async def replan(self) -> dict[str, bool]:

@@ -6,21 +6,14 @@ Logged once at start-up (`summary()`), never with a secret in it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from layercache.reference import parse_registry_hosts
-from layercache.registry.client import RegistryOptions, registry_options
+from layercache.registryconfig import RegistryHostList, RegistryOptions, registry_options
 
-__all__ = ["OperatorSettings", "RegistryHosts"]
-
-#: A comma-separated list of registry hosts, canonicalised when read (``Reg.Example:05000``
-#: → ``reg.example:5000``) by the one parser `plan`, the operator and the agent share; an
-#: entry that is no registry host fails start-up naming the variable and the entry.
-RegistryHosts = Annotated[str, AfterValidator(lambda v: ",".join(parse_registry_hosts(v)))]
-
+__all__ = ["OperatorSettings"]
 
 class OperatorSettings(BaseSettings):
     """Operator settings; each field's env var is `LAYERCACHE_<FIELD>` (upper case)."""
@@ -38,7 +31,7 @@ class OperatorSettings(BaseSettings):
         "layercache-peer-token", description="Secret (in `namespace`) with the agents' token.")
     metrics_port: int = Field(8080, description="Prometheus metrics port (0: off).")
     health_port: int = Field(8081, description="Liveness endpoint port (kopf's /healthz).")
-    insecure_registries: RegistryHosts = Field(
+    insecure_registries: RegistryHostList = Field(
         "", description="Comma-separated registry hosts (host:port) spoken to over plain "
                         "HTTP, e.g. a local registry; the same variable the agent reads.")
     registry_ca_file: Path | None = Field(

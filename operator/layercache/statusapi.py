@@ -24,12 +24,13 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from layercache.kube import GROUP, LC_PLURAL, NLC_PLURAL, VERSION
-from layercache.kubeclient import api_client, uses_kubeconfig
+from layercache.kubeclient import INTERACTIVE_TIMEOUT, api_client, uses_kubeconfig
 
 __all__ = ["StatusApi", "StatusApiError"]
 
-#: Seconds any one read may wait (a person is waiting; the factory bounds connecting too).
-REQUEST_TIMEOUT: Final = 15.0
+#: Seconds any one read may wait: `layercache.kubeclient.INTERACTIVE_TIMEOUT` (a person is
+#: waiting; the factory bounds connecting too).
+REQUEST_TIMEOUT: Final = INTERACTIVE_TIMEOUT
 SERVICE_ACCOUNT_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 # The kubernetes client's config loaders and generated APIs carry no useful annotations.

@@ -9,8 +9,8 @@ import pytest
 
 from layercache.agent.nodeinfo import NodeInfo
 from layercache.agent.nodespec import Counters, InvalidNodeSpecError, parse_node_spec
-from layercache.agent.server import parse_range
 from layercache.agent.settings import AgentSettings
+from layercache.httprange import parse_range
 
 DIGEST = "sha256:" + "a" * 64
 OTHER = "sha256:" + "b" * 64

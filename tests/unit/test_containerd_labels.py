@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 import pytest
 
 from layercache.containerd.cri import AuthConfig
-from layercache.containerd.errors import redact
 from layercache.containerd.ingest import coalesce, write_request
 from layercache.containerd.labels import (
     GC_ROOT_LABEL,
@@ -19,6 +18,7 @@ from layercache.containerd.labels import (
     unpin_keys,
 )
 from layercache.containerd.protos import content_pb2
+from layercache.redact import redact
 
 PINNED = pin_labels(["a/one", "b/two"])
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from layercache.agent.backoff import RetryTimes
-from layercache.registry.client import redact_url_queries
+from layercache.redact import redact_urls as redact_url_queries
 from layercache.registry.errors import (
     RateLimitedError,
     RegistryConnectionError,

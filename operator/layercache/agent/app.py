@@ -34,7 +34,7 @@ from layercache.agent.disk import DiskGuard
 from layercache.agent.disksavings import DiskMeter
 from layercache.agent.fetch import FetchConfig, LayerFetcher
 from layercache.agent.images import ImagePuller
-from layercache.agent.kubeapi import AgentKube, Obj, OwnObjectWatch
+from layercache.agent.kubeapi import KUBE_BACKOFF, AgentKube, Obj, OwnObjectWatch
 from layercache.agent.kubelet import read_kubelet_disk
 from layercache.agent.nodeinfo import NodeInfo
 from layercache.agent.nodespec import Counters, parse_node_spec
@@ -67,14 +67,14 @@ _NO_BLOB = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b
 
 async def _retrying(what: str, call: Callable[[], Awaitable[Any]]) -> Any:
     """``call()`` until it succeeds: start-up cannot go on without it (backoff up to 30 s)."""
-    delay = 1.0
+    delays = KUBE_BACKOFF.delays()
     while True:
         try:
             return await call()
         except Exception as error:
+            delay = next(delays)
             log.warning("%s failed: %s; retrying in %.0f s", what, error, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
 
 async def _every(seconds: float, step: Callable[[], Awaitable[None]]) -> None:

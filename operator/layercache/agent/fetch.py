@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from layercache.agent.peers import (
 from layercache.agent.relay import Relays, relayed
 from layercache.agent.status import StatusBook
 from layercache.agent.transfer import ByteRate, ResumeRefusedError, upstream_source
+from layercache.backoff import Backoff
 from layercache.containerd.content import ContentStore, WriteResult, ingest_ref
 from layercache.containerd.errors import ContainerdError, Unavailable
 from layercache.containerd.ingest import (
@@ -220,7 +220,9 @@ class LayerFetcher:
         deadline = loop.time() + self.config.peer_wait
         refused: set[str] = set()
         dropped: set[str] = set()
-        delay = self.config.peer_poll
+        poll = Backoff(self.config.peer_poll, self.config.peer_poll * POLL_GROWTH, factor=1.5,
+                       jitter=True)
+        polls = 1
         while True:
             asked = loop.time()
             wait = min(LONG_POLL, max(0.0, deadline - asked))
@@ -262,12 +264,11 @@ class LayerFetcher:
                 log.info("no peer served %s in %.0f s: fetching upstream", layer.digest.short,
                          self.config.peer_wait, extra={"digest": layer.digest})
                 return False
-            if loop.time() - asked < min(delay, wait):
+            if loop.time() - asked < min(poll.step(polls), wait):
                 # Answered at once without the blob (an agent without long-polls, errors):
                 # jittered and growing, so many waiting nodes do not poll in step.
-                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0),  # noqa: S311 - jitter
-                                        max(0.0, deadline - loop.time())))
-                delay = min(delay * 1.5, self.config.peer_poll * POLL_GROWTH)
+                await asyncio.sleep(min(poll.delay(polls), max(0.0, deadline - loop.time())))
+                polls += 1
 
     async def _holders(self, layer: WantedLayer, peers: Sequence[str], dropped: set[str],
                        refused: set[str], wait: float) -> list[tuple[str, str]]:

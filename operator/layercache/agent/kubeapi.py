@@ -22,16 +22,21 @@ from typing import Any, Final
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from layercache import kubeclient
 from layercache.agent.nodespec import GROUP, PLURAL, VERSION
 from layercache.agent.settings import AgentSettings
+from layercache.backoff import Backoff
 from layercache.kubeclient import api_client
 
-__all__ = ["AgentKube", "OwnObjectWatch"]
+__all__ = ["KUBE_BACKOFF", "AgentKube", "OwnObjectWatch"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds the apiserver keeps one watch request open before we start the next.
-WATCH_SECONDS: Final = 300
+WATCH_SECONDS: Final = kubeclient.WATCH_SECONDS
+#: Waits before retrying a failed watch, or a start-up call (`layercache.agent.app`):
+#: 1 s doubling to 30 s, started over after a success.
+KUBE_BACKOFF: Final = Backoff(1.0, 30.0)
 _MERGE_PATCH: Final = "application/merge-patch+json"
 
 Obj = dict[str, Any]
@@ -167,7 +172,7 @@ class OwnObjectWatch:
             self.loop.call_soon_threadsafe(self.on_change, obj)
 
     def _run(self) -> None:
-        backoff = 1.0
+        delays = KUBE_BACKOFF.delays()
         version: str | None = None
         while not self._stop.is_set():
             try:
@@ -175,7 +180,7 @@ class OwnObjectWatch:
                     obj, version = self.kube.list_own()
                     self._deliver(obj)
                 version = self._follow(version)
-                backoff = 1.0
+                delays = KUBE_BACKOFF.delays()
             except ApiException as error:
                 if self._stop.is_set():
                     return
@@ -183,15 +188,16 @@ class OwnObjectWatch:
                     log.info("watch of own NodeLayerCache expired; listing again")
                     version = None
                     continue
+                backoff = next(delays)
                 log.warning("watch of own NodeLayerCache failed (HTTP %s); retrying in %.0f s",
                             error.status, backoff)
                 version = None
             except Exception as error:
+                backoff = next(delays)
                 log.warning("watch of own NodeLayerCache failed: %s; retrying in %.0f s",
                             error, backoff)
                 version = None
             self._stop.wait(backoff)
-            backoff = min(backoff * 2, 30.0)
 
     def _follow(self, version: str) -> str | None:
         """One watch request from ``version``; returns the version to go on from."""

@@ -18,7 +18,7 @@ from typing import Final
 import httpx
 from kubernetes.client.exceptions import ApiException
 
-from layercache import __version__
+from layercache import __version__, httprange
 from layercache.agent.kubeapi import AgentKube
 from layercache.agent.transfer import ByteRate, OnBytes, metered, resume_refusal, skip
 from layercache.containerd.ingest import ResumableSource
@@ -117,10 +117,7 @@ class PeerClient:
         token = self.token()
         if token is None:
             raise PeerUnauthorizedError("no peer token loaded: cannot ask peers")
-        headers = {"Authorization": f"Bearer {token}"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        return headers
+        return {"Authorization": f"Bearer {token}", **httprange.resume_headers(offset)}
 
     async def has(self, endpoint: str, digest: Digest, wait: float = 0.0) -> bool:
         """Whether the peer at ``endpoint`` holds blob ``digest`` (``HEAD``: 200 or 404).

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -41,46 +40,18 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from layercache import httprange
 from layercache.agent.relay import Relay, RelayFailedError, Relays
 from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import ContainerdError
 from layercache.digest import Digest, InvalidDigestError
 
-__all__ = ["ContainerdLiveness", "PeerServer", "metrics_app", "parse_range", "start_site"]
+__all__ = ["ContainerdLiveness", "PeerServer", "metrics_app", "start_site"]
 
 log = logging.getLogger(__name__)
 
-_RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)
 #: Longest long-poll a ``HEAD ?wait=`` may ask for (seconds).
 MAX_WAIT: Final = 30.0
-
-
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The byte range ``(start, end)`` (inclusive) a ``Range`` header asks of ``size`` bytes.
-
-    None means "the whole blob": no header, several ranges, or a malformed one (RFC 9110
-    §14.2 lets a server ignore those).
-
-    Raises:
-        ValueError: a well-formed range that no byte of the blob satisfies (answer 416).
-
-    """
-    if not header:
-        return None
-    match = _RANGE.fullmatch(header.strip())
-    if match is None or (not match.group(1) and not match.group(2)):
-        return None
-    first, last = match.group(1), match.group(2)
-    if not first:  # suffix: the last N bytes
-        count = int(last)
-        if count == 0 or size == 0:
-            raise ValueError("empty suffix range")
-        return max(0, size - count), size - 1
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if start >= size or end < start:
-        raise ValueError(f"range {header!r} outside {size} bytes")
-    return start, end
 
 
 class ContainerdLiveness:
@@ -191,14 +162,15 @@ class PeerServer:
         headers = {"Accept-Ranges": "bytes", "Docker-Content-Digest": str(digest),
                    "Content-Type": "application/octet-stream"}
         try:
-            wanted = parse_range(request.headers.get("Range"), size)
-        except ValueError:
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            wanted = httprange.parse_range(request.headers.get("Range"), size)
+        except httprange.RangeNotSatisfiableError:
+            return web.Response(status=416,
+                                headers={"Content-Range": httprange.unsatisfied_range(size)})
         start, end = wanted if wanted is not None else (0, size - 1)
         response = web.StreamResponse(status=206 if wanted is not None else 200,
                                       headers=headers)
         if wanted is not None:
-            response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            response.headers["Content-Range"] = httprange.content_range(start, end, size)
         response.content_length = end - start + 1
         await response.prepare(request)
         if request.method == "HEAD" or end < start:

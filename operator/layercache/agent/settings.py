@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from layercache.settings import RegistryHosts
+from layercache.reference import parse_registry_hosts
+from layercache.registryconfig import RegistryHostList
 
 __all__ = ["AgentSettings"]
 
@@ -85,7 +86,7 @@ class AgentSettings(BaseSettings):
         "layercache-peer-token", description="Secret whose key 'token' authenticates agents.")
     secret_refresh_seconds: float = Field(
         60.0, gt=0, description="Interval between re-reads of both Secrets (s).")
-    insecure_registries: RegistryHosts = Field(
+    insecure_registries: RegistryHostList = Field(
         "", description="Registry hosts (host:port) spoken to in plain HTTP; comma-separated.")
     registry_ca_file: Path | None = Field(
         None, description="Extra CA certificates (PEM) trusted for registries.")
@@ -117,7 +118,7 @@ class AgentSettings(BaseSettings):
     @property
     def insecure_hosts(self) -> tuple[str, ...]:
         """`insecure_registries` as a tuple of canonical ``host:port`` keys."""
-        return tuple(h for h in self.insecure_registries.split(",") if h)
+        return parse_registry_hosts(self.insecure_registries)
 
     def describe(self) -> dict[str, Any]:
         """Every setting as plain JSON values, for the single start-up log line."""

@@ -30,8 +30,8 @@ from kubernetes.client.exceptions import ApiException
 from layercache.agent.disksavings import NodeDisk
 from layercache.agent.nodespec import Counters
 from layercache.conditions import condition, now_iso
-from layercache.containerd.errors import redact
 from layercache.metrics import AgentMetrics, FetchSource
+from layercache.redact import redact
 from layercache.units import human_bytes
 
 __all__ = ["ErrorEntry", "StatusBook", "StatusReporter"]

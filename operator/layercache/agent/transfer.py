@@ -34,6 +34,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import httpx
 
+from layercache import httprange
 from layercache.containerd.ingest import ResumableSource
 from layercache.digest import Digest
 from layercache.reference import Reference
@@ -142,7 +143,7 @@ def upstream_source(client: RegistryClient, repository: Reference, digest: Diges
     async def from_offset(offset: int) -> AsyncIterator[bytes]:
         if offset >= size:  # killed between the last WRITE and COMMIT: nothing to send
             return
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        headers = httprange.resume_headers(offset)
         async with client.stream("GET", repository, path, headers) as response:
             chunks: AsyncIterable[bytes] = response.aiter_bytes()
             if (refused := resume_refusal(what, response, offset)) is not None:

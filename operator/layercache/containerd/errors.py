@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import grpc
 
+from layercache.redact import redact
+
 __all__ = [
     "AlreadyExists",
     "ContainerdError",
@@ -30,12 +32,8 @@ __all__ = [
     "PermissionDenied",
     "Unavailable",
     "from_rpc_error",
-    "redact",
     "rpc_errors",
 ]
-
-_REDACTED = "<redacted>"
-
 
 class ContainerdError(Exception):
     """A containerd (or CRI) call failed.
@@ -113,14 +111,6 @@ _BY_CODE: dict[grpc.StatusCode, type[ContainerdError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
     grpc.StatusCode.ABORTED: Unavailable,
 }
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every occurrence of each non-empty secret replaced by a marker."""
-    # Longest first, so a secret that contains another is blanked out whole.
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, _REDACTED)
-    return text
 
 
 def from_rpc_error(error: grpc.RpcError, *, socket: str, subject: str, operation: str,

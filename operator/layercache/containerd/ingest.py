@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import random
 import re
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import Final
 
 import grpc
 
+from layercache.backoff import Backoff
 from layercache.containerd.channel import Client
 from layercache.containerd.errors import (
     ContainerdError,
@@ -83,6 +83,8 @@ WRITE_METHOD: Final = "/containerd.services.content.v1.Content/Write"
 _DATA_TAG: Final = bytes([6 << 3 | 2])
 #: Seconds to wait for an ingest ref locked by another stream before giving up (Unavailable).
 LOCK_WAIT: Final = 10.0
+#: Waits between STATs of a locked ref: 50 ms doubling to 1 s, jittered.
+_LOCK_BACKOFF: Final = Backoff(0.05, 1.0, jitter=True)
 
 #: Seconds the lease of an ingest kept for a resume lives (its ``containerd.io/gc.expire``):
 #: long enough to resume after an agent restart, short enough not to hold disk for long.
@@ -286,7 +288,7 @@ async def _open(client: Client, lease: str, ref: str, stat: content_pb2.WriteCon
     server notices that the previous stream on it ended.
     """
     deadline = asyncio.get_running_loop().time() + LOCK_WAIT
-    backoff = 0.05
+    attempt = 1
     while True:
         stream = _Stream(client, lease, ref)
         try:
@@ -295,13 +297,14 @@ async def _open(client: Client, lease: str, ref: str, stat: content_pb2.WriteCon
             stream.call.cancel()
             locked = (error.code() == grpc.StatusCode.UNAVAILABLE
                       and "locked" in (error.details() or ""))
-            if not locked or asyncio.get_running_loop().time() + backoff > deadline:
+            if (not locked or asyncio.get_running_loop().time() + _LOCK_BACKOFF.step(attempt)
+                    > deadline):
                 raise
         except BaseException:
             stream.call.cancel()
             raise
-        await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
-        backoff = min(backoff * 2, 1.0)
+        await asyncio.sleep(_LOCK_BACKOFF.delay(attempt))
+        attempt += 1
 
 
 def _is_resumable(source: ChunkSource) -> bool:

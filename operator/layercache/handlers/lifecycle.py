@@ -35,11 +35,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     log.info("layercache operator starting: %s", ours.summary())
     settings.persistence.finalizer = "layercache.dev/finalizer"
     settings.posting.level = logging.INFO
-    settings.watching.server_timeout = 300
+    settings.watching.server_timeout = kubeclient.WATCH_SECONDS
     # kopf's own API calls (its aiohttp client): deadlines too, as for ours (kubeclient).
     settings.networking.connect_timeout = kubeclient.CONNECT_TIMEOUT
     settings.networking.request_timeout = kubeclient.REQUEST_TIMEOUT
-    settings.watching.client_timeout = 300 + kubeclient.REQUEST_TIMEOUT
+    settings.watching.client_timeout = kubeclient.WATCH_SECONDS + kubeclient.REQUEST_TIMEOUT
     api = api_client()
     kube = KubeApi(api)
     await asyncio.to_thread(kube.ensure_peer_token, ours.namespace, ours.peer_token_secret)

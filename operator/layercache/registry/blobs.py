@@ -23,23 +23,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Final, Protocol, runtime_checkable
+from typing import IO, Protocol, runtime_checkable
 
 import httpx
 
-from layercache import digest as _digest
-from layercache.digest import Digest, DigestVerifier
+from layercache import httprange
+from layercache.digest import Digest, DigestMismatchError, DigestVerifier
 from layercache.reference import Reference
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import (
     BlobNotFoundError,
     BlobTooLargeError,
-    DigestMismatchError,
     IncompleteBodyError,
     NonDistributableLayerError,
+    RegistryDigestMismatchError,
 )
 from layercache.registry.manifest import MAX_LAYER_BYTES
 from layercache.registry.mediatypes import layer_type
@@ -49,7 +48,6 @@ __all__ = [
     "CallbackSink",
     "FileSink",
     "MemorySink",
-    "content_range_start",
     "fetch_blob",
     "fetch_blob_bytes",
     "refused_resume",
@@ -57,7 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE: Final = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)", re.ASCII)
 
 
 @runtime_checkable
@@ -212,31 +209,14 @@ class CallbackSink:
             await self._on_commit(digest, size)
 
 
-def content_range_start(response: httpx.Response) -> int | None:
-    """The first byte of a ``206`` answer's ``Content-Range`` (RFC 9110 §14.4), or None.
-
-    None when the header is absent or not ``bytes FIRST-LAST/(TOTAL|*)``.
-    """
-    match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
-    return int(match.group(1)) if match else None
-
-
 def refused_resume(response: httpx.Response, offset: int) -> str | None:
-    """Why ``response`` refuses a resume asked as ``Range: bytes=<offset>-``, or None.
+    """Why ``response`` refuses a resume from byte ``offset``, or None.
 
-    Refused: a ``206`` whose ``Content-Range`` starts at another byte, or a ``416``, when
-    ``offset`` > 0. Not refused: any other answer (a ``200`` ignores the Range: its body
-    starts at byte 0, which the caller skips through or restarts from). The one rule for
-    the registry client (`fetch_blob`) and the agent's sources (upstream and peers).
+    `layercache.httprange.refused_resume` on the answer's status and ``Content-Range``:
+    the one rule for the registry client (`fetch_blob`) and the agent's sources.
     """
-    if not offset:
-        return None
-    header = response.headers.get("content-range")
-    if response.status_code == 416:
-        return f"asked for bytes from {offset}, got HTTP 416 (Content-Range {header})"
-    if response.status_code == 206 and content_range_start(response) != offset:
-        return f"asked for bytes from {offset}, got Content-Range {header}"
-    return None
+    return httprange.refused_resume(response.status_code,
+                                    response.headers.get("content-range"), offset)
 
 
 async def fetch_blob(
@@ -260,7 +240,8 @@ async def fetch_blob(
     Raises:
         NonDistributableLayerError: a foreign / non-distributable layer media type.
         BlobTooLargeError: ``size`` outside 0..``max_size``, or the server sent more.
-        DigestMismatchError: the bytes do not hash to ``digest`` (the sink discarded them).
+        RegistryDigestMismatchError: (a `DigestMismatchError`) the bytes do not hash to
+            ``digest`` (the sink discarded them).
         BlobNotFoundError: the registry has no such blob there.
         TransientError: retry budget spent (connection errors, 5xx, 429, short bodies).
         RegistryAuthError, RegistryStatusError: final refusals.
@@ -281,7 +262,7 @@ async def fetch_blob(
             with attempt:
                 if state.complete():
                     break
-                headers = {"Range": f"bytes={state.received}-"} if state.received else {}
+                headers = httprange.resume_headers(state.received)
                 async with client.stream("GET", reference, path, headers) as response:
                     await state.accept(client, response, what)
                     await state.consume(response)
@@ -291,8 +272,8 @@ async def fetch_blob(
                     )
         try:
             state.verifier.verify()
-        except _digest.DigestMismatchError as exc:
-            raise DigestMismatchError(exc.expected, exc.actual, exc.size) from None
+        except DigestMismatchError as exc:
+            raise RegistryDigestMismatchError(exc.expected, exc.actual, exc.size) from None
     except BaseException:
         await sink.discard()
         raise

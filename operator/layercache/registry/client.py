@@ -16,7 +16,7 @@ token spec. One `RegistryClient` serves every registry of a process:
   the origin changes, so registry credentials never reach a storage host, and refusing a
   redirect from ``https`` to ``http`` (a downgrade would expose the bytes and the signed URL);
 - no URL query string is ever logged: pre-signed storage URLs carry their credentials there,
-  so httpx's own request log lines are redacted (`redact_url_queries`);
+  so httpx's own request log lines are redacted (`layercache.redact.RedactingFilter`);
 - each logical request runs in one retry loop (`RetryPolicy`); a 401 gets one token
   refresh inside the attempt, which is not a retry.
 
@@ -29,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -40,7 +38,8 @@ import httpx
 
 from layercache import __version__
 from layercache.httptransport import BlobTransport
-from layercache.reference import Reference, parse_registry_hosts
+from layercache.redact import RedactingFilter
+from layercache.reference import Reference
 from layercache.registry.auth import Authenticator, repository_scope
 from layercache.registry.credentials import Keyring
 from layercache.registry.errors import (
@@ -53,9 +52,9 @@ from layercache.registry.errors import (
 )
 from layercache.registry.hosts import HostState, RegistryHosts
 from layercache.registry.retry import RetryPolicy, parse_retry_after
+from layercache.registryconfig import RegistryOptions, registry_options
 
-__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "redact_url_queries",
-           "registry_options"]
+__all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "registry_options"]
 
 log = logging.getLogger(__name__)
 
@@ -63,51 +62,6 @@ USER_AGENT: Final = f"layercache/{__version__}"
 MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _NOT_FOUND_CODES: Final = frozenset({"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"})
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    """How to reach one registry.
-
-    Attributes:
-        insecure: speak plain HTTP (no TLS at all). Default False: HTTPS, verified.
-        ca_file: PEM file of extra CA certificates trusted for this registry (and its token
-            realm), on top of httpx's default roots.
-        max_concurrency: concurrent requests to this registry (>= 1), by every client that
-            shares a `RegistryHosts` (the first client to reach the host sets it).
-
-    """
-
-    insecure: bool = False
-    ca_file: Path | None = None
-    max_concurrency: int = 8
-
-    def __post_init__(self) -> None:
-        if self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-
-
-def registry_options(
-    insecure: str | Iterable[str] = (),
-    *,
-    ca_file: Path | None = None,
-    max_concurrency: int = 8,
-) -> tuple[dict[str, RegistryOptions], RegistryOptions]:
-    """`RegistryClient`'s ``registries`` and ``default`` from what a user configures.
-
-    ``insecure``: registry hosts spoken to in plain HTTP, as comma-separated text or a list
-    of such (``LAYERCACHE_INSECURE_REGISTRIES``, ``--insecure-registry``), canonicalised by
-    `layercache.reference.parse_registry_hosts` so ``Reg.Example:05000`` matches images of
-    ``reg.example:5000``. ``ca_file`` is trusted for every other registry.
-
-    Raises:
-        InvalidReferenceError: an insecure entry is not a registry host.
-
-    """
-    hosts = parse_registry_hosts(insecure)
-    return ({host: RegistryOptions(insecure=True, max_concurrency=max_concurrency)
-             for host in hosts},
-            RegistryOptions(ca_file=ca_file, max_concurrency=max_concurrency))
 
 
 def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -127,32 +81,7 @@ def describe(url: httpx.URL, method: str = "GET") -> str:
     return f"{method} {url.netloc.decode()}{url.path}"
 
 
-_URL_QUERY: Final = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"']*)\?[^\s#\"']*")
-
-
-def redact_url_queries(text: str) -> str:
-    """``text`` with the query of every URL in it replaced by ``?<redacted>``."""
-    return _URL_QUERY.sub(r"\1?<redacted>", text)
-
-
-class _RedactQueries(logging.Filter):
-    """Rewrites a record's message and arguments so no URL query string reaches a handler.
-
-    httpx logs every request at INFO as ``HTTP Request: GET <url> "HTTP/1.1 200 OK"``, the
-    whole URL included: for a blob redirected to object storage, its pre-signed query.
-    httpcore's DEBUG traces print response headers, a redirect's ``Location`` among them.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                redact_url_queries(str(arg)) if isinstance(arg, httpx.URL | str) else arg
-                for arg in record.args)
-        record.msg = redact_url_queries(record.msg) if isinstance(record.msg, str) else record.msg
-        return True
-
-
-_REDACT_QUERIES: Final = _RedactQueries()
+_REDACT_URLS: Final = RedactingFilter(httpx.URL)
 #: Connection pool limits of each trust profile's client.
 _LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
 #: Every logger httpx and httpcore log through (a logger's filter does not see records
@@ -160,7 +89,7 @@ _LIMITS: Final = httpx.Limits(max_connections=200, max_keepalive_connections=50)
 _HTTP_LOGGERS: Final = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
                         "httpcore.proxy", "httpcore.socks")
 for _name in _HTTP_LOGGERS:
-    logging.getLogger(_name).addFilter(_REDACT_QUERIES)
+    logging.getLogger(_name).addFilter(_REDACT_URLS)
 
 
 class RegistryClient:

@@ -14,7 +14,7 @@ Classification (what `layercache.registry.retry` and callers act on):
 
 from __future__ import annotations
 
-from layercache.digest import DigestMismatchError as _DigestMismatchError
+from layercache.digest import DigestMismatchError
 
 __all__ = [
     "AccessDeniedError",
@@ -31,6 +31,7 @@ __all__ = [
     "RegistryAuthError",
     "RegistryConfigError",
     "RegistryConnectionError",
+    "RegistryDigestMismatchError",
     "RegistryError",
     "RegistryStatusError",
     "ServerError",
@@ -51,11 +52,12 @@ class RegistryError(Exception):
     """
 
 
-class DigestMismatchError(_DigestMismatchError, RegistryError):
+class RegistryDigestMismatchError(DigestMismatchError, RegistryError):
     """Bytes from a registry do not hash to their digest (final: the sink discarded them).
 
-    Both a `layercache.digest.DigestMismatchError` (``expected``, ``actual``, ``size``)
-    and a `RegistryError`, so either ``except`` catches it.
+    The one `layercache.digest.DigestMismatchError` (``expected``, ``actual``, ``size``;
+    this module re-exports it under that name), raised by the registry client as a
+    `RegistryError` too, so either ``except`` catches it.
     """
 
 

@@ -22,9 +22,9 @@ from layercache.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlg
 from layercache.reference import Reference
 from layercache.registry.client import RegistryClient, read_capped
 from layercache.registry.errors import (
-    DigestMismatchError,
     ManifestError,
     ManifestNotFoundError,
+    RegistryDigestMismatchError,
     UnsupportedDigestError,
 )
 from layercache.registry.manifest import (
@@ -128,7 +128,8 @@ async def get_manifest(
 
     Raises:
         ManifestNotFoundError: no such manifest.
-        DigestMismatchError: the body does not hash to the expected digest.
+        RegistryDigestMismatchError: (a `DigestMismatchError`) the body does not hash to
+            the expected digest.
         ManifestError: (and subclasses) malformed, unsupported or oversized.
         RegistryAuthError, RegistryStatusError, TransientError: from the client.
 
@@ -155,7 +156,7 @@ async def get_manifest(
         expected = _header_digest(name, header)
     digest = Digest.from_bytes(body, expected.algorithm if expected else "sha256")
     if expected is not None and digest != expected:
-        raise DigestMismatchError(expected, digest, len(body))
+        raise RegistryDigestMismatchError(expected, digest, len(body))
     parsed = parse_manifest(body, content_type, name)
     return FetchedManifest(digest, parsed.media_type, len(body), body, parsed)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from layercache.digest import Digest
-from layercache.planner import Layer
-from layercache.planner import ResolvedImage as PlanImage
+from layercache.image import Layer
+from layercache.image import ResolvedImage as PlanImage
 from layercache.platform import Platform, PlatformNotFoundError, parse_platform, select_manifest
 from layercache.reference import Reference, parse_reference
 from layercache.registry.blobs import fetch_blob_bytes

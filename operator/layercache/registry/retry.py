@@ -9,7 +9,8 @@ so attempts do not multiply. Decisions (STYLE.md habit 3, distribution's error s
   not a retry), bad manifests, digest mismatches.
 
 The wait before attempt *n+1* is bounded exponential backoff with "equal jitter"
-(half fixed, half random: ``b/2 + U(0, b/2)`` with ``b = min(max_backoff, initial·2ⁿ⁻¹)``),
+(half fixed, half random: ``b/2 + U(0, b/2)`` with ``b = min(max_backoff, initial·2ⁿ⁻¹)``:
+`layercache.backoff.Backoff`),
 and never less than the server's ``Retry-After`` (RFC 9110 §10.2.3: delay-seconds or an
 HTTP-date). A ``Retry-After`` beyond ``max_retry_after`` ends the loop at once: waiting that
 long belongs to the caller (a kopf handler re-queues; it does not sleep).
@@ -28,6 +29,7 @@ from typing import Final
 
 import tenacity
 
+from layercache.backoff import Backoff
 from layercache.registry.errors import TransientError, retry_after
 
 __all__ = ["RetryPolicy", "parse_retry_after"]
@@ -97,8 +99,8 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Jittered backoff (seconds) after failed attempt number ``attempt`` (1-based)."""
-        base: float = min(self.max_backoff, self.initial_backoff * 2.0 ** (attempt - 1))
-        return base / 2 + self.rng.uniform(0.0, base / 2)
+        return Backoff(self.initial_backoff, self.max_backoff, jitter=True,
+                       rng=self.rng).delay(attempt)
 
     def wait_after(self, attempt: int, error: BaseException | None) -> float:
         """Seconds to wait after failed attempt ``attempt`` that raised ``error``.
