@@ -193,8 +193,8 @@ class Reconciler:
         this loop), and sooner — but at most every `DISK_MEASURE_MIN_SECONDS`, as a node
         warming thousands of layers changes with each — after an inventory or when the held
         blobs, the unpacked chains or the spec changed (so the figures follow an unpack
-        within seconds, not at the next full measurement). A failure keeps the figures measured before: they are
-        a report, not a reason to stop reconciling.
+        within seconds, not at the next full measurement). A failure keeps the figures
+        measured before: they are a report, not a reason to stop reconciling.
         """
         now = self.loop_time
         if self.meter is None or spec is None:
