@@ -63,9 +63,9 @@ class AgentSettings(BaseSettings):
         120.0, ge=0, description="How long a Peer layer waits for a peer (s) before upstream.")
     peer_poll_seconds: float = Field(
         2.0, gt=0, description=(
-            "Peers are asked with long-poll HEADs (answered when a peer holds or starts "
-            "receiving the layer); this is the first wait before asking again when they "
-            "answer at once without it (s); grows to 5x, jittered."))
+            "Peers are asked with long-poll HEADs (answered when a peer holds the layer "
+            "or its first bytes arrive there); this is the first wait before asking again "
+            "when they answer at once without it (s); grows to 5x, jittered."))
     min_free_percent: float | None = Field(
         None, ge=0, le=100,
         description="Fetch only while the image filesystem keeps this much free after it (%); "
