@@ -10,7 +10,7 @@ from typing import Any
 
 import kopf
 
-from layercache.kube import GROUP, NLC_PLURAL, VERSION
+from layercache.api import GROUP, NLC_PLURAL, VERSION
 from layercache.reconciler import Reconciler
 
 
