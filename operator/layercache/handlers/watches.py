@@ -12,6 +12,7 @@ import kopf
 
 from layercache.api import GROUP, NLC_PLURAL, VERSION
 from layercache.reconciler import Reconciler
+from layercache.status import node_status
 
 
 def _node_key(body: kopf.Body) -> tuple[Any, ...]:
@@ -46,9 +47,8 @@ async def inventory_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Me
         return
     seen: dict[str, Any] = memo.setdefault("held", {})
     name = body.get("metadata", {}).get("name")
-    status = body.get("status") or {}
-    key = None if event.get("type") == "DELETED" else (
-        tuple(status.get("missing") or ()), (status.get("layers") or {}).get("held"))
+    status = node_status(body)
+    key = None if event.get("type") == "DELETED" else (tuple(status.missing), status.layers.held)
     if seen.get(name) != key:
         seen[name] = key
         reconciler.trigger()
