@@ -25,6 +25,7 @@ from layercache.api import (
     InvalidObjectError,
     LayerCacheStatus,
     NodeLayerCacheSpec,
+    NodeLayerCacheStatus,
     Reason,
     failure_reason,
 )
@@ -49,7 +50,7 @@ from layercache.registry.resolve import ResolvedImage, resolve
 from layercache.registry.retry import RetryPolicy
 from layercache.settings import OperatorSettings
 from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
-from layercache.status import cache_status, foreign_layers, node_status
+from layercache.status import cache_status, foreign_layers
 
 __all__ = ["CREDENTIALS_KEY", "CacheState", "ImageError", "Reconciler"]
 
@@ -497,7 +498,7 @@ class Reconciler:
 
 def _counters(obj: Mapping[str, Any] | None) -> tuple[int, int]:
     """A NodeLayerCache's (upstream, peer) byte counters, (0, 0) when it has none."""
-    counted = node_status(obj).bytes
+    counted = NodeLayerCacheStatus.of(obj).bytes
     return counted.upstream, counted.peer
 
 
@@ -511,7 +512,7 @@ def _held(obj: Mapping[str, Any]) -> frozenset[Digest]:
     Nothing when the agent has not reported an inventory yet, or the object does not read
     (`layercache.api.InvalidObjectError`, logged: one bad object stops no replan).
     """
-    status = node_status(obj)
+    status = NodeLayerCacheStatus.of(obj)
     if not status.synced:
         return frozenset()
     name = str((obj.get("metadata") or {}).get("name", ""))

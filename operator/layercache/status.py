@@ -17,9 +17,7 @@ if TYPE_CHECKING:
     from layercache.reconciler import CacheState
 
 from layercache.api import (
-    NLC_KIND,
     Condition,
-    InvalidObjectError,
     LayerCacheStatus,
     NodeLayerCacheStatus,
     Reason,
@@ -39,7 +37,7 @@ from layercache.planner import saved_bytes
 from layercache.units import human_bytes
 
 __all__ = ["DISK_KEYS", "MAX_FAILING", "MAX_FOREIGN", "cache_disk", "cache_status",
-           "foreign_layers", "node_status"]
+           "foreign_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +57,6 @@ def foreign_layers(state: CacheState) -> list[dict[str, str]]:
             for (image, digest), media_type in sorted(found.items())][:MAX_FOREIGN]
 
 
-def node_status(obj: Mapping[str, Any] | None) -> NodeLayerCacheStatus:
-    """The status of a NodeLayerCache object (a dict as listed; None: no object yet).
-
-    One agent's unreadable status (`layercache.api.InvalidObjectError`, logged with the
-    object and field) reads as empty, like an agent that has reported nothing yet: it
-    never stops the aggregation of the other nodes.
-    """
-    if not obj:
-        return NodeLayerCacheStatus()
-    name = str((obj.get("metadata") or {}).get("name", ""))
-    try:
-        return NodeLayerCacheStatus.from_dict(obj.get("status"), NLC_KIND, name, "status")
-    except InvalidObjectError as error:
-        log.warning("%s; read as no status", error)
-        return NodeLayerCacheStatus()
-
-
 #: The figures of ``status.disk`` (NodeLayerCache and LayerCache), bytes each.
 DISK_KEYS = ("blobs", "snapshots", "separate", "saved")
 
@@ -90,7 +71,7 @@ def cache_disk(cache: str, nodes: Iterable[str],
     """
     total = dict.fromkeys(DISK_KEYS, 0)
     for name in nodes:
-        disk = node_status(node_caches.get(name)).disk
+        disk = NodeLayerCacheStatus.of(node_caches.get(name)).disk
         for entry in disk.caches if disk is not None else ():
             if entry.cache == cache:
                 for key in DISK_KEYS:
@@ -145,7 +126,7 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
     chain_counts = dict.fromkeys(("wanted", "unpacked", "bytes_unpacked"), 0)
     for name in nodes:
         obj = node_caches.get(name)
-        status = node_status(obj)
+        status = NodeLayerCacheStatus.of(obj)
         ok, reason, message = _node_state(obj, status)
         for key in chain_counts:
             chain_counts[key] += getattr(status.chains, key)

@@ -29,6 +29,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from layercache.api import NodeLayerCacheSpec, NodeLayerCacheStatus
 from layercache.conditions import headline_reason
 from layercache.spec import parse_duration
 from layercache.units import human_bytes
@@ -241,36 +242,47 @@ def node_rows(cache: Obj, node_caches: Iterable[Obj]) -> list[NodeRow]:
                ((cache.get("status") or {}).get("nodes") or {}).get("failing") or ()}
     rows: dict[str, NodeRow] = {}
     for obj in node_caches:
-        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        # The agents' part of the contract, read through its models (lenient: a node whose
+        # status does not read shows as reporting nothing, with a warning logged).
+        spec = NodeLayerCacheSpec.read_lenient(obj.get("spec"))
+        status = NodeLayerCacheStatus.of(obj)
         name = str((obj.get("metadata") or {}).get("name", ""))
-        if key not in (spec.get("caches") or ()) and name not in failing:
+        if key not in spec.caches and name not in failing:
             continue
-        layers, bytes_ = status.get("layers"), status.get("bytes") or {}
-        chains = status.get("chains")
-        ready = _conditions(status).get("Ready") or {}
+        layers = status.layers if _reported(status, "layers") else None
+        chains = status.chains if _reported(status, "chains") else None
+        counted = status.bytes.model_fields_set if _reported(status, "bytes") else set()
+        ready = status.condition("Ready")
         verdict = failing.get(name)
         rows[name] = NodeRow(
             name=name,
-            held=int(layers.get("held", 0)) if layers else None,
-            wanted=int(layers.get("wanted", 0)) if layers else None,
-            bytes_held=int(layers.get("bytesHeld", 0)) if layers else None,
-            upstream=int(bytes_["upstream"]) if "upstream" in bytes_ else None,
-            peer=int(bytes_["peer"]) if "peer" in bytes_ else None,
+            held=layers.held if layers else None,
+            wanted=layers.wanted if layers else None,
+            bytes_held=layers.bytes_held if layers else None,
+            upstream=status.bytes.upstream if "upstream" in counted else None,
+            peer=status.bytes.peer if "peer" in counted else None,
             # A failing entry without a reason still reads as failing, never "None".
             state=str(verdict.get("reason") or "Failing" if verdict
-                      else ready.get("reason", "NoStatus")),
+                      else ready.reason if ready and "reason" in ready.model_fields_set
+                      else "NoStatus"),
             message=str(verdict.get("message", "") if verdict else ""),
-            caches=len(spec.get("caches") or ()),
-            synced=_parse_time(status.get("lastSync")),
-            chains_wanted=int(chains.get("wanted", 0)) if chains else None,
-            chains_unpacked=int(chains.get("unpacked", 0)) if chains else None,
-            bytes_unpacked=int(chains.get("bytesUnpacked", 0)) if chains else None,
+            caches=len(spec.caches),
+            synced=_parse_time(status.last_sync),
+            chains_wanted=chains.wanted if chains else None,
+            chains_unpacked=chains.unpacked if chains else None,
+            bytes_unpacked=chains.bytes_unpacked if chains else None,
         )
     for name, verdict in failing.items():
         rows.setdefault(name, NodeRow(name, None, None, None, None, None,
                                       str(verdict.get("reason") or "Failing"),
                                       str(verdict.get("message", "")), 0, None))
     return [rows[name] for name in sorted(rows)]
+
+
+def _reported(status: NodeLayerCacheStatus, part: str) -> bool:
+    """Whether the agent wrote ``status.<part>`` with at least one field in it."""
+    value = getattr(status, part)
+    return part in status.model_fields_set and bool(value.model_fields_set)
 
 
 def _bar(row: NodeRow) -> RenderableType:
@@ -444,9 +456,10 @@ def _print_disk(console: Console, cache: Obj, node_caches: Iterable[Obj]) -> Non
                               for k in ("blobs", "snapshots", "separate", "saved")),
                       _percent(saved, separate))
     for obj in sorted(node_caches, key=lambda o: str((o.get("metadata") or {}).get("name"))):
-        for entry in ((obj.get("status") or {}).get("disk") or {}).get("caches") or ():
-            if entry.get("cache") == key:
-                row(str((obj.get("metadata") or {}).get("name", "")), entry)
+        disk = NodeLayerCacheStatus.of(obj).disk
+        for entry in disk.caches if disk is not None else ():
+            if entry.cache == key:
+                row(str((obj.get("metadata") or {}).get("name", "")), entry.to_dict())
     row("total", total)
     console.print(table)
     console.print(Text("On disk: blobs (compressed, as stored) and unpacked chain snapshots "

@@ -10,6 +10,7 @@ references, chain IDs) and builds the status (`layercache.agent.status.StatusBoo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal, Self
 
@@ -38,6 +39,7 @@ __all__ = [
 
 Source = Literal["Upstream", "Peer"]
 KIND = "NodeLayerCache"
+log = logging.getLogger(__name__)
 
 
 class InvalidNodeSpecError(InvalidObjectError):
@@ -227,6 +229,24 @@ class NodeLayerCacheStatus(WireModel):
     disk_pressure: bool = False
     disk: NodeDiskStatus | None = None
     last_sync: str | None = None
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any] | None) -> NodeLayerCacheStatus:
+        """The status of NodeLayerCache ``obj`` (a dict as listed; None: no object yet).
+
+        Lenient, for readers of many objects (the operator, ``layercache status``): one
+        agent's unreadable status (`InvalidObjectError`, logged with the object and the
+        field) reads as empty, like an agent that has reported nothing yet, and never
+        stops the reader going through the other nodes.
+        """
+        if not obj:
+            return cls()
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        try:
+            return cls.from_dict(obj.get("status"), KIND, name, "status")
+        except InvalidObjectError as error:
+            log.warning("%s; read as no status", error)
+            return cls()
 
     @property
     def synced(self) -> bool:

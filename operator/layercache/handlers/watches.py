@@ -10,9 +10,8 @@ from typing import Any
 
 import kopf
 
-from layercache.api import GROUP, NLC_PLURAL, VERSION
+from layercache.api import GROUP, NLC_PLURAL, VERSION, NodeLayerCacheStatus
 from layercache.reconciler import Reconciler
-from layercache.status import node_status
 
 
 def _node_key(body: kopf.Body) -> tuple[Any, ...]:
@@ -47,7 +46,7 @@ async def inventory_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Me
         return
     seen: dict[str, Any] = memo.setdefault("held", {})
     name = body.get("metadata", {}).get("name")
-    status = node_status(body)
+    status = NodeLayerCacheStatus.of(body)
     key = None if event.get("type") == "DELETED" else (tuple(status.missing), status.layers.held)
     if seen.get(name) != key:
         seen[name] = key
