@@ -54,7 +54,7 @@ from layercache.agent.peers import (
 from layercache.agent.relay import Relays, relayed
 from layercache.agent.status import StatusBook
 from layercache.agent.transfer import ByteRate, ResumeRefusedError, upstream_source
-from layercache.api import reasons
+from layercache.api import Reason, reasons
 from layercache.containerd.content import ContentStore, WriteResult, ingest_ref
 from layercache.containerd.ingest import (
     ContentDigestMismatchError,
@@ -207,7 +207,7 @@ class LayerFetcher:
                              layer.digest.short, error, extra={"digest": layer.digest})
                     if isinstance(error, PeerUnauthorizedError) and node not in refused:
                         refused.add(node)
-                        self.book.error("PeerUnauthorized", str(error), layer.digest)
+                        self.book.error(Reason.PEER_UNAUTHORIZED, str(error), layer.digest)
                     dropped.add(node)
                     self.directory.forget(node)
                     if isinstance(error, PeerCutError):
@@ -219,7 +219,8 @@ class LayerFetcher:
                         return False
                 except DigestMismatchError as error:
                     dropped.add(node)
-                    self.book.error("DigestMismatch", f"from peer {node}: {error}", layer.digest)
+                    self.book.error(Reason.DIGEST_MISMATCH, f"from peer {node}: {error}",
+                                    layer.digest)
             if dropped.issuperset(peers):
                 log.info("every peer failed to send %s: fetching upstream", layer.digest.short,
                          extra={"digest": layer.digest})
@@ -264,7 +265,7 @@ class LayerFetcher:
                     except PeerUnauthorizedError as error:
                         if node not in refused:  # once per layer and peer, not once per poll
                             refused.add(node)
-                            self.book.error("PeerUnauthorized", str(error), layer.digest)
+                            self.book.error(Reason.PEER_UNAUTHORIZED, str(error), layer.digest)
                     except PeerError as error:
                         log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
                         self.directory.forget(node)
