@@ -29,7 +29,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from layercache.api import NodeLayerCacheSpec, NodeLayerCacheStatus
+from layercache.api import LayerCacheStatus, NodeLayerCacheSpec, NodeLayerCacheStatus
 from layercache.conditions import headline_reason
 from layercache.spec import parse_duration
 from layercache.units import human_bytes
@@ -182,19 +182,20 @@ def render_list(console: Console, caches: Sequence[Obj], now: datetime.datetime,
     notes: list[str] = []
     for obj in caches:
         meta, status = obj.get("metadata") or {}, obj.get("status") or {}
-        nodes, layers, bytes_ = (status.get("nodes") or {}, status.get("layers") or {},
-                                 status.get("bytes") or {})
+        read = LayerCacheStatus.of(obj)
+        nodes, layers, bytes_ = read.nodes, read.layers, read.bytes
         created = _parse_time(meta.get("creationTimestamp"))
-        ready = (_conditions(status).get("Ready") or {}).get("status", "-")
+        ready_condition = read.condition("Ready")
+        ready = ready_condition.status if ready_condition else "-"
         table.add_row(
             meta.get("namespace", ""), meta.get("name", ""), ready,
-            f"{nodes.get('ready', 0)}/{nodes.get('desired', 0)}" if status else "-",
-            f"{layers.get('total', 0)} ({layers.get('shared', 0)})" if status else "-",
-            human_bytes(int(bytes_.get("unique", 0))) if status else "-",
-            human_bytes(int(bytes_.get("upstream", 0))) if status else "-",
+            f"{nodes.ready}/{nodes.desired}" if status else "-",
+            f"{layers.total} ({layers.shared})" if status else "-",
+            human_bytes(bytes_.unique) if status else "-",
+            human_bytes(bytes_.upstream) if status else "-",
             # The operator counts savings only once every node is ready (status.py).
-            _percent(int(bytes_.get("saved", 0)), int(bytes_.get("naive", 0)))
-            if nodes.get("desired") and nodes.get("ready") == nodes.get("desired") else "-",
+            _percent(bytes_.saved, bytes_.naive)
+            if nodes.desired and nodes.ready == nodes.desired else "-",
             _reason(status) if status else "NoStatus",
             age((now - created).total_seconds()) if created else "-",
         )
@@ -320,23 +321,25 @@ def render_detail(console: Console, cache: Obj, node_caches: Sequence[Obj] | Non
         console.print(Text(f"! {note}", style="yellow"), soft_wrap=True)
     if not status:
         return
-    _print_images(console, status)
+    read = LayerCacheStatus.of(cache)
+    _print_images(console, read)
     _print_conditions(console, status, now)
     _print_nodes(console, cache, node_caches, now, nodes_error)
-    _print_chains(console, status, node_rows(cache, node_caches or ()))
-    _print_savings(console, status)
+    _print_chains(console, read, node_rows(cache, node_caches or ()))
+    _print_savings(console, read)
     _print_disk(console, cache, node_caches or ())
 
 
-def _print_images(console: Console, status: Obj) -> None:
+def _print_images(console: Console, status: LayerCacheStatus) -> None:
     images = _table("Images", "IMAGE", "PLATFORM", "DIGEST", "LAYERS#")
-    for image in status.get("images") or ():
-        error = image.get("error")
-        digest = str(image.get("digest", ""))
-        images.add_row(escape(str(image.get("reference", ""))), image.get("platform", "") or "-",
+    for image in status.images:
+        error = image.error
+        digest = image.digest or ""
+        images.add_row(escape(image.reference), image.platform or "-",
                        Text(f"error: {error}", style="red") if error else
                        digest[:19] + ("…" if len(digest) > 19 else ""),
-                       str(image.get("layers", "-")) if not error else "-")
+                       str(image.layers if image.layers is not None else "-")
+                       if not error else "-")
     console.print(images)
 
 
@@ -362,8 +365,8 @@ def _tone(c: Obj) -> str:
 
 def _print_nodes(console: Console, cache: Obj, node_caches: Sequence[Obj] | None,
                  now: datetime.datetime, nodes_error: str | None) -> None:
-    nodes = (cache.get("status") or {}).get("nodes") or {}
-    title = f"Nodes: {nodes.get('ready', 0)}/{nodes.get('desired', 0)} ready"
+    nodes = LayerCacheStatus.of(cache).nodes
+    title = f"Nodes: {nodes.ready}/{nodes.desired} ready"
     rows = node_rows(cache, node_caches or ())
     table = _table(title, "NODE", "PROGRESS", "LAYERS#", "%#", "HELD#", "UPSTREAM#", "PEER#",
                    "STATE", "SYNCED#")
@@ -387,12 +390,12 @@ def _print_nodes(console: Console, cache: Obj, node_caches: Sequence[Obj] | None
     console.print(Text("; ".join(notes) + ".", style="dim"), soft_wrap=True)
 
 
-def _print_chains(console: Console, status: Obj, rows: Sequence[NodeRow]) -> None:
+def _print_chains(console: Console, status: LayerCacheStatus, rows: Sequence[NodeRow]) -> None:
     """Chains unpacked ahead of pulls, per node; nothing when none are planned or wanted."""
-    planned = status.get("chains") or {}
-    if not planned.get("planned") and not any(row.chains_wanted for row in rows):
+    planned = status.chains
+    if not planned.planned and not any(row.chains_wanted for row in rows):
         return
-    table = _table(f"Unpacked chains: {planned.get('unpacked', 0)}/{planned.get('wanted', 0)}",
+    table = _table(f"Unpacked chains: {planned.unpacked}/{planned.wanted}",
                    "NODE", "CHAINS#", "%#", "EXTRACTED#")
     for row in rows:
         if row.chains_wanted is None:
@@ -402,39 +405,37 @@ def _print_chains(console: Console, status: Obj, rows: Sequence[NodeRow]) -> Non
                       _percent(row.chains_unpacked or 0, row.chains_wanted),
                       _opt_bytes(row.bytes_unpacked))
     console.print(table)
-    if planned.get("skippedForBudget"):
-        console.print(Text(f"! {planned['skippedForBudget']} chain(s) not unpacked: their "
+    if planned.skipped_for_budget:
+        console.print(Text(f"! {planned.skipped_for_budget} chain(s) not unpacked: their "
                            "estimated size is over maxBytesPerNode", style="yellow"),
                       soft_wrap=True)
 
 
-def _print_savings(console: Console, status: Obj) -> None:
-    b = {k: int(v) for k, v in (status.get("bytes") or {}).items() if k != "savedHuman"}
-    unique, naive, upstream, peer = (b.get("unique", 0), b.get("naive", 0),
-                                     b.get("upstream", 0), b.get("peer", 0))
+def _print_savings(console: Console, status: LayerCacheStatus) -> None:
+    b = status.bytes
+    unique, naive, upstream, peer = b.unique, b.naive, b.upstream, b.peer
     fetched = upstream + peer
-    layers = status.get("layers") or {}
+    layers = status.layers
     table = _table("Savings (this LayerCache)", "MEASURE", "BYTES#", "NOTE")
     table.add_row("unique layer bytes", human_bytes(unique),
-                  f"{layers.get('total', 0)} distinct layers, {layers.get('shared', 0)} shared "
+                  f"{layers.total} distinct layers, {layers.shared} shared "
                   "by several images")
     table.add_row("naive upstream", human_bytes(naive),
                   "each node pulls the layers it holds itself")
-    table.add_row("expected upstream", human_bytes(b.get("expectedUpstream", 0)),
+    table.add_row("expected upstream", human_bytes(b.expected_upstream),
                   "what the latest plan still expects from upstream (0 once all is held)")
     table.add_row("from upstream, measured", human_bytes(upstream),
                   f"{_percent(upstream, fetched)} of fetched bytes; "
                   + (f"{upstream / unique:.3f} x unique" if unique else "no layers planned"))
     table.add_row("from peers, measured", human_bytes(peer),
                   f"{_percent(peer, fetched)} of fetched bytes, agent to agent")
-    table.add_row("saved upstream", human_bytes(b.get("saved", 0)),
-                  f"{_percent(b.get('saved', 0), naive)} of naive"
-                  + ("" if (status.get("nodes") or {}).get("ready") ==
-                     (status.get("nodes") or {}).get("desired") else
+    table.add_row("saved upstream", human_bytes(b.saved),
+                  f"{_percent(b.saved, naive)} of naive"
+                  + ("" if status.nodes.ready == status.nodes.desired else
                      " (counted once every node is ready)"))
-    if layers.get("skippedForBudget"):
+    if layers.skipped_for_budget:
         table.add_row("skipped for budget", "-",
-                      f"{layers['skippedForBudget']} layer(s) over maxBytesPerNode")
+                      f"{layers.skipped_for_budget} layer(s) over maxBytesPerNode")
     console.print(table)
 
 

@@ -8,11 +8,17 @@ and by ``layercache status``. Field meanings: manifests/crds/layercache.dev_laye
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic import Field
 
-from layercache.api.model import Condition, WireModel
+from layercache.api.model import Condition, InvalidObjectError, WireModel
 from layercache.api.nodelayercache import ChainCounts, DiskFigures
 from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CacheBytes",
@@ -105,6 +111,23 @@ class LayerCacheStatus(WireModel):
     disk: DiskFigures = DiskFigures()
     last_resolved: str | None = None
     non_distributable_layers: list[ForeignLayer] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any] | None) -> LayerCacheStatus:
+        """The status of LayerCache ``obj`` (a dict as listed), leniently.
+
+        For readers of many objects (``layercache status``): an unreadable status
+        (`InvalidObjectError`, logged with the object and the field) reads as empty.
+        """
+        if not obj:
+            return cls()
+        meta = obj.get("metadata") or {}
+        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        try:
+            return cls.from_dict(obj.get("status"), "LayerCache", key, "status")
+        except InvalidObjectError as error:
+            log.warning("%s; read as no status", error)
+            return cls()
 
     def condition(self, kind: str) -> Condition | None:
         """The condition of type ``kind``, if any."""
