@@ -176,3 +176,12 @@ def test_every_class_the_reason_table_names_exists() -> None:
         return found
 
     assert subclasses(BaseException) >= FAILURE_CLASSES
+
+
+def test_the_agent_acts_on_its_spec_whatever_its_status_holds() -> None:
+    from layercache.agent.nodespec import Counters, parse_node_spec
+
+    spec = parse_node_spec({"metadata": {"name": "n1", "generation": 2},
+                            "spec": {**SPEC, "chains": []},
+                            "status": {"bytes": {"upstream": "many"}}})
+    assert spec.counters == Counters() and len(spec.layers) == 2

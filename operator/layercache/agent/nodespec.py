@@ -169,7 +169,6 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
             (`layercache.api.NodeLayerCacheSpec`); a layer's digest, size, repository or
             source is unusable; a chain's digests are malformed, its layers are not in
             spec.layers, or its chain ID is not that of its diff IDs.
-        layercache.api.InvalidObjectError: a status field has the wrong type.
     """
     obj_model = NodeLayerCache.read(obj)
     name, spec, status = obj_model.name, obj_model.spec, obj_model.status

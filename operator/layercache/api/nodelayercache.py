@@ -270,14 +270,15 @@ class NodeLayerCache(WireModel):
     def read(cls, obj: Mapping[str, Any]) -> Self:
         """The model of a NodeLayerCache object as the API returns it.
 
+        The status is read leniently (`NodeLayerCacheStatus.of`): an agent acting on its
+        spec must not stop at a status field it cannot read.
+
         Raises:
-            InvalidObjectError: a spec or status field is unusable (the spec's errors are
-                `InvalidNodeSpecError`s); the message names the object and the field.
+            InvalidNodeSpecError: a spec field is unusable; names the object and the field.
         """
         metadata = obj.get("metadata") or {}
         name = str(metadata.get("name", ""))
         generation = metadata.get("generation")
         return cls(name=name, generation=generation if isinstance(generation, int) else None,
                    spec=NodeLayerCacheSpec.read(name, obj.get("spec")),
-                   status=NodeLayerCacheStatus.from_dict(obj.get("status"), KIND, name,
-                                                         "status"))
+                   status=NodeLayerCacheStatus.of(obj))
