@@ -185,3 +185,17 @@ def test_the_agent_acts_on_its_spec_whatever_its_status_holds() -> None:
                             "spec": {**SPEC, "chains": []},
                             "status": {"bytes": {"upstream": "many"}}})
     assert spec.counters == Counters() and len(spec.layers) == 2
+
+
+def test_one_unreadable_node_object_stops_no_replan_or_aggregation() -> None:
+    from layercache.distribute import previous_assignments
+    from layercache.status import cache_disk
+
+    good = {"metadata": {"name": "n2"}, "spec": SPEC, "status": NODE_STATUS}
+    bad_spec = {**SPEC, "layers": [{"digest": D1, "size": 1}]}  # no repository, no source
+    assert previous_assignments({"n1": bad_spec, "n2": SPEC}) == {
+        "n1": {}, "n2": {D1: ("Upstream", ()), D2: ("Peer", ("n2",))}}
+    bad_status = {"metadata": {"name": "n1"},
+                  "status": {"disk": {"caches": [{"cache": "ns/a", "blobs": "lots"}]}}}
+    assert cache_disk("ns/a", ["n1", "n2"], {"n1": bad_status, "n2": good}) == {
+        "blobs": 10, "snapshots": 0, "separate": 30, "saved": 20}
