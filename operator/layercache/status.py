@@ -9,19 +9,13 @@ is bounded (counts, plus at most `MAX_FAILING` failing nodes), so status stays s
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from layercache.reconciler import CacheState
 
-from layercache.api import (
-    Condition,
-    LayerCacheStatus,
-    NodeLayerCacheStatus,
-    Reason,
-)
+from layercache.api import Condition, LayerCacheStatus, NodeLayerCacheStatus, Reason
 from layercache.api.layercache import (
     CacheBytes,
     CacheChains,
@@ -38,8 +32,6 @@ from layercache.units import human_bytes
 
 __all__ = ["DISK_KEYS", "MAX_FAILING", "MAX_FOREIGN", "cache_disk", "cache_status",
            "foreign_layers"]
-
-log = logging.getLogger(__name__)
 
 MAX_FAILING = 20
 #: Foreign layers listed in status at most (the CRD's maxItems).
