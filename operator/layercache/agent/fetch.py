@@ -219,8 +219,7 @@ class LayerFetcher:
                         return False
                 except DigestMismatchError as error:
                     dropped.add(node)
-                    self.book.error(Reason.DIGEST_MISMATCH, f"from peer {node}: {error}",
-                                    layer.digest)
+                    self.book.error("DigestMismatch", f"from peer {node}: {error}", layer.digest)
             if dropped.issuperset(peers):
                 log.info("every peer failed to send %s: fetching upstream", layer.digest.short,
                          extra={"digest": layer.digest})
