@@ -22,11 +22,20 @@ every blob of it is in the node's (possibly cut) layer list.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, takewhile
 from typing import Any
 
+from layercache.api import InvalidObjectError
+from layercache.api.nodelayercache import (
+    ImageLayers,
+    NodeLayerCacheSpec,
+    SpecChain,
+    SpecImage,
+    SpecLayer,
+)
 from layercache.digest import Digest
 from layercache.planner import Layer, Plan
 from layercache.platform import Platform
@@ -34,6 +43,8 @@ from layercache.platform import Platform
 __all__ = ["MAX_IMAGE_LAYERS", "MAX_NODE_CHAINS", "MAX_NODE_LAYERS", "MAX_PEERS",
            "CachePlan", "NodeLayer", "Previous", "distribute", "node_spec",
            "previous_assignments"]
+
+log = logging.getLogger(__name__)
 
 #: Candidate peers listed per layer (the CRD caps the list at 8).
 MAX_PEERS = 8
@@ -76,15 +87,16 @@ class NodeLayer:
     source: str = "Peer"
     peers: list[str] = field(default_factory=list)
 
-    def to_spec(self) -> dict[str, Any]:
-        """The CRD's camelCase dict.
+    def to_spec(self) -> SpecLayer:
+        """The ``spec.layers[]`` entry.
 
         ``caches`` are sorted; the first is the cache whose image named `repository` (the
         first in key order to want the layer), so its credentials fit that repository.
         """
-        return {"digest": str(self.layer.digest), "size": self.layer.size,
-                "mediaType": self.layer.media_type, "repository": self.repository,
-                "source": self.source, "peers": self.peers, "caches": sorted(self.caches)}
+        return SpecLayer(digest=str(self.layer.digest), size=self.layer.size,
+                         media_type=self.layer.media_type, repository=self.repository,
+                         source="Upstream" if self.source == "Upstream" else "Peer",
+                         peers=list(self.peers), caches=sorted(self.caches))
 
 
 #: A previous assignment: node → digest → (source, peers), from the stored specs.
@@ -93,9 +105,20 @@ Previous = Mapping[str, Mapping[str, tuple[str, tuple[str, ...]]]]
 
 def previous_assignments(specs: Mapping[str, Mapping[str, Any]]) -> dict[
         str, dict[str, tuple[str, tuple[str, ...]]]]:
-    """`Previous` from NodeLayerCache specs by node name (the CRD's camelCase dicts)."""
-    return {name: {e["digest"]: (e["source"], tuple(e.get("peers") or ()))
-                   for e in spec.get("layers") or []} for name, spec in specs.items()}
+    """`Previous` from NodeLayerCache specs by node name (the CRD's camelCase dicts).
+
+    A spec that does not read (`layercache.api.InvalidObjectError`, logged) gives its node
+    no previous assignments: that node's spec is rewritten, no other is affected.
+    """
+    found: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {}
+    for name, raw in specs.items():
+        try:
+            spec = NodeLayerCacheSpec.read(name, raw)
+        except InvalidObjectError as error:
+            log.warning("previous assignments of node %s ignored: %s", name, error)
+            spec = NodeLayerCacheSpec(node_name=name)
+        found[name] = {e.digest: (e.source, tuple(e.peers)) for e in spec.layers}
+    return found
 
 
 def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Digest]],
@@ -188,7 +211,10 @@ def _seeders(wanting: Mapping[Digest, list[str]], holders: Mapping[Digest, list[
 
 def node_spec(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan]
               ) -> dict[str, Any]:
-    """The `NodeLayerCache.spec` of node `name` (the CRD's camelCase dict).
+    """The `NodeLayerCache.spec` of node `name`, as the CRD's camelCase dict.
+
+    Built as a `layercache.api.NodeLayerCacheSpec`; the dict is what
+    `layercache.kube.KubeApi.write_node_spec` compares with the stored spec and writes.
 
     ``images`` lists the mode-Images images all of whose layers the node holds; ``paused``
     is set when every cache wanting something here is paused.
@@ -202,21 +228,21 @@ def node_spec(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan
             if digests <= held:
                 images.setdefault(ref, set()).add(key)
     # Layers are in priority order, each after those beneath it: a prefix stays complete.
-    return {
-        "nodeName": name,
-        "layers": [entry.to_spec() for entry in layers[:MAX_NODE_LAYERS]],
-        "chains": _chains(name, held, caches),
-        "images": [{"reference": ref, "caches": sorted(images[ref])} for ref in sorted(images)],
-        "caches": wanting,
-        "paused": bool(wanting) and all(by_key[k].paused for k in wanting),
-        "imageLayers": _image_layers(name, layers[:MAX_NODE_LAYERS],
-                                     [by_key[key] for key in wanting]),
-    }
+    return NodeLayerCacheSpec(
+        node_name=name,
+        layers=[entry.to_spec() for entry in layers[:MAX_NODE_LAYERS]],
+        chains=_chains(name, held, caches),
+        images=[SpecImage(reference=ref, caches=sorted(images[ref])) for ref in sorted(images)],
+        caches=wanting,
+        paused=bool(wanting) and all(by_key[k].paused for k in wanting),
+        image_layers=_image_layers(name, layers[:MAX_NODE_LAYERS],
+                                   [by_key[key] for key in wanting]),
+    ).to_dict()
 
 
-def _chains(name: str, held: set[Digest], caches: Sequence[CachePlan]) -> list[dict[str, Any]]:
+def _chains(name: str, held: set[Digest], caches: Sequence[CachePlan]) -> list[SpecChain]:
     """`NodeLayerCache.spec.chains` of node ``name``: the caches' chains merged (see above)."""
-    merged: dict[Digest, dict[str, Any]] = {}
+    merged: dict[Digest, SpecChain] = {}
     for cache in sorted(caches, key=lambda c: c.key):
         node_plan = cache.plan.nodes.get(name)
         for wanted in node_plan.chains if node_plan is not None else ():
@@ -224,17 +250,17 @@ def _chains(name: str, held: set[Digest], caches: Sequence[CachePlan]) -> list[d
             if entry is None:
                 if not all(layer.digest in held for layer in wanted.layers):
                     continue
-                entry = merged[wanted.chain_id] = {
-                    "chainID": str(wanted.chain_id),
-                    "layers": [str(layer.digest) for layer in wanted.layers],
-                    "diffIDs": [str(diff_id) for diff_id in wanted.diff_ids],
-                    "unpackedBytes": wanted.unpacked_bytes, "caches": []}
-            entry["caches"].append(cache.key)
+                entry = merged[wanted.chain_id] = SpecChain(
+                    chain_id=str(wanted.chain_id),
+                    layers=[str(layer.digest) for layer in wanted.layers],
+                    diff_ids=[str(diff_id) for diff_id in wanted.diff_ids],
+                    unpacked_bytes=wanted.unpacked_bytes, caches=[])
+            entry.caches.append(cache.key)
     return list(merged.values())[:MAX_NODE_CHAINS]
 
 
 def _image_layers(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan]
-                  ) -> list[dict[str, Any]]:
+                  ) -> list[ImageLayers]:
     """``spec.imageLayers``: per cache and image planned on `name`, its held layers' indexes.
 
     Each image's layers base first, as indexes into ``spec.layers``, up to the first layer
@@ -243,7 +269,7 @@ def _image_layers(name: str, layers: Sequence[NodeLayer], caches: Sequence[Cache
     counts what the images would take stored apart from this (`MAX_IMAGE_LAYERS` at most).
     """
     position = {entry.layer.digest: index for index, entry in enumerate(layers)}
-    found: list[dict[str, Any]] = []
+    found: list[ImageLayers] = []
     for cache in caches:
         node_plan = cache.plan.nodes.get(name)
         if node_plan is None:
@@ -254,5 +280,5 @@ def _image_layers(name: str, layers: Sequence[NodeLayer], caches: Sequence[Cache
                                                 (position.get(d, -1) for d in digests)))
             if indexes and indexes not in seen:
                 seen.add(indexes)
-                found.append({"cache": cache.key, "layers": list(indexes)})
+                found.append(ImageLayers(cache=cache.key, layers=list(indexes)))
     return found[:MAX_IMAGE_LAYERS]

@@ -17,16 +17,13 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from layercache.api import API_VERSION, GROUP, LC_KIND, LC_PLURAL, NLC_KIND, NLC_PLURAL, VERSION
 from layercache.platform import Platform
 from layercache.spec import LabelSelector
 from layercache.warm import NodeWarmth
 
-__all__ = ["GROUP", "VERSION", "KubeApi", "NodeInfo", "PodImages", "SecretMissingError"]
+__all__ = ["KubeApi", "NodeInfo", "PodImages", "SecretMissingError"]
 
-GROUP = "layercache.dev"
-VERSION = "v1alpha1"
-NLC_PLURAL = "nodelayercaches"
-LC_PLURAL = "layercaches"
 #: Label on objects the operator creates, for cleanup and RBAC-friendly selection.
 MANAGED_BY = {"app.kubernetes.io/managed-by": "layercache"}
 
@@ -129,7 +126,7 @@ class KubeApi:
         """
         if existing is None:
             self.custom.create_cluster_custom_object(GROUP, VERSION, NLC_PLURAL, {
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": "NodeLayerCache",
+                "apiVersion": API_VERSION, "kind": NLC_KIND,
                 "metadata": {"name": name, "labels": MANAGED_BY}, "spec": spec})
             return True
         if existing.get("spec") == spec:
@@ -170,7 +167,7 @@ class KubeApi:
         now = now_iso()
         self.core.create_namespaced_event(namespace, {  # type: ignore[arg-type]
             "metadata": {"generateName": f"{name}.", "namespace": namespace},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LayerCache",
+            "involvedObject": {"apiVersion": API_VERSION, "kind": LC_KIND,
                                "name": name, "namespace": namespace, "uid": uid},
             "reason": reason, "message": message[:1024], "type": event_type,
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,

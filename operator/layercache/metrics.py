@@ -12,6 +12,7 @@ from a collector evaluated at scrape time, not from values pushed as things chan
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -19,6 +20,10 @@ from typing import Any, Final, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from layercache.api import LC_KIND, InvalidObjectError, LayerCacheStatus
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DISK_HELP", "AgentGauges", "AgentMetrics", "CacheStatuses", "FetchSource",
            "OperatorMetrics", "RegistryMetrics"]
@@ -242,22 +247,31 @@ class _CacheCollector(Collector):
         degraded = GaugeMetricFamily("layercache_cache_degraded",
                                      "1 when the cache's Degraded condition is True.",
                                      labels=["cache"])
-        for cache, status in self._statuses():
+        statuses = [(cache, _read(cache, status)) for cache, status in self._statuses()]
+        for cache, status in statuses:
             for key, family in byte_families.items():
-                family.add_metric([cache], float((status.get("bytes") or {}).get(key, 0)))
-            counts = status.get("nodes") or {}
-            nodes.add_metric([cache, "desired"], float(counts.get("desired", 0)))
-            nodes.add_metric([cache, "ready"], float(counts.get("ready", 0)))
-            shared.add_metric([cache], float((status.get("layers") or {}).get("shared", 0)))
-            conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+                family.add_metric([cache], float(getattr(status.bytes, _CACHE_BYTES[key])))
+            nodes.add_metric([cache, "desired"], float(status.nodes.desired))
+            nodes.add_metric([cache, "ready"], float(status.nodes.ready))
+            shared.add_metric([cache], float(status.layers.shared))
+            conditions = {c.type: c.status for c in status.conditions}
             ready.add_metric([cache], 1.0 if conditions.get("Ready") == "True" else 0.0)
             degraded.add_metric([cache], 1.0 if conditions.get("Degraded") == "True" else 0.0)
         yield from byte_families.values()
         yield from (nodes, shared, ready, degraded)
-        yield from _cache_disk(self._statuses())
+        yield from _cache_disk(statuses)
 
 
-def _cache_disk(statuses: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+def _read(cache: str, status: Mapping[str, Any]) -> LayerCacheStatus:
+    """A written LayerCache status as the model; one that does not read counts as empty."""
+    try:
+        return LayerCacheStatus.from_dict(status, LC_KIND, cache, "status")
+    except InvalidObjectError as error:
+        log.warning("%s; metrics read it as empty", error)
+        return LayerCacheStatus()
+
+
+def _cache_disk(statuses: list[tuple[str, LayerCacheStatus]]) -> Iterator[Metric]:
     """``layercache_cache_disk_*`` from each cache's ``status.disk`` (absent: 0)."""
     disk = GaugeMetricFamily("layercache_cache_disk_bytes", DISK_HELP["disk"] + " Summed "
                              "over the cache's nodes (LayerCache status.disk).",
@@ -267,11 +281,11 @@ def _cache_disk(statuses: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
     saved = GaugeMetricFamily("layercache_cache_disk_saved_bytes", DISK_HELP["saved"],
                               labels=["cache"])
     for cache, status in statuses:
-        figures = status.get("disk") or {}
+        figures = status.disk
         for kind in ("blobs", "snapshots"):
-            disk.add_metric([cache, kind], float(figures.get(kind, 0)))
-        separate.add_metric([cache], float(figures.get("separate", 0)))
-        saved.add_metric([cache], float(figures.get("saved", 0)))
+            disk.add_metric([cache, kind], float(getattr(figures, kind)))
+        separate.add_metric([cache], float(figures.separate))
+        saved.add_metric([cache], float(figures.saved))
     yield from (disk, separate, saved)
 
 

@@ -20,6 +20,15 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 
+from layercache.api import (
+    LC_KIND,
+    InvalidObjectError,
+    LayerCacheStatus,
+    NodeLayerCacheSpec,
+    NodeLayerCacheStatus,
+    Reason,
+    failure_reason,
+)
 from layercache.backoff import Backoff
 from layercache.conditions import now_iso
 from layercache.digest import Digest
@@ -158,11 +167,14 @@ class Reconciler:
             state.reported_foreign = before.reported_foreign
         elif stored_status:
             state.last_status = dict(stored_status)
-            bytes_ = stored_status.get("bytes") or {}
-            state.carried = (int(bytes_.get("upstream", 0)), int(bytes_.get("peer", 0)))
+            try:
+                stored = LayerCacheStatus.from_dict(stored_status, LC_KIND, state.key, "status")
+            except InvalidObjectError as unreadable:  # counting restarts at 0, no more
+                log.warning("%s; stored counters not carried over", unreadable)
+                stored = LayerCacheStatus()
+            state.carried = (stored.bytes.upstream, stored.bytes.peer)
             state.reported_foreign = frozenset(
-                str(entry.get("digest")) for entry in
-                stored_status.get("nonDistributableLayers") or ())
+                entry.digest for entry in stored.non_distributable_layers)
         try:
             state.spec = parse_spec(state.key, raw_spec)
         except InvalidSpecError as e:
@@ -190,11 +202,11 @@ class Reconciler:
                     except TransientError as e:
                         state.retry_transient = True
                         state.retry_after = max(state.retry_after, retry_after(e) or 0.0)
-                        return ImageError(str(ref), str(platform), type(e).__name__.removesuffix(
-                            "Error") or "RegistryError", str(e))
+                        return ImageError(str(ref), str(platform),
+                                          failure_reason(e, "resolve"), str(e))
                     except RegistryError as e:
-                        return ImageError(str(ref), str(platform), type(e).__name__.removesuffix(
-                            "Error") or "RegistryError", str(e))
+                        return ImageError(str(ref), str(platform),
+                                          failure_reason(e, "resolve"), str(e))
             results = await asyncio.gather(*(one(r, p) for r in refs for p in platforms))
         state.resolved = [r for r in results if isinstance(r, ResolvedImage)]
         failed = [r for r in results if isinstance(r, ImageError)]
@@ -256,7 +268,7 @@ class Reconciler:
                     try:
                         ref = parse_reference(text)
                     except InvalidReferenceError as e:
-                        errors.append(ImageError(text, "", "InvalidReference", str(e)))
+                        errors.append(ImageError(text, "", Reason.INVALID_REFERENCE, str(e)))
                         continue
                     known = refs.setdefault(ref, [])
                     known += [s for s in secrets if s not in known]
@@ -285,8 +297,8 @@ class Reconciler:
                 read[ref] = text, DockerConfig.from_json(text, f"Secret {ref[0]}/{ref[1]}")
             except (SecretMissingError, InvalidDockerConfigError) as e:
                 if ref in own:
-                    reason = ("PullSecretMissing" if isinstance(e, SecretMissingError)
-                              else "PullSecretInvalid")
+                    reason = (Reason.PULL_SECRET_MISSING if isinstance(e, SecretMissingError)
+                              else Reason.PULL_SECRET_INVALID)
                     errors.append(ImageError("", "", reason, str(e)))
                 else:
                     log.info("pull secret of a Pod not used: %s", e)
@@ -493,8 +505,8 @@ class Reconciler:
 
 def _counters(obj: Mapping[str, Any] | None) -> tuple[int, int]:
     """A NodeLayerCache's (upstream, peer) byte counters, (0, 0) when it has none."""
-    bytes_ = ((obj or {}).get("status") or {}).get("bytes") or {}
-    return int(bytes_.get("upstream", 0)), int(bytes_.get("peer", 0))
+    counted = NodeLayerCacheStatus.of(obj).bytes
+    return counted.upstream, counted.peer
 
 
 def _node_platform(node: NodeInfo) -> Platform:
@@ -502,10 +514,20 @@ def _node_platform(node: NodeInfo) -> Platform:
 
 
 def _held(obj: Mapping[str, Any]) -> frozenset[Digest]:
-    """Digests a node's agent reports holding: what its spec wants minus what is missing."""
-    status = obj.get("status") or {}
-    if "missing" not in status and not (status.get("layers") or {}).get("held"):
+    """Digests a node's agent reports holding: what its spec wants minus what is missing.
+
+    Nothing when the agent has not reported an inventory yet, or the object does not read
+    (`layercache.api.InvalidObjectError`, logged: one bad object stops no replan).
+    """
+    status = NodeLayerCacheStatus.of(obj)
+    if not status.synced:
         return frozenset()
-    missing = set(status.get("missing") or [])
-    return frozenset(Digest(layer["digest"]) for layer in (obj.get("spec") or {}).get(
-        "layers") or [] if layer["digest"] not in missing)
+    name = str((obj.get("metadata") or {}).get("name", ""))
+    try:
+        spec = NodeLayerCacheSpec.read(name, obj.get("spec"))
+    except InvalidObjectError as error:
+        log.warning("%s; node read as holding nothing", error)
+        return frozenset()
+    missing = set(status.missing)
+    return frozenset(Digest(layer.digest) for layer in spec.layers
+                     if layer.digest not in missing)

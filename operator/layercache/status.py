@@ -15,6 +15,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from layercache.reconciler import CacheState
 
+from layercache.api import Condition, LayerCacheStatus, NodeLayerCacheStatus, Reason
+from layercache.api.layercache import (
+    CacheBytes,
+    CacheChains,
+    FailingNode,
+    ForeignLayer,
+    ImageStatus,
+    LayerTotals,
+    NodeCounts,
+)
+from layercache.api.nodelayercache import DiskFigures
 from layercache.conditions import condition, headline_reason, now_iso
 from layercache.planner import saved_bytes
 from layercache.units import human_bytes
@@ -34,7 +45,7 @@ def foreign_layers(state: CacheState) -> list[dict[str, str]]:
     """
     found = {(str(r.reference), str(layer.digest)): layer.media_type
              for r in state.resolved for layer in r.non_distributable}
-    return [{"image": image, "digest": digest, "mediaType": media_type}
+    return [ForeignLayer(image=image, digest=digest, media_type=media_type).to_dict()
             for (image, digest), media_type in sorted(found.items())][:MAX_FOREIGN]
 
 
@@ -52,74 +63,77 @@ def cache_disk(cache: str, nodes: Iterable[str],
     """
     total = dict.fromkeys(DISK_KEYS, 0)
     for name in nodes:
-        disk = ((node_caches.get(name) or {}).get("status") or {}).get("disk") or {}
-        for entry in disk.get("caches") or ():
-            if entry.get("cache") == cache:
+        disk = NodeLayerCacheStatus.of(node_caches.get(name)).disk
+        for entry in disk.caches if disk is not None else ():
+            if entry.cache == cache:
                 for key in DISK_KEYS:
-                    total[key] += int(entry.get(key, 0))
+                    total[key] += getattr(entry, key)
     return total
 
 
-def _node_state(obj: Mapping[str, Any] | None) -> tuple[bool, str, str]:
-    """(ready, reason, message) of one node's NodeLayerCache."""
+def _node_state(obj: Mapping[str, Any] | None, status: NodeLayerCacheStatus
+                ) -> tuple[bool, str, str]:
+    """(ready, reason, message) of one node's NodeLayerCache ``obj`` with ``status``."""
     if obj is None:
-        return False, "NodeCacheMissing", "no NodeLayerCache yet"
-    status = obj.get("status") or {}
+        return False, Reason.NODE_CACHE_MISSING, "no NodeLayerCache yet"
     generation = obj["metadata"].get("generation")
-    if status.get("observedGeneration") != generation:
-        return False, "AgentNotCaughtUp", (
-            f"agent observed generation {status.get('observedGeneration')}, spec is {generation}")
-    conditions = {c["type"]: c for c in status.get("conditions") or []}
-    ready = conditions.get("Ready", {})
-    if ready.get("status") == "True":
-        return True, "Ready", ""
-    degraded = conditions.get("Degraded", {})
-    if degraded.get("status") == "True":
-        return False, degraded.get("reason", "Degraded"), degraded.get("message", "")
-    return False, ready.get("reason", "Fetching"), ready.get("message", "")
+    if status.observed_generation != generation:
+        return False, Reason.AGENT_NOT_CAUGHT_UP, (
+            f"agent observed generation {status.observed_generation}, spec is {generation}")
+    ready = status.condition("Ready")
+    if ready is not None and ready.status == "True":
+        return True, Reason.READY, ""
+    degraded = status.condition("Degraded")
+    if degraded is not None and degraded.status == "True":
+        return (False, degraded.reason if "reason" in degraded.model_fields_set
+                else Reason.DEGRADED, degraded.message)
+    if ready is None:
+        return False, Reason.FETCHING, ""
+    return (False, ready.reason if "reason" in ready.model_fields_set else Reason.FETCHING,
+            ready.message)
 
 
 def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]],
                  last: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The `status` of `state`'s LayerCache (the CRD's camelCase dict).
+    """The `status` of `state`'s LayerCache, as the CRD's camelCase dict.
 
-    `node_caches` are all NodeLayerCache objects by name; `last` the status written before
-    (to keep condition transition times).
+    Built as a `layercache.api.LayerCacheStatus`. `node_caches` are all NodeLayerCache
+    objects by name; `last` the status written before (to keep condition transition times).
     """
     now = now_iso()
     previous = {c["type"]: c for c in (last or {}).get("conditions") or []}
     gen = state.generation
     if state.invalid is not None:
         invalid = [
-            condition(previous, "Ready", False, "InvalidSpec", state.invalid, gen, now),
-            condition(previous, "Progressing", False, "InvalidSpec", state.invalid, gen, now),
-            condition(previous, "Degraded", True, "InvalidSpec", state.invalid, gen, now)]
-        return {"observedGeneration": gen, "reason": headline_reason(invalid),
-                "conditions": invalid}
+            condition(previous, "Ready", False, Reason.INVALID_SPEC, state.invalid, gen, now),
+            condition(previous, "Progressing", False, Reason.INVALID_SPEC, state.invalid, gen,
+                      now),
+            condition(previous, "Degraded", True, Reason.INVALID_SPEC, state.invalid, gen, now)]
+        return LayerCacheStatus(observed_generation=gen, reason=headline_reason(invalid),
+                                conditions=_conditions(invalid)).to_dict()
     planned = state.desired_nodes is not None
     nodes = state.desired_nodes or ()
     ready_nodes, failing = 0, []
     upstream, peer = state.carried
-    chain_counts = dict.fromkeys(("wanted", "unpacked", "bytesUnpacked"), 0)
+    chain_counts = dict.fromkeys(("wanted", "unpacked", "bytes_unpacked"), 0)
     for name in nodes:
         obj = node_caches.get(name)
-        ok, reason, message = _node_state(obj)
-        counted = ((obj or {}).get("status") or {}).get("chains") or {}
+        status = NodeLayerCacheStatus.of(obj)
+        ok, reason, message = _node_state(obj, status)
         for key in chain_counts:
-            chain_counts[key] += int(counted.get(key, 0))
-        bytes_ = ((obj or {}).get("status") or {}).get("bytes") or {}
+            chain_counts[key] += getattr(status.chains, key)
         # Node counters are cumulative over every cache; ours is what they grew by since
         # this cache was first planned there (an agent restart never lowers them). A node
         # with no baseline never had this cache's layers in its spec (e.g. none of its
         # images resolved): nothing it fetched was for us.
         if name in state.baseline:
             base_up, base_peer = state.baseline[name]
-            upstream += max(int(bytes_.get("upstream", 0)) - base_up, 0)
-            peer += max(int(bytes_.get("peer", 0)) - base_peer, 0)
+            upstream += max(status.bytes.upstream - base_up, 0)
+            peer += max(status.bytes.peer - base_peer, 0)
         if ok:
             ready_nodes += 1
         else:
-            failing.append({"name": name, "reason": reason, "message": message[:512]})
+            failing.append(FailingNode(name=name, reason=reason, message=message[:512]))
     savings = state.plan.savings if state.plan else None
     node_plans = list(state.plan.nodes.values()) if state.plan else []
     naive = savings.naive_bytes if savings else 0
@@ -133,52 +147,57 @@ def cache_status(state: CacheState, node_caches: Mapping[str, Mapping[str, Any]]
     if skipped:
         problems.append(f"{skipped} node(s) skip layers for maxBytesPerNode")
     degraded_reason = (state.errors[0].reason if state.errors else
-                       "NoMatchingNodes" if planned and not nodes else
-                       "BudgetExceeded" if skipped else "AsExpected")
+                       Reason.NO_MATCHING_NODES if planned and not nodes else
+                       Reason.BUDGET_EXCEEDED if skipped else Reason.AS_EXPECTED)
     all_ready = bool(nodes) and ready_nodes == len(nodes)
-    failing_fetch = [f for f in failing if f["reason"] not in ("Fetching", "AgentNotCaughtUp",
-                                                               "NodeCacheMissing")]
-    if failing_fetch and degraded_reason == "AsExpected":
-        degraded_reason = "NodeErrors"
-        problems.append("; ".join(f"{f['name']}: {f['reason']}" for f in failing_fetch[:5]))
+    failing_fetch = [f for f in failing if f.reason not in (
+        Reason.FETCHING, Reason.AGENT_NOT_CAUGHT_UP, Reason.NODE_CACHE_MISSING)]
+    if failing_fetch and degraded_reason == Reason.AS_EXPECTED:
+        degraded_reason = Reason.NODE_ERRORS
+        problems.append("; ".join(f"{f.name}: {f.reason}" for f in failing_fetch[:5]))
     conditions = [
         condition(previous, "Ready", all_ready and not state.errors,
-                   "AllNodesReady" if all_ready and not state.errors else
-                   "ImagesUnresolved" if state.errors else "NodesNotReady",
+                   Reason.ALL_NODES_READY if all_ready and not state.errors else
+                   Reason.IMAGES_UNRESOLVED if state.errors else Reason.NODES_NOT_READY,
                    f"{ready_nodes}/{len(nodes)} nodes hold their layers", gen, now),
         condition(previous, "Progressing", not planned or (bool(nodes) and not all_ready),
-                   "Planning" if not planned else
-                   "Fetching" if nodes and not all_ready else "Complete",
+                   Reason.PLANNING if not planned else
+                   Reason.FETCHING if nodes and not all_ready else Reason.COMPLETE,
                    f"{len(nodes) - ready_nodes} node(s) still fetching", gen, now),
-        condition(previous, "Degraded", degraded_reason != "AsExpected", degraded_reason,
+        condition(previous, "Degraded", degraded_reason != Reason.AS_EXPECTED, degraded_reason,
                    "; ".join(problems), gen, now),
     ]
-    images = [{"reference": str(r.reference), "digest": str(r.digest),
-               "platform": str(r.platform), "layers": len(r.layers)}
+    images = [ImageStatus(reference=str(r.reference), digest=str(r.digest),
+                          platform=str(r.platform), layers=len(r.layers))
               for r in state.resolved][:500]
-    images += [{"reference": e.reference, "platform": e.platform,
-                "error": f"{e.reason}: {e.message}"[:512]} for e in state.errors if e.reference]
+    images += [ImageStatus(reference=e.reference, platform=e.platform,
+                           error=f"{e.reason}: {e.message}"[:512])
+               for e in state.errors if e.reference]
     # Measured, once every node holds its layers (before that the counts are not final).
     saved = saved_bytes(naive, upstream, peer) if all_ready else 0
-    return {
-        "observedGeneration": gen,
-        "reason": headline_reason(conditions),
-        "conditions": conditions,
-        "images": images[:500],
-        "layers": {"total": len(state.plan.shared_by) if state.plan else 0, "shared": shared,
-                   "skippedForBudget": sum(len(p.skipped.layers) for p in
-                                           (state.plan.nodes.values() if state.plan else ())
-                                           if p.skipped)},
-        "chains": {"planned": sum(len(p.chains) for p in node_plans),
-                   "skippedForBudget": sum(p.chains_skipped for p in node_plans),
-                   **chain_counts},
-        "bytes": {"unique": savings.unique_bytes if savings else 0, "naive": naive,
-                  "expectedUpstream": savings.expected_upstream_bytes if savings else 0,
-                  "upstream": upstream, "peer": peer, "saved": saved,
-                  "savedHuman": human_bytes(saved)},
-        "nodes": {"desired": len(nodes), "ready": ready_nodes,
-                  "summary": f"{ready_nodes}/{len(nodes)}", "failing": failing[:MAX_FAILING]},
-        "disk": cache_disk(state.key, nodes, node_caches),
-        "lastResolved": state.resolved_time,
-        "nonDistributableLayers": foreign_layers(state),
-    }
+    return LayerCacheStatus(
+        observed_generation=gen,
+        reason=headline_reason(conditions),
+        conditions=_conditions(conditions),
+        images=images[:500],
+        layers=LayerTotals(total=len(state.plan.shared_by) if state.plan else 0, shared=shared,
+                           skipped_for_budget=sum(len(p.skipped.layers) for p in node_plans
+                                                  if p.skipped)),
+        chains=CacheChains(planned=sum(len(p.chains) for p in node_plans),
+                           skipped_for_budget=sum(p.chains_skipped for p in node_plans),
+                           **chain_counts),
+        bytes=CacheBytes(unique=savings.unique_bytes if savings else 0, naive=naive,
+                         expected_upstream=savings.expected_upstream_bytes if savings else 0,
+                         upstream=upstream, peer=peer, saved=saved,
+                         saved_human=human_bytes(saved)),
+        nodes=NodeCounts(desired=len(nodes), ready=ready_nodes,
+                         summary=f"{ready_nodes}/{len(nodes)}", failing=failing[:MAX_FAILING]),
+        disk=DiskFigures(**cache_disk(state.key, nodes, node_caches)),
+        last_resolved=state.resolved_time,
+        non_distributable_layers=[ForeignLayer.model_validate(entry)
+                                  for entry in foreign_layers(state)],
+    ).to_dict()
+
+
+def _conditions(built: Iterable[Mapping[str, Any]]) -> list[Condition]:
+    return [Condition.model_validate(c) for c in built]

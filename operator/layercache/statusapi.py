@@ -23,7 +23,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from layercache.kube import GROUP, LC_PLURAL, NLC_PLURAL, VERSION
+from layercache.api import GROUP, LC_PLURAL, NLC_PLURAL, VERSION
 from layercache.kubeclient import INTERACTIVE_TIMEOUT, api_client, uses_kubeconfig
 
 __all__ = ["StatusApi", "StatusApiError"]

@@ -29,6 +29,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from layercache.api import LayerCacheStatus, NodeLayerCacheSpec, NodeLayerCacheStatus
 from layercache.conditions import headline_reason
 from layercache.spec import parse_duration
 from layercache.units import human_bytes
@@ -181,19 +182,20 @@ def render_list(console: Console, caches: Sequence[Obj], now: datetime.datetime,
     notes: list[str] = []
     for obj in caches:
         meta, status = obj.get("metadata") or {}, obj.get("status") or {}
-        nodes, layers, bytes_ = (status.get("nodes") or {}, status.get("layers") or {},
-                                 status.get("bytes") or {})
+        read = LayerCacheStatus.of(obj)
+        nodes, layers, bytes_ = read.nodes, read.layers, read.bytes
         created = _parse_time(meta.get("creationTimestamp"))
-        ready = (_conditions(status).get("Ready") or {}).get("status", "-")
+        ready_condition = read.condition("Ready")
+        ready = ready_condition.status if ready_condition else "-"
         table.add_row(
             meta.get("namespace", ""), meta.get("name", ""), ready,
-            f"{nodes.get('ready', 0)}/{nodes.get('desired', 0)}" if status else "-",
-            f"{layers.get('total', 0)} ({layers.get('shared', 0)})" if status else "-",
-            human_bytes(int(bytes_.get("unique", 0))) if status else "-",
-            human_bytes(int(bytes_.get("upstream", 0))) if status else "-",
+            f"{nodes.ready}/{nodes.desired}" if status else "-",
+            f"{layers.total} ({layers.shared})" if status else "-",
+            human_bytes(bytes_.unique) if status else "-",
+            human_bytes(bytes_.upstream) if status else "-",
             # The operator counts savings only once every node is ready (status.py).
-            _percent(int(bytes_.get("saved", 0)), int(bytes_.get("naive", 0)))
-            if nodes.get("desired") and nodes.get("ready") == nodes.get("desired") else "-",
+            _percent(bytes_.saved, bytes_.naive)
+            if nodes.desired and nodes.ready == nodes.desired else "-",
             _reason(status) if status else "NoStatus",
             age((now - created).total_seconds()) if created else "-",
         )
@@ -241,36 +243,47 @@ def node_rows(cache: Obj, node_caches: Iterable[Obj]) -> list[NodeRow]:
                ((cache.get("status") or {}).get("nodes") or {}).get("failing") or ()}
     rows: dict[str, NodeRow] = {}
     for obj in node_caches:
-        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        # The agents' part of the contract, read through its models (lenient: a node whose
+        # status does not read shows as reporting nothing, with a warning logged).
+        spec = NodeLayerCacheSpec.read_lenient(obj.get("spec"))
+        status = NodeLayerCacheStatus.of(obj)
         name = str((obj.get("metadata") or {}).get("name", ""))
-        if key not in (spec.get("caches") or ()) and name not in failing:
+        if key not in spec.caches and name not in failing:
             continue
-        layers, bytes_ = status.get("layers"), status.get("bytes") or {}
-        chains = status.get("chains")
-        ready = _conditions(status).get("Ready") or {}
+        layers = status.layers if _reported(status, "layers") else None
+        chains = status.chains if _reported(status, "chains") else None
+        counted = status.bytes.model_fields_set if _reported(status, "bytes") else set()
+        ready = status.condition("Ready")
         verdict = failing.get(name)
         rows[name] = NodeRow(
             name=name,
-            held=int(layers.get("held", 0)) if layers else None,
-            wanted=int(layers.get("wanted", 0)) if layers else None,
-            bytes_held=int(layers.get("bytesHeld", 0)) if layers else None,
-            upstream=int(bytes_["upstream"]) if "upstream" in bytes_ else None,
-            peer=int(bytes_["peer"]) if "peer" in bytes_ else None,
+            held=layers.held if layers else None,
+            wanted=layers.wanted if layers else None,
+            bytes_held=layers.bytes_held if layers else None,
+            upstream=status.bytes.upstream if "upstream" in counted else None,
+            peer=status.bytes.peer if "peer" in counted else None,
             # A failing entry without a reason still reads as failing, never "None".
             state=str(verdict.get("reason") or "Failing" if verdict
-                      else ready.get("reason", "NoStatus")),
+                      else ready.reason if ready and "reason" in ready.model_fields_set
+                      else "NoStatus"),
             message=str(verdict.get("message", "") if verdict else ""),
-            caches=len(spec.get("caches") or ()),
-            synced=_parse_time(status.get("lastSync")),
-            chains_wanted=int(chains.get("wanted", 0)) if chains else None,
-            chains_unpacked=int(chains.get("unpacked", 0)) if chains else None,
-            bytes_unpacked=int(chains.get("bytesUnpacked", 0)) if chains else None,
+            caches=len(spec.caches),
+            synced=_parse_time(status.last_sync),
+            chains_wanted=chains.wanted if chains else None,
+            chains_unpacked=chains.unpacked if chains else None,
+            bytes_unpacked=chains.bytes_unpacked if chains else None,
         )
     for name, verdict in failing.items():
         rows.setdefault(name, NodeRow(name, None, None, None, None, None,
                                       str(verdict.get("reason") or "Failing"),
                                       str(verdict.get("message", "")), 0, None))
     return [rows[name] for name in sorted(rows)]
+
+
+def _reported(status: NodeLayerCacheStatus, part: str) -> bool:
+    """Whether the agent wrote ``status.<part>`` with at least one field in it."""
+    value = getattr(status, part)
+    return part in status.model_fields_set and bool(value.model_fields_set)
 
 
 def _bar(row: NodeRow) -> RenderableType:
@@ -308,23 +321,25 @@ def render_detail(console: Console, cache: Obj, node_caches: Sequence[Obj] | Non
         console.print(Text(f"! {note}", style="yellow"), soft_wrap=True)
     if not status:
         return
-    _print_images(console, status)
+    read = LayerCacheStatus.of(cache)
+    _print_images(console, read)
     _print_conditions(console, status, now)
     _print_nodes(console, cache, node_caches, now, nodes_error)
-    _print_chains(console, status, node_rows(cache, node_caches or ()))
-    _print_savings(console, status)
+    _print_chains(console, read, node_rows(cache, node_caches or ()))
+    _print_savings(console, read)
     _print_disk(console, cache, node_caches or ())
 
 
-def _print_images(console: Console, status: Obj) -> None:
+def _print_images(console: Console, status: LayerCacheStatus) -> None:
     images = _table("Images", "IMAGE", "PLATFORM", "DIGEST", "LAYERS#")
-    for image in status.get("images") or ():
-        error = image.get("error")
-        digest = str(image.get("digest", ""))
-        images.add_row(escape(str(image.get("reference", ""))), image.get("platform", "") or "-",
+    for image in status.images:
+        error = image.error
+        digest = image.digest or ""
+        images.add_row(escape(image.reference), image.platform or "-",
                        Text(f"error: {error}", style="red") if error else
                        digest[:19] + ("…" if len(digest) > 19 else ""),
-                       str(image.get("layers", "-")) if not error else "-")
+                       str(image.layers if image.layers is not None else "-")
+                       if not error else "-")
     console.print(images)
 
 
@@ -350,8 +365,8 @@ def _tone(c: Obj) -> str:
 
 def _print_nodes(console: Console, cache: Obj, node_caches: Sequence[Obj] | None,
                  now: datetime.datetime, nodes_error: str | None) -> None:
-    nodes = (cache.get("status") or {}).get("nodes") or {}
-    title = f"Nodes: {nodes.get('ready', 0)}/{nodes.get('desired', 0)} ready"
+    nodes = LayerCacheStatus.of(cache).nodes
+    title = f"Nodes: {nodes.ready}/{nodes.desired} ready"
     rows = node_rows(cache, node_caches or ())
     table = _table(title, "NODE", "PROGRESS", "LAYERS#", "%#", "HELD#", "UPSTREAM#", "PEER#",
                    "STATE", "SYNCED#")
@@ -375,12 +390,12 @@ def _print_nodes(console: Console, cache: Obj, node_caches: Sequence[Obj] | None
     console.print(Text("; ".join(notes) + ".", style="dim"), soft_wrap=True)
 
 
-def _print_chains(console: Console, status: Obj, rows: Sequence[NodeRow]) -> None:
+def _print_chains(console: Console, status: LayerCacheStatus, rows: Sequence[NodeRow]) -> None:
     """Chains unpacked ahead of pulls, per node; nothing when none are planned or wanted."""
-    planned = status.get("chains") or {}
-    if not planned.get("planned") and not any(row.chains_wanted for row in rows):
+    planned = status.chains
+    if not planned.planned and not any(row.chains_wanted for row in rows):
         return
-    table = _table(f"Unpacked chains: {planned.get('unpacked', 0)}/{planned.get('wanted', 0)}",
+    table = _table(f"Unpacked chains: {planned.unpacked}/{planned.wanted}",
                    "NODE", "CHAINS#", "%#", "EXTRACTED#")
     for row in rows:
         if row.chains_wanted is None:
@@ -390,39 +405,37 @@ def _print_chains(console: Console, status: Obj, rows: Sequence[NodeRow]) -> Non
                       _percent(row.chains_unpacked or 0, row.chains_wanted),
                       _opt_bytes(row.bytes_unpacked))
     console.print(table)
-    if planned.get("skippedForBudget"):
-        console.print(Text(f"! {planned['skippedForBudget']} chain(s) not unpacked: their "
+    if planned.skipped_for_budget:
+        console.print(Text(f"! {planned.skipped_for_budget} chain(s) not unpacked: their "
                            "estimated size is over maxBytesPerNode", style="yellow"),
                       soft_wrap=True)
 
 
-def _print_savings(console: Console, status: Obj) -> None:
-    b = {k: int(v) for k, v in (status.get("bytes") or {}).items() if k != "savedHuman"}
-    unique, naive, upstream, peer = (b.get("unique", 0), b.get("naive", 0),
-                                     b.get("upstream", 0), b.get("peer", 0))
+def _print_savings(console: Console, status: LayerCacheStatus) -> None:
+    b = status.bytes
+    unique, naive, upstream, peer = b.unique, b.naive, b.upstream, b.peer
     fetched = upstream + peer
-    layers = status.get("layers") or {}
+    layers = status.layers
     table = _table("Savings (this LayerCache)", "MEASURE", "BYTES#", "NOTE")
     table.add_row("unique layer bytes", human_bytes(unique),
-                  f"{layers.get('total', 0)} distinct layers, {layers.get('shared', 0)} shared "
+                  f"{layers.total} distinct layers, {layers.shared} shared "
                   "by several images")
     table.add_row("naive upstream", human_bytes(naive),
                   "each node pulls the layers it holds itself")
-    table.add_row("expected upstream", human_bytes(b.get("expectedUpstream", 0)),
+    table.add_row("expected upstream", human_bytes(b.expected_upstream),
                   "what the latest plan still expects from upstream (0 once all is held)")
     table.add_row("from upstream, measured", human_bytes(upstream),
                   f"{_percent(upstream, fetched)} of fetched bytes; "
                   + (f"{upstream / unique:.3f} x unique" if unique else "no layers planned"))
     table.add_row("from peers, measured", human_bytes(peer),
                   f"{_percent(peer, fetched)} of fetched bytes, agent to agent")
-    table.add_row("saved upstream", human_bytes(b.get("saved", 0)),
-                  f"{_percent(b.get('saved', 0), naive)} of naive"
-                  + ("" if (status.get("nodes") or {}).get("ready") ==
-                     (status.get("nodes") or {}).get("desired") else
+    table.add_row("saved upstream", human_bytes(b.saved),
+                  f"{_percent(b.saved, naive)} of naive"
+                  + ("" if status.nodes.ready == status.nodes.desired else
                      " (counted once every node is ready)"))
-    if layers.get("skippedForBudget"):
+    if layers.skipped_for_budget:
         table.add_row("skipped for budget", "-",
-                      f"{layers['skippedForBudget']} layer(s) over maxBytesPerNode")
+                      f"{layers.skipped_for_budget} layer(s) over maxBytesPerNode")
     console.print(table)
 
 
@@ -444,9 +457,10 @@ def _print_disk(console: Console, cache: Obj, node_caches: Iterable[Obj]) -> Non
                               for k in ("blobs", "snapshots", "separate", "saved")),
                       _percent(saved, separate))
     for obj in sorted(node_caches, key=lambda o: str((o.get("metadata") or {}).get("name"))):
-        for entry in ((obj.get("status") or {}).get("disk") or {}).get("caches") or ():
-            if entry.get("cache") == key:
-                row(str((obj.get("metadata") or {}).get("name", "")), entry)
+        disk = NodeLayerCacheStatus.of(obj).disk
+        for entry in disk.caches if disk is not None else ():
+            if entry.cache == key:
+                row(str((obj.get("metadata") or {}).get("name", "")), entry.to_dict())
     row("total", total)
     console.print(table)
     console.print(Text("On disk: blobs (compressed, as stored) and unpacked chain snapshots "

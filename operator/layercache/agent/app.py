@@ -47,6 +47,7 @@ from layercache.agent.settings import AgentSettings
 from layercache.agent.status import StatusBook, StatusReporter
 from layercache.agent.transfer import ByteRate
 from layercache.agent.unpacking import ChainUnpacker, configured_snapshotter
+from layercache.api import Reason
 from layercache.containerd.content import ContentStore
 from layercache.containerd.cri import CRIImages
 from layercache.containerd.unpack import Snapshots
@@ -214,7 +215,7 @@ class Agent:
 
     async def _refresh_secrets(self, book: StatusBook) -> None:
         problems = await self.secrets.refresh()
-        for reason in [r for r in book.problems if r != "InvalidSpec"]:
+        for reason in [r for r in book.problems if r != Reason.INVALID_SPEC]:
             book.problems.pop(reason)
         for problem in problems:
             if problem.reason not in book.problems:

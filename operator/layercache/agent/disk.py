@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layercache.agent.kubelet import KubeletDisk
+from layercache.api import Reason
 
 __all__ = ["DiskGuard", "DiskPressureError", "DiskState"]
 
@@ -81,7 +82,7 @@ class DiskGuard:
             stat = await asyncio.to_thread(os.statvfs, self._path)
         except Exception as error:
             self._path = None
-            raise DiskPressureError("ImageFsUnknown",
+            raise DiskPressureError(Reason.IMAGE_FS_UNKNOWN,
                                     f"cannot examine the image filesystem: {error}") from None
         return DiskState(str(self._path), stat.f_blocks * stat.f_frsize,
                          stat.f_bavail * stat.f_frsize)
@@ -103,7 +104,7 @@ class DiskGuard:
 
     async def _reserve(self, size: int) -> None:
         if self.node_pressure:
-            raise DiskPressureError("NodeDiskPressure",
+            raise DiskPressureError(Reason.NODE_DISK_PRESSURE,
                                     "the Node reports DiskPressure: fetching stopped")
         async with self._lock:
             state = await self.state()
@@ -112,7 +113,7 @@ class DiskGuard:
             if left < floor:
                 # The reason first: status keeps only the start of a long message.
                 raise DiskPressureError(
-                    "DiskPressure",
+                    Reason.DISK_PRESSURE,
                     f"floor {floor / max(state.total, 1):.1%} free ({floor} bytes), from "
                     f"{why}: fetching {size} bytes (with {self.reserved} reserved) would "
                     f"cross it on {state.path} ({state.available} of {state.total} free)")

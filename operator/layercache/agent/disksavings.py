@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from layercache.api.nodelayercache import DiskFigures as ApiDiskFigures
+from layercache.api.nodelayercache import NodeCacheDisk, NodeDiskStatus, NodeLayerCacheSpec
 from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import NotFound
 from layercache.containerd.labels import GC_ROOT_LABEL, caches_of, is_managed
@@ -66,43 +68,43 @@ class Sharing:
     diff_ids: Mapping[Digest, Digest] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, spec: Mapping[str, Any]) -> Sharing:
-        """The sharing facts of a NodeLayerCache ``spec`` (the CRD's camelCase dict).
+    def parse(cls, spec: NodeLayerCacheSpec | Mapping[str, Any]) -> Sharing:
+        """The sharing facts of a NodeLayerCache ``spec`` (the model, or the CRD's dict).
 
         Lenient: the agent reports disk figures as well as it can, so an entry it cannot
         use (an index outside ``layers``, a digest that does not parse, ``layers`` and
         ``diffIDs`` of unequal length) is left out, not raised on; the spec's other fields
         are checked by `layercache.agent.nodespec.parse_node_spec`.
         """
+        if not isinstance(spec, NodeLayerCacheSpec):
+            spec = NodeLayerCacheSpec.read_lenient(spec)
         layers: list[Digest | None] = []
         layer_caches: dict[Digest, tuple[str, ...]] = {}
-        for raw in spec.get("layers") or ():
-            digest = _digest(raw.get("digest"))
+        for layer in spec.layers:
+            digest = _digest(layer.digest)
             layers.append(digest)
             if digest is not None:
-                layer_caches.setdefault(digest, tuple(str(c) for c in raw.get("caches") or ()))
+                layer_caches.setdefault(digest, tuple(layer.caches))
         images: list[tuple[str, tuple[Digest, ...]]] = []
-        for raw in spec.get("imageLayers") or ():
+        for image in spec.image_layers:
             digests: list[Digest] = []
-            for index in raw.get("layers") or ():
-                found = layers[index] if isinstance(index, int) and 0 <= index < len(
-                    layers) else None
+            for index in image.layers:
+                found = layers[index] if 0 <= index < len(layers) else None
                 if found is None:
                     break  # a chain is a prefix: nothing above a gap can be named
                 digests.append(found)
             if digests:
-                images.append((str(raw.get("cache", "")), tuple(digests)))
+                images.append((image.cache, tuple(digests)))
         chains: list[WantedChain] = []
         diff_ids: dict[Digest, Digest] = {}
-        for raw in spec.get("chains") or ():
-            chain_id = _digest(raw.get("chainID"))
+        for chain in spec.chains:
+            chain_id = _digest(chain.chain_id)
             if chain_id is None:
                 continue
-            chains.append(WantedChain(chain_id, tuple(str(c) for c in raw.get("caches") or ())))
-            pairs = (raw.get("layers") or [], raw.get("diffIDs") or [])
-            if len(pairs[0]) == len(pairs[1]):
-                for layer, diff_id in zip(*pairs, strict=True):
-                    digest, diff = _digest(layer), _digest(diff_id)
+            chains.append(WantedChain(chain_id, tuple(chain.caches)))
+            if len(chain.layers) == len(chain.diff_ids):
+                for layer_digest, diff_id in zip(chain.layers, chain.diff_ids, strict=True):
+                    digest, diff = _digest(layer_digest), _digest(diff_id)
                     if digest is not None and diff is not None:
                         diff_ids.setdefault(digest, diff)
         return cls(layer_caches, tuple(images), tuple(chains), diff_ids)
@@ -140,8 +142,8 @@ class DiskFigures:
 
     def to_status(self) -> dict[str, int]:
         """The ``status.disk`` object (and each ``status.disk.caches[]`` item's figures)."""
-        return {"blobs": self.blobs, "snapshots": self.snapshots, "separate": self.separate,
-                "saved": self.saved}
+        return ApiDiskFigures(blobs=self.blobs, snapshots=self.snapshots,
+                              separate=self.separate, saved=self.saved).to_dict()
 
 
 @dataclass(frozen=True)
@@ -151,11 +153,15 @@ class NodeDisk:
     node: DiskFigures = DiskFigures()
     caches: Mapping[str, DiskFigures] = field(default_factory=dict)
 
-    def to_status(self) -> dict[str, Any]:
+    def to_model(self) -> NodeDiskStatus:
         """``status.disk``: the node's figures and ``caches`` (sorted by cache)."""
-        return {**self.node.to_status(),
-                "caches": [{"cache": cache, **figures.to_status()}
-                           for cache, figures in sorted(self.caches.items())]}
+        return NodeDiskStatus(**self.node.to_status(), caches=[
+            NodeCacheDisk(cache=cache, **figures.to_status())
+            for cache, figures in sorted(self.caches.items())])
+
+    def to_status(self) -> dict[str, Any]:
+        """`to_model` as the CRD's dict."""
+        return self.to_model().to_dict()
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ as it arrives (within `Relays.budget`). Either way:
   and reserves its remaining bytes on the image filesystem
   (`layercache.agent.disk.DiskGuard`) while it runs.
 
-`failure_reason` turns any exception into the CamelCase reason status and metrics use.
+`failure_reason` turns any exception into the CamelCase reason status and metrics use
+(the table is `layercache.api.reasons`, shared with the operator).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from layercache.agent.disk import DiskGuard, DiskPressureError
+from layercache.agent.disk import DiskGuard
 from layercache.agent.nodespec import WantedLayer
 from layercache.agent.peers import (
     PeerClient,
@@ -54,9 +55,9 @@ from layercache.agent.peers import (
 from layercache.agent.relay import Relays, relayed
 from layercache.agent.status import StatusBook
 from layercache.agent.transfer import ByteRate, ResumeRefusedError, upstream_source
+from layercache.api import Reason, reasons
 from layercache.backoff import Backoff
 from layercache.containerd.content import ContentStore, WriteResult, ingest_ref
-from layercache.containerd.errors import ContainerdError, Unavailable
 from layercache.containerd.ingest import (
     ContentDigestMismatchError,
     ResumableSource,
@@ -68,13 +69,7 @@ from layercache.metrics import AgentMetrics, FetchSource
 from layercache.registry.client import RegistryClient
 from layercache.registry.credentials import Keyring, first_accepted
 from layercache.registry.errors import (
-    BlobNotFoundError,
     NonDistributableLayerError,
-    RateLimitedError,
-    RegistryAuthError,
-    RegistryError,
-    RegistryStatusError,
-    TransientError,
 )
 from layercache.registry.mediatypes import layer_type
 
@@ -91,32 +86,12 @@ LONG_POLL = 20.0
 #: containerd's own label for the repository a blob was pulled from, per registry host.
 DISTRIBUTION_SOURCE_PREFIX = "containerd.io/distribution.source."
 
-_REASONS: tuple[tuple[type[BaseException], str], ...] = (
-    (DigestMismatchError, "DigestMismatch"),
-    (SourceSizeError, "SizeMismatch"),
-    (ResumeRefusedError, "ResumeRefused"),
-    (PeerUnauthorizedError, "PeerUnauthorized"),
-    (PeerError, "PeerUnavailable"),
-    (NonDistributableLayerError, "NonDistributable"),
-    (BlobNotFoundError, "UpstreamNotFound"),
-    (RegistryAuthError, "UpstreamUnauthorized"),
-    (RateLimitedError, "UpstreamRateLimited"),
-    (TransientError, "UpstreamUnavailable"),
-    (RegistryStatusError, "UpstreamRefused"),
-    (RegistryError, "UpstreamError"),
-    (Unavailable, "ContainerdUnavailable"),
-    (ContainerdError, "ContainerdError"),
-)
-
-
 def failure_reason(error: BaseException) -> str:
-    """The CamelCase reason for ``error`` (``DigestMismatch``, ``UpstreamUnavailable`` …)."""
-    if isinstance(error, DiskPressureError):
-        return error.reason
-    for kind, reason in _REASONS:
-        if isinstance(error, kind):
-            return reason
-    return "InternalError"
+    """The CamelCase reason for ``error`` fetching a layer (``UpstreamUnavailable`` …).
+
+    `layercache.api.reasons.failure_reason`, its fetch column.
+    """
+    return str(reasons.failure_reason(error, "fetch"))
 
 
 class Slots:
@@ -237,7 +212,7 @@ class LayerFetcher:
                              layer.digest.short, error, extra={"digest": layer.digest})
                     if isinstance(error, PeerUnauthorizedError) and node not in refused:
                         refused.add(node)
-                        self.book.error("PeerUnauthorized", str(error), layer.digest)
+                        self.book.error(Reason.PEER_UNAUTHORIZED, str(error), layer.digest)
                     dropped.add(node)
                     self.directory.forget(node)
                     if isinstance(error, PeerCutError):
@@ -299,7 +274,7 @@ class LayerFetcher:
                     except PeerUnauthorizedError as error:
                         if node not in refused:  # once per layer and peer, not once per poll
                             refused.add(node)
-                            self.book.error("PeerUnauthorized", str(error), layer.digest)
+                            self.book.error(Reason.PEER_UNAUTHORIZED, str(error), layer.digest)
                     except PeerError as error:
                         log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
                         self.directory.forget(node)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from layercache.agent.backoff import RetryTimes
 from layercache.agent.status import StatusBook
+from layercache.api import Reason
 from layercache.containerd.content import ContentStore
 from layercache.containerd.cri import AuthConfig, CRIImages
 from layercache.containerd.errors import ContainerdError
@@ -84,8 +85,8 @@ class ImagePuller:
                     self.book.touch()
             except Exception as error:
                 self._layers.pop(image, None)  # resolve again, with fresh credentials
-                reason = ("ImagePullFailed" if isinstance(error, ContainerdError)
-                          else "ImageResolveFailed")
+                reason = (Reason.IMAGE_PULL_FAILED if isinstance(error, ContainerdError)
+                          else Reason.IMAGE_RESOLVE_FAILED)
                 self.book.failing[key] = self.book.error(reason, f"{image}: {error}")
                 self.retry.failed(key, asyncio.get_running_loop().time())
 

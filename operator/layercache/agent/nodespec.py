@@ -1,18 +1,26 @@
-"""A `NodeLayerCache` (group ``layercache.dev``, version ``v1alpha1``) parsed at the edge.
+"""A `NodeLayerCache` parsed at the edge into what the agent acts on.
 
 The operator writes ``spec`` (what this node should hold, in fetch order); the agent reads
-it here into typed values and writes ``status``. The CRD schema has checked types, enums
-and patterns already; this module checks what it cannot (a digest the agent can verify, a
-repository that parses as ``host/path``) and raises `InvalidNodeSpecError` naming the field.
+it here and writes ``status``. The wire model (`layercache.api.NodeLayerCache`) checks
+types and required fields; this module checks what neither it nor the CRD schema can (a
+digest the agent can verify, a repository that parses as ``host/path``, a chain ID that is
+that of its diff IDs). Either raises `InvalidNodeSpecError` naming the object and field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from layercache.agent.disksavings import Sharing
+from layercache.api import GROUP, NLC_PLURAL, VERSION, InvalidNodeSpecError
+from layercache.api.nodelayercache import (
+    ByteCounters,
+    NodeLayerCache,
+    SpecChain,
+    SpecLayer,
+)
 from layercache.digest import Digest, InvalidDigestError, chain_ids
 from layercache.reference import InvalidReferenceError, Reference, parse_reference
 
@@ -28,19 +36,10 @@ __all__ = [
     "parse_node_spec",
 ]
 
-GROUP: Final = "layercache.dev"
-VERSION: Final = "v1alpha1"
-PLURAL: Final = "nodelayercaches"
+#: The plural of NodeLayerCache (`layercache.api.NLC_PLURAL`), as the agent's calls name it.
+PLURAL = NLC_PLURAL
 
 Source = Literal["Upstream", "Peer"]
-
-
-class InvalidNodeSpecError(ValueError):
-    """A field of a NodeLayerCache's spec cannot be used; names the object and the field."""
-
-    def __init__(self, name: str, field: str, problem: str) -> None:
-        super().__init__(f"NodeLayerCache {name}: spec.{field}: {problem}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,12 @@ class Counters:
     peer: int = 0
     served_to_peers: int = 0
 
+    @classmethod
+    def of(cls, counted: ByteCounters) -> Counters:
+        """The counters of a status's ``bytes`` (a negative one reads as 0)."""
+        return cls(max(counted.upstream, 0), max(counted.peer, 0),
+                   max(counted.served_to_peers, 0))
+
 
 @dataclass(frozen=True)
 class NodeSpec:
@@ -116,42 +121,33 @@ class NodeSpec:
         return frozenset(layer.digest for layer in self.layers)
 
 
-def _layer(name: str, index: int, raw: Mapping[str, Any]) -> WantedLayer:
+def _layer(name: str, index: int, raw: SpecLayer) -> WantedLayer:
     field = f"layers[{index}]"
     try:
-        digest = Digest(str(raw.get("digest", "")))
+        digest = Digest(raw.digest)
     except InvalidDigestError as error:
         raise InvalidNodeSpecError(name, f"{field}.digest", error.reason) from None
-    size = raw.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidNodeSpecError(name, f"{field}.size", "needs a byte count >= 0")
-    repository_text = str(raw.get("repository", ""))
     try:
-        repository = parse_reference(repository_text)
+        repository = parse_reference(raw.repository)
     except InvalidReferenceError as error:
         raise InvalidNodeSpecError(name, f"{field}.repository", error.reason) from None
-    source = raw.get("source")
-    if source not in ("Upstream", "Peer"):
-        raise InvalidNodeSpecError(name, f"{field}.source", "must be Upstream or Peer")
-    peers = tuple(str(peer) for peer in raw.get("peers") or ())
-    caches = tuple(str(cache) for cache in raw.get("caches") or ())
-    return WantedLayer(digest, size, str(raw.get("mediaType", "")), repository, source, peers,
-                       caches)
+    return WantedLayer(digest, raw.size, raw.media_type, repository, raw.source,
+                       tuple(raw.peers), tuple(raw.caches))
 
 
-def _digests(name: str, field: str, raw: Any) -> tuple[Digest, ...]:
+def _digests(name: str, field: str, raw: Sequence[str]) -> tuple[Digest, ...]:
     try:
-        return tuple(Digest(str(value)) for value in raw or ())
+        return tuple(Digest(value) for value in raw)
     except InvalidDigestError as error:
         raise InvalidNodeSpecError(name, field, error.reason) from None
 
 
-def _chain(name: str, index: int, raw: Mapping[str, Any],
+def _chain(name: str, index: int, raw: SpecChain,
            layers: Mapping[Digest, WantedLayer]) -> WantedChain:
     field = f"chains[{index}]"
-    (chain_id,) = _digests(name, f"{field}.chainID", [raw.get("chainID", "")])
-    blobs = _digests(name, f"{field}.layers", raw.get("layers"))
-    diff_ids = _digests(name, f"{field}.diffIDs", raw.get("diffIDs"))
+    (chain_id,) = _digests(name, f"{field}.chainID", [raw.chain_id])
+    blobs = _digests(name, f"{field}.layers", raw.layers)
+    diff_ids = _digests(name, f"{field}.diffIDs", raw.diff_ids)
     if not blobs or len(blobs) != len(diff_ids):
         raise InvalidNodeSpecError(name, f"{field}.diffIDs",
                                    f"{len(diff_ids)} diff IDs for {len(blobs)} layers")
@@ -160,13 +156,7 @@ def _chain(name: str, index: int, raw: Mapping[str, Any],
     if chain_ids(diff_ids)[-1] != chain_id:
         raise InvalidNodeSpecError(name, f"{field}.chainID",
                                    f"{chain_id} is not the chain ID of diffIDs")
-    return WantedChain(chain_id, blobs, diff_ids, _count(raw, "unpackedBytes"),
-                       tuple(str(cache) for cache in raw.get("caches") or ()))
-
-
-def _count(raw: Mapping[str, Any], key: str) -> int:
-    value = raw.get(key)
-    return value if isinstance(value, int) and value >= 0 else 0
+    return WantedChain(chain_id, blobs, diff_ids, raw.unpacked_bytes, tuple(raw.caches))
 
 
 def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
@@ -175,36 +165,31 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
     A digest listed twice keeps its first position (fetch order).
 
     Raises:
-        InvalidNodeSpecError: a layer's digest, size, repository or source is unusable; a
-            chain's digests are malformed, its layers are not in spec.layers, or its
-            chain ID is not that of its diff IDs.
-
+        InvalidNodeSpecError: a spec field has the wrong type or is missing
+            (`layercache.api.NodeLayerCacheSpec`); a layer's digest, size, repository or
+            source is unusable; a chain's digests are malformed, its layers are not in
+            spec.layers, or its chain ID is not that of its diff IDs.
     """
-    metadata = obj.get("metadata") or {}
-    name = str(metadata.get("name", ""))
-    spec = obj.get("spec") or {}
-    status = obj.get("status") or {}
+    obj_model = NodeLayerCache.read(obj)
+    name, spec, status = obj_model.name, obj_model.spec, obj_model.status
     layers: dict[Digest, WantedLayer] = {}
-    for index, raw in enumerate(spec.get("layers") or ()):
+    for index, raw in enumerate(spec.layers):
         layer = _layer(name, index, raw)
         layers.setdefault(layer.digest, layer)
-    chains = tuple(_chain(name, index, raw, layers)
-                   for index, raw in enumerate(spec.get("chains") or ()))
-    images = tuple(str(image["reference"]) for image in spec.get("images") or ()
-                   if image.get("reference"))
-    counted = status.get("bytes") or {}
+    chains = tuple(_chain(name, index, raw, layers) for index, raw in enumerate(spec.chains))
+    images = [image for image in spec.images if image.reference]
     return NodeSpec(
         name=name,
-        generation=int(metadata.get("generation") or 0),
+        generation=obj_model.generation or 0,
         layers=tuple(layers.values()),
-        images=images,
-        caches=tuple(str(cache) for cache in spec.get("caches") or ()),
-        paused=bool(spec.get("paused", False)),
-        counters=Counters(_count(counted, "upstream"), _count(counted, "peer"),
-                          _count(counted, "servedToPeers")),
-        conditions=tuple(status.get("conditions") or ()),
-        image_caches={str(image["reference"]): tuple(str(c) for c in image.get("caches") or ())
-                      for image in spec.get("images") or () if image.get("reference")},
+        images=tuple(image.reference for image in images),
+        caches=tuple(spec.caches),
+        paused=spec.paused,
+        counters=Counters.of(status.bytes),
+        conditions=tuple(c.to_dict() for c in status.conditions),
+        image_caches={image.reference: tuple(image.caches) for image in images},
         chains=chains,
         sharing=Sharing.parse(spec),
     )
+
+

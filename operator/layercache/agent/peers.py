@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Final
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from typing import Any, Final
 
 import httpx
 from kubernetes.client.exceptions import ApiException
@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from layercache import __version__, httprange
 from layercache.agent.kubeapi import AgentKube
 from layercache.agent.transfer import ByteRate, OnBytes, metered, resume_refusal, skip
+from layercache.api import NLC_KIND, InvalidObjectError, NodeLayerCacheStatus
 from layercache.containerd.ingest import ResumableSource
 from layercache.digest import Digest
 from layercache.httptransport import BlobTransport
@@ -82,8 +83,8 @@ class PeerDirectory:
                 log.warning("cannot read NodeLayerCache %s for its endpoint: HTTP %s",
                             node, error.status)
                 return known[0] if known else None
-            endpoint = ((obj or {}).get("status") or {}).get("peerEndpoint")
-            if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            endpoint = _peer_endpoint(node, obj)
+            if endpoint is None or not endpoint.startswith(("http://", "https://")):
                 self._known.pop(node, None)
                 return None
             self._known[node] = (endpoint, self.clock())
@@ -190,3 +191,14 @@ class PeerClient:
                 yield chunk
         except httpx.HTTPError as error:
             raise PeerCutError(f"GET {url}: {error.__class__.__name__} mid-body") from None
+
+
+def _peer_endpoint(node: str, obj: Mapping[str, Any] | None) -> str | None:
+    """``status.peerEndpoint`` of NodeLayerCache ``obj``; None when absent or unreadable."""
+    try:
+        status = NodeLayerCacheStatus.from_dict((obj or {}).get("status"), NLC_KIND, node,
+                                                "status")
+    except InvalidObjectError as error:
+        log.warning("%s; no peer endpoint", error)
+        return None
+    return status.peer_endpoint

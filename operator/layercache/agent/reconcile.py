@@ -36,6 +36,7 @@ from layercache.agent.images import ImagePuller
 from layercache.agent.nodespec import InvalidNodeSpecError, NodeSpec, WantedLayer, parse_node_spec
 from layercache.agent.status import StatusBook
 from layercache.agent.unpacking import ChainUnpacker
+from layercache.api import Reason
 from layercache.containerd.content import ContentStore
 from layercache.containerd.errors import ContainerdError
 from layercache.digest import Digest
@@ -94,9 +95,10 @@ class Reconciler:
         try:
             spec = parse_node_spec(obj) if obj is not None else None
         except InvalidNodeSpecError as error:
-            self.book.problems["InvalidSpec"] = self.book.error("InvalidSpec", str(error))
+            self.book.problems[Reason.INVALID_SPEC] = self.book.error(Reason.INVALID_SPEC,
+                                                                      str(error))
             return
-        self.book.problems.pop("InvalidSpec", None)
+        self.book.problems.pop(Reason.INVALID_SPEC, None)
         changed = (spec is None or self.spec is None or spec.layers != self.spec.layers
                    or spec.chains != self.spec.chains)
         self.spec = spec
@@ -291,7 +293,7 @@ class Reconciler:
         if not book.missing:
             book.pressure = None
         elif self.disk.node_pressure:
-            book.pressure = ("NodeDiskPressure", "the Node reports DiskPressure")
+            book.pressure = (Reason.NODE_DISK_PRESSURE, "the Node reports DiskPressure")
         elif refusal is not None:
             book.pressure = (refusal.reason, str(refusal))
         else:

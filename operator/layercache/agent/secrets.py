@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from kubernetes.client.exceptions import ApiException
 
 from layercache.agent.kubeapi import AgentKube
+from layercache.api import Reason
 from layercache.registry.credentials import (
     Credentials,
     DockerConfig,
@@ -94,7 +95,7 @@ class Secrets:
             data = await self.kube.read_secret(self.token_secret)
             token = self._token(data, problems)
         except ApiException as error:
-            problems.append(SecretProblem("PeerTokenUnreadable",
+            problems.append(SecretProblem(Reason.PEER_TOKEN_UNREADABLE,
                                           f"Secret {self.token_secret}: HTTP {error.status}"))
         keyring, by_cache = self.keyring, self.by_cache
         try:
@@ -104,7 +105,7 @@ class Secrets:
             else:
                 keyring, by_cache = self._keyring(data, problems), {}
         except ApiException as error:
-            problems.append(SecretProblem("CredentialsUnreadable",
+            problems.append(SecretProblem(Reason.CREDENTIALS_UNREADABLE,
                                           f"Secret {self.registry_secret}: HTTP {error.status}"))
         self.token, self.keyring, self.by_cache = token, keyring, by_cache
         configs = [*keyring.configs, *(c for found in by_cache.values() for c in found)]
@@ -121,7 +122,7 @@ class Secrets:
             raw = None
         if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
             problems.append(SecretProblem(
-                "CredentialsInvalid", f"{source}: not base64 of a JSON object of lists"))
+                Reason.CREDENTIALS_INVALID, f"{source}: not base64 of a JSON object of lists"))
             return self.by_cache
         found: dict[str, tuple[DockerConfig, ...]] = {}
         for cache, configs in raw.items():
@@ -129,7 +130,7 @@ class Secrets:
                 found[cache] = tuple(DockerConfig.from_json(c, f"{source} [{cache!r}][{i}]")
                                      for i, c in enumerate(configs))
             except InvalidDockerConfigError as error:  # names the field, never a value
-                problems.append(SecretProblem("CredentialsInvalid", str(error)))
+                problems.append(SecretProblem(Reason.CREDENTIALS_INVALID, str(error)))
                 if cache in self.by_cache:
                     found[cache] = self.by_cache[cache]
         return found
@@ -138,7 +139,7 @@ class Secrets:
                problems: list[SecretProblem]) -> str | None:
         if data is None or TOKEN_KEY not in data:
             problems.append(SecretProblem(
-                "PeerTokenMissing", f"Secret {self.token_secret} (key {TOKEN_KEY!r}) not "
+                Reason.PEER_TOKEN_MISSING, f"Secret {self.token_secret} (key {TOKEN_KEY!r}) not "
                                     "found: peers are neither served nor asked"))
             return None
         try:
@@ -147,8 +148,8 @@ class Secrets:
             token = ""
         if not token:
             problems.append(SecretProblem(
-                "PeerTokenInvalid", f"Secret {self.token_secret}: key {TOKEN_KEY!r} is empty "
-                                    "or not text"))
+                Reason.PEER_TOKEN_INVALID,
+                f"Secret {self.token_secret}: key {TOKEN_KEY!r} is empty or not text"))
             return None
         return token
 
@@ -161,7 +162,7 @@ class Secrets:
             return Keyring([DockerConfig.from_secret_data(data, source)])
         except InvalidDockerConfigError as error:
             # The error names the field, never a value.
-            problems.append(SecretProblem("CredentialsInvalid", str(error)))
+            problems.append(SecretProblem(Reason.CREDENTIALS_INVALID, str(error)))
             return self.keyring
 
 

@@ -29,6 +29,14 @@ from kubernetes.client.exceptions import ApiException
 
 from layercache.agent.disksavings import NodeDisk
 from layercache.agent.nodespec import Counters
+from layercache.api import Condition, NodeLayerCacheStatus, Reason
+from layercache.api.nodelayercache import (
+    ByteCounters,
+    ChainCounts,
+    HumanBytes,
+    LayerCounts,
+    NodeError,
+)
 from layercache.conditions import condition, now_iso
 from layercache.metrics import AgentMetrics, FetchSource
 from layercache.redact import redact
@@ -52,12 +60,15 @@ class ErrorEntry:
     message: str
     digest: str | None = None
 
+    def to_model(self) -> NodeError:
+        """The ``status.errors[]`` item (``digest`` left out when None)."""
+        if self.digest is None:
+            return NodeError(reason=self.reason, message=self.message)
+        return NodeError(reason=self.reason, message=self.message, digest=self.digest)
+
     def to_status(self) -> dict[str, str]:
-        """The ``status.errors[]`` item."""
-        item = {"reason": self.reason, "message": self.message}
-        if self.digest is not None:
-            item["digest"] = self.digest
-        return item
+        """The ``status.errors[]`` item as the CRD's dict."""
+        return self.to_model().to_dict()
 
 
 class StatusBook:
@@ -132,24 +143,25 @@ class StatusBook:
         missing = self.wanted - self.held
         done = missing == 0 and self.images_pending == 0 and self.chains_pending == 0
         if done:
-            ready = ("True", "AllLayersHeld", f"{self.held} of {self.wanted} layers held"
+            ready = ("True", Reason.ALL_LAYERS_HELD, f"{self.held} of {self.wanted} layers held"
                      + (f", {self.chains_unpacked} chains unpacked" if self.chains_wanted
                         else ""))
         elif missing:
-            ready = ("False", "LayersMissing", f"{missing} of {self.wanted} layers missing")
+            ready = ("False", Reason.LAYERS_MISSING, f"{missing} of {self.wanted} layers missing")
         elif self.images_pending:
-            ready = ("False", "ImagesPending", f"{self.images_pending} images not pulled yet")
+            ready = ("False", Reason.IMAGES_PENDING, f"{self.images_pending} images not pulled yet")
         else:
-            ready = ("False", "ChainsPending",
+            ready = ("False", Reason.CHAINS_PENDING,
                      f"{self.chains_pending} of {self.chains_wanted} chains not unpacked yet")
+        progressing: tuple[str, str, str]
         if self.paused:
-            progressing = ("False", "Paused", "spec.paused is set")
+            progressing = ("False", Reason.PAUSED, "spec.paused is set")
         elif done:
-            progressing = ("False", "Complete", "nothing left to fetch")
+            progressing = ("False", Reason.COMPLETE, "nothing left to fetch")
         elif self.pressure is not None:
             progressing = ("False", self.pressure[0], self.pressure[1])
         else:
-            progressing = ("True", "Fetching" if self.busy else "WaitingToRetry",
+            progressing = ("True", Reason.FETCHING if self.busy else Reason.WAITING_TO_RETRY,
                            f"{missing} layers, {self.images_pending} images and "
                            f"{self.chains_pending} chains to go")
         degraded = self._degraded()
@@ -167,15 +179,18 @@ class StatusBook:
         if self.problems:
             problem = next(iter(self.problems.values()))
             return "True", problem.reason, problem.message
-        return "False", "AsExpected", "no failures"
+        return "False", Reason.AS_EXPECTED, "no failures"
+
+    def _counters(self) -> ByteCounters:
+        return ByteCounters(upstream=self.upstream, peer=self.peer, served_to_peers=self.served)
 
     def _bytes(self) -> dict[str, int]:
-        return {"upstream": self.upstream, "peer": self.peer, "servedToPeers": self.served}
+        return self._counters().to_dict()
 
-    def _human(self) -> dict[str, str]:
+    def _human(self) -> HumanBytes:
         # For `kubectl get nlc`'s byte columns: a printer column cannot format a number.
-        return {"bytesHeld": human_bytes(self.bytes_held), "upstream": human_bytes(self.upstream),
-                "peer": human_bytes(self.peer)}
+        return HumanBytes(bytes_held=human_bytes(self.bytes_held),
+                          upstream=human_bytes(self.upstream), peer=human_bytes(self.peer))
 
     def _condition(self, kind: str, status: str, reason: str, message: str) -> dict[str, Any]:
         built = condition(self.previous, kind, status, reason,
@@ -184,30 +199,35 @@ class StatusBook:
         return built
 
     def body(self) -> dict[str, Any]:
-        """The ``status`` object to patch: whole once synced, else endpoint and counters."""
-        if not self.synced:  # claim nothing about layers before containerd was asked
-            early: dict[str, Any] = {"bytes": self._bytes(), "lastSync": now_iso()}
-            if self.peer_endpoint is not None:
-                early["peerEndpoint"] = self.peer_endpoint
-            return early
-        status: dict[str, Any] = {
-            "observedGeneration": self.generation,
-            "layers": {"wanted": self.wanted, "held": self.held, "bytesHeld": self.bytes_held},
-            "chains": {"wanted": self.chains_wanted, "unpacked": self.chains_unpacked,
-                       "bytesUnpacked": self.bytes_unpacked},
-            "missing": list(self.missing),
-            "bytes": self._bytes(),
-            "human": self._human(),
-            "errors": [entry.to_status() for entry in self.errors],
-            "diskPressure": self.pressure is not None,
-            "conditions": self.conditions(),
-            "lastSync": now_iso(),
-        }
+        """The ``status`` object to patch: whole once synced, else endpoint and counters.
+
+        A `layercache.api.NodeLayerCacheStatus` as the CRD's dict.
+        """
+        return self.status().to_dict()
+
+    def status(self) -> NodeLayerCacheStatus:
+        """The ``status`` (see `body`); ``peerEndpoint`` and ``disk`` only once known."""
+        known: dict[str, Any] = {}
         if self.peer_endpoint is not None:
-            status["peerEndpoint"] = self.peer_endpoint
+            known["peer_endpoint"] = self.peer_endpoint
+        if not self.synced:  # claim nothing about layers before containerd was asked
+            return NodeLayerCacheStatus(bytes=self._counters(), last_sync=now_iso(), **known)
         if self.disk is not None:
-            status["disk"] = self.disk.to_status()
-        return status
+            known["disk"] = self.disk.to_model()
+        return NodeLayerCacheStatus(
+            observed_generation=self.generation,
+            layers=LayerCounts(wanted=self.wanted, held=self.held, bytes_held=self.bytes_held),
+            chains=ChainCounts(wanted=self.chains_wanted, unpacked=self.chains_unpacked,
+                               bytes_unpacked=self.bytes_unpacked),
+            missing=list(self.missing),
+            bytes=self._counters(),
+            human=self._human(),
+            errors=[entry.to_model() for entry in self.errors],
+            disk_pressure=self.pressure is not None,
+            conditions=[Condition.model_validate(c) for c in self.conditions()],
+            last_sync=now_iso(),
+            **known,
+        )
 
 
 class StatusReporter:

@@ -36,6 +36,7 @@ from layercache.agent.backoff import RetryTimes
 from layercache.agent.disk import DiskGuard, DiskPressureError
 from layercache.agent.nodespec import NodeSpec, WantedChain
 from layercache.agent.status import StatusBook
+from layercache.api import Reason
 from layercache.containerd.labels import GC_ROOT_LABEL, caches_of, is_managed
 from layercache.containerd.unpack import (
     DEFAULT_SNAPSHOTTER,
@@ -105,8 +106,8 @@ class ChainUnpacker:
         try:
             unpacker = Unpacker(socket, namespace, snapshotter=snapshotter)
         except UnsupportedSnapshotterError as error:
-            book.problems["UnsupportedSnapshotter"] = book.error("UnsupportedSnapshotter",
-                                                                str(error))
+            book.problems[Reason.UNSUPPORTED_SNAPSHOTTER] = book.error(
+                Reason.UNSUPPORTED_SNAPSHOTTER, str(error))
         return cls(unpacker=unpacker, snapshotter=snapshotter, book=book, disk=disk,
                    retry=retry, metrics=metrics)
 
@@ -196,8 +197,8 @@ class ChainUnpacker:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            reason = ("DiffIDMismatch" if isinstance(error, DiffIDMismatchError)
-                      else "UnpackFailed")
+            reason = (Reason.DIFF_ID_MISMATCH if isinstance(error, DiffIDMismatchError)
+                      else Reason.UNPACK_FAILED)
             self.book.failing[key] = self.book.error(
                 reason, f"chain {chain.chain_id}: {error}", str(chain.layers[-1]))
             self.retry.failed(key, asyncio.get_running_loop().time())

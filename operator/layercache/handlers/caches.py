@@ -11,7 +11,7 @@ from typing import Any
 
 import kopf
 
-from layercache.kube import GROUP, LC_PLURAL, VERSION
+from layercache.api import GROUP, LC_PLURAL, VERSION
 from layercache.reconciler import CacheState, Reconciler
 
 RESOURCE = (GROUP, VERSION, LC_PLURAL)

@@ -10,7 +10,7 @@ from typing import Any
 
 import kopf
 
-from layercache.kube import GROUP, NLC_PLURAL, VERSION
+from layercache.api import GROUP, NLC_PLURAL, VERSION, NodeLayerCacheStatus
 from layercache.reconciler import Reconciler
 
 
@@ -46,9 +46,8 @@ async def inventory_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Me
         return
     seen: dict[str, Any] = memo.setdefault("held", {})
     name = body.get("metadata", {}).get("name")
-    status = body.get("status") or {}
-    key = None if event.get("type") == "DELETED" else (
-        tuple(status.get("missing") or ()), (status.get("layers") or {}).get("held"))
+    status = NodeLayerCacheStatus.of(body)
+    key = None if event.get("type") == "DELETED" else (tuple(status.missing), status.layers.held)
     if seen.get(name) != key:
         seen[name] = key
         reconciler.trigger()
