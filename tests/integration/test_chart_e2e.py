@@ -8,16 +8,19 @@ network (per-node namespaces, CNI bridge, kube-proxy): the operator reaches the 
 through the `kubernetes` Service, agents fetch from each other on pod IPs.
 
 The tests run in file order on one release: the Pods, a cache warmed through them, the
-doc's sample and kubectl commands, and last the doc's uninstall order.
+doc's sample and kubectl commands, the operator leader's Pod killed and replaced by the
+other replica within the issue's 60 s, and last the doc's uninstall order.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
+from kubernetes import client
 
 from testbed.bed import BedState, TestBed
 from testbed.chart import (
@@ -28,7 +31,9 @@ from testbed.chart import (
     load_image,
     pod_rows,
     uninstall,
+    wait_ready,
 )
+from testbed.cri import crictl
 from testbed.e2e import apply_cache, blob_infos, is_ready, node_caches, wait_cache
 from testbed.faultproxy import BLOB_PATH, FaultProxy
 from testbed.images import Family
@@ -38,6 +43,9 @@ from testbed.walkthrough import commands, run_command
 
 # Bed start, image load and install take minutes on a busy 2-core machine.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+
+#: Issue 16's bound for a replacement after the operator leader's crash, in seconds.
+FAILOVER_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +169,91 @@ def test_the_walkthrough_sample_and_its_kubectl_commands(admin: Kube,
         "-n", NAMESPACE, "get", "deploy,ds").splitlines() if line and not line.startswith("NAME")}
     assert listing[f"deployment.apps/{RELEASE}-operator"][0] == "2/2"  # READY
     assert listing[f"daemonset.apps/{RELEASE}-agent"][:4] == ["3"] * 4  # DESIRED … READY
+
+
+def _holder(leases: client.CoordinationV1Api, name: str) -> str | None:
+    """The holderIdentity of Lease `name` in the release namespace (None while nobody holds it)."""
+    spec = leases.read_namespaced_lease(name, NAMESPACE).spec
+    return (spec.holder_identity if spec is not None else None) or None
+
+
+def _pod_of(identity: str | None, pods: Iterable[str]) -> str | None:
+    """The Pod whose operator process is `identity`, or None.
+
+    An operator process names itself `<hostname>-<8 hex digits>` (operator_main), and a
+    Pod's hostname is its name: a container the kubelet restarts in the same Pod gets the
+    same Pod name with new digits, so only the Pod part tells the replicas apart.
+    """
+    pod, _, suffix = (identity or "").rpartition("-")
+    return pod if pod in set(pods) and len(suffix) == 8 else None
+
+
+def test_a_killed_leader_pod_is_replaced_within_60_seconds(
+        chart_bed: BedState, admin: Kube, release: Release, proxy: FaultProxy,
+        chart_family: Family) -> None:
+    # The chart's default operator.replicas: two Pods, both Running; one holds the Lease.
+    found = admin.core.list_namespaced_pod(NAMESPACE,
+                                           label_selector=release.selector("operator")).items
+    nodes = {p.metadata.name: p.spec.node_name for p in found}
+    assert len(nodes) == 2, nodes
+    assert all(p.status.phase == "Running" for p in found), nodes
+    leases, lease = client.CoordinationV1Api(admin.api), f"{RELEASE}-operator"
+
+    def held_by_a_pod() -> str | None:
+        current = _holder(leases, lease)
+        return current if _pod_of(current, nodes) else None
+    held = wait_for(held_by_a_pod, timeout=60, what=f"Lease {lease} held by an operator Pod")
+    leader = _pod_of(held, nodes)
+    assert leader is not None
+    [standby] = set(nodes) - {leader}
+    print(f"operator Pods: leader {leader} on {nodes[leader]}, "
+          f"standby {standby} on {nodes[standby]}")
+    # A crash of the leader's container: CRI StopContainer with no grace period is SIGKILL
+    # at once (no Lease release, unlike `kubectl delete pod`'s SIGTERM), through the
+    # containerd of the node the Pod runs on.
+    socket = next(n.socket for n in chart_bed.nodes if n.name == nodes[leader])
+    [container] = json.loads(crictl(
+        socket, "ps", "--label", f"io.kubernetes.pod.name={leader}",
+        "--label", "io.kubernetes.container.name=operator", "-o", "json",
+        timeout=30))["containers"]
+    crictl(socket, "stop", "--timeout", "0", container["id"], timeout=30)
+    killed = time.monotonic()
+    apply_cache(admin, "default", "after-failover", {"images": [
+        f"{proxy.host}/{chart_family.images['app-py-a'].reference}"]})
+    # Every holder the Lease names from the kill until the standby's Pod holds it.
+    holders = [held]
+
+    def standby_leads() -> bool:
+        current = _holder(leases, lease)
+        if current != holders[-1]:
+            holders.append(current)
+        return _pod_of(current, nodes) == standby
+    try:
+        wait_for(standby_leads, timeout=FAILOVER_SECONDS + 60, interval=0.2,
+                 what=f"Lease {lease} held by the standby Pod {standby}")
+    except TimeoutError as e:
+        raise TimeoutError(f"{e}; holders since the kill: {holders}") from None
+    failover = time.monotonic() - killed
+    wait_for(lambda: "default/after-failover" in {
+        c for o in node_caches(admin).values() for c in (o.get("spec") or {}).get("caches") or ()},
+        timeout=FAILOVER_SECONDS + 120, interval=0.5,
+        what="the cache applied after the kill planned onto the NodeLayerCaches")
+    planned = time.monotonic() - killed
+    print(f"SIGKILL of the leader Pod's container: the standby Pod leads after {failover:.1f} s, "
+          f"the cache applied after the kill is planned after {planned:.1f} s")
+    # The Lease went from the killed process straight to the standby: never released
+    # (cleared) and never taken by the killed Pod's restarted container.
+    assert holders == [held, holders[-1]], holders
+    assert failover <= FAILOVER_SECONDS
+    assert planned <= FAILOVER_SECONDS
+    # It was a crash (exit 137: SIGKILL) and the kubelet restarted the container in place;
+    # the release is whole again for the tests after this one.
+    killed_pod = admin.core.read_namespaced_pod(leader, NAMESPACE).status
+    [status] = killed_pod.container_statuses
+    assert status.last_state.terminated.exit_code == 137
+    assert status.restart_count == 1
+    wait_ready(admin, release)
+    admin.kubectl("-n", "default", "delete", "layercache", "after-failover", "--timeout=120s")
 
 
 def test_the_documented_uninstall_order_leaves_no_pinned_layer(

@@ -1,9 +1,10 @@
 """Two operator replicas elect one leader with a coordination.k8s.io Lease in their namespace.
 
 The replicas run as bed processes against the real apiserver, under the operator's
-ServiceAccount and the RBAC of manifests/ (the Pods of the chart do not run on the bed yet:
-failover of operator *Pods* waits for the pod network; the mechanism tested here is the
-same, one process per replica). Measured: a killed leader (SIGKILL: no release) is
+ServiceAccount and the RBAC of manifests/, so that a test can read each one's log, stop
+it cleanly and see a deposed leader exit. The chart's operator Pods on the kubelet nodes
+are killed the same way in tests/integration/test_chart_e2e.py (the leader's container
+SIGKILLed through its node's CRI). Measured here: a killed leader (SIGKILL: no release) is
 replaced within 60 s (the standby holds the Lease; it then plans a cache created meanwhile,
 its own kopf start and the plan taking the rest); a clean stop hands the Lease over at
 once; a leader whose Lease was taken stops writing and exits.
