@@ -35,6 +35,7 @@ from layercache.containerd.labels import MANAGED_BY, MANAGED_BY_LABEL, is_manage
 from layercache.containerd.unpack import Snapshots
 from testbed.bed import BedState, NodeRecord, register_nodes
 from testbed.chart import Release, helm_install, load_image, wait_ready
+from testbed.cri import crictl
 from testbed.kube import Kube, wait_for
 from testbed.nodes import RegistryHost, SimNode
 from testbed.paths import containerd_tool
@@ -202,17 +203,19 @@ class ChartCluster(LayerCacheCluster):
         """SIGKILL the agent container's process on `node` (as the OOM killer would).
 
         The kubelet restarts the container (restartPolicy Always); `alive` allows that one
-        restart. Returns once containerd reports the task stopped.
+        restart. Returns once CRI reports the container exited.
         """
         pod = self.agent_pod(node.name)
         (status,) = pod.status.container_statuses
         container = status.container_id.removeprefix("containerd://")
         self.restarts[pod.metadata.name] = self.restarts.get(pod.metadata.name, 0) + 1
-        ctr = [containerd_tool("ctr", self.bed.containerd), "--address", node.socket,
-               "--namespace", "k8s.io", "tasks"]
-        run([*ctr, "kill", "--signal", "SIGKILL", container])
-        wait_for(lambda: "RUNNING" not in run([*ctr, "ls", f"id=={container}"]), 30, 0.1,
-                 f"agent container {container[:12]} on {node.name} stopped")
+        run([containerd_tool("ctr", self.bed.containerd), "--address", node.socket,
+             "--namespace", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", container])
+
+        def exited() -> bool:
+            inspected = json.loads(crictl(node.socket, "inspect", container))
+            return bool(inspected["status"]["state"] == "CONTAINER_EXITED")
+        wait_for(exited, 30, 0.1, f"agent container {container[:12]} on {node.name} exited")
 
     def logs(self) -> dict[str, str]:
         """Every product log: each release Pod's container (kubectl logs) and process agent."""
