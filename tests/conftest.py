@@ -42,8 +42,13 @@ def _admin(state: BedState) -> Iterator[Kube]:
 @pytest.fixture(scope="session")
 def family(bed: BedState) -> Family:
     """The image family pushed to every registry of the bed (expected digests and sizes)."""
-    assert bed.family is not None, "the session bed seeds the image family"
-    return Family.load(Path(bed.family).parent)
+    return _family(bed)
+
+
+def _family(state: BedState) -> Family:
+    """The image family the bed of `state` seeded its registries with."""
+    assert state.family is not None, "the bed seeds the image family"
+    return Family.load(Path(state.family).parent)
 
 
 @pytest.fixture
@@ -57,6 +62,29 @@ def proxy(bed: BedState) -> Iterator[FaultProxy]:
     client.reset()
     client.set_rate(None)
     client.close()
+
+
+@pytest.fixture(scope="module")
+def chart_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedState]:
+    """A module's own bed: 3 kubelet nodes with the image family, for a Helm release.
+
+    Per module, not per session: a module installs the chart once and may uninstall it.
+    """
+    testbed = TestBed(tmp_path_factory.mktemp("chart-bed"), nodes=3, kubelets=True)
+    yield testbed.up()
+    testbed.down()
+
+
+@pytest.fixture(scope="module")
+def chart_kube(chart_bed: BedState) -> Iterator[Kube]:
+    """Admin access to the module's `chart_bed`."""
+    yield from _admin(chart_bed)
+
+
+@pytest.fixture(scope="module")
+def chart_family(chart_bed: BedState) -> Family:
+    """The image family in the module's `chart_bed` registries."""
+    return _family(chart_bed)
 
 
 @pytest.fixture(scope="session")

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import pytest
 from kubernetes import client
 
-from testbed.bed import BedState, TestBed
+from testbed.bed import BedState
 from testbed.chart import (
     NAMESPACE,
     RELEASE,
@@ -49,19 +48,9 @@ FAILOVER_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
-def chart_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedState]:
-    """3 kubelet nodes with the image family in the registries."""
-    bed = TestBed(tmp_path_factory.mktemp("chart-e2e"), nodes=3, kubelets=True)
-    yield bed.up()
-    bed.down()
-
-
-@pytest.fixture(scope="module")
-def admin(chart_bed: BedState) -> Iterator[Kube]:
+def admin(chart_kube: Kube) -> Kube:
     """Admin access to the bed."""
-    kube = Kube(Path(chart_bed.kubeconfig))
-    yield kube
-    kube.close()
+    return chart_kube
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +59,6 @@ def proxy(chart_bed: BedState) -> Iterator[FaultProxy]:
     client = FaultProxy(chart_bed.proxy_url or "")
     yield client
     client.close()
-
-
-@pytest.fixture(scope="module")
-def chart_family(chart_bed: BedState) -> Family:
-    """The image family pushed to this bed's registries."""
-    return Family.load(Path(chart_bed.family or "").parent)
 
 
 @pytest.fixture(scope="module")

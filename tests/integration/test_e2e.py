@@ -1,13 +1,18 @@
-"""layercache end to end on the bed: the real operator and real agents, real images.
+"""layercache end to end on the bed: installed by Helm on kubelet nodes, real images.
 
-One operator and one agent per node run for the whole module, as processes under their
-own ServiceAccounts with the RBAC from `manifests/` (`testbed.e2e`). Each test applies
-LayerCaches in a namespace of its own and asserts on what the product leaves behind:
-LayerCache status and Events in the apiserver, blobs and their GC labels in each node's
-containerd (content API), and the bytes the fault proxy in front of the plain registry
+The module's own bed has 3 kubelet nodes (`chart_bed`: node namespaces, pod network,
+kube-proxy, kind's containerd) and the image family in its registries. The chart is
+installed once for the module as docs/kind.md step 3 installs it (`testbed.e2e.
+ChartCluster`): the operator Deployment and one agent Pod per node, the agents reading
+their node's containerd socket through the chart's hostPath mounts, RBAC exactly as the
+chart ships it; the values add only the product image, the bed's plain-HTTP registries,
+its CA and the tests' intervals. Each test applies LayerCaches in a namespace of its own
+and asserts on what the product leaves behind: LayerCache status and Events in the
+apiserver, blobs and their GC labels in each node's containerd (content API, through the
+node's socket from outside), and the bytes the fault proxy in front of the plain registry
 relayed — the ground truth for upstream traffic. After each test its caches are deleted,
 the nodes release what they held and the family's blobs are removed from every node, so
-the next test (and the next module on the session bed) starts from empty nodes.
+the next test starts from empty nodes. One test runs a process-mode agent, and says why.
 """
 
 from __future__ import annotations
@@ -17,9 +22,7 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import re
-import signal
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -48,7 +51,7 @@ from testbed.bed import BedState, node_name
 from testbed.contract import collect_garbage
 from testbed.cri import pull
 from testbed.e2e import (
-    LayerCacheCluster,
+    ChartCluster,
     apply_cache,
     blob_infos,
     clear_family,
@@ -58,6 +61,7 @@ from testbed.e2e import (
     extra_node,
     ingest_refs,
     is_ready,
+    kubelet_paused,
     node_caches,
     wait_cache,
     wait_released,
@@ -69,7 +73,9 @@ from testbed.paths import tool
 from testbed.procs import run
 from testbed.tokenserver import Grant, User, set_users
 
-pytestmark = pytest.mark.integration
+# Bed start, image load and helm install take minutes on a busy 2-core machine; pytest-timeout
+# counts them in the first test's time.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 #: The agents re-read the registry credentials Secret this often (s) instead of every 60 s,
 #: so a pull secret added by a test reaches them within the test's time (see test 4).
@@ -81,33 +87,39 @@ IDLE_SECONDS = 8.0
 
 
 @pytest.fixture(scope="module")
-def cluster(bed: BedState, kube: Kube, family: Family,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LayerCacheCluster]:
-    """The operator and three agents on empty nodes; all stopped and cleaned afterwards."""
-    digests = [layer.digest for layer in family.layers]
-    for node in bed.nodes:  # what earlier modules left must not count as already held
-        clear_family(node.socket, digests)
-    product = LayerCacheCluster(bed, kube, tmp_path_factory.mktemp("e2e"))
+def bed(chart_bed: BedState) -> BedState:
+    """This module's bed: 3 kubelet nodes with the image family (`chart_bed`)."""
+    return chart_bed
+
+
+@pytest.fixture(scope="module")
+def kube(chart_kube: Kube) -> Kube:
+    """Admin access to the module's bed."""
+    return chart_kube
+
+
+@pytest.fixture(scope="module")
+def family(chart_family: Family) -> Family:
+    """The image family in the module bed's registries."""
+    return chart_family
+
+
+@pytest.fixture(scope="module")
+def cluster(bed: BedState, kube: Kube, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[ChartCluster]:
+    """The chart installed by Helm on the module's nodes (the bed goes with the module)."""
+    interval = {"LAYERCACHE_STATUS_INTERVAL_SECONDS": "1"}
+    product = ChartCluster(bed, kube, tmp_path_factory.mktemp("e2e"), operator_env=interval,
+                           agent_env={**interval,
+                                      "LAYERCACHE_SECRET_REFRESH_SECONDS": SECRET_REFRESH_SECONDS})
     try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("LAYERCACHE_SECRET_REFRESH_SECONDS", SECRET_REFRESH_SECONDS)
-            product.start()
-        yield product
+        yield product.start()
     finally:
-        try:
-            for ns in kube.core.list_namespace().items:
-                if ns.metadata.name.startswith("e2e-"):
-                    delete_caches(kube, ns.metadata.name)
-            _release(product, bed, kube)
-        finally:
-            product.stop()
-            kube.kubectl("delete", "nodelayercaches", "--all", "--wait=false")
-            for node in bed.nodes:
-                clear_family(node.socket, digests)
+        product.stop()
 
 
 @pytest.fixture
-def namespace(cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family
+def namespace(cluster: ChartCluster, bed: BedState, kube: Kube, family: Family
               ) -> Iterator[str]:
     """A fresh namespace; afterwards its caches are deleted and the nodes emptied."""
     name = f"e2e-{uuid.uuid4().hex[:6]}"
@@ -122,7 +134,7 @@ def namespace(cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Fam
             clear_family(node.socket, [layer.digest for layer in family.layers])
 
 
-def _release(cluster: LayerCacheCluster, bed: BedState, kube: Kube) -> None:
+def _release(cluster: ChartCluster, bed: BedState, kube: Kube) -> None:
     """Wait until the nodes let go of deleted caches; if they do not, make them, and fail.
 
     A fresh operator plans only the caches that exist, so restarting it gets the next
@@ -176,7 +188,7 @@ def _ours(labels: dict[str, str]) -> dict[str, str]:
 
 
 def test_three_nodes_warm_with_each_layer_fetched_upstream_once(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         proxy: FaultProxy, namespace: str) -> None:
     names = ("app-py-a", "app-py-b")  # both on python, on base: 2 of 4 layers shared
     planned = _layers(family, *names)
@@ -225,7 +237,7 @@ def _retag(bed: BedState, family: Family, source: str, target: str) -> None:
 
 
 def test_a_moved_tag_is_picked_up_on_refresh(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         proxy: FaultProxy, namespace: str) -> None:
     repository, old, new = "family/moving", family.images["app-py-a"], family.images["app-py-b"]
     host = (bed.proxy_url or "").removeprefix("http://")
@@ -274,7 +286,7 @@ def test_a_moved_tag_is_picked_up_on_refresh(
 
 
 def test_deleting_a_cache_releases_only_what_no_other_cache_wants(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         namespace: str) -> None:
     left, right = "app-curl", "app-web"  # curl and nginx apps: the base layer is shared
     shared = _layers(family, left) & _layers(family, right)
@@ -319,7 +331,7 @@ def test_deleting_a_cache_releases_only_what_no_other_cache_wants(
 
 
 def test_token_registry_needs_its_pull_secret(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         namespace: str) -> None:
     token = bed.registries["token"]
     image = family.images["app-curl"]
@@ -386,7 +398,7 @@ def _tokens(log: Path, offset: int) -> dict[str, list[tuple[list[str], list[dict
 
 
 def test_two_teams_keep_their_own_credentials_for_one_registry(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         namespace: str) -> None:
     # Two namespaces, two pull Secrets for the same token registry, each able to read
     # only its own repository: both caches become Ready, and every token either team's
@@ -439,8 +451,8 @@ def test_two_teams_keep_their_own_credentials_for_one_registry(
         for ns, _, _ in teams.values():
             for event in kube.core.list_namespaced_event(ns).items:
                 assert not any(p in (event.message or "") for p in passwords.values())
-        texts = [json.dumps(node_caches(kube))] + [
-            path.read_text(errors="replace") for path in cluster.workdir.rglob("*.log")]
+        # The product's logs: every operator and agent Pod's (kubectl logs).
+        texts = [json.dumps(node_caches(kube)), *cluster.logs().values()]
         assert len(texts) > len(bed.nodes)  # the operator's log and every agent's
         assert not any(p in text for p in passwords.values() for text in texts)
     finally:
@@ -453,7 +465,7 @@ def test_two_teams_keep_their_own_credentials_for_one_registry(
 
 
 def test_operator_restart_does_no_work_twice(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         proxy: FaultProxy, namespace: str) -> None:
     names = ("app-py-a",)
     apply_cache(kube, namespace, "steady", {"images": _via_proxy(bed, family, *names)})
@@ -495,7 +507,7 @@ def test_operator_restart_does_no_work_twice(
 
 
 def test_a_fourth_node_is_warmed_from_peers(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         proxy: FaultProxy, namespace: str, tmp_path: Path) -> None:
     names = ("app-web",)
     planned = _layers(family, *names)
@@ -504,6 +516,9 @@ def test_a_fourth_node_is_warmed_from_peers(
     proxy.reset()
 
     fourth = node_name(len(bed.nodes))
+    # Process mode for this node only: the bed makes kubelet nodes (namespaces, podCIDRs,
+    # routes, kube-proxy) at start-up and cannot add one later, so the joining node is a
+    # containerd with its agent as a process under the chart's ServiceAccount and RBAC.
     with extra_node(bed, cluster, fourth, tmp_path / "node") as node:
         def four_ready(obj: dict[str, Any]) -> bool:
             return is_ready(obj) and obj["status"]["nodes"]["desired"] == len(bed.nodes) + 1
@@ -525,7 +540,7 @@ def test_a_fourth_node_is_warmed_from_peers(
 
 
 def test_idle_nodes_leave_their_status_alone(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         namespace: str) -> None:
     # Every status write is an etcd write and a watch event for the operator and every
     # agent's peer lookups: with nothing to do, an agent has nothing to report (at 1,000
@@ -592,7 +607,7 @@ def _push_with_foreign_base(bed: BedState, family: Family, source: str, tag: str
 
 
 def test_foreign_layers_are_reported_once_and_never_block_ready(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         proxy: FaultProxy, namespace: str) -> None:
     source = "app-curl"
     repo = family.images[source].repository
@@ -661,7 +676,7 @@ def _only_on(node: str) -> dict[str, Any]:
 
 
 def test_unpacked_chains_are_containerds_own_and_make_a_later_pull_fast(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         proxy: FaultProxy, namespace: str) -> None:
     warm, reference = bed.nodes[0], bed.nodes[2]
     cached = ("python", "curl")  # base+python and base+curl: the base chain is shared
@@ -702,7 +717,7 @@ def test_unpacked_chains_are_containerds_own_and_make_a_later_pull_fast(
 
 
 def test_agent_killed_during_apply_commits_the_chain_once_after_restart(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         namespace: str) -> None:
     node = bed.nodes[1]
     apply_cache(kube, namespace, "crash", {"images": _via_proxy(bed, family, "base"),
@@ -713,17 +728,14 @@ def test_agent_killed_during_apply_commits_the_chain_once_after_restart(
         assert time.monotonic() < deadline, "no unpack started"
         assert _chains_done(kube, node.name) is None, "unpacked before it could be killed"
         time.sleep(0.02)
-    agent = cluster.agents.pop(node.name)
-    os.kill(agent.pid, signal.SIGKILL)
-    assert agent.popen is not None
-    agent.popen.wait(10)
-    (chain_id,) = {name.rsplit(" ", 1)[-1] for name in seen}
-    time.sleep(1)  # containerd ends the cancelled Apply
-    assert chain_id not in _committed(node.socket)  # nothing committed under its name
-    assert _active_extracts(node.socket) == seen  # the stale active snapshot is left
+    # SIGKILL of the agent Pod's process; the kubelet, held meanwhile, then restarts it.
+    with kubelet_paused(bed, node.name):
+        cluster.kill_agent(node)
+        (chain_id,) = {name.rsplit(" ", 1)[-1] for name in seen}
+        time.sleep(1)  # containerd ends the cancelled Apply
+        assert chain_id not in _committed(node.socket)  # nothing committed under its name
+        assert _active_extracts(node.socket) == seen  # the stale active snapshot is left
 
-    offset = agent.log.stat().st_size  # the restarted agent appends to the same log
-    cluster.start_agent(node)
     mine = wait_for(lambda: _chains_done(kube, node.name), 120, 0.5, "chain unpacked")
     assert [c["chainID"] for c in mine["spec"]["chains"]] == [chain_id]
     assert not _active_extracts(node.socket)  # removed at start-up, and no new one left
@@ -733,13 +745,16 @@ def test_agent_killed_during_apply_commits_the_chain_once_after_restart(
     assert labels["containerd.io/snapshot/diff-id"] == mine["spec"]["chains"][0]["diffIDs"][0]
     assert labels.get(MANAGED_BY_LABEL) == MANAGED_BY
     assert int(labels[UNPACKED_SIZE_LABEL]) > family.layer(base).size
-    log = cluster.agents[node.name].log.read_bytes()[offset:].decode()
+    # The restarted container's log (kubelet restarted it once: its own log, from its start).
+    pod = cluster.agent_pod(node.name)
+    assert pod.status.container_statuses[0].restart_count == 1
+    log = kube.core.read_namespaced_pod_log(pod.metadata.name, pod.metadata.namespace)
     assert "removed 1 stale active snapshot" in log, log[-2000:]
     assert log.count(f"as snapshot {chain_id}") == 1, log[-2000:]
 
 
 def test_a_released_chain_goes_with_gc_but_a_pulled_images_stay(
-        cluster: LayerCacheCluster, bed: BedState, kube: Kube, family: Family,
+        cluster: ChartCluster, bed: BedState, kube: Kube, family: Family,
         namespace: str) -> None:
     node = bed.nodes[0]
     apply_cache(kube, namespace, "gc", {"images": _via_proxy(bed, family, "python", "curl"),

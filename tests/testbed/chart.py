@@ -25,7 +25,7 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,15 +145,20 @@ class Release:
 
 
 def helm_install(kube: Kube, image: LoadedImage, *, insecure_registries: Sequence[str] = (),
+                 values: Sequence[str] = (), objects: Sequence[Mapping[str, Any]] = (),
                  timeout: float = 300) -> Release:
     """Install the chart by the commands of docs/kind.md step 3, as written.
 
     They create and label the namespace, `helm install layercache helm/layercache -n
     layercache-system` and list what came up; to the `helm install` line the bed adds only
-    the image values (`LoadedImage.helm_values`) and `insecure_registries`, plain-HTTP
+    the image values (`LoadedImage.helm_values`), `insecure_registries`, plain-HTTP
     registries the chart's `insecureRegistries` names (the bed's byte-counting proxy is one,
-    as kind's local-registry recipe is). Then waits until the operator Deployment has all
-    its replicas Ready and the agent DaemonSet one Ready Pod on every node (`wait_ready`).
+    as kind's local-registry recipe is), and `values`: further `--set`/`--set-json`
+    arguments (the end-to-end tests' settings and registry CA). `objects` (manifests, e.g.
+    the ConfigMap `registryCA.configMap` names) are created in the release namespace just
+    before `helm install`, as a user creates them once the namespace exists. Then waits
+    until the operator Deployment has all its replicas Ready and the agent DaemonSet one
+    Ready Pod on every node (`wait_ready`).
 
     Raises:
         ComponentError: a command failed; TimeoutError: not Ready in `timeout` s (the
@@ -162,7 +167,10 @@ def helm_install(kube: Kube, image: LoadedImage, *, insecure_registries: Sequenc
     insecure = (["--set-json", f"insecureRegistries={json.dumps(list(insecure_registries))}"]
                 if insecure_registries else [])
     for line in commands(INSTALL_STEP, block=0):  # the Helm path, not the manifests'
-        extra = [*image.helm_values, *insecure] if line.startswith("helm install ") else []
+        installing = line.startswith("helm install ")
+        for obj in objects if installing else ():
+            kube.kubectl("-n", NAMESPACE, "create", "-f", "-", input=json.dumps(obj))
+        extra = [*image.helm_values, *insecure, *values] if installing else []
         run_command(line, kube.kubeconfig, extra)
     installed = Release(RELEASE, NAMESPACE, image)
     wait_ready(kube, installed, timeout)

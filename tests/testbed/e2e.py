@@ -2,11 +2,14 @@
 
 `LayerCacheCluster` is the running product: the manifests installed, one operator and one
 agent per node, each a real process under its own ServiceAccount (`testbed.product`).
-`extra_node` brings up one more simulated node (containerd, Node object, agent) for the
-life of a `with` block, as a node joining the cluster would (`joined_node`: the same
-without the agent, on any containerd profile). The probes read what tests
-assert on: LayerCache status and Events from the apiserver, blobs, labels and ingests from
-each node's containerd through the content API.
+`ChartCluster` is the same product installed by Helm on a kubelet bed, operator and agents
+as the chart's Pods (tests/integration/test_e2e.py); `kubelet_paused` holds a node's
+kubelet so a killed agent Pod is not restarted until a test has looked. `extra_node`
+brings up one more simulated node (containerd, Node object, agent process) for the life of
+a `with` block, as a node joining the cluster would (`joined_node`: the same without the
+agent, on any containerd profile). The probes read what tests assert on: LayerCache
+status and Events from the apiserver, blobs, labels and ingests from each node's
+containerd through the content API.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +34,19 @@ from layercache.containerd.errors import NotFound
 from layercache.containerd.labels import GC_ROOT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, is_managed
 from layercache.containerd.unpack import Snapshots
 from testbed.bed import BedState, NodeRecord, register_nodes
+from testbed.chart import Release, helm_install, load_image, wait_ready
+from testbed.cri import crictl
 from testbed.kube import Kube, wait_for
 from testbed.nodes import RegistryHost, SimNode
-from testbed.procs import Process
-from testbed.product import NAMESPACE, install, start_agent, start_operator
+from testbed.paths import containerd_tool
+from testbed.procs import Process, run
+from testbed.product import (
+    NAMESPACE,
+    insecure_registries,
+    install,
+    start_agent,
+    start_operator,
+)
 
 GROUP, VERSION = "layercache.dev", "v1alpha1"
 #: The pause image the bed's containerd daemons are configured with (never pulled here).
@@ -102,6 +116,152 @@ class LayerCacheCluster:
         for name in list(self.agents):
             self.stop_agent(name)
         self.stop_operator()
+
+
+#: The ConfigMap (release namespace) with the bed's CA, the chart's `registryCA.configMap`.
+REGISTRY_CA_CONFIGMAP = "bed-registry-ca"
+
+
+@dataclass
+class ChartCluster(LayerCacheCluster):
+    """The product as `helm install` runs it on a kubelet bed (`TestBed(kubelets=True)`).
+
+    `start` loads the product image into every node and installs helm/layercache by
+    docs/kind.md step 3 (`testbed.chart.helm_install`): the operator Deployment and one agent
+    Pod per node, each agent reading its node's containerd socket through the chart's
+    hostPath mounts, RBAC as the chart ships it. Values beyond the image: the bed's
+    plain-HTTP registries (`insecureRegistries`), its CA (`registryCA`, a ConfigMap created
+    with the namespace) and `operator_env` / `agent_env` (`operator.env`, `agent.env`).
+    `agents` holds only process-mode agents of nodes without a kubelet (`extra_node`).
+    """
+
+    operator_env: dict[str, str] = field(default_factory=dict)
+    agent_env: dict[str, str] = field(default_factory=dict)
+    release: Release | None = None
+    #: The operator Deployment's replicas before `stop_operator` scaled it to 0.
+    operator_replicas: int = 0
+    #: Container restarts the tests caused (`kill_agent`), by Pod name; `alive` allows them.
+    restarts: dict[str, int] = field(default_factory=dict)
+
+    def start(self) -> ChartCluster:
+        """Load the image, create the CA ConfigMap with the namespace, `helm install`."""
+        ca = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": REGISTRY_CA_CONFIGMAP},
+              "data": {"ca.crt": Path(self.bed.ca_file).read_text()}}
+        values = ["--set", f"registryCA.configMap={REGISTRY_CA_CONFIGMAP}",
+                  "--set-json", f"operator.env={json.dumps(self.operator_env)}",
+                  "--set-json", f"agent.env={json.dumps(self.agent_env)}"]
+        self.release = helm_install(self.kube, load_image(self.bed),
+                                    insecure_registries=insecure_registries(self.bed),
+                                    values=values, objects=[ca])
+        return self
+
+    def _release(self) -> Release:
+        assert self.release is not None, "ChartCluster.start first"
+        return self.release
+
+    def pods(self, component: str | None = None) -> list[Any]:
+        """The release's Pods (V1Pod), of one `component` (operator, agent) if given."""
+        release = self._release()
+        return list(self.kube.core.list_namespaced_pod(
+            release.namespace, label_selector=release.selector(component)).items)
+
+    def agent_pod(self, node: str) -> Any:
+        """The agent Pod (V1Pod) on `node`.
+
+        Raises:
+            LookupError: no agent Pod is scheduled there.
+        """
+        for pod in self.pods("agent"):
+            if pod.spec.node_name == node:
+                return pod
+        raise LookupError(f"no agent Pod on node {node}")
+
+    def start_operator(self) -> Process | None:  # type: ignore[override]
+        """Scale the operator Deployment back to its replicas; wait until all are Ready."""
+        release = self._release()
+        self.operator_starts += 1
+        if self.operator_replicas:
+            self.kube.kubectl("-n", release.namespace, "scale",
+                              f"deployment/{release.name}-operator",
+                              f"--replicas={self.operator_replicas}")
+        wait_ready(self.kube, release)
+        return None
+
+    def stop_operator(self) -> None:
+        """Scale the operator Deployment to 0 and wait until its Pods are gone."""
+        release = self._release()
+        deployment = f"{release.name}-operator"
+        replicas = self.kube.apps.read_namespaced_deployment(
+            deployment, release.namespace).spec.replicas
+        self.operator_replicas = replicas or self.operator_replicas
+        self.kube.kubectl("-n", release.namespace, "scale", f"deployment/{deployment}",
+                          "--replicas=0")
+        wait_for(lambda: not self.pods("operator"), 120, 0.5, "the operator Pods gone")
+
+    def kill_agent(self, node: NodeRecord) -> None:
+        """SIGKILL the agent container's process on `node` (as the OOM killer would).
+
+        The kubelet restarts the container (restartPolicy Always); `alive` allows that one
+        restart. Returns once CRI reports the container exited.
+        """
+        pod = self.agent_pod(node.name)
+        (status,) = pod.status.container_statuses
+        container = status.container_id.removeprefix("containerd://")
+        self.restarts[pod.metadata.name] = self.restarts.get(pod.metadata.name, 0) + 1
+        run([containerd_tool("ctr", self.bed.containerd), "--address", node.socket,
+             "--namespace", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", container])
+
+        def exited() -> bool:
+            inspected = json.loads(crictl(node.socket, "inspect", container))
+            return bool(inspected["status"]["state"] == "CONTAINER_EXITED")
+        wait_for(exited, 30, 0.1, f"agent container {container[:12]} on {node.name} exited")
+
+    def logs(self) -> dict[str, str]:
+        """Every product log: each release Pod's container (kubectl logs) and process agent."""
+        release = self._release()
+        found = {f"pod/{pod.metadata.name}": self.kube.core.read_namespaced_pod_log(
+                     pod.metadata.name, release.namespace)
+                 for pod in self.pods() if pod.status.container_statuses}
+        for name, agent in self.agents.items():
+            found[f"process/{name}"] = agent.log.read_text(errors="replace")
+        return found
+
+    def alive(self) -> list[str]:
+        """Product Pods (or process agents) whose container exited unasked (empty: none)."""
+        exited = super().alive() if self.agents else []
+        for pod in self.pods():
+            allowed = self.restarts.get(pod.metadata.name)
+            for status in pod.status.container_statuses or ():
+                if status.restart_count > (allowed or 0) or (
+                        allowed is None and status.state.terminated is not None):
+                    exited.append(f"pod/{pod.metadata.name}")
+        return exited
+
+    def stop(self) -> None:
+        """Stop the process agents; the release stays until the bed goes."""
+        for name in list(self.agents):
+            self.stop_agent(name)
+
+
+@contextlib.contextmanager
+def kubelet_paused(bed: BedState, node: str) -> Iterator[None]:
+    """Hold node `node`'s kubelet (SIGSTOP) for the block, then let it go on (SIGCONT).
+
+    While held it restarts no container, so a test can look at what a killed agent left
+    before the kubelet starts the next one.
+
+    Raises:
+        LookupError: the bed has no kubelet for `node`.
+    """
+    pid = next((p.pid for p in bed.processes if p.name == f"kubelet[{node}]"), None)
+    if pid is None:
+        raise LookupError(f"no kubelet of node {node} in the bed's processes")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 @contextlib.contextmanager

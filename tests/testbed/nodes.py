@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import os
 import platform
+import shutil
 import subprocess
 import textwrap
 import uuid
@@ -148,9 +149,18 @@ version = 2
 """
 
 
+#: The registry's CA certificate, copied into its host directory (`configure_registries`).
+HOST_CA = "ca.crt"
+
+
 def hosts_toml(reg: RegistryHost) -> str:
-    """A containerd `hosts.toml` sending pulls for `reg.host` to `reg.server`."""
-    ca = f'\n  ca = "{reg.ca_file}"' if reg.ca_file else ""
+    """A containerd `hosts.toml` sending pulls for `reg.host` to `reg.server`.
+
+    A CA is named relative to the host directory (`HOST_CA`), as containerd resolves it:
+    an agent Pod that mounts the node's `config_path` then finds it too, which a path
+    into the bed's own directory would not be inside the Pod.
+    """
+    ca = f'\n  ca = "{HOST_CA}"' if reg.ca_file else ""
     return (f'server = "{reg.server}"\n\n[host."{reg.server}"]\n'
             f'  capabilities = ["pull", "resolve"]{ca}\n')
 
@@ -210,8 +220,11 @@ class SimNode:
     def configure_registries(self, registries: list[RegistryHost]) -> None:
         """Write a `hosts.toml` per registry host (containerd reads them at each pull)."""
         for reg in registries:
-            (self.workdir / "certs.d" / reg.host).mkdir(parents=True, exist_ok=True)
-            (self.workdir / "certs.d" / reg.host / "hosts.toml").write_text(hosts_toml(reg))
+            directory = self.workdir / "certs.d" / reg.host
+            directory.mkdir(parents=True, exist_ok=True)
+            if reg.ca_file:
+                shutil.copyfile(reg.ca_file, directory / HOST_CA)
+            (directory / "hosts.toml").write_text(hosts_toml(reg))
 
     def start(self, sandbox_image: str) -> Process:
         """Write the config, start containerd (readiness: `wait`; registries: later)."""

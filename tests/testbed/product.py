@@ -31,8 +31,8 @@ def install(kube: Kube, *files: str) -> None:
         kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / name))
 
 
-def _insecure(bed: BedState) -> list[str]:
-    # The bed's plain-HTTP registries: the proxy (the upstream clients use), plain, basic.
+def insecure_registries(bed: BedState) -> list[str]:
+    """The bed's plain-HTTP registries (`host:port`): plain, basic and the fault proxy."""
     hosts = [bed.registries["plain"].host, bed.registries["basic"].host]
     return [*hosts, bed.proxy_url.removeprefix("http://")] if bed.proxy_url else hosts
 
@@ -52,7 +52,7 @@ def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool
     env = {
         "KUBECONFIG": str(kubeconfig), "LAYERCACHE_NAMESPACE": NAMESPACE,
         "LAYERCACHE_METRICS_PORT": str(metrics), "LAYERCACHE_HEALTH_PORT": str(health),
-        "LAYERCACHE_INSECURE_REGISTRIES": ",".join(_insecure(bed)),
+        "LAYERCACHE_INSECURE_REGISTRIES": ",".join(insecure_registries(bed)),
         "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
         "LAYERCACHE_STANDALONE": "true" if standalone else "false",
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
@@ -88,7 +88,7 @@ def start_agent(bed: BedState, kube: Kube, node: NodeRecord, workdir: Path,
         "LAYERCACHE_KUBECONFIG": str(kubeconfig), "LAYERCACHE_CONTAINERD_SOCKET": node.socket,
         "LAYERCACHE_PEER_BIND": "127.0.0.1", "LAYERCACHE_PEER_PORT": str(peer),
         "LAYERCACHE_METRICS_BIND": "127.0.0.1", "LAYERCACHE_METRICS_PORT": str(metrics),
-        "LAYERCACHE_INSECURE_REGISTRIES": ",".join(_insecure(bed)),
+        "LAYERCACHE_INSECURE_REGISTRIES": ",".join(insecure_registries(bed)),
         "LAYERCACHE_REGISTRY_CA_FILE": bed.ca_file,
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
         # The node's own containerd config: the agent reads the CRI's snapshotter there.

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from testbed.nodes import containerd_config
+from layercache.registry.mirrors import parse_hosts_toml
+from testbed.nodes import RegistryHost, SimNode, containerd_config
 from testbed.paths import CONTAINERD_ENV, CONTAINERD_PROFILES, containerd_profile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,3 +139,17 @@ def test_a_node_in_its_own_namespaces_uses_kinds_paths(profile: str) -> None:
     # The rest of kind's settings and our patch are the same as on a host node.
     assert _subset({k: v for k, v in _config(profile).items()
                     if k not in ("root", "state", "grpc", "ttrpc", "plugins")}, config) == []
+
+
+def test_a_registry_ca_is_in_its_host_directory_named_relative_to_it(tmp_path: Path) -> None:
+    # An agent Pod mounts the node's config_path only: a CA path into the bed's own
+    # directory would not exist inside it, one relative to the host directory does.
+    ca = tmp_path / "pki" / "ca.crt"
+    ca.parent.mkdir()
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    node = SimNode("n0", tmp_path / "node")
+    node.configure_registries([RegistryHost("10.250.0.1:5000", "https://10.250.0.1:5000", ca)])
+    directory = tmp_path / "node" / "certs.d" / "10.250.0.1:5000"
+    assert (directory / "ca.crt").read_text() == ca.read_text()
+    (host,) = parse_hosts_toml((directory / "hosts.toml").read_text(), directory).hosts
+    assert host.ca == (directory / "ca.crt",)
