@@ -242,31 +242,55 @@ def _merge_cycles(
     are the nodes off the cycles with a stuck child.
     """
     popped, left_out, stuck, feeds = first_pass
-    prio, by_prio = cat.prio, cat.by_prio
-    rep: dict[int, int] = {}
-    members_of: dict[int, tuple[int, ...]] = {}
-    pending: dict[int, int] = {}  # unit → incoming edges not yet released
-    for component in _strongly_connected(stuck, graph):
-        if len(component) == 1:  # stuck only because it rests on a cycle
-            g = component[0]
-            members_of[g], rep[g], pending[g] = (g,), g, indeg[g]
-            if g in bad:
-                left_out.add(g)
-            continue
-        unit = tuple(sorted(component, key=prio.__getitem__))
-        members_of[unit[0]] = unit
-        rep.update(dict.fromkeys(unit, unit[0]))
-        inside = sum(rep.get(c) == unit[0] for m in unit for c in graph.children(m))
-        pending[unit[0]] = sum(map(indeg.__getitem__, unit)) - inside
-        if bad.intersection(unit):
-            left_out.add(unit[0])
-    heap = [prio[unit] for unit, count in pending.items() if not count]  # cycles on nothing
-    heapq.heapify(heap)
-    result = Order()
+    merge = _CycleMerge(cat, graph, left_out)
+    merge.condense(stuck, indeg, bad)
+    merge.walk(popped, feeds)
+    return merge.result
 
-    def release(node: int, members: tuple[int, ...]) -> None:
+
+class _CycleMerge:
+    """The state of one `_merge_cycles`: the condensed units and the heap of ready ones.
+
+    ``rep`` maps each stuck node to its unit (the unit's highest-priority member);
+    ``members_of`` a unit to its members in priority order; ``pending`` a unit to its
+    incoming edges not yet released; ``heap`` holds the priorities of the units with none
+    pending. ``left_out`` is the first pass's set, extended in place.
+    """
+
+    def __init__(self, cat: Catalogue, graph: _Graph, left_out: set[int]) -> None:
+        self.prio, self.by_prio, self.graph, self.left_out = cat.prio, cat.by_prio, graph, left_out
+        self.rep: dict[int, int] = {}
+        self.members_of: dict[int, tuple[int, ...]] = {}
+        self.pending: dict[int, int] = {}
+        self.heap: list[int] = []
+        self.result = Order()
+
+    def condense(self, stuck: set[int], indeg: list[int], bad: set[int]) -> None:
+        """Make each strongly connected component of ``stuck`` one unit; fill the heap."""
+        prio, rep, pending, left_out = self.prio, self.rep, self.pending, self.left_out
+        for component in _strongly_connected(stuck, self.graph):
+            if len(component) == 1:  # stuck only because it rests on a cycle
+                g = component[0]
+                self.members_of[g], rep[g], pending[g] = (g,), g, indeg[g]
+                if g in bad:
+                    left_out.add(g)
+                continue
+            unit = tuple(sorted(component, key=prio.__getitem__))
+            self.members_of[unit[0]] = unit
+            rep.update(dict.fromkeys(unit, unit[0]))
+            inside = sum(rep.get(c) == unit[0] for m in unit for c in self.graph.children(m))
+            pending[unit[0]] = sum(map(indeg.__getitem__, unit)) - inside
+            if bad.intersection(unit):
+                left_out.add(unit[0])
+        # Units with nothing pending: cycles resting on nothing stuck.
+        self.heap = [prio[unit] for unit, count in pending.items() if not count]
+        heapq.heapify(self.heap)
+
+    def release(self, node: int, members: tuple[int, ...]) -> None:
+        """Release the edges out of ``node`` (a unit or a first-pass node) into other units."""
+        rep, pending, left_out = self.rep, self.pending, self.left_out
         for member in members:
-            for child in graph.children(member):
+            for child in self.graph.children(member):
                 target = rep.get(child)
                 if target is None or target == node:
                     continue
@@ -274,52 +298,64 @@ def _merge_cycles(
                     left_out.add(target)
                 pending[target] -= 1
                 if not pending[target]:
-                    heapq.heappush(heap, prio[target])
+                    heapq.heappush(self.heap, self.prio[target])
 
-    def pop_units_before(limit: int) -> None:
+    def pop_units_before(self, limit: int) -> None:
+        """Emit every ready unit ranked before priority ``limit``, and those they free."""
+        heap, result = self.heap, self.result
         while heap and heap[0] < limit:
-            unit = by_prio[heapq.heappop(heap)]
-            if unit not in left_out:
-                if len(members_of[unit]) > 1:
+            unit = self.by_prio[heapq.heappop(heap)]
+            members = self.members_of[unit]
+            if unit not in self.left_out:
+                if len(members) > 1:
                     start = len(result.ids)
-                    result.spans.append((start, start + len(members_of[unit])))
-                result.ids.extend(members_of[unit])
-            release(unit, members_of[unit])
+                    result.spans.append((start, start + len(members)))
+                result.ids.extend(members)
+            self.release(unit, members)
 
-    def emit(segment: Sequence[int]) -> None:
-        if left_out:
-            result.ids.extend(itertools.filterfalse(left_out.__contains__, segment))
+    def emit(self, segment: Sequence[int]) -> None:
+        """Append first-pass nodes ``segment`` to the result, less those left out."""
+        if self.left_out:
+            self.result.ids.extend(itertools.filterfalse(self.left_out.__contains__, segment))
         else:
-            result.ids.extend(segment)
+            self.result.ids.extend(segment)
 
-    # Walk the first pass in runs: between feeds nothing new becomes available, and while no
-    # unit waits (or the running maximum says when one will go) a run is copied in bulk.
-    ranks = list(map(prio.__getitem__, popped))
-    most = list(itertools.accumulate(ranks, max))
-    position = 0
-    for feed in [*itertools.compress(itertools.count(), map(feeds.__contains__, popped)), -1]:
-        end = feed if feed >= 0 else len(popped)
-        while position < end:
-            if not heap:
-                stop = end
-            elif not position or most[position - 1] < heap[0]:
-                stop = min(end, bisect.bisect_right(most, heap[0], position))
-            else:
-                stop = position
-                while stop < end and ranks[stop] < heap[0]:
-                    stop += 1
-            emit(popped[position:stop])
-            position = stop
-            if position < end:
-                pop_units_before(ranks[position])
-        if feed >= 0:
-            if heap and heap[0] < ranks[feed]:
-                pop_units_before(ranks[feed])
-            emit(popped[feed : feed + 1])
-            release(popped[feed], (popped[feed],))
-            position = feed + 1
-    pop_units_before(len(prio))
-    return result
+    def walk(self, popped: list[int], feeds: set[int]) -> None:
+        """Merge the units into the first pass ``popped``, then append the units left."""
+        # Walk the first pass in runs: between feeds nothing new becomes available, and while
+        # no unit waits (or the running maximum says when one will go) a run is copied in bulk.
+        ranks = list(map(self.prio.__getitem__, popped))
+        most = list(itertools.accumulate(ranks, max))
+        heap = self.heap
+        position = 0
+        for feed in [*itertools.compress(itertools.count(), map(feeds.__contains__, popped)), -1]:
+            end = feed if feed >= 0 else len(popped)
+            while position < end:
+                stop = self._run_end(ranks, most, position, end)
+                self.emit(popped[position:stop])
+                position = stop
+                if position < end:
+                    self.pop_units_before(ranks[position])
+            if feed >= 0:
+                if heap and heap[0] < ranks[feed]:
+                    self.pop_units_before(ranks[feed])
+                self.emit(popped[feed : feed + 1])
+                self.release(popped[feed], (popped[feed],))
+                position = feed + 1
+        self.pop_units_before(len(self.prio))
+
+    def _run_end(self, ranks: list[int], most: list[int], position: int, end: int) -> int:
+        # Where the run of first-pass nodes from ``position`` stops: at ``end``, or at the
+        # first node that ranks after the best waiting unit.
+        heap = self.heap
+        if not heap:
+            return end
+        if not position or most[position - 1] < heap[0]:
+            return min(end, bisect.bisect_right(most, heap[0], position))
+        stop = position
+        while stop < end and ranks[stop] < heap[0]:
+            stop += 1
+        return stop
 
 
 def _strongly_connected(nodes: set[int], graph: _Graph) -> list[list[int]]:

@@ -112,7 +112,13 @@ def _check(value: Any, kind: Any, path: str, problems: list[str]) -> None:
     elif kind is type(None):
         if value is not None:
             problems.append(f"{path}: {value!r} is not null")
-    elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+    else:
+        _check_scalar_or_model(value, kind, path, problems)
+
+
+def _check_scalar_or_model(value: Any, kind: Any, path: str, problems: list[str]) -> None:
+    """`_check` for an enum, a primitive or an SDK model class `kind`."""
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
         allowed = [member.value for member in kind]
         if value not in allowed:
             problems.append(f"{path}: {value!r} is not one of {allowed}")
