@@ -47,9 +47,10 @@ unit: venv ## Run the unit tests only (no I/O)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: venv tools ## ruff, mypy, yamllint, helm lint (every ci/ values file), chart README current, actionlint, dashboard + alert rules
+lint: venv tools ## ruff (incl. complexity), mypy, import contracts, yamllint, helm lint (every ci/ values file), chart README current, actionlint, dashboard + alert rules
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/yamllint --strict -c .yamllint.yaml .
 	bash .ci/lint-chart.sh
 	bash .ci/chart-docs.sh --check

@@ -1,15 +1,18 @@
 """Import directions of the package: lower layers never import higher ones.
 
 Checked on the source (every import, ``TYPE_CHECKING`` ones included), so a cycle or an
-inverted edge fails here, before import-linter contracts exist for the whole tree.
+inverted edge fails here; the import-linter contracts of ``make lint`` (.importlinter) run
+here too.
 """
 
 from __future__ import annotations
 
 import ast
+import configparser
 from pathlib import Path
 
 import pytest
+from importlinter.cli import lint_imports
 
 import layercache
 
@@ -85,3 +88,16 @@ def test_one_kubernetes_client_factory_one_timeout_policy() -> None:
             kubeclient.INTERACTIVE_TIMEOUT, kubeclient.WATCH_SECONDS) == (10.0, 30.0, 15.0, 300)
     assert statusapi.REQUEST_TIMEOUT == kubeclient.INTERACTIVE_TIMEOUT
     assert kubeapi.WATCH_SECONDS == kubeclient.WATCH_SECONDS
+
+
+def test_import_contracts_kept() -> None:
+    # The contracts in .importlinter (what `make lint` runs), here too so that the unit
+    # tests catch an import across a layer; each contract is explained in the docs.
+    config = PACKAGE.parents[1] / ".importlinter"
+    contracts = configparser.ConfigParser()
+    contracts.read(config)
+    names = [contracts[s]["name"] for s in contracts.sections() if ":contract:" in s]
+    assert len(names) == 4
+    architecture = (PACKAGE.parents[1] / "docs" / "architecture.md").read_text()
+    assert [name for name in names if name not in architecture] == []
+    assert lint_imports(config_filename=str(config), no_logo=True) == 0
