@@ -8,6 +8,7 @@ hang (the old operator client hung for good, and so did the agent's watch).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from layercache import kubeclient
+from layercache.agent.kubeapi import OwnObjectWatch
 
 #: The read timeout the tests give the clients (seconds), and how long a call may take.
 TIMEOUT = 1.0
@@ -138,3 +140,29 @@ def test_layercache_status_times_out(silent: tuple[SilentServer, Path],
 def test_request_timeout_lets_a_watch_wait_for_its_own_timeout(
         url: str, expected: tuple[float, float]) -> None:
     assert kubeclient.request_timeout(url, TIMEOUT) == expected
+
+
+def test_own_object_watch_follows_again_after_a_watch_ends_normally() -> None:
+    # A watch request ends without error at its timeout (WATCH_SECONDS): the thread must
+    # watch again from the version reached, not die (it once did: an unset wait).
+    loop = asyncio.new_event_loop()
+    seen: list[str | None] = []
+
+    class Kube:
+        def list_own(self) -> tuple[dict[str, str], str]:
+            return {"kind": "NodeLayerCache"}, "1"
+
+    watch = OwnObjectWatch(Kube(), loop, lambda obj: None)  # type: ignore[arg-type]
+
+    def follow(version: str) -> str:
+        seen.append(version)
+        if len(seen) == 2:
+            watch._stop.set()
+        return str(int(version) + 1)
+
+    watch._follow = follow  # type: ignore[method-assign]
+    watch.start()
+    watch._thread.join(10)
+    loop.close()
+    assert not watch._thread.is_alive()
+    assert seen == ["1", "2"]

@@ -175,6 +175,9 @@ class OwnObjectWatch:
         delays = KUBE_BACKOFF.delays()
         version: str | None = None
         while not self._stop.is_set():
+            # A watch that ended normally (its timeout) is followed again after the first
+            # step; failures wait longer each time.
+            backoff = KUBE_BACKOFF.initial
             try:
                 if version is None:
                     obj, version = self.kube.list_own()
