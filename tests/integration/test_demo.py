@@ -55,6 +55,15 @@ def test_demo_runs_the_chart_and_reports_pod_pull_times(tmp_path: Path) -> None:
     assert result["nodes"] == result["nodes_ready"] == WARM_NODES
     assert result["upstream_bytes"] >= result["unique_bytes"] > 0
     assert f"{warm} s on warmed node" in printed and f"{cold} s on cold" in printed
+    # Disk: each warm node's agent reports what containerd's API says of its blobs and
+    # pinned chains; sharing the base chains saves a copy per further image.
+    assert len({r["node"] for r in result["disk"]}) == WARM_NODES
+    for row in result["disk"]:
+        assert row["blobs"] == row["containerd_blobs"] > 0, row
+        assert row["snapshots"] == row["containerd_snapshots"] > 0, row
+        assert row["separate"] == row["blobs"] + row["snapshots"] + row["saved"], row
+        assert row["saved"] > 0, row
+        assert row["node"] in printed
     assert "helm test layercache: passed" in printed
     for row in result["pods_running"]:
         assert row["name"] in printed
