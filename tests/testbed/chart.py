@@ -210,10 +210,23 @@ def helm_test(kube: Kube, release: Release, timeout: float = 180) -> str:
     for its logs ("unable to get pod logs").
 
     Raises:
-        ComponentError: the hook Pod failed (helm's stderr).
+        ComponentError: the hook Pod failed (helm's stderr, then the failed Pod's log and
+            its events: a failed hook Pod stays).
     """
-    return helm("test", release.name, "--namespace", release.namespace,
-                f"--timeout={int(timeout)}s", kubeconfig=kube.kubeconfig, timeout=timeout + 30)
+    try:
+        return helm("test", release.name, "--namespace", release.namespace,
+                    f"--timeout={int(timeout)}s", kubeconfig=kube.kubeconfig,
+                    timeout=timeout + 30)
+    except ComponentError as error:
+        selector = "app.kubernetes.io/component=test"
+        found = []
+        for args in (("logs", "-l", selector, "--tail=50"),
+                     ("get", "events", "--field-selector", "involvedObject.kind=Pod")):
+            try:
+                found.append(kube.kubectl("-n", release.namespace, *args))
+            except ComponentError as more:
+                found.append(f"(kubectl {args[0]}: {more})")
+        raise ComponentError(f"{error}\nthe test Pod:\n" + "\n".join(found)) from None
 
 
 def uninstall(kube: Kube, timeout: float = 600) -> list[str]:
