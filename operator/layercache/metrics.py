@@ -28,6 +28,21 @@ log = logging.getLogger(__name__)
 __all__ = ["DISK_HELP", "AgentGauges", "AgentMetrics", "CacheStatuses", "FetchSource",
            "OperatorMetrics", "RegistryMetrics"]
 
+# --- operator leadership ---------------------------------------------------------------------
+
+def leader_gauge(registry: CollectorRegistry) -> Gauge:
+    """``layercache_operator_leader`` on ``registry``: 1 while this replica leads, else 0.
+
+    The leader holds the Lease and runs kopf (`layercache.operator_main`); a standby exports
+    only this gauge of the operator's own metrics, so every replica answers a scrape (or
+    `helm test` through the metrics Service) with ``layercache_operator_*``, and
+    ``max(layercache_operator_leader) == 1`` says one replica leads.
+    """
+    return Gauge("layercache_operator_leader",
+                 "1 while this operator replica holds the leader Lease (runs the control "
+                 "loops), 0 while it stands by", registry=registry)
+
+
 # --- registry client (operator and agent) ---------------------------------------------------
 
 

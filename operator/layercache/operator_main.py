@@ -14,10 +14,11 @@ from typing import Any, cast
 
 import kopf
 from aiohttp import web
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, Gauge, start_http_server
 
 from layercache import kubeclient
 from layercache.leadership import LeaseElection
+from layercache.metrics import leader_gauge
 from layercache.settings import OperatorSettings
 
 log = logging.getLogger("layercache.operator")
@@ -43,13 +44,15 @@ def run_operator(*, verbose: bool = False) -> None:
     if not verbose:  # kopf.configure knows only debug, info and quiet (warning)
         logging.getLogger().setLevel(settings.log_level)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    leader = leader_gauge(REGISTRY)
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     # One identity per process, readable as the Pod's name (the Lease's holderIdentity).
     identity = f"{socket.gethostname()}-{secrets.token_hex(4)}"
     if settings.standalone:
+        leader.set(1)
         asyncio.run(_kopf(settings, identity, None))
-    elif not asyncio.run(_elected(settings, identity)):
+    elif not asyncio.run(_elected(settings, identity, leader)):
         raise SystemExit(1)
 
 
@@ -80,8 +83,8 @@ async def _standby_health(port: int) -> web.AppRunner:
     return runner
 
 
-async def _elected(settings: OperatorSettings, identity: str) -> bool:
-    """Wait for the Lease, run kopf while holding it; False when it was lost."""
+async def _elected(settings: OperatorSettings, identity: str, leader: Gauge) -> bool:
+    """Wait for the Lease, run kopf while holding it (``leader`` 1); False when it was lost."""
     api = kubeclient.api_client()
     election = LeaseElection(api, settings.namespace, settings.lease_name, identity)
     health = await _standby_health(settings.health_port)
@@ -92,9 +95,11 @@ async def _elected(settings: OperatorSettings, identity: str) -> bool:
         await health.cleanup()
     log.info("leader %s: Lease %s/%s acquired, starting", identity, settings.namespace,
              settings.lease_name)
+    leader.set(1)
     try:
         await _kopf(settings, identity, election.lost)
     finally:
+        leader.set(0)
         await asyncio.to_thread(election.release)
         api.close()  # type: ignore[no-untyped-call]
     if election.lost.is_set():

@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.bed import BedState
 from testbed.images import Family
@@ -50,6 +52,14 @@ def _apply(kube: Kube, namespace: str, name: str, image: str) -> None:
 
 def _handled(log: Path, namespace: str, name: str) -> bool:
     return f"[{namespace}/{name}] Handler 'reconcile' succeeded" in log.read_text()
+
+
+def _leading(port: int) -> float | None:
+    """The replica's ``layercache_operator_leader`` as its metrics port serves it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return next((s.value for family in text_string_to_metric_families(text)
+                 for s in family.samples if s.name == "layercache_operator_leader"), None)
 
 
 def _holder(kube: Kube, lease: str) -> str | None:
@@ -84,11 +94,18 @@ def test_a_killed_leader_is_replaced_within_60_seconds(
         bed: BedState, kube: Kube, family: Family, tmp_path: Path, namespace: str) -> None:
     lease = LEASE
     image = f"{(bed.proxy_url or '').removeprefix('http://')}/{family.images['curl'].reference}"
-    replicas = [start_operator(bed, kube, tmp_path, standalone=False, name=n, lease=lease)[0]
-                for n in ("op-a", "op-b")]
+    started = [start_operator(bed, kube, tmp_path, standalone=False, name=n, lease=lease)
+               for n in ("op-a", "op-b")]
+    replicas = [p for p, _ in started]
+    ports = {p.pid: port for p, port in started}
     try:
         leader = _leader(kube, lease, replicas)
         [standby] = [p for p in replicas if p is not leader]
+        # Every replica answers a scrape with the operator's leader gauge (what `helm test`
+        # reads through the metrics Service, which reaches either replica).
+        assert wait_for(lambda: _leading(ports[leader.pid]) == 1.0, timeout=30,
+                        what="the leader's layercache_operator_leader 1")
+        assert _leading(ports[standby.pid]) == 0.0
         _apply(kube, namespace, "first", image)
         wait_for(lambda: f"{namespace}/first" in _caches_on_nodes(kube), timeout=90,
                  what="the first cache planned")
@@ -111,6 +128,7 @@ def test_a_killed_leader_is_replaced_within_60_seconds(
               f"has planned the new cache after {planned:.1f} s")
         assert failover <= FAILOVER_SECONDS
         assert _handled(standby.log, namespace, "second")
+        assert _leading(ports[standby.pid]) == 1.0
         # With no operator running, deleting a cache must not hang on a finalizer.
         standby.stop()
         kube.kubectl("-n", namespace, "delete", "layercaches", "--all", "--timeout=30s")
@@ -124,11 +142,18 @@ def test_a_killed_leader_is_replaced_within_60_seconds(
 def test_a_clean_stop_hands_the_lease_over_at_once(
         bed: BedState, kube: Kube, tmp_path: Path, namespace: str) -> None:
     lease = LEASE
-    replicas = [start_operator(bed, kube, tmp_path, standalone=False, name=n, lease=lease)[0]
-                for n in ("op-a", "op-b")]
+    started = [start_operator(bed, kube, tmp_path, standalone=False, name=n, lease=lease)
+               for n in ("op-a", "op-b")]
+    replicas = [p for p, _ in started]
+    ports = {p.pid: port for p, port in started}
     try:
         leader = _leader(kube, lease, replicas)
         [standby] = [p for p in replicas if p is not leader]
+        # Every replica answers a scrape with the operator's leader gauge (what `helm test`
+        # reads through the metrics Service, which reaches either replica).
+        assert wait_for(lambda: _leading(ports[leader.pid]) == 1.0, timeout=30,
+                        what="the leader's layercache_operator_leader 1")
+        assert _leading(ports[standby.pid]) == 0.0
         leader.stop()  # SIGTERM: kopf stops, then the Lease is released and the process ends
         released = time.monotonic()
         assert "released Lease" in leader.log.read_text()
