@@ -334,59 +334,66 @@ def _liar_peer(size: int, body: bytes | None = None) -> Iterator[tuple[str, list
         thread.join(10)
 
 
-def test_peer_that_fails_its_get_is_dropped_at_once(
-    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
-) -> None:
-    node, liar = bed.nodes[2], bed.nodes[0]  # no agent on `liar`: the raw server is its peer
-    layer = _layer(family, 5)
-    entry = layer_entry(family, proxy.host, layer, "Peer", [liar.name])
-    with _liar_peer(layer.size) as (endpoint, asked):
-        write_cache(kube, liar.name, [])
+@contextlib.contextmanager
+def _warm_beside_liar(bed: BedState, kube: Kube, family: Family, proxy: FaultProxy,
+                      tmp_path: Path, layer: Layer, body: bytes | None, *, listed: int,
+                      settle: float = 0.0) -> Iterator[tuple[dict[str, Any], list[str], float]]:
+    """Warm ``layer`` on node 2 with ``listed`` peers: node 0 is `_liar_peer` (``body``).
+
+    The other listed peer (node 1) has no agent and never has the layer. The default peer
+    wait (120 s) stands, so only a quick drop or give-up gets the node Ready within 45 s.
+    ``settle``: seconds to keep the agent running after Ready (a peer still polled would
+    be asked again by then). Yields, while the agent still runs (its node's content is
+    cleared when it stops), the node's status, what the liar was asked, and the seconds
+    to Ready.
+    """
+    node = bed.nodes[2]
+    peers = [bed.nodes[0].name, bed.nodes[1].name][:listed]
+    entry = layer_entry(family, proxy.host, layer, "Peer", peers)
+    with _liar_peer(layer.size, body=body) as (endpoint, asked):
+        for name in peers:
+            write_cache(kube, name, [])
         try:
             kube.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, PLURAL, liar.name, {"status": {"peerEndpoint": endpoint}})
-            # The default peer wait (120 s) stands: only dropping the peer is quick.
+                GROUP, VERSION, PLURAL, peers[0], {"status": {"peerEndpoint": endpoint}})
             env = _env(proxy, LAYERCACHE_PEER_POLL_SECONDS="0.5")
             with one_agent(kube, node, [entry], tmp_path, env) as agent:
                 started = time.monotonic()
                 found = wait_ready(kube, agent, 45)
-                assert time.monotonic() - started < 45
-                time.sleep(2)  # a peer still polled would be asked again by now
-                assert asked == ["HEAD", "GET"]
-                assert found["bytes"]["upstream"] == layer.size
-                assert found["bytes"]["peer"] == 0
-                assert proxy.stats().bytes_by_path[blob_path(family, layer.digest)] == layer.size
-                assert stored_sha256(node.socket, layer.digest) == layer.digest
+                seconds = time.monotonic() - started
+                time.sleep(settle)
+                yield found, list(asked), seconds
         finally:
-            delete_cache(kube, liar.name)
+            for name in peers:
+                delete_cache(kube, name)
+
+
+def test_peer_that_fails_its_get_is_dropped_at_once(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    node, layer = bed.nodes[2], _layer(family, 5)
+    with _warm_beside_liar(bed, kube, family, proxy, tmp_path, layer, None, listed=1,
+                           settle=2) as (found, asked, seconds):
+        assert seconds < 45
+        assert asked == ["HEAD", "GET"]
+        assert found["bytes"]["upstream"] == layer.size
+        assert found["bytes"]["peer"] == 0
+        assert proxy.stats().bytes_by_path[blob_path(family, layer.digest)] == layer.size
+        assert stored_sha256(node.socket, layer.digest) == layer.digest
 
 
 def test_a_peer_with_wrong_bytes_sends_the_node_upstream_at_once(
     bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    # The liar relays its registry's wrong bytes; the other listed peer (no agent: it never
-    # has the layer) waits on the same seeder. Dropping only the liar would leave the node
-    # waiting out the 120 s peer wait on that peer.
-    node, liar, other = bed.nodes[2], bed.nodes[0], bed.nodes[1]
-    layer = _layer(family, 5)
-    entry = layer_entry(family, proxy.host, layer, "Peer", [liar.name, other.name])
-    with _liar_peer(layer.size, body=b"\0" * layer.size) as (endpoint, asked):
-        for name in (liar.name, other.name):
-            write_cache(kube, name, [])
-        try:
-            kube.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, PLURAL, liar.name, {"status": {"peerEndpoint": endpoint}})
-            env = _env(proxy, LAYERCACHE_PEER_POLL_SECONDS="0.5")
-            with one_agent(kube, node, [entry], tmp_path, env) as agent:
-                started = time.monotonic()
-                found = wait_ready(kube, agent, 45)
-                assert time.monotonic() - started < 45
-                assert asked[:2] == ["HEAD", "GET"] and asked.count("GET") == 1, asked
-                assert found["bytes"]["upstream"] == layer.size
-                assert found["bytes"]["peer"] == layer.size  # received, rejected at COMMIT
-                assert [e["reason"] for e in found["errors"]] == ["DigestMismatch"]
-                assert stored_sha256(node.socket, layer.digest) == layer.digest
-                assert ingest_ref(layer.digest) not in ingests(node.socket)
-        finally:
-            for name in (liar.name, other.name):
-                delete_cache(kube, name)
+    # The liar relays its registry's wrong bytes; the other listed peer waits on the same
+    # seeder. Dropping only the liar would leave the node waiting out the 120 s peer wait.
+    node, layer = bed.nodes[2], _layer(family, 5)
+    with _warm_beside_liar(bed, kube, family, proxy, tmp_path, layer, b"\0" * layer.size,
+                           listed=2) as (found, asked, seconds):
+        assert seconds < 45
+        assert asked[:2] == ["HEAD", "GET"] and asked.count("GET") == 1, asked
+        assert found["bytes"]["upstream"] == layer.size
+        assert found["bytes"]["peer"] == layer.size  # received, rejected at COMMIT
+        assert [e["reason"] for e in found["errors"]] == ["DigestMismatch"]
+        assert stored_sha256(node.socket, layer.digest) == layer.digest
+        assert ingest_ref(layer.digest) not in ingests(node.socket)
