@@ -19,17 +19,19 @@ help: ## List the targets
 deps: ## Install the Debian packages the test bed needs (idempotent)
 	@bash .ci/deps.sh
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml tests/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	@# The test bed package lives in tests/ and is not shipped in the wheel: a .pth file
-	@# makes it importable in this venv (also for the subprocesses tests start).
-	echo "$(CURDIR)/tests" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/layercache-testbed.pth"
+	@# The product, editable, and the test bed (`testbed`, `twins`): a package of the dev
+	@# environment only (tests/pyproject.toml), never in the product's wheel or image.
+	$(PY) -m pip install -q -e '.[test]' -e tests/
+	@# Venvs made before the bed was a package had tests/ put on the path by a hand-written
+	@# .pth file: removed, so that only the package (not all of tests/) is importable.
+	rm -f "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/layercache-testbed.pth"
 	@touch $@
 
 .PHONY: venv
-venv: $(VENV)/.installed ## Create the Python environment (.venv) with the test extras
+venv: $(VENV)/.installed ## Create the Python environment (.venv): the product and the test bed package (tests/), editable, with the test extras
 
 .PHONY: tools
 tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, helm-docs, actionlint, crictl, kind, pause, containerd 2.x and 1.7, runc) into .tools/
@@ -39,12 +41,16 @@ tools: ## Build the pinned Go tools (Kubernetes, etcd, helm, helm-docs, actionli
 setup: deps venv tools ## Everything the tests, the demo and the benchmarks need
 
 .PHONY: test
-test: setup ## Run every test (unit and integration, on the real local test bed)
+test: setup ## Run every test: the product's (unit, integration on the real local test bed) and the bed's own
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: unit
-unit: venv ## Run the unit tests only (no I/O)
+unit: venv ## Run the product's unit tests only (tests/unit, no I/O)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: test-bed
+test-bed: setup ## Run the test bed's own tests only (tests/bed: its unit and integration tests)
+	$(PY) -m pytest tests/bed $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: venv tools ## ruff (incl. complexity), mypy, import contracts, yamllint, helm lint (every ci/ values file), chart README current, actionlint, dashboard + alert rules

@@ -2,7 +2,7 @@
 # Installs the Debian packages the test bed runs (idempotent: apt only runs when one is missing).
 # Safe on a developer's machine that runs Docker: nothing it installs replaces or conflicts
 # with Docker's packages (containerd and runc are built from pinned Go modules by
-# `make tools` instead), and it stops no system service (tests/integration/test_deps.py
+# `make tools` instead), and it stops no system service (tests/bed/integration/test_deps.py
 # reads this script and the package index).
 set -euo pipefail
 packages=(docker-registry skopeo umoci mmdebstrap prometheus apache2-utils

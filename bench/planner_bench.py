@@ -38,9 +38,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from layercache.digest import Digest
-from layercache.planner import Layer, Node, Plan, PlanOptions, ResolvedImage, plan
-from layercache.platform import Platform
+from layercache.oci.digest import Digest
+from layercache.oci.platform import Platform
+from layercache.plan.planner import Layer, Node, Plan, PlanImage, PlanOptions, plan
 
 SEED = 20261129
 IMAGES = 10_000
@@ -86,7 +86,7 @@ class Generator:
         weights = [1 / (rank + 1) for rank in range(len(items))]
         return self.rng.choices(items, weights)[0]
 
-    def images(self) -> tuple[list[ResolvedImage], dict[Platform, Stock]]:
+    def images(self) -> tuple[list[PlanImage], dict[Platform, Stock]]:
         """The images, and per platform the bases, runtimes and CUDA stacks they rest on."""
         rng = self.rng
         per_platform: dict[Platform, Stock] = {}
@@ -103,7 +103,7 @@ class Generator:
                 for _ in range(4)
             ]
             per_platform[platform] = {"bases": bases, "runtimes": runtimes, "cuda": cuda}
-        images: list[ResolvedImage] = []
+        images: list[PlanImage] = []
         while len(images) < IMAGES:
             platform = PLATFORMS[0] if rng.random() < 0.75 else PLATFORMS[1]
             stock = per_platform[platform]
@@ -125,7 +125,7 @@ class Generator:
             layers = below + tuple(top)
             manifest = Digest.from_bytes(b"".join(layer.digest.encode() for layer in layers))
             number = len(images)
-            image = ResolvedImage(
+            image = PlanImage(
                 f"registry.example/team{number % 97}/app{number}:v1",
                 platform,
                 manifest,
@@ -135,7 +135,7 @@ class Generator:
             images.append(image)
             if rng.random() < 0.02 and len(images) < IMAGES:
                 images.append(
-                    ResolvedImage(
+                    PlanImage(
                         image.reference.replace(":v1", ":stable"),
                         platform,
                         manifest,
@@ -145,7 +145,7 @@ class Generator:
                 )
         return images, per_platform
 
-    def nodes(self, images: list[ResolvedImage], stock: dict[Platform, Stock]) -> list[Node]:
+    def nodes(self, images: list[PlanImage], stock: dict[Platform, Stock]) -> list[Node]:
         """The nodes, with inventories drawn from the same stock as the images."""
         rng = self.rng
         layers_of = {
@@ -174,7 +174,7 @@ class Generator:
         return nodes
 
 
-def build() -> tuple[list[ResolvedImage], list[Node]]:
+def build() -> tuple[list[PlanImage], list[Node]]:
     generator = Generator(SEED)
     images, stock = generator.images()
     return images, generator.nodes(images, stock)

@@ -2,12 +2,17 @@
 
 The bed is started once per session, only if a selected test asks for it (unit tests never
 do), and torn down at the end. Tests that need a clean slate create their own namespaces.
+
+At the end of a run with failures, a short digest names each failed test with the first
+lines of its error (`pytest_terminal_summary`): CI keeps only the tail of the output, and
+a failed test's report (traceback, product logs) can be far above it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -15,6 +20,34 @@ from testbed.bed import BedState, TestBed
 from testbed.faultproxy import FaultProxy
 from testbed.images import Family
 from testbed.kube import Kube
+from testbed.product_image import BuiltImage, build_image
+
+#: Lines of each failed test's error in the digest, and characters per line.
+DIGEST_LINES: Final = 12
+DIGEST_WIDTH: Final = 240
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print each failed test's error, a few short lines each, as the output's last section.
+
+    The error is the report's crash message (an assertion's own message first); long lines
+    are folded, not cut, up to `DIGEST_LINES` lines per test.
+    """
+    failed = [r for key in ("failed", "error") for r in terminalreporter.stats.get(key, [])
+              if isinstance(r, pytest.TestReport)]
+    if not failed:
+        return
+    terminalreporter.section("failure digest")
+    for report in failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else str(report.longrepr)
+        lines = [text[i:i + DIGEST_WIDTH] for text in message.splitlines() or [""]
+                 for i in range(0, max(len(text), 1), DIGEST_WIDTH)]
+        terminalreporter.write_line(f"{report.nodeid} ({report.when}):")
+        for line in lines[:DIGEST_LINES]:
+            terminalreporter.write_line(f"    {line}")
+        if len(lines) > DIGEST_LINES:
+            terminalreporter.write_line(f"    ... {len(lines) - DIGEST_LINES} more lines")
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +136,12 @@ def kubelet_bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BedState]:
 def kubelet_kube(kubelet_bed: BedState) -> Iterator[Kube]:
     """Admin access to the kubelet bed's apiserver."""
     yield from _admin(kubelet_bed)
+
+
+@pytest.fixture(scope="session")
+def built() -> BuiltImage:
+    """The product image (`make image`; cached after the first build of this source).
+
+    Here, not in tests/integration: the bed's own tests (tests/bed) load it onto nodes too.
+    """
+    return build_image()

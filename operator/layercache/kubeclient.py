@@ -24,7 +24,7 @@ The timeout policy, in one place (every process builds its client here):
 - watches: the server ends them after `WATCH_SECONDS` (300 s, the operator's kopf watches
   and the agent's own-object watch alike), and the client gives up `REQUEST_TIMEOUT` later;
 - kopf's own aiohttp client gets the same connect, read and watch numbers (its settings
-  are set from these constants at start-up, `layercache.handlers.lifecycle`).
+  are set from these constants at start-up, `layercache.controller.handlers.lifecycle`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ __all__ = ["DISK_HELP", "AgentGauges", "AgentMetrics", "CacheStatuses", "FetchSo
 def leader_gauge(registry: CollectorRegistry) -> Gauge:
     """``layercache_operator_leader`` on ``registry``: 1 while this replica leads, else 0.
 
-    The leader holds the Lease and runs kopf (`layercache.operator_main`); a standby exports
+    The leader holds the Lease and runs kopf (`layercache.controller.main`); a standby exports
     only this gauge of the operator's own metrics, so every replica answers a scrape (or
     `helm test` through the metrics Service) with ``layercache_operator_*``, and
     ``max(layercache_operator_leader) == 1`` says one replica leads.
@@ -101,7 +101,7 @@ class AgentGauges:
     ``chains_unpacked``: chains to unpack and those committed; ``unpacked_bytes``:
     uncompressed bytes the agent extracted into them; ``disk_blobs``/``disk_snapshots``/
     ``disk_separate``/``disk_saved``: the node's disk-savings figures in bytes
-    (`layercache.agent.disksavings`; 0 until measured).
+    (`layercache.agent.status.disksavings`; 0 until measured).
     """
 
     layers_wanted: int

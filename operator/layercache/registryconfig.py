@@ -1,7 +1,7 @@
 """What a user configures about registries, parsed once for the operator, agent and CLI.
 
 ``LAYERCACHE_INSECURE_REGISTRIES`` (operator and agent settings) and ``--insecure-registry``
-(``layercache plan``) are read by one parser (`layercache.reference.parse_registry_hosts`):
+(``layercache plan``) are read by one parser (`layercache.oci.reference.parse_registry_hosts`):
 each entry is canonicalised, so ``Reg.Example:05000`` matches images of ``reg.example:5000``
 in every process. `registry_options` turns them, with a CA file, into the per-registry
 `RegistryOptions` the registry client takes.
@@ -19,7 +19,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from layercache.reference import parse_registry_hosts
+from layercache.oci.reference import parse_registry_hosts
 
 __all__ = ["RegistryHostList", "RegistryOptions", "registry_options"]
 
@@ -62,7 +62,7 @@ def registry_options(
 
     ``insecure``: registry hosts spoken to in plain HTTP, as comma-separated text or a list
     of such (``LAYERCACHE_INSECURE_REGISTRIES``, ``--insecure-registry``), canonicalised by
-    `layercache.reference.parse_registry_hosts` so ``Reg.Example:05000`` matches images of
+    `layercache.oci.reference.parse_registry_hosts` so ``Reg.Example:05000`` matches images of
     ``reg.example:5000``. ``ca_file`` is trusted for every other registry.
 
     Raises:

@@ -2,19 +2,22 @@
 
 Module-scoped: each module that asks for them gets its own registry and runs its tests once
 per containerd profile the agent supports (``testbed.paths.CONTRACT_CONTAINERD``).
+
+A failed test that ran the product on a cluster (a ``cluster`` fixture) gets the tail of
+every product log in its report: what a failed CI run has to go on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
 from testbed.contract import family_registry
+from testbed.e2e import LayerCacheCluster
 from testbed.faultproxy import FaultProxy
 from testbed.images import Family, build_family
 from testbed.paths import CONTRACT_CONTAINERD
-from testbed.product_image import BuiltImage, build_image
 
 
 @pytest.fixture(scope="module", params=CONTRACT_CONTAINERD)
@@ -38,7 +41,22 @@ def registry_proxy(tmp_path_factory: pytest.TempPathFactory,
         yield proxy
 
 
-@pytest.fixture(scope="session")
-def built() -> BuiltImage:
-    """The product image (`make image`; cached after the first build of this source)."""
-    return build_image()
+#: Lines of each product log a failed test's report ends with.
+LOG_TAIL_LINES = 120
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the product logs' tails to the report of a failed test with a ``cluster``."""
+    report = yield
+    cluster = getattr(item, "funcargs", {}).get("cluster")
+    if report.failed and call.when == "call" and isinstance(cluster, LayerCacheCluster):
+        try:
+            logs = cluster.logs()
+        except Exception as error:  # the cluster may be what failed
+            logs = {"(logs unreadable)": repr(error)}
+        for name, text in sorted(logs.items()):
+            tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+            report.sections.append((f"product log {name} (last {LOG_TAIL_LINES} lines)", tail))
+    return report

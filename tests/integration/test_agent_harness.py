@@ -135,13 +135,17 @@ def layer_entry(family: Family, registry: str, layer: Layer, source: str,
 
 
 def write_cache(kube: Kube, node: str, layers: list[dict[str, Any]],
-                images: Sequence[str] = ()) -> None:
-    """Create this node's NodeLayerCache afresh with ``layers`` (and ``images``)."""
+                images: Sequence[str | dict[str, Any]] = ()) -> None:
+    """Create this node's NodeLayerCache afresh with ``layers`` (and ``images``).
+
+    An image is a reference, or a whole ``spec.images[]`` item (with its ``layers``).
+    """
     delete_cache(kube, node)
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NodeLayerCache",
             "metadata": {"name": node},
             "spec": {"nodeName": node, "layers": layers, "caches": [CACHE],
-                     "images": [{"reference": image} for image in images]}}
+                     "images": [image if isinstance(image, dict) else {"reference": image}
+                                for image in images]}}
     kube.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body)
 
 
@@ -267,7 +271,8 @@ def agents(kube: Kube, nodes: Sequence[NodeRecord], workdir: Path,
 
 @contextlib.contextmanager
 def one_agent(kube: Kube, node: NodeRecord, layers: list[dict[str, Any]], workdir: Path,
-              env: dict[str, str], images: Sequence[str] = ()) -> Iterator[Agent]:
+              env: dict[str, str], images: Sequence[str | dict[str, Any]] = ()
+              ) -> Iterator[Agent]:
     """A fresh NodeLayerCache for ``node`` and one agent for it; all gone afterwards."""
     digests = [entry["digest"] for entry in layers]
     clear_node(node.socket, digests)

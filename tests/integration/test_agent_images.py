@@ -63,6 +63,32 @@ def test_images_mode_pulls_through_cri_once_the_layers_are_held(
                                     + stats.bytes_by_path[config])
 
 
+def test_images_mode_takes_the_layers_from_the_spec_and_resolves_nothing(
+    bed: BedState, kube: Kube, family: Family, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # The operator resolved the image already: spec.images[].layers names its layers (as
+    # indexes into spec.layers), so the agent reads no manifest body and no config; it
+    # asks the registry only which credentials it accepts (a manifest HEAD).
+    node = bed.nodes[1]
+    image = family.images["app-curl"]
+    layers = family.image_layers("app-curl")
+    reference = f"{proxy.host}/{image.repository}@{image.manifest_digest}"
+    entries = [layer_entry(family, proxy.host, layer, "Upstream") for layer in layers]
+    env = {"LAYERCACHE_INSECURE_REGISTRIES": proxy.host}
+    item = {"reference": reference, "layers": list(range(len(layers)))}
+    with one_agent(kube, node, entries, tmp_path, env, images=[item]) as agent:
+        found = wait_ready(kube, agent, 240)
+        assert found["layers"]["held"] == len(layers)
+        assert asyncio.run(_image_status(node.socket, reference))
+        stats = proxy.stats()
+        config = f"/v2/{image.repository}/blobs/{image.resolve().config_digest}"
+        manifest = f"/v2/{image.repository}/manifests/{image.manifest_digest}"
+        assert stats.count(config, "GET", 200) == 1, stats.bytes_by_path  # CRI's pull only
+        assert stats.count(manifest, "HEAD") >= 1  # our credential check, and the pull's
+        for layer in layers:
+            assert stats.count(blob_path(family, layer.digest), "GET") == 1
+
+
 def test_upstream_credentials_come_from_the_registry_secret(
     bed: BedState, kube: Kube, family: Family, tmp_path: Path
 ) -> None:

@@ -163,7 +163,7 @@ def _holder(leases: client.CoordinationV1Api, name: str) -> str | None:
 def _pod_of(identity: str | None, pods: Iterable[str]) -> str | None:
     """The Pod whose operator process is `identity`, or None.
 
-    An operator process names itself `<hostname>-<8 hex digits>` (operator_main), and a
+    An operator process names itself `<hostname>-<8 hex digits>` (controller.main), and a
     Pod's hostname is its name: a container the kubelet restarts in the same Pod gets the
     same Pod name with new digits, so only the Pod part tells the replicas apart.
     """

@@ -35,7 +35,7 @@ from layercache.containerd.unpack import (
     Unpacker,
     UnpackResult,
 )
-from layercache.digest import chain_ids
+from layercache.oci.digest import chain_ids
 from layercache.registry.manifest import LayerDescriptor, parse_config
 from testbed.contract import collect_garbage, memory_source, running_node
 from testbed.faultproxy import FaultProxy

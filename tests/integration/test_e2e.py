@@ -21,6 +21,7 @@ import ast
 import asyncio
 import base64
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -548,17 +549,37 @@ def test_idle_nodes_leave_their_status_alone(
     apply_cache(kube, namespace, "idle", {"images": _via_proxy(bed, family, "app-curl")})
     wait_cache(kube, namespace, "idle", is_ready, "Ready", cluster)
     nodes = [n.name for n in bed.nodes]
-    seen: dict[str, set[str]] = {name: set() for name in nodes}
+    seen: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in nodes}
     deadline = time.monotonic() + IDLE_SECONDS
     while time.monotonic() < deadline:  # sampling a window: what changes in it is the test
         caches = node_caches(kube)
         for name in nodes:
-            seen[name].add(caches[name]["metadata"]["resourceVersion"])
+            seen[name].setdefault(caches[name]["metadata"]["resourceVersion"], caches[name])
         time.sleep(0.25)
     # One write may still land (the last report after Ready, or a resync's); not a stream.
     writes = {name: len(versions) - 1 for name, versions in seen.items()}
     assert all(n <= 1 for n in writes.values()), (
-        f"NodeLayerCache writes in {IDLE_SECONDS:.0f} s of idling: {writes}")
+        f"NodeLayerCache writes in {IDLE_SECONDS:.0f} s of idling: {writes}; what changed:\n"
+        + "\n".join(f"{name} write {k}: {change}" for name, versions in seen.items()
+                    for k, change in enumerate(_changes(list(versions.values())), 1)))
+
+
+def _changes(versions: list[dict[str, Any]]) -> list[str]:
+    """The spec and status fields changed from each version to the next, with new values.
+
+    One line per write, each value cut to 160 characters (CI keeps short lines whole);
+    ``lastSync`` aside (it is not a write of its own).
+    """
+    changed = []
+    for before, after in itertools.pairwise(versions):
+        fields = []
+        for part in ("spec", "status"):
+            old, new = before.get(part) or {}, after.get(part) or {}
+            fields += [f"{part}.{k}={json.dumps(new.get(k))[:160]}"
+                       for k in sorted(set(old) | set(new))
+                       if k != "lastSync" and old.get(k) != new.get(k)]
+        changed.append("; ".join(fields) or "(only lastSync or metadata)")
+    return changed
 
 
 # --- 8 ----------------------------------------------------------------------------------

@@ -32,10 +32,10 @@ from test_agent_harness import (
 from layercache.agent.app import Agent
 from layercache.agent.settings import AgentSettings
 from layercache.containerd.cri import CRIImages
-from layercache.platform import Platform
-from layercache.reference import parse_reference
+from layercache.controller.settings import OperatorSettings
+from layercache.oci.platform import Platform
+from layercache.oci.reference import parse_reference
 from layercache.registry import RegistryClient, resolve
-from layercache.settings import OperatorSettings
 from testbed.bed import BedState
 from testbed.faultproxy import FaultProxy
 from testbed.images import Family

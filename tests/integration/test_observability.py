@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from layercache.digest import Digest, chain_ids
+from layercache.oci.digest import Digest, chain_ids
 from testbed.bed import BedState
 from testbed.e2e import (
     LayerCacheCluster,

@@ -1,7 +1,7 @@
 """The operator's resolutions against the real registry behind the bed's fault proxy.
 
-What a refresh costs, and how `Reconciler.resolve` and its refresh loop treat a registry
-that rate-limits or refuses HEAD. The Reconciler runs in the test's process, on the bed's
+What a refresh costs, and how `Controller.resolve` and its refresh loop treat a registry
+that rate-limits or refuses HEAD. The Controller runs in the test's process, on the bed's
 apiserver; what reached the registry is the proxy's count.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from layercache import reconciler as reconciler_module
-from layercache.kube import KubeApi
-from layercache.reconciler import Reconciler
-from layercache.settings import OperatorSettings
+from layercache.controller import state as state_module
+from layercache.controller.controller import Controller
+from layercache.controller.kube import KubeApi
+from layercache.controller.settings import OperatorSettings
 from testbed.faultproxy import FaultProxy
 from testbed.images import Family
 from testbed.kube import Kube
@@ -33,10 +33,10 @@ def metrics() -> CollectorRegistry:
 
 
 @pytest.fixture
-def reconciler(kube: Kube, proxy: FaultProxy, metrics: CollectorRegistry,
-               monkeypatch: pytest.MonkeyPatch) -> Reconciler:
+def controller(kube: Kube, proxy: FaultProxy, metrics: CollectorRegistry,
+               monkeypatch: pytest.MonkeyPatch) -> Controller:
     monkeypatch.setenv("LAYERCACHE_INSECURE_REGISTRIES", proxy.host)
-    return Reconciler(KubeApi(kube.api), OperatorSettings(), metrics)
+    return Controller(KubeApi(kube.api), OperatorSettings(), metrics)
 
 
 def _spec(proxy: FaultProxy, *names: str) -> dict[str, Any]:
@@ -45,14 +45,14 @@ def _spec(proxy: FaultProxy, *names: str) -> dict[str, Any]:
 
 
 async def test_unchanged_tag_costs_one_head_per_refresh(
-    reconciler: Reconciler, proxy: FaultProxy, family: Family, metrics: CollectorRegistry
+    controller: Controller, proxy: FaultProxy, family: Family, metrics: CollectorRegistry
 ) -> None:
     # multi is an index (HEAD, index GET, manifest GET, config GET the first time).
     spec = _spec(proxy, "multi", "nginx")
-    first = await reconciler.resolve(NAMESPACE, "warm", 1, spec)
+    first = await controller.resolve(NAMESPACE, "warm", 1, spec)
     assert not first.errors
     proxy.reset()
-    again = await reconciler.resolve(NAMESPACE, "warm", 1, spec)
+    again = await controller.resolve(NAMESPACE, "warm", 1, spec)
     assert not again.errors
     assert again.digests() == first.digests()
     assert {str(r.reference): r.digest for r in again.resolved} == {
@@ -68,11 +68,11 @@ async def test_unchanged_tag_costs_one_head_per_refresh(
 
 
 async def test_head_refused_is_learned_once_for_every_cache(
-    reconciler: Reconciler, proxy: FaultProxy, family: Family
+    controller: Controller, proxy: FaultProxy, family: Family
 ) -> None:
     proxy.add_fault(r"/manifests/", "status", method="HEAD", status=501, times=None)
-    one = await reconciler.resolve(NAMESPACE, "one", 1, _spec(proxy, "base"))
-    other = await reconciler.resolve(NAMESPACE, "other", 1, _spec(proxy, "nginx", "curl"))
+    one = await controller.resolve(NAMESPACE, "one", 1, _spec(proxy, "base"))
+    other = await controller.resolve(NAMESPACE, "other", 1, _spec(proxy, "nginx", "curl"))
     assert not one.errors and not other.errors
     assert [r.digest for r in other.resolved] == [
         family.images[n].manifest_digest for n in ("nginx", "curl")]
@@ -82,22 +82,22 @@ async def test_head_refused_is_learned_once_for_every_cache(
 
 
 async def test_rate_limited_cache_is_not_resolved_again_before_retry_after(
-    reconciler: Reconciler, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+    controller: Controller, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 429 with Retry-After: 600 for the whole window; the usual transient retry (30 s,
     # here shortened to 1 s) must not come before the server's 600 s.
-    monkeypatch.setattr(reconciler_module, "TRANSIENT_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(state_module, "TRANSIENT_RETRY_SECONDS", 1.0)
     proxy.add_fault(r"/manifests/", "status", status=429, retry_after=600, window_seconds=600)
-    state = await reconciler.resolve(NAMESPACE, "limited", 1, _spec(proxy, "base"))
+    state = await controller.resolve(NAMESPACE, "limited", 1, _spec(proxy, "base"))
     assert [e.reason for e in state.errors] == ["RateLimited"]
     assert "Retry-After 600" in state.errors[0].message
     assert "?" not in state.errors[0].message
-    refresh = asyncio.create_task(reconciler.refresh_forever(interval=0.2))
+    refresh = asyncio.create_task(controller.refresh_forever(interval=0.2))
     try:
         await asyncio.sleep(4)
     finally:
         refresh.cancel()
         await asyncio.gather(refresh, return_exceptions=True)
-    assert reconciler.caches[f"{NAMESPACE}/limited"] is state  # not resolved again
-    assert not reconciler.due_for_refresh(f"{NAMESPACE}/limited")
+    assert controller.caches[f"{NAMESPACE}/limited"] is state  # not resolved again
+    assert not controller.due_for_refresh(f"{NAMESPACE}/limited")
     assert proxy.stats().total_requests == 1

@@ -73,11 +73,14 @@ def test_layers_hold_no_build_tools_or_caches(built: BuiltImage) -> None:
     assert not [n for n in base if n.startswith(("usr/bin/gcc", "usr/bin/cc", "usr/share/man/"))]
     site = f"{VENV.lstrip('/')}/lib/python3.11/site-packages"
     assert f"{VENV.lstrip('/')}/bin/layercache" in app
-    assert f"{site}/layercache/cli.py" in app
+    assert f"{site}/layercache/cli/main.py" in app
     # No pip, no caches, no wheels left from the install; only the venv changed.
     assert not [n for n in app if n.startswith((f"{site}/pip/", f"{site}/setuptools/"))]
     assert not [n for n in app if "/.cache/" in n or n.endswith(".whl")]
     assert {n.split("/")[0] for n in app} <= {"opt", "tmp"}
+    # The test bed (tests/pyproject.toml: testbed, twins) belongs to the dev venv only.
+    bed = (f"{site}/testbed/", f"{site}/twins/", f"{site}/layercache_testbed")
+    assert not [n for n in app if n.startswith(bed)]
 
 
 @pytest.fixture

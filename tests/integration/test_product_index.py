@@ -168,26 +168,26 @@ def test_arm64_file_list_holds_the_operator_and_agent_entry_points(
         assert members[path].isreg() and members[path].mode & 0o111, path
         text = files[path].decode()
         assert text.startswith(f"#!{VENV}/bin/python\n")
-        assert "from layercache.cli import app" in text
+        assert "from layercache.cli.main import app" in text
     python = _resolve(members, f"{VENV.lstrip('/')}/bin/python")
     assert python == "usr/bin/python3.11"
     assert members[python].isreg()
     # The product's modules are the amd64 image's, byte for byte.
     amd64_files = dict(_files(built, images["amd64"]))
     product = {p for p in files if p.startswith(f"{SITE}/layercache/") and p.endswith(".py")}
-    assert f"{SITE}/layercache/cli.py" in product
+    assert f"{SITE}/layercache/cli/main.py" in product
     assert {p for p in amd64_files if p.startswith(f"{SITE}/layercache/") and p.endswith(".py")
             } == product
     assert all(files[p] == amd64_files[p] for p in product)
-    assert b'@app.command("operator")' in files[f"{SITE}/layercache/cli.py"]
-    assert b'@app.command("agent")' in files[f"{SITE}/layercache/cli.py"]
+    assert b'@app.command("operator")' in files[f"{SITE}/layercache/cli/main.py"]
+    assert b'@app.command("agent")' in files[f"{SITE}/layercache/cli/main.py"]
     # The same distributions as amd64 (versions may differ by the day each was built).
     def distributions(paths: Any) -> set[str]:
         return {p.split("/")[5].split("-")[0].lower() for p in paths
                 if p.startswith(SITE) and p.count("/") >= 6 and ".dist-info/" in p}
     assert distributions(files) == distributions(amd64_files)
     # Bytecode compiled at build time, as pip does for amd64 (the root fs may be read-only).
-    assert f"{SITE}/layercache/__pycache__/cli.cpython-311.pyc" in files
+    assert f"{SITE}/layercache/cli/__pycache__/main.cpython-311.pyc" in files
     # Users as on amd64: 65532 is `nonroot` with its home.
     assert "nonroot:x:65532:65532:" in files["etc/passwd"].decode()
     home = members["home/nonroot"]

@@ -8,8 +8,8 @@ rows the issue names plus one per resource each ServiceAccount needs (`KUBECTL_R
 which must agree with the review.
 
 Every ALLOWED row is an API call the code makes, named in ``why`` (operator:
-`layercache.kube`, `layercache.handlers`, kopf's own watches and events, the Lease of
-`layercache.leadership`; agent:
+`layercache.controller.kube`, `layercache.controller.handlers`, kopf's own watches and
+events, the Lease of `layercache.controller.leadership`; agent:
 `layercache.agent.kubeapi`, `layercache.agent.secrets`). Every DENIED row is something the
 product must not be able to do. Each allowed row is also asked for a ServiceAccount with no
 bindings in the same namespace, which must be denied: the matrix can fail, and what is

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from layercache.digest import Digest
 from layercache.metrics import RegistryMetrics
-from layercache.reference import parse_reference
+from layercache.oci.digest import Digest
+from layercache.oci.reference import parse_reference
 from layercache.registry import (
     AuthenticationError,
     BlobNotFoundError,

@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from layercache.digest import Digest, chain_ids
-from layercache.warm import WARM_LABEL, WARMING_TAINT
+from layercache.api.warm import WARM_LABEL, WARMING_TAINT
+from layercache.oci.digest import Digest, chain_ids
 from testbed.bed import BedState
 from testbed.e2e import (
     LayerCacheCluster,

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
+import logging
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from layercache.containerd.content import BlobInfo, ContentStore
@@ -52,6 +56,7 @@ GROUP, VERSION = "layercache.dev", "v1alpha1"
 #: The pause image the bed's containerd daemons are configured with (never pulled here).
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 # --- the product ------------------------------------------------------------------------
@@ -69,6 +74,8 @@ class LayerCacheCluster:
     operator_starts: int = 0
     #: Metrics port of the running operator ("operator") and of each node's agent.
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    #: Every product process started, stopped ones too: their logs outlive them (`logs`).
+    started: list[Process] = field(default_factory=list)
 
     def start(self) -> LayerCacheCluster:
         """Install the manifests, start the operator, then an agent on every bed node."""
@@ -87,6 +94,7 @@ class LayerCacheCluster:
         self.operator_starts += 1
         self.operator, self.metrics_ports["operator"] = start_operator(
             self.bed, self.kube, self.workdir, name=f"operator-{self.operator_starts}")
+        self.started.append(self.operator)
         return self.operator
 
     def stop_operator(self) -> None:
@@ -98,6 +106,7 @@ class LayerCacheCluster:
         """Start `node`'s agent (readiness: its NodeLayerCache status)."""
         self.agents[node.name], _, self.metrics_ports[node.name] = start_agent(
             self.bed, self.kube, node, self.workdir)
+        self.started.append(self.agents[node.name])
         return self.agents[node.name]
 
     def stop_agent(self, name: str) -> None:
@@ -106,10 +115,19 @@ class LayerCacheCluster:
         if agent is not None:
             agent.stop(grace=15)
 
+    def processes(self) -> list[Process]:
+        """The product's processes: the operator (if started here) and each process agent."""
+        return [p for p in (self.operator, *self.agents.values()) if p is not None]
+
+    def logs(self) -> dict[str, str]:
+        """The log of every product process started, stopped ones too, by process name."""
+        return {f"process/{p.name}": p.log.read_text(errors="replace")
+                for p in self.started if p.log.exists()}
+
     def alive(self) -> list[str]:
         """Names of the product processes that exited (empty while all run)."""
-        procs = [p for p in (self.operator, *self.agents.values()) if p is not None]
-        return [p.name for p in procs if p.popen is None or p.popen.poll() is not None]
+        return [p.name for p in self.processes()
+                if p.popen is None or p.popen.poll() is not None]
 
     def stop(self) -> None:
         """Stop every agent, then the operator."""
@@ -223,9 +241,7 @@ class ChartCluster(LayerCacheCluster):
         found = {f"pod/{pod.metadata.name}": self.kube.core.read_namespaced_pod_log(
                      pod.metadata.name, release.namespace)
                  for pod in self.pods() if pod.status.container_statuses}
-        for name, agent in self.agents.items():
-            found[f"process/{name}"] = agent.log.read_text(errors="replace")
-        return found
+        return {**found, **super().logs()}  # and the process agents, stopped ones too
 
     def alive(self) -> list[str]:
         """Product Pods (or process agents) whose container exited unasked (empty: none)."""
@@ -286,12 +302,60 @@ def joined_node(kube: Kube, bed: BedState, name: str, workdir: Path,
         node.configure_registries(hosts)
         register_nodes(Path(bed.kubeconfig), [node])
         registered = True
-        yield NodeRecord(name, str(node.socket), str(workdir))
+        with node_lease(kube, name):
+            yield NodeRecord(name, str(node.socket), str(workdir))
     finally:
         node.stop()
         if registered:
             with contextlib.suppress(ApiException):
                 kube.core.delete_node(name)
+
+
+#: A kubelet's node Lease: renewed every 10 s, lasting 40 s (its defaults).
+NODE_LEASE_RENEW_SECONDS = 10.0
+NODE_LEASE_SECONDS = 40
+
+
+@contextlib.contextmanager
+def node_lease(kube: Kube, name: str) -> Iterator[None]:
+    """Renew Node `name`'s Lease in ``kube-node-lease`` for the block, as its kubelet would.
+
+    On kubelet beds the node-lifecycle controller runs: a Node without heartbeats is marked
+    unreachable after its grace period (50 s) and tainted, and the operator then plans
+    nothing for it (the taint is not tolerated). A joined node has no kubelet, so this
+    thread is its heartbeat. The Lease is deleted afterwards.
+    """
+    leases = client.CoordinationV1Api(kube.api)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while True:
+            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            spec = {"holderIdentity": name, "renewTime": now,
+                    "leaseDurationSeconds": NODE_LEASE_SECONDS}
+            try:
+                try:
+                    leases.patch_namespaced_lease(name, "kube-node-lease", {"spec": spec})
+                except ApiException as error:
+                    if error.status != 404:
+                        raise
+                    leases.create_namespaced_lease("kube-node-lease", {
+                        "metadata": {"name": name, "namespace": "kube-node-lease"},
+                        "spec": spec})
+            except Exception as error:  # a loaded apiserver: the next renewal may land
+                log.warning("node Lease %s not renewed: %s", name, error)
+            if stop.wait(NODE_LEASE_RENEW_SECONDS):
+                return
+
+    thread = threading.Thread(target=renew, name=f"lease-{name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(ApiException):
+            leases.delete_namespaced_lease(name, "kube-node-lease")
 
 
 @contextlib.contextmanager

@@ -33,23 +33,34 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default lower bound
 
 
+#: Ports `free_port` handed out in this process: not handed out twice (two components
+#: started one after the other would otherwise both get one not bound yet).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free now, below the ephemeral range.
+    """Return a TCP port free now on every address, below the ephemeral range.
 
     Not the kernel's `bind(0)` choice: that comes from the ephemeral range, which every
     outgoing connection also draws its local port from, so between this call and the
-    component's own bind a client socket could take it ("address already in use").
+    component's own bind a client socket could take it ("address already in use"). Checked
+    on the wildcard address, since components bind 0.0.0.0 (the operator's metrics), and
+    one free on 127.0.0.1 may be bound on a bed bridge's address. Never the same port twice
+    in one process.
     """
     low = _ephemeral_low()
     for _ in range(200):
         port = random.randrange(max(1024, low - 12_000), low)  # noqa: S311 - not crypto
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind(("", port))
             except OSError:
                 continue
-            return port
-    raise OSError("no free TCP port below the ephemeral range on 127.0.0.1")
+        _HANDED_OUT.add(port)
+        return port
+    raise OSError("no free TCP port below the ephemeral range")
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -58,7 +58,7 @@ def start_operator(bed: BedState, kube: Kube, workdir: Path, *, standalone: bool
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
         **({"LAYERCACHE_LEASE_NAME": lease} if lease is not None else {}),
     }
-    proc = Process(name, [sys.executable, "-m", "layercache.operator_main"],
+    proc = Process(name, [sys.executable, "-m", "layercache.controller.main"],
                    workdir / f"{name}.log", env=env).start()
 
     def alive() -> bool:

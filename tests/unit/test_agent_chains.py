@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from layercache.agent.backoff import RetryTimes
-from layercache.agent.disk import DiskGuard
 from layercache.agent.nodespec import Counters, InvalidNodeSpecError, parse_node_spec
-from layercache.agent.status import StatusBook
-from layercache.agent.unpacking import ChainUnpacker, configured_snapshotter
-from layercache.digest import Digest, chain_ids
+from layercache.agent.status.disk import DiskGuard
+from layercache.agent.status.report import StatusBook
+from layercache.agent.store.unpacking import ChainUnpacker, configured_snapshotter
+from layercache.backoff import RetryTimes
+from layercache.controller.state import CacheState
+from layercache.controller.status import cache_status
 from layercache.metrics import AgentGauges, AgentMetrics
-from layercache.reconciler import CacheState
-from layercache.status import cache_status
+from layercache.oci.digest import Digest, chain_ids
 
 BASE, TOP = Digest.from_bytes(b"base"), Digest.from_bytes(b"top")
 DIFF_BASE, DIFF_TOP = Digest.from_bytes(b"diff-base"), Digest.from_bytes(b"diff-top")

@@ -10,7 +10,7 @@ import asyncio
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from layercache.agent.server import ContainerdLiveness, PeerServer
+from layercache.agent.peer.server import ContainerdLiveness, PeerServer
 
 
 class Clock:

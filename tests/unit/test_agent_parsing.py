@@ -123,3 +123,21 @@ def test_node_facts() -> None:
         "linux/arm64", True, "10.1.2.3")
     info.update(None)  # a Node we could not read leaves the facts as they were
     assert info.disk_pressure
+
+
+def test_an_images_layers_are_read_as_digests_of_spec_layers() -> None:
+    obj = _obj([_layer(OTHER), _layer()])
+    obj["spec"]["images"] = [{"reference": "r.example/a@" + DIGEST, "layers": [1, 0]},
+                             {"reference": "r.example/b@" + OTHER}]
+    spec = parse_node_spec(obj)
+    # Base first, as the operator resolved it; an image without layers is resolved here.
+    assert spec.image_layers == {"r.example/a@" + DIGEST: (DIGEST, OTHER)}
+    assert spec.images == ("r.example/a@" + DIGEST, "r.example/b@" + OTHER)
+
+
+def test_an_images_layer_index_outside_spec_layers_names_the_field() -> None:
+    obj = _obj([_layer()])
+    obj["spec"]["images"] = [{"reference": "r.example/a@" + DIGEST, "layers": [0, 3]}]
+    with pytest.raises(InvalidNodeSpecError, match=re.escape(
+            "spec.images[0].layers: 3 is not an index of spec.layers (1 layers)")):
+        parse_node_spec(obj)

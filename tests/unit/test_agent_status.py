@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from layercache.agent.nodespec import Counters
-from layercache.agent.status import MAX_ERROR_MESSAGE, MAX_ERRORS, StatusBook
+from layercache.agent.status.report import MAX_ERROR_MESSAGE, MAX_ERRORS, StatusBook
 from layercache.metrics import AgentGauges, AgentMetrics
 
 SECRET = "s3cr3t-token"

@@ -10,12 +10,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from layercache.agent.backoff import RetryTimes
-from layercache.agent.disk import DiskGuard, DiskPressureError
-from layercache.agent.fetch import failure_reason
-from layercache.agent.peers import PeerError, PeerUnauthorizedError
-from layercache.agent.transfer import ByteRate, ResumeRefusedError, metered, resume_refusal, skip
-from layercache.digest import Digest, DigestMismatchError
+from layercache.agent.fetch.fetcher import failure_reason
+from layercache.agent.fetch.transfer import (
+    ByteRate,
+    ResumeRefusedError,
+    metered,
+    resume_refusal,
+    skip,
+)
+from layercache.agent.peer.client import PeerError, PeerUnauthorizedError
+from layercache.agent.status.disk import DiskGuard, DiskPressureError
+from layercache.backoff import RetryTimes
+from layercache.oci.digest import Digest, DigestMismatchError
 from layercache.registry.errors import BlobNotFoundError, RateLimitedError, ServerError
 
 BLOB = bytes(range(256)) * 40

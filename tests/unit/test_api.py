@@ -188,8 +188,8 @@ def test_the_agent_acts_on_its_spec_whatever_its_status_holds() -> None:
 
 
 def test_one_unreadable_node_object_stops_no_replan_or_aggregation() -> None:
-    from layercache.distribute import previous_assignments
-    from layercache.status import cache_disk
+    from layercache.controller.status import cache_disk
+    from layercache.plan.distribute import previous_assignments
 
     good = {"metadata": {"name": "n2"}, "spec": SPEC, "status": NODE_STATUS}
     bad_spec = {**SPEC, "layers": [{"digest": D1, "size": 1}]}  # no repository, no source

@@ -1,14 +1,14 @@
-"""Per-cache byte accounting in LayerCache status (layercache.status.cache_status)."""
+"""Per-cache byte accounting in LayerCache status (layercache.controller.status.cache_status)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from layercache.digest import Digest
-from layercache.planner import Layer, Node, PlanOptions, ResolvedImage, plan
-from layercache.platform import Platform
-from layercache.reconciler import CacheState
-from layercache.status import cache_status
+from layercache.controller.state import CacheState
+from layercache.controller.status import cache_status
+from layercache.oci.digest import Digest
+from layercache.oci.platform import Platform
+from layercache.plan.planner import Layer, Node, PlanImage, PlanOptions, plan
 
 
 def _node(upstream: int, peer: int) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def _three_images_on_a_base(nodes: tuple[str, ...]) -> CacheState:
 
     amd64 = Platform("linux", "amd64")
     base = layer("base", 30 * MB)
-    images = [ResolvedImage(f"app-{i}", amd64, Digest.from_bytes(f"m{i}".encode()),
+    images = [PlanImage(f"app-{i}", amd64, Digest.from_bytes(f"m{i}".encode()),
                             (base, layer(f"top-{i}", 100 * MB))) for i in range(3)]
     result = plan(images, [Node(name, amd64) for name in nodes], PlanOptions(min_shared_by=2))
     return CacheState(namespace="ns", name="c", generation=1, plan=result,

@@ -171,7 +171,7 @@ def _setting_variables(settings: type[Any]) -> set[str]:
 def test_the_workloads_set_only_variables_the_settings_read() -> None:
     # A misspelt variable would be ignored silently by pydantic-settings: catch it here.
     from layercache.agent.settings import AgentSettings
-    from layercache.settings import OperatorSettings
+    from layercache.controller.settings import OperatorSettings
 
     operator = _env_names("deployment-operator.yaml")
     agent = _env_names("daemonset-agent.yaml")

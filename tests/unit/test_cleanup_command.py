@@ -1,6 +1,6 @@
 """`layercache cleanup`: when a node has released its layers, and the bounded wait.
 
-layercache.uninstall.not_released on raw objects; layercache.uninstall.cleanup on a scripted
+layercache.cli.uninstall.not_released on raw objects; layercache.cli.uninstall.cleanup on a scripted
 API (pure logic: the real one runs in tests/integration/test_uninstall.py).
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from layercache.uninstall import CleanupTimeout, cleanup, not_released
+from layercache.cli.uninstall import CleanupTimeout, cleanup, not_released
 
 
 def _node(generation: int, layers: int, observed: int | None, held: int | None

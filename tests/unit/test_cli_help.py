@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from layercache.cli import app
+from layercache.cli.main import app
 
 COMMANDS = ["plan", "status", "operator", "agent", "cleanup"]
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from layercache.digest import (
+from layercache.oci.digest import (
     Digest,
     DigestMismatchError,
     DigestVerifier,

@@ -6,14 +6,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from layercache.agent.disksavings import DiskFigures, Held, Sharing, measure
 from layercache.agent.nodespec import parse_node_spec
-from layercache.digest import Digest, chain_ids
-from layercache.distribute import CachePlan, distribute, node_spec
+from layercache.agent.status.disksavings import DiskUse, Held, Sharing, measure
+from layercache.controller.status import cache_disk
 from layercache.metrics import AgentGauges, AgentMetrics, OperatorMetrics
-from layercache.planner import Layer, Node, ResolvedImage, plan
-from layercache.platform import Platform
-from layercache.status import cache_disk
+from layercache.oci.digest import Digest, chain_ids
+from layercache.oci.platform import Platform
+from layercache.plan.distribute import CachePlan, distribute, node_spec
+from layercache.plan.planner import Layer, Node, PlanImage, plan
 
 
 def _d(name: str) -> Digest:
@@ -61,7 +61,7 @@ def test_sharing_saves_every_copy_but_one_of_each_blob_and_chain() -> None:
     # Node: three distinct images (ns/b's app-a is ns/a's): base in 3, py in 3 (chains too).
     separate = (3 * (SIZE[BASE] + USAGE[BASE_CHAIN]) + 2 * (SIZE[PY] + USAGE[PY_CHAIN])
                 + SIZE[APP_A] + SIZE[APP_B] + SIZE[OTHER])
-    assert disk.node == DiskFigures(blobs, 6000, separate)
+    assert disk.node == DiskUse(blobs, 6000, separate)
     assert disk.node.saved == separate - blobs - 6000
     assert disk.node.saved == 2 * SIZE[BASE] + SIZE[PY] + 2 * 4000 + 2000
     a = disk.caches["ns/a"]
@@ -77,14 +77,14 @@ def test_sharing_saves_every_copy_but_one_of_each_blob_and_chain() -> None:
 def test_only_what_containerd_holds_counts() -> None:
     held = {BASE: SIZE[BASE], APP_A: SIZE[APP_A]}  # python not fetched yet, nothing unpacked
     disk = measure(Sharing.parse(SPEC), Held(held))
-    assert disk.node == DiskFigures(SIZE[BASE] + SIZE[APP_A], 0,
+    assert disk.node == DiskUse(SIZE[BASE] + SIZE[APP_A], 0,
                                     3 * SIZE[BASE] + SIZE[APP_A])
 
 
 def test_without_image_layers_nothing_is_claimed() -> None:
     bare = {k: v for k, v in SPEC.items() if k not in ("chains", "imageLayers")}
     disk = measure(Sharing.parse(bare), HELD)
-    assert disk.node == DiskFigures(sum(SIZE.values()), 6000, 0)
+    assert disk.node == DiskUse(sum(SIZE.values()), 6000, 0)
     assert disk.node.saved == 0
 
 
@@ -131,8 +131,8 @@ def test_operator_writes_each_planned_images_layers_as_indexes() -> None:
     amd64 = Platform("linux", "amd64")
     layer = {d: Layer(d, SIZE[d], "application/vnd.oci.image.layer.v1.tar+gzip", DIFF[d])
              for d in SIZE}
-    images = [ResolvedImage("r.example/a", amd64, _d("ma"), (layer[BASE], layer[PY], layer[APP_A])),
-              ResolvedImage("r.example/b", amd64, _d("mb"), (layer[BASE], layer[PY], layer[APP_B]))]
+    images = [PlanImage("r.example/a", amd64, _d("ma"), (layer[BASE], layer[PY], layer[APP_A])),
+              PlanImage("r.example/b", amd64, _d("mb"), (layer[BASE], layer[PY], layer[APP_B]))]
     # Budget for base and python only: the apps' own layers are cut.
     nodes = [Node("n1", amd64, budget_bytes=SIZE[BASE] + SIZE[PY])]
     cache = CachePlan("ns/a", plan(images, nodes), dict.fromkeys(SIZE, "r.example/a"),

@@ -7,16 +7,17 @@ import hashlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layercache.digest import Digest
-from layercache.distribute import (
+from layercache.oci.digest import Digest
+from layercache.oci.platform import Platform
+from layercache.plan.distribute import (
+    MAX_NODE_CHAINS,
     MAX_NODE_LAYERS,
     CachePlan,
     distribute,
     node_spec,
     previous_assignments,
 )
-from layercache.planner import Layer, Node, ResolvedImage, plan
-from layercache.platform import Platform
+from layercache.plan.planner import Layer, Node, PlanImage, plan
 
 AMD64 = Platform("linux", "amd64")
 
@@ -37,12 +38,12 @@ BASE, PY, APP_A, APP_B = (_layer("base", 100), _layer("py", 50), _layer("a", 5),
 def _cache(key: str, images: dict[str, tuple[Layer, ...]], nodes: list[str],
            present: dict[str, frozenset[Digest]] | None = None, *, mode_images: bool = False,
            ) -> CachePlan:
-    resolved = [ResolvedImage(ref, AMD64, _digest(ref), layers) for ref, layers in images.items()]
+    resolved = [PlanImage(ref, AMD64, _digest(ref), layers) for ref, layers in images.items()]
     result = plan(resolved, [Node(n, AMD64, present=(present or {}).get(n, frozenset()))
                              for n in nodes])
     repos = {layer.digest: f"reg.example/{ref}" for ref, layers in images.items()
              for layer in layers}
-    pinned = tuple((f"reg.example/{ref}@{_digest(ref)}", frozenset(lay.digest for lay in layers))
+    pinned = tuple((f"reg.example/{ref}@{_digest(ref)}", tuple(lay.digest for lay in layers))
                    for ref, layers in images.items()) if mode_images else ()
     return CachePlan(key, result, repos, pinned)
 
@@ -103,8 +104,9 @@ def test_two_caches_share_a_layer_once_and_both_are_named() -> None:
     assert result["n1"][0].caches == {"ns/a", "ns/b"}
     spec = node_spec("n1", result["n1"], [first, second])
     assert spec["caches"] == ["ns/a", "ns/b"]
+    # The image's layers as indexes into spec.layers, base first: BASE (0), APP_A (2).
     assert spec["images"] == [{"reference": f"reg.example/app@{_digest('app')}",
-                               "caches": ["ns/b"]}]
+                               "caches": ["ns/b"], "layers": [0, 2]}]
     assert spec["layers"][0]["source"] == "Upstream"
     # Each layer names the caches wanting it (their credentials fetch it); the first is
     # the one whose image named the repository.
@@ -146,6 +148,8 @@ def test_node_spec_is_capped_at_the_crd_limit() -> None:
     assert [e["digest"] for e in spec["layers"]] == [str(x.digest) for x in many[:MAX_NODE_LAYERS]]
     # An image not wholly held is not materialised.
     assert spec["images"] == []
+    # Chains too: the first MAX_NODE_CHAINS prefixes, base first, each listing its layers.
+    assert [len(c["layers"]) for c in spec["chains"]] == list(range(1, MAX_NODE_CHAINS + 1))
 
 
 def test_peers_are_holders_then_seeder_then_the_next_nodes_each_once() -> None:

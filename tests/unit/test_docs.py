@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic_settings import BaseSettings
 
 from layercache.agent.settings import AgentSettings
-from layercache.settings import OperatorSettings
+from layercache.controller.settings import OperatorSettings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from layercache.digest import Digest
-from layercache.planner import Layer, Node, plan
-from layercache.platform import Platform
-from layercache.reconciler import CacheState
-from layercache.reference import parse_reference
+from layercache.controller.state import CacheState
+from layercache.controller.status import cache_status
+from layercache.oci.digest import Digest
+from layercache.oci.platform import Platform
+from layercache.oci.reference import parse_reference
+from layercache.plan.planner import Layer, Node, plan
 from layercache.registry.resolve import ResolvedImage
-from layercache.status import cache_status
 
 FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from layercache.agent.settings import AgentSettings
-from layercache.cli import app
-from layercache.reference import InvalidReferenceError, parse_reference, parse_registry_hosts
+from layercache.cli.main import app
+from layercache.controller.settings import OperatorSettings
+from layercache.oci.reference import InvalidReferenceError, parse_reference, parse_registry_hosts
 from layercache.registry.client import RegistryOptions, registry_options
-from layercache.settings import OperatorSettings
 
 WRITTEN = " Reg.Example:05000, LocalHost:5001,INDEX.docker.io,[0:0::1]:5002,reg.example:5000"
 KEYS = ("reg.example:5000", "localhost:5001", "docker.io", "[::1]:5002")

@@ -8,7 +8,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from layercache.kube import KubeApi
+from layercache.controller.kube import KubeApi
 
 
 class FakeCore:

@@ -94,8 +94,8 @@ def _timed_out(error: BaseException) -> bool:
 
 
 def test_the_operators_api_calls_time_out(silent: tuple[SilentServer, Path]) -> None:
-    from layercache.handlers.lifecycle import api_client
-    from layercache.kube import KubeApi
+    from layercache.controller.handlers.lifecycle import api_client
+    from layercache.controller.kube import KubeApi
 
     kube = KubeApi(api_client())  # as the operator's start-up builds it
     error = _bounded(kube.nodes)  # a replan's first call
@@ -122,7 +122,7 @@ def test_the_agents_calls_and_its_watch_time_out(silent: tuple[SilentServer, Pat
 
 def test_layercache_status_times_out(silent: tuple[SilentServer, Path],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from layercache import statusapi
+    from layercache.cli import statusapi
 
     monkeypatch.setattr(statusapi, "REQUEST_TIMEOUT", TIMEOUT)
     api = statusapi.StatusApi(silent[1])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layercache.agent.disk import DiskGuard, DiskPressureError
-from layercache.agent.kubelet import (
+from layercache.agent.status.disk import DiskGuard, DiskPressureError
+from layercache.agent.status.kubelet import (
     MARGIN_PERCENT,
     DiskThreshold,
     kubelet_disk,

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from layercache.chains import COMPRESSION_RATIO, estimate_unpacked_bytes
-from layercache.digest import Digest, chain_ids
-from layercache.distribute import CachePlan, distribute, node_spec
-from layercache.planner import Layer, Node, PlanOptions, ResolvedImage, plan
-from layercache.platform import Platform
+from layercache.oci.digest import Digest, chain_ids
+from layercache.oci.platform import Platform
+from layercache.plan.chains import COMPRESSION_RATIO, estimate_unpacked_bytes
+from layercache.plan.distribute import CachePlan, distribute, node_spec
+from layercache.plan.planner import Layer, Node, PlanImage, PlanOptions, plan
 
 AMD = Platform("linux", "amd64")
 ARM = Platform("linux", "arm64")
@@ -31,8 +33,8 @@ BASE, PY, APP_A, APP_B, JAVA = (layer("base", 100), layer("py", 50), layer("a", 
 
 
 def image(ref: str, *layers: Layer, platform: Platform = AMD,
-          unpackable: int | None = None) -> ResolvedImage:
-    return ResolvedImage(ref, platform, d("m-" + ref), tuple(layers), {}, unpackable)
+          unpackable: int | None = None) -> PlanImage:
+    return PlanImage(ref, platform, d("m-" + ref), tuple(layers), {}, unpackable)
 
 
 def chain_of(*layers: Layer) -> Digest:
@@ -146,3 +148,70 @@ def test_node_spec_lists_chains_once_with_every_cache() -> None:
     assert all(set(c["layers"]) <= held for c in spec["chains"])
     ids = [c["chainID"] for c in spec["chains"]]
     assert ids.index(str(chain_of(BASE))) < ids.index(str(chain_of(BASE, PY)))
+
+
+# ---- the module docstring's rules, written plainly, against the planner -----------------
+
+POOL = [layer(f"p{i}", size) for i, size in enumerate([1, 2, 3, 5, 8, 8, 34, 55])]
+GPU = {"gpu": "true"}
+
+
+def reference_chains(images: list[PlanImage], node: Node, held: list[Digest],
+                     chain_min: int) -> list[Digest]:
+    """A node's chains with no budget: every prefix of its images, plainly (quadratic)."""
+    position = {digest: i for i, digest in enumerate(held)}
+    platform = [im for im in images if im.platform == node.platform]
+    shared: dict[Digest, set[Digest]] = {}
+    for im in platform:
+        for c in chain_ids(la.diff_id for la in im.layers):
+            shared.setdefault(c, set()).add(im.manifest_digest)
+    ready: dict[Digest, tuple[int, int]] = {}
+    for im in platform:
+        if not all(node.labels.get(k) == v for k, v in im.node_selector.items()):
+            continue
+        for depth, c in enumerate(chain_ids(la.diff_id for la in im.layers)):
+            blobs = im.layers[: depth + 1]
+            if len(shared[c]) < chain_min or any(la.digest not in position for la in blobs):
+                break
+            ready.setdefault(c, (max(position[la.digest] for la in blobs) + 1, depth))
+    return sorted(ready, key=lambda c: (*ready[c], c))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from(POOL), min_size=1, max_size=6),
+                          st.sampled_from([AMD, AMD, ARM]), st.sampled_from([{}, {}, GPU])),
+                max_size=8),
+       st.integers(1, 3), st.integers(1, 3))
+def test_chains_match_the_reference(
+        drawn: list[tuple[list[Layer], Platform, dict[str, str]]], blob_min: int,
+        chain_min: int) -> None:
+    images = [PlanImage(f"i{n}", p, d(f"m{n}"), tuple(ls), sel)
+              for n, (ls, p, sel) in enumerate(drawn)]
+    nodes = [Node("amd", AMD), Node("gpu", AMD, {"gpu": "true"}), Node("arm", ARM)]
+    result = plan(images, nodes, PlanOptions(blob_min, chain_min))
+    for node in nodes:
+        held = [la.digest for la in result.nodes[node.name].layers]
+        assert chains(result, node.name) == reference_chains(images, node, held, chain_min)
+        for c in result.nodes[node.name].chains:
+            assert all(la.digest in held for la in c.layers)
+
+
+def test_one_diff_id_in_two_blobs_takes_the_first_images_blobs() -> None:
+    # The same uncompressed layer as gzip and as zstd: one chain ID, two blobs. The chain
+    # lists the first image's blobs; a node that holds only the other blob does not get it.
+    zstd = Layer(d("py-zstd"), 40, "application/vnd.oci.image.layer.v1.tar+zstd", PY.diff_id)
+    zone = {"zone": "x"}
+    images = [PlanImage("a", AMD, d("m-a"), (BASE, PY), zone), image("b", BASE, zstd)]
+    inside, outside = Node("inside", AMD, zone), Node("outside", AMD)
+    result = plan(images, [inside, outside])
+    assert chains(result, "inside") == [chain_of(BASE), chain_of(BASE, PY)]
+    assert tuple(result.nodes["inside"].chains[1].layers) == (BASE, PY)
+    assert [la.digest for la in result.nodes["outside"].layers] == [BASE.digest, zstd.digest]
+    assert chains(result, "outside") == [chain_of(BASE)]  # (base, py) is not held there
+
+
+def test_an_image_with_no_unpackable_layer_has_no_chains() -> None:
+    images = [image("f", BASE, unpackable=0), image("g", BASE, PY)]
+    result = plan(images, [Node("n1", AMD)])
+    assert chains(result, "n1") == [chain_of(BASE), chain_of(BASE, PY)]
+    assert result.nodes["n1"].chains[0].shared_by == 1  # "f" starts no chain

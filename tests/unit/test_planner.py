@@ -10,19 +10,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layercache.digest import Digest
-from layercache.planner import (
+from layercache.oci.digest import Digest
+from layercache.oci.platform import Platform
+from layercache.plan.planner import (
     Layer,
     LayerRun,
     Node,
     Plan,
+    PlanImage,
     PlanInputError,
     PlanOptions,
-    ResolvedImage,
     plan,
     saved_bytes,
 )
-from layercache.platform import Platform
 
 AMD = Platform("linux", "amd64")
 ARM = Platform("linux", "arm64")
@@ -43,8 +43,8 @@ def image(
     platform: Platform = AMD,
     selector: dict[str, str] | None = None,
     manifest: str | None = None,
-) -> ResolvedImage:
-    return ResolvedImage(
+) -> PlanImage:
+    return PlanImage(
         ref, platform, d(manifest or "m-" + ref), tuple(layers), dict(selector or {})
     )
 
@@ -296,7 +296,7 @@ def test_consecutive_repeat_is_no_cycle() -> None:
     ],
 )  # fmt: skip
 def test_input_errors(
-    images: list[ResolvedImage], nodes: list[Node], options: PlanOptions | None, fragment: str
+    images: list[PlanImage], nodes: list[Node], options: PlanOptions | None, fragment: str
 ) -> None:
     with pytest.raises(PlanInputError, match=fragment):
         plan(images, nodes, options)
@@ -352,7 +352,7 @@ POOL = [layer(f"l{i}", size) for i, size in enumerate([1, 2, 3, 5, 8, 8, 8, 34, 
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list[ResolvedImage], list[Node], PlanOptions]:
+def scenarios(draw: st.DrawFn) -> tuple[list[PlanImage], list[Node], PlanOptions]:
     images = []
     for number in range(draw(st.integers(0, 7))):
         layers = draw(st.lists(st.sampled_from(POOL), min_size=1, max_size=6))
@@ -387,7 +387,7 @@ def snapshot(result: Plan) -> Any:
     return nodes, result.savings, dict(result.shared_by), result.untargeted
 
 
-def candidates(images: list[ResolvedImage], item: Node) -> list[ResolvedImage]:
+def candidates(images: list[PlanImage], item: Node) -> list[PlanImage]:
     return [
         im for im in images
         if im.platform == item.platform
@@ -395,7 +395,7 @@ def candidates(images: list[ResolvedImage], item: Node) -> list[ResolvedImage]:
     ]  # fmt: skip
 
 
-def requires(images: list[ResolvedImage]) -> dict[Digest, set[Digest]]:
+def requires(images: list[PlanImage]) -> dict[Digest, set[Digest]]:
     """Transitive 'rests on' relation over the images, to recognise cycle units."""
     direct: dict[Digest, set[Digest]] = {}
     for im in images:
@@ -417,7 +417,7 @@ def requires(images: list[ResolvedImage]) -> dict[Digest, set[Digest]]:
 
 @settings(max_examples=150, deadline=None)
 @given(scenarios())
-def test_invariants(scenario: tuple[list[ResolvedImage], list[Node], PlanOptions]) -> None:
+def test_invariants(scenario: tuple[list[PlanImage], list[Node], PlanOptions]) -> None:
     images, nodes, options = scenario
     result = plan(images, nodes, options)
     closure = requires(images)
@@ -460,7 +460,7 @@ def test_invariants(scenario: tuple[list[ResolvedImage], list[Node], PlanOptions
 @settings(max_examples=100, deadline=None)
 @given(scenarios(), st.randoms(use_true_random=False))
 def test_deterministic_in_any_order(
-    scenario: tuple[list[ResolvedImage], list[Node], PlanOptions], rng: random.Random
+    scenario: tuple[list[PlanImage], list[Node], PlanOptions], rng: random.Random
 ) -> None:
     images, nodes, options = scenario
     first = snapshot(plan(images, nodes, options))
@@ -473,7 +473,7 @@ def test_deterministic_in_any_order(
 @settings(max_examples=100, deadline=None)
 @given(scenarios(), st.integers(0, 400), st.integers(0, 400))
 def test_larger_budget_only_adds(
-    scenario: tuple[list[ResolvedImage], list[Node], PlanOptions], low: int, extra: int
+    scenario: tuple[list[PlanImage], list[Node], PlanOptions], low: int, extra: int
 ) -> None:
     images, _, options = scenario
     nodes = [node("small", budget=low), node("large", budget=low + extra)]
@@ -482,7 +482,7 @@ def test_larger_budget_only_adds(
     assert large[: len(small)] == small
 
 
-def reference_plan(images: list[ResolvedImage], item: Node, min_shared_by: int) -> list[Digest]:
+def reference_plan(images: list[PlanImage], item: Node, min_shared_by: int) -> list[Digest]:
     """The rules of the module docstring, written plainly (quadratic), for small inputs."""
     manifests = {im.manifest_digest: im for im in images}.values()
     shared = {la.digest: 0 for im in images for la in im.layers}
@@ -532,7 +532,7 @@ def reference_plan(images: list[ResolvedImage], item: Node, min_shared_by: int) 
 
 @settings(max_examples=200, deadline=None)
 @given(scenarios())
-def test_matches_reference(scenario: tuple[list[ResolvedImage], list[Node], PlanOptions]) -> None:
+def test_matches_reference(scenario: tuple[list[PlanImage], list[Node], PlanOptions]) -> None:
     images, nodes, options = scenario
     result = plan(images, nodes, options)
     for item in nodes:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from layercache.platform import (
+from layercache.oci.platform import (
     InvalidPlatformError,
     Platform,
     PlatformNotFoundError,

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from layercache.digest import Digest
-from layercache.reference import InvalidReferenceError, Reference, parse_reference
+from layercache.oci.digest import Digest
+from layercache.oci.reference import InvalidReferenceError, Reference, parse_reference
 
 D = "sha256:" + "7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa"
 D512 = "sha512:" + "ab" * 64

@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from layercache.digest import Digest, DigestMismatchError
-from layercache.reference import parse_reference
+from layercache.oci.digest import Digest, DigestMismatchError
+from layercache.oci.mediatypes import OCI_MANIFEST
+from layercache.oci.reference import parse_reference
 from layercache.registry.auth import Authenticator, parse_token_response
 from layercache.registry.client import RegistryClient, RegistryOptions
 from layercache.registry.credentials import (
@@ -29,7 +30,6 @@ from layercache.registry.errors import (
     UnsupportedCredentialsError,
 )
 from layercache.registry.fetch import get_manifest, head_manifest
-from layercache.registry.mediatypes import OCI_MANIFEST
 from layercache.registry.retry import RetryPolicy
 
 HOST = "reg.example"

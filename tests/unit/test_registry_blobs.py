@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from layercache import digest as digest_module
-from layercache.digest import Digest
-from layercache.reference import parse_reference
+from layercache.oci import digest as digest_module
+from layercache.oci.digest import Digest
+from layercache.oci.reference import parse_reference
 from layercache.registry.blobs import CallbackSink, FileSink, MemorySink, fetch_blob
 from layercache.registry.client import RegistryClient, RegistryOptions
 from layercache.registry.credentials import DockerConfig, Keyring

@@ -12,7 +12,7 @@ import logging
 import httpx
 import pytest
 
-from layercache.agent.backoff import RetryTimes
+from layercache.backoff import RetryTimes
 from layercache.redact import redact_urls as redact_url_queries
 from layercache.registry.errors import (
     RateLimitedError,

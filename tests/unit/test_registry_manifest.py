@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from layercache.digest import Digest
+from layercache.oci.digest import Digest
+from layercache.oci.mediatypes import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    layer_type,
+)
 from layercache.registry.errors import (
     BlobTooLargeError,
     ManifestError,
@@ -23,15 +32,6 @@ from layercache.registry.manifest import (
     detect_media_type,
     parse_config,
     parse_manifest,
-)
-from layercache.registry.mediatypes import (
-    DOCKER_CONFIG,
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    OCI_CONFIG,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    layer_type,
 )
 
 REF = "127.0.0.1:5000/family/base:v1"

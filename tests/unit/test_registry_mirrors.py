@@ -15,7 +15,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from layercache.reference import parse_reference
+from layercache.oci.reference import parse_reference
 from layercache.registry.client import RegistryClient, RegistryOptions
 from layercache.registry.mirrors import (
     HostsConfigError,

@@ -9,18 +9,18 @@ from typing import Any
 import httpx
 import pytest
 
-from layercache.digest import Digest, DigestMismatchError
+from layercache.oci.digest import Digest, DigestMismatchError
+from layercache.oci.mediatypes import (
+    DOCKER_MANIFEST_LIST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import (
     ManifestError,
     NoMatchingPlatformError,
     UnsupportedManifestError,
-)
-from layercache.registry.mediatypes import (
-    DOCKER_MANIFEST_LIST,
-    OCI_CONFIG,
-    OCI_INDEX,
-    OCI_MANIFEST,
 )
 from layercache.registry.resolve import resolve
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from layercache.digest import Digest, DigestMismatchError
+from layercache.oci.digest import Digest, DigestMismatchError
 from layercache.registry.errors import (
     AuthenticationError,
     BlobNotFoundError,

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from layercache.agent.fetch import Slots
-from layercache.agent.relay import Relay, RelayFailedError, Relays, relayed
-from layercache.digest import Digest
+from layercache.agent.fetch.fetcher import Slots
+from layercache.agent.peer.relay import Relay, RelayFailedError, Relays, relayed
+from layercache.oci.digest import Digest
 
 BLOB = bytes(range(256)) * 64
 DIGEST = Digest.from_bytes(BLOB)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from layercache.platform import parse_platform
-from layercache.spec import InvalidSpecError, Toleration, parse_duration, parse_spec
+from layercache.api.spec import InvalidSpecError, Toleration, parse_duration, parse_spec
+from layercache.oci.platform import parse_platform
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

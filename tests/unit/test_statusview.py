@@ -19,8 +19,8 @@ import pytest
 import yaml
 from rich.console import Console
 
-from layercache import statusview
-from layercache.statusview import cache_json, list_json, node_rows, stale_notes, status_written
+from layercache.cli import statusview
+from layercache.cli.statusview import cache_json, list_json, node_rows, stale_notes, status_written
 
 DATA = Path(__file__).parent / "data"
 NOW = datetime.datetime(2026, 11, 29, 19, 0, 0, tzinfo=datetime.UTC)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from layercache.spec import parse_spec
-from layercache.warm import WARM_LABEL, WARMING_TAINT, NodeWarmth, is_warm, warm_patch
+from layercache.api.spec import parse_spec
+from layercache.api.warm import WARM_LABEL, WARMING_TAINT, NodeWarmth, is_warm, warm_patch
 
 NOW = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.UTC)
 DIGEST = "sha256:" + "a" * 64

@@ -7,9 +7,9 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from layercache.settings import OperatorSettings
-from layercache.warm import WARM_LABEL, WARMING_TAINT, NodeWarmth
-from layercache.warmsignal import WarmSignal
+from layercache.api.warm import WARM_LABEL, WARMING_TAINT, NodeWarmth
+from layercache.controller.settings import OperatorSettings
+from layercache.controller.warmsignal import WarmSignal
 
 NOW = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.UTC)
 WARM_NLC = {"metadata": {"generation": 1}, "spec": {"layers": [{"digest": "d"}]},

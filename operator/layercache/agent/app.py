@@ -3,9 +3,9 @@
 Start-up order matters for crash safety and for peers:
 
 1. read this node's NodeLayerCache (its spec, and the byte counters its status kept);
-2. clean our stale leases and ingests in containerd (`layercache.agent.cleanup`), keeping
+2. clean our stale leases and ingests in containerd (`layercache.agent.store.cleanup`), keeping
    the ingests of wanted layers so their writes resume, and the active snapshots of an
-   interrupted unpack (`layercache.agent.unpacking`);
+   interrupted unpack (`layercache.agent.store.unpacking`);
 3. serve peers and metrics, then publish ``status.peerEndpoint``;
 4. follow the object (watch thread), the Node (DiskPressure, platform) and both Secrets,
    and reconcile (`layercache.agent.reconcile`), reporting status as it goes.
@@ -22,41 +22,46 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+from aiohttp import web
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
-from layercache.agent.backoff import RetryTimes
-from layercache.agent.cleanup import clean_stale
-from layercache.agent.disk import DiskGuard
-from layercache.agent.disksavings import DiskMeter
-from layercache.agent.fetch import FetchConfig, LayerFetcher
-from layercache.agent.images import ImagePuller
-from layercache.agent.kubeapi import KUBE_BACKOFF, AgentKube, Obj, OwnObjectWatch
-from layercache.agent.kubelet import read_kubelet_disk
+from layercache.agent.fetch.fetcher import FetchConfig, LayerFetcher
+from layercache.agent.fetch.transfer import ByteRate
+from layercache.agent.kubeapi import KUBE_BACKOFF, AgentKube, Obj
 from layercache.agent.nodeinfo import NodeInfo
 from layercache.agent.nodespec import Counters, parse_node_spec
-from layercache.agent.peers import PeerClient, PeerDirectory
-from layercache.agent.reconcile import Reconciler
-from layercache.agent.relay import Relays
+from layercache.agent.peer.client import PeerClient, PeerDirectory
+from layercache.agent.peer.relay import Relays
+from layercache.agent.peer.server import ContainerdLiveness, PeerServer, metrics_app, start_site
+from layercache.agent.ports import AgentKubePort, PeerSource
+from layercache.agent.reconcile import NodeReconciler
 from layercache.agent.secrets import LiveKeyring, Secrets
-from layercache.agent.server import ContainerdLiveness, PeerServer, metrics_app, start_site
 from layercache.agent.settings import AgentSettings
-from layercache.agent.status import StatusBook, StatusReporter
-from layercache.agent.transfer import ByteRate
-from layercache.agent.unpacking import ChainUnpacker, configured_snapshotter
+from layercache.agent.status.disk import DiskGuard
+from layercache.agent.status.disksavings import DiskMeter
+from layercache.agent.status.kubelet import read_kubelet_disk
+from layercache.agent.status.report import StatusBook, StatusReporter
+from layercache.agent.store.cleanup import clean_stale
+from layercache.agent.store.images import ImagePuller
+from layercache.agent.store.unpacking import ChainUnpacker, configured_snapshotter
 from layercache.api import Reason
+from layercache.backoff import RetryTimes
 from layercache.containerd.content import ContentStore
 from layercache.containerd.cri import CRIImages
+from layercache.containerd.ports import ContentStorePort, CRIImagesPort
 from layercache.containerd.unpack import Snapshots
 from layercache.metrics import AgentGauges, AgentMetrics
 from layercache.registry.client import RegistryClient, registry_options
 from layercache.registry.hosts import RegistryHosts
 from layercache.registry.mirrors import HostsDirectory, MirrorTransport
 
-__all__ = ["run_agent"]
+__all__ = ["Agent", "NodeContainerd", "run_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +100,71 @@ def _disk_gauges(book: StatusBook) -> tuple[int, int, int, int]:
     return node.blobs, node.snapshots, node.separate, node.saved
 
 
-class Agent:
-    """One node's agent: its clients, servers and tasks (see the module docstring)."""
+#: Makes the unpacker of the node's chains, given the status book, disk guard, retry times
+#: and metrics of the agent.
+ChainsFactory = Callable[[StatusBook, DiskGuard, RetryTimes, AgentMetrics], ChainUnpacker]
+#: Serves an aiohttp app on (bind address, port); returns the runner to clean up at the end.
+Serve = Callable[[web.Application, str, int], Awaitable[Any]]
 
-    def __init__(self, settings: AgentSettings) -> None:
+
+@dataclass
+class NodeContainerd:
+    """The node's containerd as the agent's parts use it: `connect` makes the real one.
+
+    ``store`` and ``cri`` are the content store and CRI image service; ``chains`` makes the
+    chain unpacker (snapshots); ``meter`` measures the disk-savings figures (None: never).
+    """
+
+    store: ContentStorePort
+    cri: CRIImagesPort
+    chains: ChainsFactory
+    meter: DiskMeter | None
+    close: Callable[[], Awaitable[None]]
+
+    @classmethod
+    def connect(cls, settings: AgentSettings) -> NodeContainerd:
+        """Clients on ``settings.containerd_socket``, sharing one gRPC channel (lazy)."""
+        socket, namespace = settings.containerd_socket, settings.containerd_namespace
+        store = ContentStore(socket, namespace)
+        snapshotter = settings.snapshotter or configured_snapshotter(settings.containerd_config)
+
+        def chains(book: StatusBook, disk: DiskGuard, retry: RetryTimes,
+                   metrics: AgentMetrics) -> ChainUnpacker:
+            return ChainUnpacker.for_node(socket, namespace, snapshotter, book=book,
+                                          disk=disk, retry=retry, metrics=metrics)
+
+        meter = DiskMeter(store, Snapshots(socket, namespace, snapshotter=snapshotter,
+                                           channel=store.channel))
+        return cls(store, CRIImages(socket, channel=store.channel), chains, meter, store.close)
+
+
+class Agent:
+    """One node's agent: its clients, servers and tasks (see the module docstring).
+
+    The ports default to the real ones for ``settings``; a test hands in twins (``kube``,
+    ``containerd``, ``peers``), an in-memory ``registry_transport`` for the registry client,
+    a ``disk`` guard of its own, and ``serve`` (default `start_site`) for the peer and
+    metrics servers.
+    """
+
+    def __init__(self, settings: AgentSettings, *, kube: AgentKubePort | None = None,
+                 containerd: NodeContainerd | None = None, peers: PeerSource | None = None,
+                 registry_transport: httpx.AsyncBaseTransport | None = None,
+                 disk: DiskGuard | None = None, serve: Serve = start_site) -> None:
         self.settings = settings
-        self.kube = AgentKube(settings)
+        self.kube: AgentKubePort = kube if kube is not None else AgentKube(settings)
         self.registry_metrics = CollectorRegistry()
         self.metrics = AgentMetrics(settings.node_name, self.registry_metrics)
         self.secrets = Secrets(self.kube, settings.peer_token_secret, settings.registry_secret)
-        self.store = ContentStore(settings.containerd_socket, settings.containerd_namespace)
-        self.cri = CRIImages(settings.containerd_socket, channel=self.store.channel)
+        self.containerd = containerd if containerd is not None else NodeContainerd.connect(
+            settings)
+        self.store = self.containerd.store
+        self.cri = self.containerd.cri
+        self.serve = serve
         self.node_info = NodeInfo()
-        self.disk = DiskGuard(self._image_fs, settings.min_free_percent or 0.0,
-                              read_kubelet_disk(settings.kubelet_config))
+        self.disk = disk if disk is not None else DiskGuard(
+            self._image_fs, settings.min_free_percent or 0.0,
+            read_kubelet_disk(settings.kubelet_config))
         registries, default = registry_options(settings.insecure_registries,
                                                ca_file=settings.registry_ca_file)
         # Upstream fetches take the hosts (mirrors) the node's containerd pulls through.
@@ -117,10 +173,13 @@ class Agent:
             keyring=LiveKeyring(self.secrets), registries=registries, default=default,
             hosts=RegistryHosts(self.metrics.registry_requests.request),
             transport_factory=(lambda tls: MirrorTransport(hosts, tls)) if hosts.roots
-            else None)
-        self.peers = PeerClient(lambda: self.secrets.token)
+            else None, transport=registry_transport)
+        self.peers: PeerSource = (peers if peers is not None
+                                  else PeerClient(lambda: self.secrets.token))
         self.relays = Relays()  # cut-through: shared by the fetcher and the peer server
         self.runners: list[Any] = []
+        #: The control loop, once `run` made it.
+        self.reconciler: NodeReconciler | None = None
 
     async def _image_fs(self) -> Path:
         if self.settings.image_fs_path is not None:
@@ -149,17 +208,12 @@ class Agent:
         images = ImagePuller(cri=self.cri, store=self.store, registry=self.registry,
                              keyrings=self.secrets.keyrings_for, book=book, retry=retry,
                              platform=lambda: self.node_info.platform)
-        snapshotter = settings.snapshotter or configured_snapshotter(settings.containerd_config)
-        chains = ChainUnpacker.for_node(
-            settings.containerd_socket, settings.containerd_namespace, snapshotter, book=book,
-            disk=self.disk, retry=retry, metrics=self.metrics)
+        chains = self.containerd.chains(book, self.disk, retry, self.metrics)
         await _retrying("removing stale unpack snapshots", chains.remove_stale)
-        reconciler = Reconciler(store=self.store, fetcher=fetcher, images=images, book=book,
-                                disk=self.disk, retry=retry,
-                                resync_seconds=settings.resync_seconds, chains=chains,
-                                meter=DiskMeter(self.store, Snapshots(
-                                    settings.containerd_socket, settings.containerd_namespace,
-                                    snapshotter=snapshotter, channel=self.store.channel)))
+        reconciler = self.reconciler = NodeReconciler(
+            store=self.store, fetcher=fetcher, images=images, book=book, disk=self.disk,
+            retry=retry, resync_seconds=settings.resync_seconds, chains=chains,
+            meter=self.containerd.meter)
         reconciler.set_object(obj)
         self.metrics.track(lambda: AgentGauges(
             book.wanted, book.held, book.bytes_held, book.pressure is not None,
@@ -170,16 +224,16 @@ class Agent:
         liveness = ContainerdLiveness(lambda: self.store.info(_NO_BLOB))
         server = PeerServer(self.store, lambda: self.secrets.token, book.served_bytes,
                             liveness, self.relays)
-        self.runners.append(await start_site(server.app(), settings.peer_bind,
+        self.runners.append(await self.serve(server.app(), settings.peer_bind,
                                              settings.peer_port))
-        self.runners.append(await start_site(metrics_app(self.registry_metrics),
+        self.runners.append(await self.serve(metrics_app(self.registry_metrics),
                                              settings.metrics_bind, settings.metrics_port))
         await self._check_node(reconciler)
         book.peer_endpoint = self._endpoint()
         reporter = StatusReporter(book, self.kube.patch_status, settings.status_interval_seconds)
         await reporter.flush()
         loop = asyncio.get_running_loop()
-        watch = OwnObjectWatch(self.kube, loop, reconciler.set_object)
+        watch = self.kube.watch_own(loop, reconciler.set_object)
         watch.start()
         tasks = [asyncio.create_task(coro, name=name) for name, coro in (
             ("reconcile", reconciler.run()),
@@ -210,7 +264,7 @@ class Agent:
             await runner.cleanup()
         await self.peers.aclose()
         await self.registry.aclose()
-        await self.store.close()
+        await self.containerd.close()
         self.kube.close()
 
     async def _refresh_secrets(self, book: StatusBook) -> None:
@@ -222,7 +276,7 @@ class Agent:
                 book.problems[problem.reason] = book.error(problem.reason, problem.message)
         book.touch()
 
-    async def _check_node(self, reconciler: Reconciler) -> None:
+    async def _check_node(self, reconciler: NodeReconciler) -> None:
         try:
             node: Obj | None = await self.kube.get_node()
         except ApiException as error:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 from kubernetes import client, watch
@@ -24,11 +24,12 @@ from kubernetes.client.exceptions import ApiException
 
 from layercache import kubeclient
 from layercache.agent.nodespec import GROUP, PLURAL, VERSION
+from layercache.agent.ports import Obj, OnObject
 from layercache.agent.settings import AgentSettings
 from layercache.backoff import Backoff
 from layercache.kubeclient import api_client
 
-__all__ = ["KUBE_BACKOFF", "AgentKube", "OwnObjectWatch"]
+__all__ = ["KUBE_BACKOFF", "AgentKube", "Obj", "OwnObjectWatch"]
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ WATCH_SECONDS: Final = kubeclient.WATCH_SECONDS
 #: 1 s doubling to 30 s, started over after a success.
 KUBE_BACKOFF: Final = Backoff(1.0, 30.0)
 _MERGE_PATCH: Final = "application/merge-patch+json"
-
-Obj = dict[str, Any]
 
 
 # The kubernetes client's watch helpers carry no annotations, and its generated APIs return
@@ -62,6 +61,10 @@ class AgentKube:
     def close(self) -> None:
         """Close the connection pool."""
         self.api.close()
+
+    def watch_own(self, loop: asyncio.AbstractEventLoop, on_change: OnObject) -> OwnObjectWatch:
+        """An `OwnObjectWatch` (not started) of this node's NodeLayerCache."""
+        return OwnObjectWatch(self, loop, on_change)
 
     def list_own(self) -> tuple[Obj | None, str]:
         """Blocking: this node's NodeLayerCache (None when absent) and the list's version."""
@@ -149,7 +152,7 @@ class OwnObjectWatch:
     """
 
     def __init__(self, kube: AgentKube, loop: asyncio.AbstractEventLoop,
-                 on_change: Callable[[Obj | None], None]) -> None:
+                 on_change: OnObject) -> None:
         self.kube = kube
         self.loop = loop
         self.on_change = on_change

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from layercache.agent.disksavings import Sharing
+from layercache.agent.status.disksavings import Sharing
 from layercache.api import GROUP, NLC_PLURAL, VERSION, InvalidNodeSpecError
 from layercache.api.nodelayercache import (
     ByteCounters,
@@ -21,8 +21,8 @@ from layercache.api.nodelayercache import (
     SpecChain,
     SpecLayer,
 )
-from layercache.digest import Digest, InvalidDigestError, chain_ids
-from layercache.reference import InvalidReferenceError, Reference, parse_reference
+from layercache.oci.digest import Digest, InvalidDigestError, chain_ids
+from layercache.oci.reference import InvalidReferenceError, Reference, parse_reference
 
 __all__ = [
     "GROUP",
@@ -97,9 +97,11 @@ class NodeSpec:
 
     ``layers`` in fetch order; ``images`` are references pinned by digest to pull whole
     through CRI once their layers are held, ``image_caches`` the caches wanting each (empty
-    from an older operator); ``caches`` the LayerCaches (``namespace/name``) wanting
-    something here; ``generation`` is ``metadata.generation``; ``counters`` and
-    ``conditions`` are what the status held when the object was read.
+    from an older operator), ``image_layers`` each one's layers for this node, base first,
+    as the operator resolved them (absent: the agent resolves that image itself);
+    ``caches`` the LayerCaches (``namespace/name``) wanting something here; ``generation``
+    is ``metadata.generation``; ``counters`` and ``conditions`` are what the status held
+    when the object was read.
     """
 
     name: str
@@ -111,6 +113,7 @@ class NodeSpec:
     counters: Counters
     conditions: tuple[Mapping[str, Any], ...]
     image_caches: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    image_layers: Mapping[str, tuple[Digest, ...]] = field(default_factory=dict)
     chains: tuple[WantedChain, ...] = ()
     #: What the disk-savings figures need: planned images and wanted chains.
     sharing: Sharing = field(default_factory=Sharing)
@@ -159,6 +162,16 @@ def _chain(name: str, index: int, raw: SpecChain,
     return WantedChain(chain_id, blobs, diff_ids, raw.unpacked_bytes, tuple(raw.caches))
 
 
+def _image_layers(name: str, index: int, indexes: Sequence[int],
+                  positions: Sequence[Digest]) -> tuple[Digest, ...]:
+    """``spec.images[index].layers`` as digests (each an index into ``spec.layers``)."""
+    if (bad := next((i for i in indexes if not 0 <= i < len(positions)), None)) is not None:
+        raise InvalidNodeSpecError(name, f"images[{index}].layers",
+                                   f"{bad} is not an index of spec.layers "
+                                   f"({len(positions)} layers)")
+    return tuple(positions[i] for i in indexes)
+
+
 def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
     """Parse a NodeLayerCache object as the API returns it (a dict).
 
@@ -168,14 +181,17 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
         InvalidNodeSpecError: a spec field has the wrong type or is missing
             (`layercache.api.NodeLayerCacheSpec`); a layer's digest, size, repository or
             source is unusable; a chain's digests are malformed, its layers are not in
-            spec.layers, or its chain ID is not that of its diff IDs.
+            spec.layers, or its chain ID is not that of its diff IDs; an image's layer
+            index is not a position of spec.layers.
     """
     obj_model = NodeLayerCache.read(obj)
     name, spec, status = obj_model.name, obj_model.spec, obj_model.status
     layers: dict[Digest, WantedLayer] = {}
+    positions: list[Digest] = []  # spec.layers[i]'s digest, for spec.images[].layers
     for index, raw in enumerate(spec.layers):
         layer = _layer(name, index, raw)
         layers.setdefault(layer.digest, layer)
+        positions.append(layer.digest)
     chains = tuple(_chain(name, index, raw, layers) for index, raw in enumerate(spec.chains))
     images = [image for image in spec.images if image.reference]
     return NodeSpec(
@@ -188,6 +204,9 @@ def parse_node_spec(obj: Mapping[str, Any]) -> NodeSpec:
         counters=Counters.of(status.bytes),
         conditions=tuple(c.to_dict() for c in status.conditions),
         image_caches={image.reference: tuple(image.caches) for image in images},
+        image_layers={image.reference: _image_layers(name, index, image.layers, positions)
+                      for index, image in enumerate(spec.images)
+                      if image.reference and image.layers},
         chains=chains,
         sharing=Sharing.parse(spec),
     )

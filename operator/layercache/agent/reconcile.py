@@ -13,9 +13,9 @@ spec change and every `AgentSettings.resync_seconds` — never from memory alone
    the registry's ``Retry-After``; a disk refusal stops new fetches until the filesystem
    is checked again;
 4. in ``Images`` mode, an image whose layers are all held is pulled through CRI, which
-   then only resolves its manifest and config (`layercache.agent.images`);
+   then only resolves its manifest and config (`layercache.agent.store.images`);
 5. a chain whose blobs are all held is unpacked into the snapshotter, one at a time in
-   spec order; chains of ours no longer wanted are released (`layercache.agent.unpacking`).
+   spec order; chains of ours no longer wanted are released (`layercache.agent.store.unpacking`).
 
 The status book is updated as facts change; `StatusReporter` patches it.
 """
@@ -28,21 +28,21 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
-from layercache.agent.backoff import RetryTimes
-from layercache.agent.disk import DiskGuard, DiskPressureError
-from layercache.agent.disksavings import DiskMeter, Sharing
-from layercache.agent.fetch import LayerFetcher, failure_reason
-from layercache.agent.images import ImagePuller
+from layercache.agent.fetch.fetcher import LayerFetcher, failure_reason
 from layercache.agent.nodespec import InvalidNodeSpecError, NodeSpec, WantedLayer, parse_node_spec
-from layercache.agent.status import StatusBook
-from layercache.agent.unpacking import ChainUnpacker
+from layercache.agent.status.disk import DiskGuard, DiskPressureError
+from layercache.agent.status.disksavings import DiskMeter, Sharing
+from layercache.agent.status.report import StatusBook
+from layercache.agent.store.images import ImagePuller
+from layercache.agent.store.unpacking import ChainUnpacker
 from layercache.api import Reason
-from layercache.containerd.content import ContentStore
+from layercache.backoff import RetryTimes
 from layercache.containerd.errors import ContainerdError
-from layercache.digest import Digest
+from layercache.containerd.ports import ContentStorePort
+from layercache.oci.digest import Digest
 from layercache.registry.errors import retry_after
 
-__all__ = ["Reconciler"]
+__all__ = ["NodeReconciler"]
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ DISK_MEASURE_MIN_SECONDS: Final = 2.0
 WINDOW_PER_SLOT: Final = 8
 
 
-class Reconciler:
-    """Drives fetches and pulls for one node; feed it objects with `set_object`."""
+class NodeReconciler:
+    """Drives fetches, pins, pulls and unpacks for one node; feed it objects with `set_object`."""
 
-    def __init__(self, *, store: ContentStore, fetcher: LayerFetcher, images: ImagePuller,
+    def __init__(self, *, store: ContentStorePort, fetcher: LayerFetcher, images: ImagePuller,
                  book: StatusBook, disk: DiskGuard, retry: RetryTimes,
                  resync_seconds: float, chains: ChainUnpacker | None = None,
                  meter: DiskMeter | None = None) -> None:
@@ -103,8 +103,10 @@ class Reconciler:
                    or spec.chains != self.spec.chains)
         self.spec = spec
         if spec is not None:
-            self.book.generation = spec.generation
-            self.book.paused = spec.paused
+            # observedGeneration (and paused) follow in `_report`, with the counts of the
+            # pass that acted on this spec: a status patched in between must not say
+            # "Ready at generation N" with generation N-1's layers (api.warm would call
+            # the node warm for a spec it has not fetched).
             self.book.previous.update({c["type"]: c for c in spec.conditions
                                        if c.get("type") and c["type"] not in self.book.previous})
         self._stale = self._stale or changed
@@ -189,7 +191,7 @@ class Reconciler:
         return task is not None and not task.done()
 
     async def _measure_disk(self, spec: NodeSpec | None) -> None:
-        """Refresh the disk-savings figures (`layercache.agent.disksavings`) when due.
+        """Refresh the disk-savings figures (`layercache.agent.status.disksavings`) when due.
 
         Due every `DISK_MEASURE_SECONDS` (chains are unpacked, and images pulled, outside
         this loop), and sooner — but at most every `DISK_MEASURE_MIN_SECONDS`, as a node
@@ -273,12 +275,16 @@ class Reconciler:
         if not spec.images or (self._pulling is not None and not self._pulling.done()):
             return
         held = frozenset(self.held)
-        pulls = self.images.pull_ready(spec.images, held, spec.image_caches, spec.caches)
+        pulls = self.images.pull_ready(spec.images, held, spec.image_caches, spec.caches,
+                                       spec.image_layers)
         self._pulling = asyncio.create_task(pulls, name="pull images")
         self._pulling.add_done_callback(lambda _task: self.wake.set())
 
     def _report(self, spec: NodeSpec | None) -> None:
         book = self.book
+        if spec is not None:
+            book.generation = spec.generation
+            book.paused = spec.paused
         layers = spec.layers if spec is not None else ()
         book.wanted = len(layers)
         book.held = sum(1 for layer in layers if layer.digest in self.held)

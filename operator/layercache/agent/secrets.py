@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from kubernetes.client.exceptions import ApiException
 
-from layercache.agent.kubeapi import AgentKube
+from layercache.agent.ports import AgentKubePort
 from layercache.api import Reason
 from layercache.registry.credentials import (
     Credentials,
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 #: Data key of the peer token in its Secret.
 TOKEN_KEY = "token"  # noqa: S105 - the name of a data key, not a secret
-#: Data key of the per-cache credentials (layercache.reconciler.CREDENTIALS_KEY).
+#: Data key of the per-cache credentials (layercache.controller.reconciler.CREDENTIALS_KEY).
 CACHES_KEY = "caches.json"
 
 
@@ -62,7 +62,7 @@ class Secrets:
     Secret).
     """
 
-    kube: AgentKube
+    kube: AgentKubePort
     token_secret: str
     registry_secret: str
     token: str | None = field(default=None, repr=False)

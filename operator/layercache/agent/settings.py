@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from layercache.reference import parse_registry_hosts
+from layercache.oci.reference import parse_registry_hosts
 from layercache.registryconfig import RegistryHostList
 
 __all__ = ["AgentSettings"]

@@ -2,8 +2,8 @@
 
 ``layercache.dev/v1alpha1`` has two kinds (manifests/crds/):
 
-- ``LayerCache`` (namespaced): users write ``spec`` (`layercache.spec.parse_spec` checks
-  it into a `layercache.spec.CacheSpec`); the operator writes ``status``
+- ``LayerCache`` (namespaced): users write ``spec`` (`layercache.api.spec.parse_spec` checks
+  it into a `layercache.api.spec.CacheSpec`); the operator writes ``status``
   (`LayerCacheStatus`).
 - ``NodeLayerCache`` (cluster-scoped, named after its node): the operator writes ``spec``
   (`NodeLayerCacheSpec`), that node's agent writes ``status`` (`NodeLayerCacheStatus`).

@@ -1,7 +1,7 @@
-"""``LayerCache`` status, written by the operator (`layercache.status.cache_status`).
+"""``LayerCache`` status, written by the operator (`layercache.controller.status.cache_status`).
 
-The spec is the user's and is parsed and checked by `layercache.spec.parse_spec` into a
-`layercache.spec.CacheSpec` (re-exported here); the status is read back by the operator
+The spec is the user's and is parsed and checked by `layercache.api.spec.parse_spec` into a
+`layercache.api.spec.CacheSpec` (re-exported here); the status is read back by the operator
 after a restart (byte counters, reported foreign layers), by its metrics at scrape time
 and by ``layercache status``. Field meanings: manifests/crds/layercache.dev_layercaches.yaml.
 """
@@ -16,7 +16,7 @@ from pydantic import Field
 
 from layercache.api.model import Condition, InvalidObjectError, WireModel
 from layercache.api.nodelayercache import ChainCounts, DiskFigures
-from layercache.spec import CacheSpec, InvalidSpecError, parse_spec
+from layercache.api.spec import CacheSpec, InvalidSpecError, parse_spec
 
 log = logging.getLogger(__name__)
 

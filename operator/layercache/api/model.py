@@ -75,7 +75,7 @@ class WireModel(BaseModel):
 class Condition(WireModel):
     """One status condition (sig-architecture API conventions).
 
-    Built by `layercache.conditions.condition`: ``status`` is ``"True"``, ``"False"`` or
+    Built by `layercache.api.conditions.condition`: ``status`` is ``"True"``, ``"False"`` or
     ``"Unknown"``, ``reason`` a `layercache.api.reasons.Reason`.
     """
 

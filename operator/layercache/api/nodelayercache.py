@@ -2,10 +2,10 @@
 
 Field meanings: manifests/crds/layercache.dev_nodelayercaches.yaml.
 
-The operator builds `NodeLayerCacheSpec` (`layercache.distribute.node_spec`) and reads
+The operator builds `NodeLayerCacheSpec` (`layercache.plan.distribute.node_spec`) and reads
 `NodeLayerCacheStatus` (what each node holds, its byte counters, its conditions); the agent
 reads the spec (`layercache.agent.nodespec` checks what the schema cannot: digests,
-references, chain IDs) and builds the status (`layercache.agent.status.StatusBook`).
+references, chain IDs) and builds the status (`layercache.agent.status.report.StatusBook`).
 """
 
 from __future__ import annotations
@@ -77,10 +77,16 @@ class SpecChain(WireModel):
 
 
 class SpecImage(WireModel):
-    """``spec.images[]``: an image pinned by digest to pull whole (mode Images)."""
+    """``spec.images[]``: an image pinned by digest to pull whole (mode Images).
+
+    ``layers``: the image's layers for this node's platform, base first, as indexes into
+    ``spec.layers`` (the operator resolved it already; the agent pulls once all are held).
+    Empty from an operator older than the field: the agent then resolves the image itself.
+    """
 
     reference: str
     caches: list[str] = Field(default_factory=list)
+    layers: list[int] = Field(default_factory=list)
 
 
 class ImageLayers(WireModel):

@@ -135,7 +135,7 @@ Where = Literal["resolve", "fetch"]
 R = Reason
 #: Exception class name → (its reason when resolving, its reason when fetching); None:
 #: that side has no row for the class, and its nearest base class with one decides.
-#: ``DigestMismatchError`` names the classes of layercache.digest and
+#: ``DigestMismatchError`` names the classes of layercache.oci.digest and
 #: layercache.registry.errors both (the second subclasses the first).
 _FAILURES: Final[dict[str, tuple[Reason | None, Reason | None]]] = {
     "DigestMismatchError": (R.DIGEST_MISMATCH, R.DIGEST_MISMATCH),

@@ -44,7 +44,7 @@ from layercache.containerd.labels import (
 )
 from layercache.containerd.leases import Leases
 from layercache.containerd.protos import content_pb2, content_pb2_grpc
-from layercache.digest import Digest
+from layercache.oci.digest import Digest
 
 # WriteResult and ingest_ref are the write's, defined with it and re-exported here.
 __all__ = ["BlobInfo", "ContentStore", "IngestStatus", "WriteResult", "ingest_ref"]
@@ -332,7 +332,7 @@ class ContentStore(Client):
 
         Raises:
             ContentDigestMismatchError: the bytes hash to another digest (a
-                `layercache.digest.DigestMismatchError`); the ingest is aborted.
+                `layercache.oci.digest.DigestMismatchError`); the ingest is aborted.
             SourceSizeError: the source gave more or fewer than ``total`` bytes.
             Unavailable: containerd unreachable or too slow, or the ref stayed locked by
                 another writer (retryable).

@@ -13,7 +13,9 @@ containerd ``Content.Write`` is a bidirectional stream of ``WriteContentRequest`
    source's next bytes arrive while containerd writes the last ones, instead of one round
    trip per message. Each received buffer goes out as one WRITE as it is (`coalesce`
    joins only pieces smaller than `CHUNK_BYTES` and splits only ones over
-   `MAX_WRITE_BYTES`): no copy into fixed-size pieces.
+   `MAX_WRITE_BYTES`): no copy into fixed-size pieces. When the source fails, the WRITEs
+   in flight are answered before the stream ends, so the ingest keeps every byte sent
+   and the retry's STAT resumes after them.
 3. COMMIT (total, expected, labels) makes the ingest the blob ``expected`` with ``labels``;
    containerd checks size and digest here: a mismatch is ``FAILED_PRECONDITION`` and the
    ingest stays (the caller aborts it). ``ALREADY_EXISTS`` means someone committed it first.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import re
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterator, Mapping
@@ -52,7 +55,7 @@ from layercache.containerd.errors import (
     Unavailable,
 )
 from layercache.containerd.protos import content_pb2
-from layercache.digest import Digest, DigestMismatchError, InvalidDigestError
+from layercache.oci.digest import Digest, DigestMismatchError, InvalidDigestError
 
 __all__ = [
     "CHUNK_BYTES",
@@ -367,9 +370,24 @@ async def write_stream(client: Client, *, ref: str,
                                  operation="Content.Write", code=None,
                                  details=f"ingest at {reply.offset} after writing up to {after}")
 
+        async def all_answered() -> None:
+            while unanswered:
+                await answered()
+
         try:
             with client.errors(subject, "Content.Write"):
-                async for piece in pieces:
+                while True:
+                    try:
+                        piece = await anext(pieces)
+                    except StopAsyncIteration:
+                        break
+                    except Exception:
+                        # The source failed: let containerd take the WRITEs already sent
+                        # before the stream is cancelled. A cancel can overtake WRITEs in
+                        # flight, and a resume would then fetch their bytes again.
+                        with contextlib.suppress(Exception):
+                            await all_answered()
+                        raise
                     if sent + len(piece) > total:
                         raise SourceSizeError(ref, expected, total, sent + len(piece),
                                               more=True)
@@ -378,8 +396,7 @@ async def write_stream(client: Client, *, ref: str,
                     unanswered.append(sent)
                     if len(unanswered) >= WRITE_WINDOW:
                         await answered()
-                while unanswered:
-                    await answered()
+                await all_answered()
         finally:
             # Close both generators now, not at garbage collection: a source may hold a
             # connection or a file that should go when the write stops.

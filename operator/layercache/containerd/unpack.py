@@ -1,7 +1,7 @@
 """Unpack layer chains into a node's snapshotter ahead of the kubelet's pulls.
 
 containerd keys the unpacked form of an image's layers by chain ID (OCI image-spec
-``config.md``; `layercache.digest.chain_ids`): a CRI pull that finds the committed snapshot
+``config.md``; `layercache.oci.digest.chain_ids`): a CRI pull that finds the committed snapshot
 of a chain skips fetching and unpacking every layer of it. `Unpacker.unpack_chain` makes
 those snapshots from layer blobs already in the content store, the way containerd's own
 unpacker does (containerd v2 ``core/unpack/unpacker.go``, v1.7 ``pkg/unpack``), per layer
@@ -69,7 +69,7 @@ from layercache.containerd.protos import (
     snapshots_pb2,
     snapshots_pb2_grpc,
 )
-from layercache.digest import Digest, chain_ids
+from layercache.oci.digest import Digest, chain_ids
 from layercache.registry.manifest import LayerDescriptor
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 ``GET /v2/<name>/blobs/<digest>`` (OCI distribution-spec, "Pulling blobs"), with:
 
-- the digest computed while streaming (`layercache.digest.DigestVerifier`); on a mismatch
+- the digest computed while streaming (`layercache.oci.digest.DigestVerifier`); on a mismatch
   the sink is told to discard and `DigestMismatchError` is raised — a sink never keeps
   bytes that were not verified, and nothing unverified is handed back;
 - resume with ``Range: bytes=N-`` (RFC 9110 §14) after a connection reset or a short body;
@@ -30,8 +30,9 @@ from typing import IO, Protocol, runtime_checkable
 import httpx
 
 from layercache import httprange
-from layercache.digest import Digest, DigestMismatchError, DigestVerifier
-from layercache.reference import Reference
+from layercache.oci.digest import Digest, DigestMismatchError, DigestVerifier
+from layercache.oci.mediatypes import layer_type
+from layercache.oci.reference import Reference
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import (
     BlobNotFoundError,
@@ -41,7 +42,6 @@ from layercache.registry.errors import (
     RegistryDigestMismatchError,
 )
 from layercache.registry.manifest import MAX_LAYER_BYTES
-from layercache.registry.mediatypes import layer_type
 
 __all__ = [
     "BlobSink",

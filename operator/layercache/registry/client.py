@@ -37,9 +37,8 @@ from typing import Final
 import httpx
 
 from layercache import __version__
-from layercache.httptransport import BlobTransport
+from layercache.oci.reference import Reference
 from layercache.redact import RedactingFilter
-from layercache.reference import Reference
 from layercache.registry.auth import Authenticator, repository_scope
 from layercache.registry.credentials import Keyring
 from layercache.registry.errors import (
@@ -52,6 +51,7 @@ from layercache.registry.errors import (
 )
 from layercache.registry.hosts import HostState, RegistryHosts
 from layercache.registry.retry import RetryPolicy, parse_retry_after
+from layercache.registry.transport import BlobTransport
 from layercache.registryconfig import RegistryOptions, registry_options
 
 __all__ = ["RegistryClient", "RegistryOptions", "describe", "read_capped", "registry_options"]
@@ -165,7 +165,7 @@ class RegistryClient:
             transport = self._transport
             if transport is None and self._transport_factory is not None:
                 transport = self._transport_factory(context)
-            if transport is None:  # aiohttp moves the bytes (layercache.httptransport)
+            if transport is None:  # aiohttp moves the bytes (layercache.registry.transport)
                 transport = BlobTransport(context, _LIMITS)
             client = httpx.AsyncClient(
                 verify=context,

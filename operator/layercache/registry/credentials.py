@@ -9,7 +9,7 @@ image pull secrets (``pkg/credentialprovider``)::
 
 Keys are matched by registry host: the scheme and any path are dropped (``https://host/v1/``
 → ``host``), the host is lower-cased and Docker Hub's aliases (``index.docker.io``,
-``registry-1.docker.io``, ``docker.io``) are one key, as in `layercache.reference`. Unlike
+``registry-1.docker.io``, ``docker.io``) are one key, as in `layercache.oci.reference`. Unlike
 the kubelet we do not match ``*.domain`` wildcards or repository path prefixes: pull
 secrets written by ``kubectl create secret docker-registry`` never use them.
 
@@ -35,7 +35,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from layercache.reference import InvalidReferenceError, parse_reference
+from layercache.oci.reference import InvalidReferenceError, parse_reference
 from layercache.registry.errors import RegistryAuthError, UnsupportedCredentialsError
 
 __all__ = [

@@ -14,7 +14,7 @@ Classification (what `layercache.registry.retry` and callers act on):
 
 from __future__ import annotations
 
-from layercache.digest import DigestMismatchError
+from layercache.oci.digest import DigestMismatchError
 
 __all__ = [
     "AccessDeniedError",
@@ -55,7 +55,7 @@ class RegistryError(Exception):
 class RegistryDigestMismatchError(DigestMismatchError, RegistryError):
     """Bytes from a registry do not hash to their digest (final: the sink discarded them).
 
-    The one `layercache.digest.DigestMismatchError` (``expected``, ``actual``, ``size``;
+    The one `layercache.oci.digest.DigestMismatchError` (``expected``, ``actual``, ``size``;
     this module re-exports it under that name), raised by the registry client as a
     `RegistryError` too, so either ``except`` catches it.
     """

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from layercache.digest import Digest, InvalidDigestError
-from layercache.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlgorithm
-from layercache.reference import Reference
+from layercache.oci.digest import Digest, InvalidDigestError
+from layercache.oci.digest import UnsupportedDigestAlgorithmError as _UnsupportedAlgorithm
+from layercache.oci.mediatypes import ACCEPT_MANIFESTS
+from layercache.oci.reference import Reference
 from layercache.registry.client import RegistryClient, read_capped
 from layercache.registry.errors import (
     ManifestError,
@@ -33,7 +34,6 @@ from layercache.registry.manifest import (
     ImageManifest,
     parse_manifest,
 )
-from layercache.registry.mediatypes import ACCEPT_MANIFESTS
 
 __all__ = ["FetchedManifest", "ManifestHead", "get_manifest", "head_manifest"]
 

@@ -35,15 +35,8 @@ from pydantic import (
     ValidationError,
 )
 
-from layercache.digest import Digest, InvalidDigestError, UnsupportedDigestAlgorithmError
-from layercache.registry.errors import (
-    BlobTooLargeError,
-    ManifestError,
-    UnsupportedDigestError,
-    UnsupportedManifestError,
-    UnsupportedMediaTypeError,
-)
-from layercache.registry.mediatypes import (
+from layercache.oci.digest import Digest, InvalidDigestError, UnsupportedDigestAlgorithmError
+from layercache.oci.mediatypes import (
     CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -51,6 +44,13 @@ from layercache.registry.mediatypes import (
     OCI_MANIFEST,
     SCHEMA1_TYPES,
     layer_type,
+)
+from layercache.registry.errors import (
+    BlobTooLargeError,
+    ManifestError,
+    UnsupportedDigestError,
+    UnsupportedManifestError,
+    UnsupportedMediaTypeError,
 )
 
 __all__ = [

@@ -45,8 +45,8 @@ from typing import Any, Final
 
 import httpx
 
-from layercache.httptransport import BlobTransport
-from layercache.reference import DOCKER_HUB, DOCKER_HUB_API_HOST
+from layercache.oci.reference import DOCKER_HUB, DOCKER_HUB_API_HOST
+from layercache.registry.transport import BlobTransport
 
 __all__ = [
     "HostsConfig",

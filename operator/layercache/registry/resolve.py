@@ -10,7 +10,7 @@ What a node's containerd would pull, found the way it finds it:
    nothing else is fetched: re-resolving an unchanged tag costs one HEAD (registries such
    as Docker Hub count manifest GETs against a pull quota, HEAD not);
 2. an index (OCI image index / Docker manifest list) to the entry for the platform, by
-   containerd's rules (`layercache.platform.select_manifest`; attestations never chosen);
+   containerd's rules (`layercache.oci.platform.select_manifest`; attestations never chosen);
 3. the image manifest's config blob (digest verified) to the layers' diff IDs
    (``rootfs.diff_ids``, OCI image-spec ``config.md``), one per layer, in order.
 
@@ -19,103 +19,23 @@ Every document's digest is verified, and its size against its descriptor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
-from layercache.digest import Digest
-from layercache.image import Layer
-from layercache.image import ResolvedImage as PlanImage
-from layercache.platform import Platform, PlatformNotFoundError, parse_platform, select_manifest
-from layercache.reference import Reference, parse_reference
+from layercache.oci.digest import Digest
+from layercache.oci.image import Layer
+from layercache.oci.platform import Platform, PlatformNotFoundError, parse_platform, select_manifest
+from layercache.oci.reference import Reference, parse_reference
+from layercache.oci.resolved import ResolvedImage
 from layercache.registry.blobs import fetch_blob_bytes
 from layercache.registry.client import RegistryClient
 from layercache.registry.errors import ManifestError, NoMatchingPlatformError
 from layercache.registry.fetch import FetchedManifest, get_manifest, head_manifest
 from layercache.registry.manifest import MAX_CONFIG_BYTES, ImageIndex, ImageManifest, parse_config
-from layercache.registry.mediatypes import layer_type
 
 __all__ = ["ResolvedImage", "resolve"]
 
 #: Indexes nested deeper than this are refused (real images nest at most one level).
 MAX_INDEX_DEPTH: Final = 3
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedImage:
-    """An image reference resolved for one platform.
-
-    Attributes:
-        reference: the reference as asked for (normalised).
-        digest: what the reference points at (the index's digest for a multi-platform
-            image, else the manifest's) — pin to this to get the same image again.
-        media_type: that document's media type.
-        platform: the (node) platform it was resolved for.
-        manifest_platform: the platform the chosen manifest declares (its index entry, else
-            its config; ``platform`` when the config states none). It may differ from
-            ``platform`` but runs on it (``linux/386`` on ``linux/amd64``).
-        manifest_digest, manifest_media_type, manifest_size: the platform's image manifest
-            (size in bytes).
-        config_digest, config_size, config_media_type: its config blob (size in bytes).
-        layers: base layer first; each with blob digest, compressed size in bytes, media
-            type and diff ID — the planner's `Layer`.
-
-    """
-
-    reference: Reference
-    digest: Digest
-    media_type: str
-    platform: Platform
-    manifest_platform: Platform
-    manifest_digest: Digest
-    manifest_media_type: str
-    manifest_size: int
-    config_digest: Digest
-    config_size: int
-    config_media_type: str
-    layers: tuple[Layer, ...]
-
-    @property
-    def pinned(self) -> Reference:
-        """The reference pinned to `digest`."""
-        return self.reference.with_digest(self.digest)
-
-    @property
-    def layer_bytes(self) -> int:
-        """Compressed bytes of all layers."""
-        return sum(layer.size for layer in self.layers)
-
-    @property
-    def non_distributable(self) -> tuple[Layer, ...]:
-        """Foreign / non-distributable layers: reported, never fetched by us."""
-        return tuple(
-            layer
-            for layer in self.layers
-            if (kind := layer_type(layer.media_type)) is not None and not kind.distributable
-        )
-
-    @property
-    def distributable(self) -> tuple[Layer, ...]:
-        """The layers we fetch and plan: all but the `non_distributable` ones, in order."""
-        foreign = set(self.non_distributable)
-        return tuple(layer for layer in self.layers if layer not in foreign)
-
-    def plan_input(self, node_selector: dict[str, str] | None = None) -> PlanImage:
-        """This image as the planner's input, for nodes of `platform`.
-
-        Only the `distributable` layers: a foreign layer is the runtime's to fetch from its
-        ``urls``, never planned, and its chain and those above it are not unpacked (the
-        first foreign layer ends ``unpackable``). ``node_selector`` (label → value) narrows
-        the nodes it targets; None: all of them.
-        """
-        foreign = self.non_distributable
-        return PlanImage(
-            reference=str(self.reference),
-            platform=self.platform,
-            manifest_digest=self.manifest_digest,
-            layers=self.distributable,
-            node_selector=node_selector or {},
-            unpackable=self.layers.index(foreign[0]) if foreign else None,
-        )
 
 
 async def resolve(

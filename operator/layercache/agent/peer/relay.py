@@ -1,0 +1,212 @@
+"""Cut-through fan-out: peers read a layer from its seeder while the seeder still receives it.
+
+containerd serves only committed blobs (``Content.Read``), so a seeder cannot hand out an
+ingest it is still writing. A `Relay` keeps the seeder's own received buffers instead — the
+very ``bytes`` objects it passes to containerd, no copy — from byte 0 in order, and lets
+any number of readers follow it: `Relay.read` yields what is there from an offset, then
+waits for more, until the blob's size is reached. The peer server
+(`layercache.agent.peer.server`) answers a ``GET`` of a blob it does not hold yet from its relay
+(``Range`` too); the peer writes those bytes into its own ingest as from any source.
+
+Nothing here is trusted more than before: the seeder's relay bytes are what its upstream
+sent, unverified until *its* COMMIT; every peer's own containerd verifies the whole blob at
+*its* COMMIT (`layercache.agent.fetch.transfer`). A relay whose seeder fails (wrong bytes, the
+upstream gave up, the fetch was cancelled) is `Relay.fail`-ed: its readers stop mid-body,
+their peers see a short body, drop this seeder and resume from upstream or another holder.
+A seeder killed outright closes its connections: the same, seen from the peer.
+
+`Relays` is the agent's book of them. It bounds the memory relays hold
+(``budget`` bytes over all blobs being received: a layer that does not fit is not relayed,
+and its peers wait for the commit as before) and tells waiting peers when a blob becomes
+available (`Relays.wait_available`: the peer server's long-poll ``HEAD ?wait=``), so waiting
+nodes learn of a layer when its first bytes arrive, not at their next poll — and not
+before: a seeder the registry refuses offers nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
+from typing import Final
+
+from layercache.containerd.ingest import ResumableSource
+from layercache.oci.digest import Digest
+
+__all__ = ["DEFAULT_BUDGET", "Relay", "RelayFailedError", "Relays", "relayed"]
+
+#: Bytes all relays of one agent may hold at once (the layers it is receiving upstream): a
+#: quarter of the agent's default memory limit (512 MiB).
+DEFAULT_BUDGET: Final = 128 * 1024 * 1024
+
+
+class RelayFailedError(Exception):
+    """The seeder's transfer of a relayed blob failed: readers must stop (a short body)."""
+
+
+class Relay:
+    """One blob of ``size`` bytes being received, readable from any offset while it grows."""
+
+    def __init__(self, digest: Digest, size: int,
+                 on_start: Callable[[], None] | None = None) -> None:
+        """A relay of blob ``digest`` (``size`` bytes); ``on_start`` runs at its first bytes."""
+        self.digest = digest
+        self.size = size
+        self._on_start = on_start
+        self._chunks: list[bytes] = []
+        self._starts: list[int] = []  # offset of each chunk
+        self.length = 0  # bytes held, from 0
+        self.error: str | None = None
+        self._grown = asyncio.Event()
+
+    def feed(self, offset: int, chunk: bytes) -> None:
+        """Bytes ``offset .. offset + len(chunk)`` of the blob arrived at the seeder.
+
+        Only what extends the held prefix is kept: a retry resuming from containerd's
+        offset (at most ``length``) repeats bytes already here; a gap (an offset past
+        ``length``: the ingest held bytes this relay never saw) fails the relay.
+        """
+        end = offset + len(chunk)
+        if end <= self.length or self.error is not None:
+            return
+        if offset > self.length:
+            self.fail(f"bytes from {offset} arrived with only {self.length} held")
+            return
+        piece = chunk if offset == self.length else chunk[self.length - offset:]
+        started = self.length == 0
+        self._starts.append(self.length)
+        self._chunks.append(piece)
+        self.length = end
+        self._wake()
+        if started and self._on_start is not None:
+            self._on_start()
+
+    @property
+    def started(self) -> bool:
+        """Whether bytes arrived and none went wrong: only then is it offered to peers."""
+        return self.length > 0 and self.error is None
+
+    def fail(self, why: str) -> None:
+        """The seeder's transfer failed (``why``): readers stop with `RelayFailedError`."""
+        if self.error is None:
+            self.error = why
+            self._wake()
+
+    def _wake(self) -> None:
+        self._grown.set()
+        self._grown = asyncio.Event()
+
+    def _pieces(self, offset: int, end: int) -> Iterator[memoryview]:
+        index = bisect.bisect_right(self._starts, offset) - 1
+        while offset < end and index < len(self._chunks):
+            start = self._starts[index]
+            chunk = self._chunks[index]
+            stop = min(len(chunk), end - start)
+            yield memoryview(chunk)[offset - start:stop]
+            offset = start + stop
+            index += 1
+
+    async def read(self, offset: int, end: int) -> AsyncIterator[memoryview]:
+        """Bytes ``offset`` up to (excluding) ``end``, as they arrive; views, no copies.
+
+        Raises:
+            RelayFailedError: the seeder's transfer failed before ``end`` was reached.
+
+        """
+        while offset < end:
+            grown = self._grown
+            if self.error is not None:
+                raise RelayFailedError(f"relay of {self.digest.short} failed: {self.error}")
+            if self.length > offset:
+                for view in self._pieces(offset, min(end, self.length)):
+                    yield view
+                    offset += len(view)
+                continue
+            await grown.wait()
+
+
+class Relays:
+    """The agent's relays by digest, their memory budget and availability notices.
+
+    ``budget``: bytes all relays may hold together (`DEFAULT_BUDGET`).
+    """
+
+    def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
+        self.budget = budget
+        self.held = 0
+        self._relays: dict[Digest, Relay] = {}
+        self._available: dict[Digest, asyncio.Event] = {}
+        self._announced: set[Digest] = set()  # so a waiter that comes late does not wait
+
+    def get(self, digest: Digest) -> Relay | None:
+        """The relay of ``digest`` once its seeder receives bytes of it, else None.
+
+        Not before the first bytes: a registry that refuses the seeder (401, 429, a reset)
+        would otherwise have told waiting peers "held" for a blob no byte of which arrives,
+        and their ``GET`` would find nothing (a 404 they drop the seeder for).
+        """
+        relay = self._relays.get(digest)
+        return relay if relay is not None and relay.started else None
+
+    @contextlib.contextmanager
+    def receiving(self, digest: Digest, size: int) -> Iterator[Relay | None]:
+        """A relay for the block's transfer of ``digest`` (None: over budget, or one runs).
+
+        On leaving the block the relay is no longer offered to new readers; readers that
+        have it finish from it; an exception fails it. Either way the memory is released
+        from the budget (readers still holding it keep it alive until they end).
+        """
+        if digest in self._relays or self.held + size > self.budget:
+            yield None
+            return
+        relay = Relay(digest, size, on_start=lambda: self.announce(digest))
+        self._relays[digest] = relay
+        self.held += size
+        try:
+            yield relay
+        except BaseException as error:
+            relay.fail(f"{error.__class__.__name__}: {error}")
+            raise
+        finally:
+            self._relays.pop(digest, None)
+            self.held -= size
+            if relay.length < relay.size:
+                relay.fail("the seeder stopped receiving it")
+
+    def announce(self, digest: Digest) -> None:
+        """``digest`` can be read here now (a relay started, or it was committed)."""
+        self._announced.add(digest)
+        event = self._available.pop(digest, None)
+        if event is not None:
+            event.set()
+
+    async def wait_available(self, digest: Digest, seconds: float) -> None:
+        """Return once ``digest`` is (or was ever) `announce`-d, or after ``seconds``."""
+        if digest in self._announced:
+            return
+        event = self._available.setdefault(digest, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await event.wait()
+
+
+def relayed(source: ResumableSource, relay: Relay) -> ResumableSource:
+    """``source`` with every buffer it yields also fed to ``relay`` at its offset."""
+
+    def from_offset(offset: int) -> AsyncIterable[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            at = offset
+            inner = source(offset)
+            try:
+                async for chunk in inner:
+                    relay.feed(at, chunk)
+                    at += len(chunk)
+                    yield chunk
+            finally:  # close the source's connection now, not at garbage collection
+                aclose = getattr(inner, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        return chunks()
+
+    return from_offset

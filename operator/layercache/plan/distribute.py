@@ -1,0 +1,299 @@
+"""Pure: per-cache plans → each node's `NodeLayerCache.spec`, one upstream fetch per layer.
+
+Several LayerCaches may want the same layer on the same node; the node holds it once, and
+the spec lists every cache that wants it (`caches`), so the agent keeps it while any does.
+
+Who fetches from upstream: a layer some node already holds is fetched by everyone else
+from peers. A layer nobody holds gets exactly one *seeder*, the node wanting it with the
+fewest upstream bytes assigned so far (largest layers first, so the links fill evenly);
+all other nodes wanting it fetch from peers. That is what makes upstream bytes ≈ unique
+bytes while every node is still warmed. Peers are listed holders first, then the seeder,
+then other nodes that will hold it — rotated per node, so one peer is not everyone's first.
+
+Assignments are sticky: a (node, layer) entry keeps its source and peers from the previous
+spec while they are still valid (the seeder still wants the layer, the peers still want or
+hold it). Otherwise every agent report of what it holds would reshuffle sources, rewrite
+specs and bump every node's generation.
+
+Chains to unpack (`layercache.plan.chains`) merge the same way: each chain once per node, in the
+caches' order (a chain after its parent), listing every cache that wants it, and only if
+every blob of it is in the node's (possibly cut) layer list.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import chain, takewhile
+from typing import Any
+
+from layercache.api import InvalidObjectError
+from layercache.api.nodelayercache import (
+    ImageLayers,
+    NodeLayerCacheSpec,
+    SpecChain,
+    SpecImage,
+    SpecLayer,
+)
+from layercache.oci.digest import Digest
+from layercache.oci.platform import Platform
+from layercache.plan.planner import Layer, Plan
+
+__all__ = ["MAX_IMAGE_LAYERS", "MAX_NODE_CHAINS", "MAX_NODE_LAYERS", "MAX_PEERS",
+           "CachePlan", "NodeLayer", "Previous", "distribute", "node_spec",
+           "previous_assignments"]
+
+log = logging.getLogger(__name__)
+
+#: Candidate peers listed per layer (the CRD caps the list at 8).
+MAX_PEERS = 8
+#: Layers listed per node (the CRD's maxItems): a spec must fit etcd's object size limit,
+#: and a larger one would fail the write and with it the whole replan.
+MAX_NODE_LAYERS = 5000
+#: Chains listed per node (the CRD's maxItems), for the same reason.
+MAX_NODE_CHAINS = 1000
+#: Images listed in ``spec.imageLayers`` per node (the CRD's maxItems).
+MAX_IMAGE_LAYERS = 1000
+#: Layers of one ``spec.images[]`` entry at most (the CRD's maxItems, as for a chain).
+MAX_SPEC_IMAGE_LAYERS = 128
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """One LayerCache's contribution: its plan and where upstream serves each layer.
+
+    ``key`` is "namespace/name"; ``repositories`` maps each layer digest to the
+    "registry/repository" of an image that has it; ``images`` lists, for mode Images, each
+    image pinned by digest with the digests of its layers (base first) for one platform;
+    ``paused`` stops fetching;
+    ``image_layers`` maps each platform to the layer digests (base first) of each of the
+    cache's images for it, for the agents' disk-savings figures (``spec.imageLayers``).
+    """
+
+    key: str
+    plan: Plan
+    repositories: Mapping[Digest, str]
+    images: tuple[tuple[str, tuple[Digest, ...]], ...] = ()
+    paused: bool = False
+    image_layers: Mapping[Platform, tuple[tuple[Digest, ...], ...]] = field(
+        default_factory=dict)
+
+
+@dataclass
+class NodeLayer:
+    """One entry of `NodeLayerCache.spec.layers` (see the CRD for each field)."""
+
+    layer: Layer
+    repository: str
+    caches: set[str] = field(default_factory=set)
+    source: str = "Peer"
+    peers: list[str] = field(default_factory=list)
+
+    def to_spec(self) -> SpecLayer:
+        """The ``spec.layers[]`` entry.
+
+        ``caches`` are sorted; the first is the cache whose image named `repository` (the
+        first in key order to want the layer), so its credentials fit that repository.
+        """
+        return SpecLayer(digest=str(self.layer.digest), size=self.layer.size,
+                         media_type=self.layer.media_type, repository=self.repository,
+                         source="Upstream" if self.source == "Upstream" else "Peer",
+                         peers=list(self.peers), caches=sorted(self.caches))
+
+
+#: A previous assignment: node → digest → (source, peers), from the stored specs.
+Previous = Mapping[str, Mapping[str, tuple[str, tuple[str, ...]]]]
+
+
+def previous_assignments(specs: Mapping[str, Mapping[str, Any]]) -> dict[
+        str, dict[str, tuple[str, tuple[str, ...]]]]:
+    """`Previous` from NodeLayerCache specs by node name (the CRD's camelCase dicts).
+
+    A spec that does not read (`layercache.api.InvalidObjectError`, logged) gives its node
+    no previous assignments: that node's spec is rewritten, no other is affected.
+    """
+    found: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {}
+    for name, raw in specs.items():
+        try:
+            spec = NodeLayerCacheSpec.read(name, raw)
+        except InvalidObjectError as error:
+            log.warning("previous assignments of node %s ignored: %s", name, error)
+            spec = NodeLayerCacheSpec(node_name=name)
+        found[name] = {e.digest: (e.source, tuple(e.peers)) for e in spec.layers}
+    return found
+
+
+def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Digest]],
+               previous: Previous | None = None) -> dict[str, list[NodeLayer]]:
+    """Merge `caches` into per-node ordered layer lists with sources and peers assigned.
+
+    Args:
+        caches: every active cache's plan (any order; merged in `key` order, so the
+            result is deterministic).
+        present: node name → digests its containerd holds now.
+        previous: the assignments of the specs written before (kept while valid).
+
+    Returns:
+        node name → its layers, each cache's order kept (a layer after those beneath it),
+        duplicates across caches merged. Nodes no cache targets are absent.
+    """
+    per_node: dict[str, dict[Digest, NodeLayer]] = {}
+    for cache in sorted(caches, key=lambda c: c.key):
+        for name, node_plan in cache.plan.nodes.items():
+            layers = per_node.setdefault(name, {})
+            for layer in node_plan.layers:
+                entry = layers.get(layer.digest)
+                if entry is None:
+                    entry = layers[layer.digest] = NodeLayer(
+                        layer, cache.repositories[layer.digest])
+                entry.caches.add(cache.key)
+    wanting: dict[Digest, list[str]] = {}
+    sizes: dict[Digest, int] = {}
+    for name in sorted(per_node):
+        for digest, entry in per_node[name].items():
+            wanting.setdefault(digest, []).append(name)
+            sizes[digest] = entry.layer.size
+    holders = {d: [n for n in sorted(present) if d in present[n]] for d in wanting}
+    before = previous or {}
+    seeder = _seeders(wanting, holders, sizes, before)
+    for digest, nodes in wanting.items():
+        useful = set(nodes) | set(holders[digest])
+        first = seeder.get(digest)
+        for i, name in enumerate(nodes):
+            entry = per_node[name][digest]
+            if first == name:
+                entry.source = "Upstream"
+                continue
+            kept = before.get(name, {}).get(digest)
+            if kept and kept[0] == "Peer" and kept[1] and set(kept[1]) <= useful:
+                entry.peers = list(kept[1])
+                continue
+            entry.peers = _peers(name, i, nodes, holders[digest], first)
+    return {name: list(layers.values()) for name, layers in per_node.items()}
+
+
+def _peers(name: str, index: int, nodes: Sequence[str], holders: Sequence[str],
+           seeder: str | None) -> list[str]:
+    """Up to `MAX_PEERS` peers of `name` (= ``nodes[index]``), each once, never itself.
+
+    Holders first, then the seeder, then the other wanting nodes in rotation from this one.
+    Lazy on purpose: at 1,000 nodes, building the whole rotation for every (node, layer)
+    pair costs O(nodes²) per layer — a minute of CPU for 200 layers.
+    """
+    count = len(nodes)
+    rotation = (nodes[(index + k) % count] for k in range(1, count))
+    chosen: list[str] = []
+    seen = {name}
+    for candidate in chain(holders, (seeder,) if seeder else (), rotation):
+        if candidate not in seen:
+            seen.add(candidate)
+            chosen.append(candidate)
+            if len(chosen) == MAX_PEERS:
+                break
+    return chosen
+
+
+def _seeders(wanting: Mapping[Digest, list[str]], holders: Mapping[Digest, list[str]],
+             sizes: Mapping[Digest, int], previous: Previous) -> dict[Digest, str]:
+    assigned: dict[str, int] = {}
+    seeder = {}
+    for digest in sorted(wanting, key=lambda d: (-sizes[d], d)):
+        kept = [n for n in wanting[digest]
+                if previous.get(n, {}).get(digest, ("",))[0] == "Upstream"]
+        if kept:  # sticky: the node that was seeding it goes on (it may hold it by now)
+            name = kept[0]
+        elif holders[digest]:
+            continue
+        else:
+            name = min(wanting[digest], key=lambda n: (assigned.get(n, 0), n))
+        assigned[name] = assigned.get(name, 0) + sizes[digest]
+        seeder[digest] = name
+    return seeder
+
+
+def node_spec(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan]
+              ) -> dict[str, Any]:
+    """The `NodeLayerCache.spec` of node `name`, as the CRD's camelCase dict.
+
+    Built as a `layercache.api.NodeLayerCacheSpec`; the dict is what
+    `layercache.controller.kube.KubeApi.write_node_spec` compares with the stored spec and writes.
+
+    ``images`` lists the mode-Images images all of whose layers the node holds, each with
+    those layers as indexes into ``layers`` (none past `MAX_SPEC_IMAGE_LAYERS`: the agent
+    resolves such an image itself); ``paused`` is set when every cache wanting something
+    here is paused.
+    """
+    index: dict[Digest, int] = {}
+    for position, entry in enumerate(layers[:MAX_NODE_LAYERS]):
+        index.setdefault(entry.layer.digest, position)
+    held = set(index)
+    wanting = sorted({c for entry in layers for c in entry.caches})
+    by_key = {c.key: c for c in caches}
+    images: dict[str, set[str]] = {}
+    image_layers: dict[str, list[int]] = {}
+    for key in wanting:
+        for ref, digests in by_key[key].images:
+            if all(d in index for d in digests):
+                images.setdefault(ref, set()).add(key)
+                image_layers.setdefault(ref, [index[d] for d in digests]
+                                        if len(digests) <= MAX_SPEC_IMAGE_LAYERS else [])
+    # Layers are in priority order, each after those beneath it: a prefix stays complete.
+    return NodeLayerCacheSpec(
+        node_name=name,
+        layers=[entry.to_spec() for entry in layers[:MAX_NODE_LAYERS]],
+        chains=_chains(name, held, caches),
+        images=[SpecImage(reference=ref, caches=sorted(images[ref]), layers=image_layers[ref])
+                for ref in sorted(images)],
+        caches=wanting,
+        paused=bool(wanting) and all(by_key[k].paused for k in wanting),
+        image_layers=_image_layers(name, layers[:MAX_NODE_LAYERS],
+                                   [by_key[key] for key in wanting]),
+    ).to_dict()
+
+
+def _chains(name: str, held: set[Digest], caches: Sequence[CachePlan]) -> list[SpecChain]:
+    """`NodeLayerCache.spec.chains` of node ``name``: the caches' chains merged (see above)."""
+    merged: dict[Digest, SpecChain] = {}
+    for cache in sorted(caches, key=lambda c: c.key):
+        node_plan = cache.plan.nodes.get(name)
+        for wanted in node_plan.chains if node_plan is not None else ():
+            entry = merged.get(wanted.chain_id)
+            if entry is None:
+                # Past the cap nothing new is listed (and a deep image's every prefix
+                # would cost its whole layer list again: quadratic in its depth).
+                if len(merged) >= MAX_NODE_CHAINS or not all(
+                        layer.digest in held for layer in wanted.layers):
+                    continue
+                entry = merged[wanted.chain_id] = SpecChain(
+                    chain_id=str(wanted.chain_id),
+                    layers=[str(layer.digest) for layer in wanted.layers],
+                    diff_ids=[str(diff_id) for diff_id in wanted.diff_ids],
+                    unpacked_bytes=wanted.unpacked_bytes, caches=[])
+            entry.caches.append(cache.key)
+    return list(merged.values())[:MAX_NODE_CHAINS]
+
+
+def _image_layers(name: str, layers: Sequence[NodeLayer], caches: Sequence[CachePlan]
+                  ) -> list[ImageLayers]:
+    """``spec.imageLayers``: per cache and image planned on `name`, its held layers' indexes.
+
+    Each image's layers base first, as indexes into ``spec.layers``, up to the first layer
+    the node does not hold (a budget or ``minSharedBy`` cut; nothing above it is a held
+    chain). Images with no held layer and repeats within a cache are left out. The agent
+    counts what the images would take stored apart from this (`MAX_IMAGE_LAYERS` at most).
+    """
+    position = {entry.layer.digest: index for index, entry in enumerate(layers)}
+    found: list[ImageLayers] = []
+    for cache in caches:
+        node_plan = cache.plan.nodes.get(name)
+        if node_plan is None:
+            continue
+        seen: set[tuple[int, ...]] = set()
+        for digests in cache.image_layers.get(node_plan.platform, ()):
+            indexes = tuple(takewhile(lambda i: i >= 0,
+                                                (position.get(d, -1) for d in digests)))
+            if indexes and indexes not in seen:
+                seen.add(indexes)
+                found.append(ImageLayers(cache=cache.key, layers=list(indexes)))
+    return found[:MAX_IMAGE_LAYERS]
