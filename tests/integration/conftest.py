@@ -46,12 +46,16 @@ LOG_TAIL_LINES = 120
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+def pytest_runtest_makereport(item: pytest.Item
                               ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Attach the product logs' tails to the report of a failed test with a ``cluster``."""
+    """Attach the product logs' tails to the report of a failed test with a ``cluster``.
+
+    Setup and teardown too: a fixture's own wait (a release after the namespace is deleted)
+    fails in them, and the logs are then what says why.
+    """
     report = yield
-    cluster = getattr(item, "funcargs", {}).get("cluster")
-    if report.failed and call.when == "call" and isinstance(cluster, LayerCacheCluster):
+    cluster = (getattr(item, "funcargs", None) or {}).get("cluster")
+    if report.failed and isinstance(cluster, LayerCacheCluster):
         try:
             logs = cluster.logs()
         except Exception as error:  # the cluster may be what failed

@@ -32,6 +32,7 @@ from testbed.bed import BedState, NodeRecord
 from testbed.e2e import clear_family
 from testbed.images import Family, Layer
 from testbed.kube import Kube, service_account_kubeconfig, wait_for
+from testbed.nodes import write_kubelet_disk_policy
 from testbed.paths import REPO
 from testbed.procs import Process, free_port, log_tail
 
@@ -213,6 +214,9 @@ class Agent:
             "LAYERCACHE_METRICS_BIND": "127.0.0.1",
             "LAYERCACHE_METRICS_PORT": str(self.metrics_port),
             "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
+            # Its kubelet's disk thresholds, as the bed's kubelet nodes have them.
+            "LAYERCACHE_KUBELET_CONFIG": str(write_kubelet_disk_policy(
+                self.workdir / f"kubelet-{self.node.name}.yaml")),
             **self.env,
         }
         self.process = Process(f"agent[{self.node.name}]",

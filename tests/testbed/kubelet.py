@@ -54,7 +54,14 @@ import yaml
 from testbed import pki
 from testbed.controlplane import write_kubeconfig
 from testbed.cri import crictl
-from testbed.nodes import _ARCH, BED_LABEL, SANDBOX_IMAGE, SOCKET_ANNOTATION, SimNode
+from testbed.nodes import (
+    _ARCH,
+    BED_LABEL,
+    KUBELET_DISK_POLICY,
+    SANDBOX_IMAGE,
+    SOCKET_ANNOTATION,
+    SimNode,
+)
 from testbed.paths import tool
 from testbed.podnet import CLUSTER_DOMAIN, DNS_SERVICE_IP, KUBELET_HEALTHZ_PORT, KUBELET_PORT
 from testbed.procs import ComponentError, Process, processes_naming
@@ -315,11 +322,7 @@ class Kubelet:
             "clusterDNS": [DNS_SERVICE_IP], "clusterDomain": CLUSTER_DOMAIN,
             # Its default, /usr/libexec/kubernetes/…, is on the host's file system.
             "volumePluginDir": str(ROOT_DIR / "volume-plugins"),
-            # Every node shares one disk with the rest of the bed: never evict for disk or
-            # memory, never garbage-collect images (the layers are what layercache shares).
-            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
-                             "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            **KUBELET_DISK_POLICY,
         }
 
     def wait(self, timeout: float = 60) -> None:

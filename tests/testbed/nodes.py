@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from testbed.paths import containerd_profile, containerd_tool
 from testbed.procs import Process, run
 
@@ -37,6 +39,30 @@ BED_LABEL = "layercache.dev/testbed"
 #: The pod sandbox image every node's containerd pins (kind v0.33.0's node config pins it).
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+#: A bed node's disk and memory thresholds, as its kubelet runs with them: every node shares
+#: one disk with the rest of the bed (and the host), so never evict for disk or memory and
+#: never garbage-collect images (the layers are what layercache shares). kind's nodes do the
+#: same (its kubeadm config sets every `evictionHard` disk signal to 0%).
+KUBELET_DISK_POLICY: Mapping[str, Any] = {
+    "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
+                     "nodefs.inodesFree": "1%", "imagefs.available": "1%"},
+    "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+}
+
+
+def write_kubelet_disk_policy(path: Path) -> Path:
+    """Write a KubeletConfiguration holding only `KUBELET_DISK_POLICY` to `path`; returns it.
+
+    What an agent started as a process (no kubelet on its node) is given as its node's
+    kubelet config (`LAYERCACHE_KUBELET_CONFIG`): without one it applies the kubelet's
+    defaults (imagefs.available 15 %, plus its 5-point margin), and on a host with less than
+    20 % of its disk free every such agent would refuse to fetch (DiskPressure) where the
+    bed's kubelet nodes fetch.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"apiVersion": "kubelet.config.k8s.io/v1beta1",
+                                    "kind": "KubeletConfiguration", **KUBELET_DISK_POLICY}))
+    return path
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from testbed.bed import BedState, NodeRecord
 from testbed.kube import Kube, service_account_kubeconfig
+from testbed.nodes import write_kubelet_disk_policy
 from testbed.paths import REPO
 from testbed.procs import Process, free_port
 
@@ -93,6 +94,9 @@ def start_agent(bed: BedState, kube: Kube, node: NodeRecord, workdir: Path,
         "LAYERCACHE_STATUS_INTERVAL_SECONDS": "1",
         # The node's own containerd config: the agent reads the CRI's snapshotter there.
         "LAYERCACHE_CONTAINERD_CONFIG": str(Path(node.workdir) / "containerd.toml"),
+        # Its kubelet's disk thresholds, as the bed's kubelet nodes have them.
+        "LAYERCACHE_KUBELET_CONFIG": str(write_kubelet_disk_policy(
+            workdir / f"kubelet-{node.name}.yaml")),
     }
     proc = Process(f"agent[{node.name}]", [sys.executable, "-m", "layercache.agent"],
                    workdir / f"agent-{node.name}.log", env=env).start()
