@@ -658,6 +658,59 @@ async def test_spec_writes_run_bounded_in_parallel_and_skip_equal_specs() -> Non
     assert calls[0] == 40  # equal specs: not even a call
 
 
+def _hold_lookups(bed: Bed, reference: str) -> asyncio.Event:
+    """Lookups of ``reference`` wait until the returned event is set (others answer)."""
+    gate, inner = asyncio.Event(), bed.registry.lookups
+
+    @asynccontextmanager
+    async def held() -> AsyncIterator[Any]:
+        async with inner() as lookup:
+            async def waiting(ref: Any, *args: Any) -> ResolvedImage:
+                if str(ref) == reference:
+                    await gate.wait()
+                return await lookup(ref, *args)
+            yield waiting
+
+    bed.registry.lookups = held  # type: ignore[method-assign]
+    return gate
+
+
+async def test_a_cache_deleted_while_its_tags_refresh_stays_deleted(bed: Bed) -> None:
+    await bed.create("c", _spec("reg.example/app:1", refreshInterval="10m"))
+    await bed.controller.replan()
+    assert bed.node_layers("n1") == bed.node_layers("n2") != set()
+    await bed.clock.advance(600)
+    gate = _hold_lookups(bed, "reg.example/app:1")
+    refresh = asyncio.ensure_future(bed.controller.refresh())
+    await settle()
+    bed.kube.delete_cache(NS, "c")
+    bed.controller.forget(NS, "c")  # the DELETED event, while the registry has not answered
+    gate.set()
+    assert await refresh == 0
+    assert f"{NS}/c" not in bed.controller.caches
+    assert await bed.controller.replan() == {"n1": True, "n2": True}
+    assert bed.node_layers("n1") == bed.node_layers("n2") == set()
+
+
+async def test_a_tag_refresh_never_overwrites_a_newer_spec(bed: Bed) -> None:
+    await bed.create("c", _spec("reg.example/app:1", refreshInterval="10m"))
+    key, uid = f"{NS}/c", bed.controller.caches[f"{NS}/c"].uid
+    await bed.clock.advance(600)
+    gate = _hold_lookups(bed, "reg.example/app:1")
+    refresh = asyncio.ensure_future(bed.controller.refresh())
+    await settle()
+    # The spec changes while the refresh of generation 1 waits for the registry.
+    await bed.controller.resolve(NS, "c", 2, _spec("reg.example/web:1", refreshInterval="10m"),
+                                 uid)
+    gate.set()
+    assert await refresh == 0
+    state = bed.controller.caches[key]
+    assert (state.generation, [str(r.reference) for r in state.resolved]) == (
+        2, ["reg.example/web:1"])
+    await bed.controller.replan()
+    assert WEB.digest in bed.node_layers("n1") and APP.digest not in bed.node_layers("n1")
+
+
 async def test_one_reference_in_two_caches_resolving_together_is_looked_up_once(
         bed: Bed) -> None:
     gate, inner = asyncio.Event(), bed.registry.lookups

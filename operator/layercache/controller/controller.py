@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -81,6 +82,9 @@ class Controller:
         # What planning last read of each Node and each node's inventory (see *_event).
         self._nodes_seen: dict[str, Any] = {}
         self._held_seen: dict[str, Any] = {}
+        # How often each "namespace/name" was forgotten: a resolution that began before a
+        # deletion must not store its state after it (see `resolve`).
+        self._deletions: Counter[str] = Counter()
 
     # -- what the handlers call ---------------------------------------------------------
     async def resolve(self, namespace: str, name: str, generation: int,
@@ -94,17 +98,35 @@ class Controller:
         `stored_status` (the object's status) seeds it, so nothing flaps or restarts at 0.
         Foreign layers not reported before get one ``NonDistributableLayers`` Event.
         """
-        before = self.caches.get(f"{namespace}/{name}")
+        key = f"{namespace}/{name}"
+        deletions = self._deletions[key]
+        before = self.caches.get(key)
         state = CacheState.begin(namespace, name, generation, raw_spec, uid, before,
                                  stored_status)
         state = await self.resolver.resolve(state, before)
+        # The tag refresh runs beside kopf, which orders only its own handlers: a cache
+        # deleted while it resolved would be planned, its layers kept on every node, until
+        # the operator restarts; a refresh of the previous spec ending after a spec change
+        # would plan the old spec until the next change.
+        current = self.caches.get(key)
+        if self._deletions[key] != deletions or (
+                current is not None and current.uid == state.uid
+                and current.generation > state.generation):
+            log.info("LayerCache %s: a resolution of generation %d is not kept (deleted or "
+                     "changed meanwhile)", key, generation)
+            return state
         self.caches[state.key] = state
         await self.reporter.report_foreign(state)
         return state
 
     def forget(self, namespace: str, name: str) -> None:
-        """Drop a deleted cache; the next replan releases what only it wanted."""
-        self.caches.pop(f"{namespace}/{name}", None)
+        """Drop a deleted cache; the next replan releases what only it wanted.
+
+        A resolution of it still running is not stored when it ends (`resolve`).
+        """
+        key = f"{namespace}/{name}"
+        self.caches.pop(key, None)
+        self._deletions[key] += 1
 
     def trigger(self) -> None:
         """Ask for a replan (cheap; many triggers in one debounce window make one plan)."""
@@ -163,12 +185,16 @@ class Controller:
         """
         refreshed = 0
         for key in [k for k in list(self.caches) if self.due_for_refresh(k)]:
-            old = self.caches[key]
+            old = self.caches.get(key)
+            if old is None:  # deleted while an earlier one resolved
+                continue
             try:
                 new = await self.resolve(old.namespace, old.name, old.generation,
                                          old.raw_spec, old.uid)
             except Exception:
                 log.exception("refresh of LayerCache %s failed; retrying later", key)
+                continue
+            if self.caches.get(key) is not new:  # deleted or changed meanwhile
                 continue
             new.record_status(old.last_status)
             await self.reporter.report_moved(old, new)
