@@ -683,8 +683,9 @@ async def test_a_cache_deleted_while_its_tags_refresh_stays_deleted(bed: Bed) ->
     gate = _hold_lookups(bed, "reg.example/app:1")
     refresh = asyncio.ensure_future(bed.controller.refresh())
     await settle()
+    uid = bed.controller.caches[f"{NS}/c"].uid
     bed.kube.delete_cache(NS, "c")
-    bed.controller.forget(NS, "c")  # the DELETED event, while the registry has not answered
+    bed.controller.forget(NS, "c", uid)  # its DELETED event, while the registry is asked
     gate.set()
     assert await refresh == 0
     assert f"{NS}/c" not in bed.controller.caches
@@ -709,6 +710,71 @@ async def test_a_tag_refresh_never_overwrites_a_newer_spec(bed: Bed) -> None:
         2, ["reg.example/web:1"])
     await bed.controller.replan()
     assert WEB.digest in bed.node_layers("n1") and APP.digest not in bed.node_layers("n1")
+
+
+def _recreate(bed: Bed, name: str, spec: dict[str, Any], uid: str) -> None:
+    """LayerCache ``name`` deleted and created again: the same name, a new object ``uid``."""
+    bed.kube.delete_cache(NS, name)
+    bed.kube.add_cache(NS, name, spec)["metadata"]["uid"] = uid
+
+
+async def test_a_cache_created_again_is_kept_whichever_deletion_event_comes_first(
+        bed: Bed) -> None:
+    # kopf queues events per object (uid): the new object's create handler may run before
+    # or after the old object's DELETED is handled, and each may end while the other runs.
+    await bed.create("c", _spec("reg.example/app:1"))
+    await bed.create("d", _spec("reg.example/tool:1"))
+    await bed.controller.replan()
+    await bed.controller.aggregate()
+    old = bed.controller.caches[f"{NS}/c"].uid
+    assert bed.controller.caches[f"{NS}/c"].last_status
+    spec = _spec("reg.example/web:1")
+    gate = _hold_lookups(bed, "reg.example/web:1")
+    _recreate(bed, "c", spec, "uid-new")
+    created = asyncio.ensure_future(bed.controller.resolve(NS, "c", 1, spec, "uid-new"))
+    await settle()
+    bed.controller.forget(NS, "c", old)  # the old object's DELETED, mid-resolution
+    gate.set()
+    await created
+    assert bed.controller.caches[f"{NS}/c"].uid == "uid-new"
+    assert bed.controller.caches[f"{NS}/c"].last_status is None  # nothing of the old one's
+    # and the replan is not left waiting for a cache nothing would resolve again
+    assert await bed.controller.replan() != {}
+    assert WEB.digest in bed.node_layers("n1") and APP.digest not in bed.node_layers("n1")
+
+
+async def test_a_deleted_objects_late_resolution_never_replaces_its_successor(bed: Bed) -> None:
+    await bed.create("c", _spec("reg.example/app:1"))
+    old = bed.controller.caches[f"{NS}/c"].uid
+    gate = _hold_lookups(bed, "reg.example/tool:1")
+    update = asyncio.ensure_future(bed.controller.resolve(
+        NS, "c", 2, _spec("reg.example/tool:1"), old))  # the old object's update handler
+    await settle()
+    spec = _spec("reg.example/web:1")
+    _recreate(bed, "c", spec, "uid-new")
+    await bed.controller.resolve(NS, "c", 1, spec, "uid-new")  # the new object's worker
+    gate.set()
+    await update  # ends before its object's DELETED is handled (the same kopf worker)
+    bed.controller.forget(NS, "c", old)
+    assert bed.controller.caches[f"{NS}/c"].uid == "uid-new"
+    await bed.controller.replan()
+    assert WEB.digest in bed.node_layers("n1") and TOOL.digest not in bed.node_layers("n1")
+
+
+async def test_a_refresh_ending_after_its_cache_was_created_again_is_dropped(bed: Bed) -> None:
+    await bed.create("c", _spec("reg.example/app:1", refreshInterval="10m"))
+    old = bed.controller.caches[f"{NS}/c"].uid
+    await bed.clock.advance(600)
+    gate = _hold_lookups(bed, "reg.example/app:1")
+    refresh = asyncio.ensure_future(bed.controller.refresh())
+    await settle()
+    bed.controller.forget(NS, "c", old)
+    spec = _spec("reg.example/web:1")
+    _recreate(bed, "c", spec, "uid-new")
+    await bed.controller.resolve(NS, "c", 1, spec, "uid-new")
+    gate.set()
+    assert await refresh == 0
+    assert bed.controller.caches[f"{NS}/c"].uid == "uid-new"
 
 
 async def test_one_reference_in_two_caches_resolving_together_is_looked_up_once(

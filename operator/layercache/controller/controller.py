@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -48,6 +48,9 @@ __all__ = ["REFRESH_INTERVAL_SECONDS", "Controller"]
 log = logging.getLogger(__name__)
 #: How often (seconds) the refresh loop looks for caches whose refreshInterval passed.
 REFRESH_INTERVAL_SECONDS = 15.0
+#: How many deleted caches' uids are remembered: far more than can have a resolution
+#: running at once (a resolution ends within minutes).
+DELETED_UIDS_KEPT = 10_000
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -82,9 +85,10 @@ class Controller:
         # What planning last read of each Node and each node's inventory (see *_event).
         self._nodes_seen: dict[str, Any] = {}
         self._held_seen: dict[str, Any] = {}
-        # How often each "namespace/name" was forgotten: a resolution that began before a
-        # deletion must not store its state after it (see `resolve`).
-        self._deletions: Counter[str] = Counter()
+        # The uids of deleted caches (the latest `DELETED_UIDS_KEPT`), and per name the
+        # state of another object that a resolution displaced (see `resolve`, `forget`).
+        self._deleted: OrderedDict[str, None] = OrderedDict()
+        self._displaced: dict[str, CacheState] = {}
 
     # -- what the handlers call ---------------------------------------------------------
     async def resolve(self, namespace: str, name: str, generation: int,
@@ -99,34 +103,63 @@ class Controller:
         Foreign layers not reported before get one ``NonDistributableLayers`` Event.
         """
         key = f"{namespace}/{name}"
-        deletions = self._deletions[key]
-        before = self.caches.get(key)
+        before = self._same_object(self.caches.get(key), uid)
         state = CacheState.begin(namespace, name, generation, raw_spec, uid, before,
                                  stored_status)
         state = await self.resolver.resolve(state, before)
-        # The tag refresh runs beside kopf, which orders only its own handlers: a cache
-        # deleted while it resolved would be planned, its layers kept on every node, until
-        # the operator restarts; a refresh of the previous spec ending after a spec change
-        # would plan the old spec until the next change.
-        current = self.caches.get(key)
-        if self._deletions[key] != deletions or (
-                current is not None and current.uid == state.uid
-                and current.generation > state.generation):
-            log.info("LayerCache %s: a resolution of generation %d is not kept (deleted or "
-                     "changed meanwhile)", key, generation)
+        if not self._keep(state):
+            log.info("LayerCache %s: a resolution of generation %d is not kept (the object "
+                     "was deleted or changed meanwhile)", key, generation)
             return state
-        self.caches[state.key] = state
+        current = self.caches.get(key)
+        if current is not None and not self._same_object(current, uid):
+            # Another object of the same name: one of the two is being deleted, and its
+            # DELETED event, handled by another kopf worker, may come later (`forget`).
+            self._displaced[key] = current
+        self.caches[key] = state
         await self.reporter.report_foreign(state)
         return state
 
-    def forget(self, namespace: str, name: str) -> None:
-        """Drop a deleted cache; the next replan releases what only it wanted.
+    def _keep(self, state: CacheState) -> bool:
+        """Whether a resolution that just ended may be stored.
 
-        A resolution of it still running is not stored when it ends (`resolve`).
+        kopf orders the handlers of one object (uid), not the tag refresh beside them nor
+        two objects of one name: a resolution of an object deleted meanwhile would plan it,
+        its layers kept on every node, until the operator restarts; one of an older
+        generation ending after a newer one would plan the old spec until the next change.
+        """
+        if state.uid and state.uid in self._deleted:
+            return False
+        current = self.caches.get(state.key)
+        return not (current is not None and self._same_object(current, state.uid)
+                    and current.generation > state.generation)
+
+    @staticmethod
+    def _same_object(state: CacheState | None, uid: str) -> CacheState | None:
+        """``state`` if it is of the object ``uid`` (or either uid is unknown), else None."""
+        if state is None or (uid and state.uid and state.uid != uid):
+            return None
+        return state
+
+    def forget(self, namespace: str, name: str, uid: str = "") -> None:
+        """Drop deleted cache ``uid`` (any object of that name when "").
+
+        The next replan releases what only it wanted. A resolution of it still running is
+        not stored when it ends (`_keep`). If another object of the same name (a
+        re-creation) was stored and then displaced by this one, it comes back.
         """
         key = f"{namespace}/{name}"
+        if uid:
+            self._deleted[uid] = None
+            while len(self._deleted) > DELETED_UIDS_KEPT:
+                self._deleted.popitem(last=False)
+        displaced = self._displaced.pop(key, None)
+        current = self.caches.get(key)
+        if current is not None and self._same_object(current, uid) is None:
+            return  # the stored state is another (living) object's
         self.caches.pop(key, None)
-        self._deletions[key] += 1
+        if displaced is not None and not (displaced.uid and displaced.uid in self._deleted):
+            self.caches[key] = displaced
 
     def trigger(self) -> None:
         """Ask for a replan (cheap; many triggers in one debounce window make one plan)."""

@@ -47,8 +47,8 @@ async def reconcile(namespace: str | None, name: str, spec: kopf.Spec, meta: kop
 
 
 @kopf.on.event(*RESOURCE)
-async def gone(event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo,
-               **_: Any) -> None:
+async def gone(event: kopf.RawEvent, namespace: str | None, name: str, meta: kopf.Meta,
+               memo: kopf.Memo, **_: Any) -> None:
     """Forget a deleted cache; the replan releases layers no other cache wants.
 
     An event handler, not `on.delete`: with no finalizer (on purpose, so deletion never
@@ -57,5 +57,5 @@ async def gone(event: kopf.RawEvent, namespace: str | None, name: str, memo: kop
     if event.get("type") != "DELETED" or namespace is None:
         return
     controller: Controller = memo.controller
-    controller.forget(namespace, name)
+    controller.forget(namespace, name, meta.get("uid", ""))
     controller.trigger()
