@@ -289,8 +289,9 @@ async def test_deleted_cache_is_forgotten_and_released(bed: Bed) -> None:
     await bed.controller.replan()
     credentials = bed.kube.secrets[("layercache-system", "layercache-registry-credentials")]
     assert f"{NS}/c" in credentials["data"][CREDENTIALS_KEY]
+    uid = bed.controller.caches[f"{NS}/c"].uid
     bed.kube.delete_cache(NS, "c")
-    bed.controller.forget(NS, "c")
+    bed.controller.forget(NS, "c", uid)
     assert f"{NS}/c" not in bed.controller.caches
     assert await bed.controller.replan() == {"n1": True, "n2": True}
     assert bed.node_layers("n1") == bed.node_layers("n2") == set()
@@ -775,6 +776,43 @@ async def test_a_refresh_ending_after_its_cache_was_created_again_is_dropped(bed
     gate.set()
     assert await refresh == 0
     assert bed.controller.caches[f"{NS}/c"].uid == "uid-new"
+
+
+async def test_three_objects_of_one_name_end_with_the_living_one_at_its_newest_generation(
+        bed: Bed) -> None:
+    # Z (the first object) has an update waiting for the registry when it is deleted; Y is
+    # created and deleted; F is created, refreshes its tags and is changed, and stays. Late
+    # resolutions of Z and Y and a refresh of F's first generation end after all that.
+    await bed.create("c", _spec("reg.example/app:1"))
+    key, z = f"{NS}/c", bed.controller.caches[f"{NS}/c"].uid
+    held_z = _hold_lookups(bed, "reg.example/tool:1")
+    update_z = asyncio.ensure_future(bed.controller.resolve(
+        NS, "c", 2, _spec("reg.example/tool:1"), z))
+    await settle()
+    bed.registry.images[("reg.example/y:1", str(AMD64))] = _image("reg.example/y:1", BASE)
+    _recreate(bed, "c", _spec("reg.example/y:1"), "uid-y")
+    held_y = _hold_lookups(bed, "reg.example/y:1")
+    create_y = asyncio.ensure_future(bed.controller.resolve(
+        NS, "c", 1, _spec("reg.example/y:1"), "uid-y"))
+    await settle()
+    first = _spec("reg.example/web:1", refreshInterval="10m")
+    _recreate(bed, "c", first, "uid-f")
+    await bed.controller.resolve(NS, "c", 1, first, "uid-f")
+    await bed.clock.advance(600)
+    held_f = _hold_lookups(bed, "reg.example/web:1")
+    refresh = asyncio.ensure_future(bed.controller.refresh())  # of F's generation 1
+    await settle()
+    await bed.controller.resolve(NS, "c", 2, _spec("reg.example/app:1", refreshInterval="10m"),
+                                 "uid-f")
+    for gate, late in ((held_z, update_z), (held_y, create_y), (held_f, refresh)):
+        gate.set()
+        await late
+    bed.controller.forget(NS, "c", "uid-y")  # each DELETED after its object's handlers
+    bed.controller.forget(NS, "c", z)
+    state = bed.controller.caches[key]
+    assert (state.uid, state.generation) == ("uid-f", 2)
+    await bed.controller.replan()
+    assert APP.digest in bed.node_layers("n1") and WEB.digest not in bed.node_layers("n1")
 
 
 async def test_one_reference_in_two_caches_resolving_together_is_looked_up_once(

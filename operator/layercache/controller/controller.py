@@ -85,10 +85,15 @@ class Controller:
         # What planning last read of each Node and each node's inventory (see *_event).
         self._nodes_seen: dict[str, Any] = {}
         self._held_seen: dict[str, Any] = {}
-        # The uids of deleted caches (the latest `DELETED_UIDS_KEPT`), and per name the
-        # state of another object that a resolution displaced (see `resolve`, `forget`).
+        # kopf orders the handlers of one object (uid), not the tag refresh beside them nor
+        # two objects of one name (a cache deleted and created again: a kopf worker each),
+        # so a resolution may end after its object was deleted, re-created or changed.
+        # `_deleted`: the uids of deleted caches (the latest `DELETED_UIDS_KEPT`), whose
+        # resolutions are not stored. `_objects`: per name, each object not yet deleted,
+        # its latest state by uid, in the order first stored; `caches` holds the last one
+        # (the newest object, once the DELETED events of the others are handled).
         self._deleted: OrderedDict[str, None] = OrderedDict()
-        self._displaced: dict[str, CacheState] = {}
+        self._objects: dict[str, dict[str, CacheState]] = {}
 
     # -- what the handlers call ---------------------------------------------------------
     async def resolve(self, namespace: str, name: str, generation: int,
@@ -101,65 +106,49 @@ class Controller:
         (status written, nodes, byte baselines) carries over; after an operator restart,
         `stored_status` (the object's status) seeds it, so nothing flaps or restarts at 0.
         Foreign layers not reported before get one ``NonDistributableLayers`` Event.
+
+        Not stored (returned only) if object ``uid`` was deleted while it resolved, or a
+        newer generation of it was stored meanwhile: either would be planned — a deleted
+        cache's layers kept on every node until the operator restarts, or an old spec.
         """
         key = f"{namespace}/{name}"
-        before = self._same_object(self.caches.get(key), uid)
+        current = self.caches.get(key)
+        slot = uid or (current.uid if current is not None else "")
+        before = self._objects.get(key, {}).get(slot)
         state = CacheState.begin(namespace, name, generation, raw_spec, uid, before,
                                  stored_status)
         state = await self.resolver.resolve(state, before)
-        if not self._keep(state):
+        objects = self._objects.setdefault(key, {})
+        newest = objects.get(slot)
+        if (uid and uid in self._deleted) or (
+                newest is not None and newest.generation > state.generation):
             log.info("LayerCache %s: a resolution of generation %d is not kept (the object "
                      "was deleted or changed meanwhile)", key, generation)
+            if not objects:
+                del self._objects[key]
             return state
-        current = self.caches.get(key)
-        if current is not None and not self._same_object(current, uid):
-            # Another object of the same name: one of the two is being deleted, and its
-            # DELETED event, handled by another kopf worker, may come later (`forget`).
-            self._displaced[key] = current
-        self.caches[key] = state
+        objects[slot] = state
+        self.caches[key] = list(objects.values())[-1]
         await self.reporter.report_foreign(state)
         return state
 
-    def _keep(self, state: CacheState) -> bool:
-        """Whether a resolution that just ended may be stored.
+    def forget(self, namespace: str, name: str, uid: str) -> None:
+        """Drop deleted cache object ``uid``; another object of that name stays.
 
-        kopf orders the handlers of one object (uid), not the tag refresh beside them nor
-        two objects of one name: a resolution of an object deleted meanwhile would plan it,
-        its layers kept on every node, until the operator restarts; one of an older
-        generation ending after a newer one would plan the old spec until the next change.
-        """
-        if state.uid and state.uid in self._deleted:
-            return False
-        current = self.caches.get(state.key)
-        return not (current is not None and self._same_object(current, state.uid)
-                    and current.generation > state.generation)
-
-    @staticmethod
-    def _same_object(state: CacheState | None, uid: str) -> CacheState | None:
-        """``state`` if it is of the object ``uid`` (or either uid is unknown), else None."""
-        if state is None or (uid and state.uid and state.uid != uid):
-            return None
-        return state
-
-    def forget(self, namespace: str, name: str, uid: str = "") -> None:
-        """Drop deleted cache ``uid`` (any object of that name when "").
-
-        The next replan releases what only it wanted. A resolution of it still running is
-        not stored when it ends (`_keep`). If another object of the same name (a
-        re-creation) was stored and then displaced by this one, it comes back.
+        The next replan releases what only it wanted; a resolution of ``uid`` still
+        running is not stored when it ends.
         """
         key = f"{namespace}/{name}"
-        if uid:
-            self._deleted[uid] = None
-            while len(self._deleted) > DELETED_UIDS_KEPT:
-                self._deleted.popitem(last=False)
-        displaced = self._displaced.pop(key, None)
-        current = self.caches.get(key)
-        if current is not None and self._same_object(current, uid) is None:
-            return  # the stored state is another (living) object's
-        self.caches.pop(key, None)
-        if displaced is not None and not (displaced.uid and displaced.uid in self._deleted):
-            self.caches[key] = displaced
+        self._deleted[uid] = None
+        while len(self._deleted) > DELETED_UIDS_KEPT:
+            self._deleted.popitem(last=False)
+        objects = self._objects.get(key, {})
+        objects.pop(uid, None)
+        if objects:
+            self.caches[key] = list(objects.values())[-1]
+        else:
+            self._objects.pop(key, None)
+            self.caches.pop(key, None)
 
     def trigger(self) -> None:
         """Ask for a replan (cheap; many triggers in one debounce window make one plan)."""
