@@ -713,6 +713,19 @@ async def test_a_tag_refresh_never_overwrites_a_newer_spec(bed: Bed) -> None:
     assert WEB.digest in bed.node_layers("n1") and APP.digest not in bed.node_layers("n1")
 
 
+async def test_a_cache_whose_deletion_event_never_came_is_released(bed: Bed) -> None:
+    # kopf synthesizes no DELETED for an object that vanished while its watch re-listed.
+    bed.kube.dockerconfig_secret(NS, "pull", {"reg.example": {"auth": "dXNlcjpwYXNz"}})
+    await bed.create("c", _spec("reg.example/app:1", pullSecrets=[{"name": "pull"}]))
+    await bed.controller.replan()
+    assert bed.node_layers("n1") == bed.node_layers("n2") != set()
+    bed.kube.delete_cache(NS, "c")  # and no `forget`
+    assert await bed.controller.replan() == {"n1": True, "n2": True}
+    assert bed.node_layers("n1") == bed.node_layers("n2") == set()
+    credentials = bed.kube.secrets[("layercache-system", "layercache-registry-credentials")]
+    assert f"{NS}/c" not in credentials["data"][CREDENTIALS_KEY]
+
+
 def _recreate(bed: Bed, name: str, spec: dict[str, Any], uid: str) -> None:
     """LayerCache ``name`` deleted and created again: the same name, a new object ``uid``."""
     bed.kube.delete_cache(NS, name)

@@ -56,13 +56,18 @@ class Replanner:
         Returns node name → whether its NodeLayerCache was written. Until every existing
         LayerCache has been resolved once (after a restart, kopf resumes them one by one),
         nothing is planned: a plan without a cache would strip its layers from every spec,
-        and the agents would release them. Each resolution triggers a replan.
+        and the agents would release them. Each resolution triggers a replan. A state
+        whose LayerCache no longer exists is not planned (its DELETED event not handled
+        yet, or never seen: a watch re-listed meanwhile), so its layers are released
+        without waiting for an event that may not come.
         """
-        pending = await asyncio.to_thread(self.kube.layer_cache_keys) - set(caches)
+        keys = await asyncio.to_thread(self.kube.layer_cache_keys)
+        pending = keys - set(caches)
         if pending:
             log.info("replan waits for %d LayerCache(s) not resolved yet: %s", len(pending),
                      ", ".join(sorted(pending)[:5]))
             return {}
+        caches = {key: state for key, state in caches.items() if key in keys}
         nodes = await asyncio.to_thread(self.kube.nodes)
         existing = await self.inventory.current()
         present = {name: held_layers(obj) for name, obj in existing.items()}
