@@ -118,17 +118,14 @@ class Controller:
         state = CacheState.begin(namespace, name, generation, raw_spec, uid, before,
                                  stored_status)
         state = await self.resolver.resolve(state, before)
-        objects = self._objects.setdefault(key, {})
-        newest = objects.get(slot)
+        newest = self._objects.get(key, {}).get(slot)
         if (uid and uid in self._deleted) or (
                 newest is not None and newest.generation > state.generation):
             log.info("LayerCache %s: a resolution of generation %d is not kept (the object "
                      "was deleted or changed meanwhile)", key, generation)
-            if not objects:
-                del self._objects[key]
             return state
-        objects[slot] = state
-        self.caches[key] = list(objects.values())[-1]
+        self._objects.setdefault(key, {})[slot] = state
+        self._publish(key)
         await self.reporter.report_foreign(state)
         return state
 
@@ -142,10 +139,14 @@ class Controller:
         self._deleted[uid] = None
         while len(self._deleted) > DELETED_UIDS_KEPT:
             self._deleted.popitem(last=False)
-        objects = self._objects.get(key, {})
-        objects.pop(uid, None)
+        self._objects.get(key, {}).pop(uid, None)
+        self._publish(key)
+
+    def _publish(self, key: str) -> None:
+        """``caches[key]``: the newest living object's state of that name, or none."""
+        objects = self._objects.get(key)
         if objects:
-            self.caches[key] = list(objects.values())[-1]
+            self.caches[key] = next(reversed(objects.values()))
         else:
             self._objects.pop(key, None)
             self.caches.pop(key, None)
