@@ -191,9 +191,8 @@ class KubeTwin:
                  if version > since]
         return iter(found)
 
-    def write_node_spec(self, existing: Mapping[str, Any] | None, name: str,
-                        spec: dict[str, Any]) -> int | None:
-        if existing is None:
+    def write_node_spec(self, exists: bool, name: str, spec: dict[str, Any]) -> int:
+        if not exists:
             if name in self.node_caches:
                 raise ApiException(status=409, reason=f"AlreadyExists: NodeLayerCache {name}")
             obj = {"apiVersion": API_VERSION, "kind": NLC_KIND,
@@ -203,8 +202,6 @@ class KubeTwin:
             self._node_cache_event("ADDED", obj)
             self.writes["node_spec"] += 1
             return 1
-        if existing.get("spec") == spec:
-            return None
         stored = self.node_caches.get(name)
         if stored is None:
             raise _not_found(f"NodeLayerCache {name}")

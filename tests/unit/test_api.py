@@ -188,12 +188,13 @@ def test_the_agent_acts_on_its_spec_whatever_its_status_holds() -> None:
 
 
 def test_one_unreadable_node_object_stops_no_replan_or_aggregation() -> None:
+    from layercache.controller.nodeindex import SpecRecord
     from layercache.controller.status import cache_disk
-    from layercache.plan.distribute import previous_assignments
 
     good = {"metadata": {"name": "n2"}, "spec": SPEC, "status": NODE_STATUS}
     bad_spec = {**SPEC, "layers": [{"digest": D1, "size": 1}]}  # no repository, no source
-    assert previous_assignments({"n1": bad_spec, "n2": SPEC}) == {
+    assert {n: SpecRecord.of(n, s).assignments for n, s in
+            {"n1": bad_spec, "n2": SPEC}.items()} == {
         "n1": {}, "n2": {D1: ("Upstream", ()), D2: ("Peer", ("n2",))}}
     bad_status = {"metadata": {"name": "n1"},
                   "status": {"disk": {"caches": [{"cache": "ns/a", "blobs": "lots"}]}}}

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from layercache.api import Reason
 from layercache.controller.controller import REFRESH_INTERVAL_SECONDS, Controller
+from layercache.controller.nodeindex import SpecRecord, fingerprint
 from layercache.controller.replanner import CREDENTIALS_KEY, SPEC_WRITE_CONCURRENCY
 from layercache.controller.settings import OperatorSettings
 from layercache.oci.digest import Digest
@@ -431,10 +432,46 @@ async def test_index_lists_once_then_follows_the_watch(bed: Bed) -> None:
     assert bed.controller.index.lists == 1
     assert bed.kube.reads["watch"] > 1
     indexed = (await bed.controller.index.current())["n1"]
-    # Not the whole object: the kept fields, and what the node holds (a set of digests).
-    assert set(indexed) == {"metadata", "spec", "status", "held"}
+    # Not the whole object: the kept fields, a record of the spec (not the spec), and what
+    # the node holds (a set of digests).
+    assert set(indexed) == {"metadata", "record", "status", "held"}
+    stored = bed.kube.node_caches["n1"]["spec"]
+    assert indexed["record"] == SpecRecord.of("n1", stored)
+    assert indexed["record"].layers == tuple(e["digest"] for e in stored["layers"])
+    assert indexed["record"].fingerprint == fingerprint(stored)
     assert indexed["held"] == frozenset()  # no inventory reported (no `missing`, none held)
     assert indexed["status"]["synced"] is True
+
+
+async def test_index_records_each_spec_once_and_a_spec_edited_by_hand_is_rewritten(
+        bed: Bed) -> None:
+    """The index keeps a record per spec generation, not the spec; status churn reuses it.
+
+    A spec changed by someone else (a new generation) gets a new record, differs from the
+    desired spec's fingerprint, and the next replan writes it back, once.
+    """
+    bed.controller.start()
+    await bed.create("c", _spec("reg.example/app:1"))
+    bed.controller.trigger()  # as the create handler does
+    await bed.clock.advance(OperatorSettings().replan_debounce_seconds)
+    written = bed.kube.writes["node_spec"]
+    record = (await bed.controller.index.current())["n1"]["record"]
+    bed.agent_ready("n1")  # a status event: same generation
+    await bed.clock.advance(0)
+    assert (await bed.controller.index.current())["n1"]["record"] is record
+    desired = json.loads(json.dumps(bed.kube.node_caches["n1"]["spec"]))
+    edited = bed.kube.node_caches["n1"]
+    edited["spec"] = {**desired, "layers": desired["layers"][:1]}
+    edited["metadata"]["generation"] += 1
+    bed.kube.put_node_cache(edited)
+    await bed.clock.advance(0)
+    now = (await bed.controller.index.current())["n1"]["record"]
+    assert now.layers == (desired["layers"][0]["digest"],) and now != record
+    assert await bed.controller.replan() == {"n1": True, "n2": False}
+    assert bed.kube.node_caches["n1"]["spec"] == desired
+    assert bed.kube.writes["node_spec"] == written + 1
+    await bed.clock.advance(0)
+    assert await bed.controller.replan() == {"n1": False, "n2": False}
 
 
 async def test_index_lists_again_after_410_gone(bed: Bed) -> None:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from layercache.api.nodelayercache import NodeLayerCacheSpec
+from layercache.controller.nodeindex import SpecRecord
 from layercache.oci.digest import Digest
 from layercache.oci.platform import Platform
 from layercache.plan.distribute import (
     MAX_NODE_CHAINS,
     MAX_NODE_LAYERS,
     CachePlan,
+    NodeSpecs,
+    Previous,
     distribute,
     node_spec,
-    previous_assignments,
 )
 from layercache.plan.planner import Layer, Node, PlanImage, plan
 
@@ -37,10 +41,10 @@ BASE, PY, APP_A, APP_B = (_layer("base", 100), _layer("py", 50), _layer("a", 5),
 
 def _cache(key: str, images: dict[str, tuple[Layer, ...]], nodes: list[str],
            present: dict[str, frozenset[Digest]] | None = None, *, mode_images: bool = False,
-           ) -> CachePlan:
+           budgets: dict[str, int | None] | None = None) -> CachePlan:
     resolved = [PlanImage(ref, AMD64, _digest(ref), layers) for ref, layers in images.items()]
-    result = plan(resolved, [Node(n, AMD64, present=(present or {}).get(n, frozenset()))
-                             for n in nodes])
+    result = plan(resolved, [Node(n, AMD64, present=(present or {}).get(n, frozenset()),
+                                  budget_bytes=(budgets or {}).get(n)) for n in nodes])
     repos = {layer.digest: f"reg.example/{ref}" for ref, layers in images.items()
              for layer in layers}
     pinned = tuple((f"reg.example/{ref}@{_digest(ref)}", tuple(lay.digest for lay in layers))
@@ -81,6 +85,11 @@ def test_a_held_layer_has_no_seeder_and_holders_come_first() -> None:
     assert base_entries["n3"].peers[0] == "n2"
 
 
+def _previous(specs: dict[str, dict[str, Any]]) -> Previous:
+    """The previous assignments the operator keeps of these specs (its index's records)."""
+    return {name: SpecRecord.of(name, spec).assignments for name, spec in specs.items()}
+
+
 def test_assignments_are_sticky_when_inventories_change() -> None:
     nodes = ["n1", "n2", "n3"]
     cache = _cache("ns/c", {"app-a": (BASE, PY, APP_A)}, nodes)
@@ -88,11 +97,11 @@ def test_assignments_are_sticky_when_inventories_change() -> None:
     specs = {n: node_spec(n, first[n], [cache]) for n in nodes}
     # Every node now reports holding everything: nothing it was told may change.
     held = {n: frozenset({BASE.digest, PY.digest, APP_A.digest}) for n in nodes}
-    again = distribute([cache], held, previous_assignments(specs))
+    again = distribute([cache], held, _previous(specs))
     assert {n: node_spec(n, again[n], [cache]) for n in nodes} == specs
     # A new node is warmed from the holders, never from upstream.
     grown = _cache("ns/c", {"app-a": (BASE, PY, APP_A)}, [*nodes, "n4"], held)
-    late = distribute([grown], held, previous_assignments(specs))["n4"]
+    late = distribute([grown], held, _previous(specs))["n4"]
     assert all(e.source == "Peer" and e.peers[0] == "n1" for e in late)
 
 
@@ -138,6 +147,41 @@ def test_properties(image_layers: list[list[int]], node_count: int,
             assert len(e.peers) <= 8
             if e.source == "Peer" and len(entries) > 1:
                 assert e.peers
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=4, unique=True),
+                min_size=1, max_size=6),
+       st.lists(st.integers(0, 5), min_size=1, max_size=6),
+       st.sets(st.tuples(st.integers(0, 5), st.integers(0, 7))), st.booleans(),
+       st.lists(st.one_of(st.none(), st.integers(0, 200)), min_size=6, max_size=6))
+def test_one_builder_for_many_nodes_gives_each_its_own_spec(
+        image_layers: list[list[int]], second_images: list[int],
+        held: set[tuple[int, int]], paused: bool, budgets: list[int | None]) -> None:
+    """`NodeSpecs` shares what nodes have in common; no node gets another's fields.
+
+    Two caches over overlapping nodes (so nodes holding the same layers may want them for
+    different caches), some layers held already, budgets that may cut a node's chains but
+    not its layers: each node's spec from one builder for
+    all equals the one built for that node alone, and reads as the CRD's.
+    """
+    layers = [_layer(f"l{i}", 10 + i) for i in range(8)]
+    nodes = [f"n{i}" for i in range(6)]
+    present = {f"n{n}": frozenset(layers[i].digest for m, i in held if m == n)
+               for n in range(6)}
+    images = {f"img{i}": tuple(layers[j] for j in ls) for i, ls in enumerate(image_layers)}
+    first = _cache("ns/a", images, nodes[:4], present,
+                   budgets=dict(zip(nodes, budgets, strict=True)))
+    second = _cache("ns/b", {name: images[name] for name in sorted(images)[:2]},
+                    [nodes[i] for i in sorted(set(second_images))], present,
+                    mode_images=paused)
+    caches = [first, second]
+    result = distribute(caches, present)
+    shared = NodeSpecs(caches)
+    for name in nodes:
+        spec = shared.spec(name, result.get(name, []))
+        assert spec == node_spec(name, result.get(name, []), caches)
+        assert NodeLayerCacheSpec.read(name, spec).to_dict() == spec
 
 
 def test_node_spec_is_capped_at_the_crd_limit() -> None:

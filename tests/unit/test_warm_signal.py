@@ -29,7 +29,8 @@ class FakeKube:
         return self.listed
 
     def node_layer_caches(self) -> dict[str, dict[str, Any]]:
-        return {"a": WARM_NLC, "b": WARM_NLC, "c": WARM_NLC}
+        return {name: {**WARM_NLC, "metadata": {"name": name, "generation": 1}}
+                for name in ("a", "b", "c")}
 
     def patch_node(self, name: str, patch: dict[str, Any]) -> None:
         if name in self.conflicted:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["WARMING_TAINT", "WARM_LABEL", "NodeWarmth", "is_warm", "warm_patch"]
+__all__ = ["WARMING_TAINT", "WARM_LABEL", "NodeWarmth", "is_warm", "warm_patch", "warm_status"]
 
 #: Label the operator puts on warm Nodes (value ``true``) and removes from the others.
 WARM_LABEL: Final = "layercache.dev/warm"
@@ -40,17 +40,29 @@ def is_warm(obj: Mapping[str, Any] | None) -> bool:
     if not obj:
         return False
     try:
-        metadata = obj.get("metadata") or {}
-        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        spec = obj.get("spec") or {}
+        return warm_status(obj.get("metadata") or {}, obj.get("status") or {},
+                           len(spec.get("layers") or ()), len(spec.get("chains") or ()))
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def warm_status(metadata: Mapping[str, Any], status: Mapping[str, Any], layers_wanted: int,
+                chains_wanted: int) -> bool:
+    """`is_warm` of an object whose spec lists this many layers and chains.
+
+    The operator's index keeps those counts, not the spec. Never raises on a malformed
+    ``metadata`` or ``status``: what cannot be read is not warm.
+    """
+    try:
         if status.get("observedGeneration") != metadata.get("generation"):
             return False
         ready = any(c.get("type") == "Ready" and c.get("status") == "True"
                     for c in status.get("conditions") or ())
-        wanted = len(spec.get("layers") or ())
         layers = status.get("layers") or {}
         chains = status.get("chains") or {}
-        chains_wanted = max(len(spec.get("chains") or ()), int(chains.get("wanted") or 0))
-        return (ready and wanted > 0 and int(layers.get("held") or 0) >= wanted
+        chains_wanted = max(chains_wanted, int(chains.get("wanted") or 0))
+        return (ready and layers_wanted > 0 and int(layers.get("held") or 0) >= layers_wanted
                 and not status.get("missing")
                 and int(chains.get("unpacked") or 0) >= chains_wanted)
     except (AttributeError, TypeError, ValueError):

@@ -111,20 +111,16 @@ class KubeApi:
             if isinstance(event, dict):
                 yield str(event.get("type")), event.get("object")
 
-    def write_node_spec(self, existing: Mapping[str, Any] | None, name: str,
-                        spec: dict[str, Any]) -> int | None:
-        """Create NodeLayerCache `name` with `spec`, or patch its spec if it differs.
+    def write_node_spec(self, exists: bool, name: str, spec: dict[str, Any]) -> int:
+        """Create NodeLayerCache `name` with `spec` (``exists`` False), or patch its spec.
 
-        Returns the object's ``metadata.generation`` as the apiserver answered the write,
-        or None when nothing was written.
+        Returns the object's ``metadata.generation`` as the apiserver answered the write.
         """
         written: Any
-        if existing is None:
+        if not exists:
             written = self.custom.create_cluster_custom_object(GROUP, VERSION, NLC_PLURAL, {
                 "apiVersion": API_VERSION, "kind": NLC_KIND,
                 "metadata": {"name": name, "labels": MANAGED_BY}, "spec": spec})
-        elif existing.get("spec") == spec:
-            return None
         else:
             # A JSON merge patch (RFC 7386) replaces arrays whole, and `spec` always carries
             # every key, so patching with the full spec leaves exactly `spec`.

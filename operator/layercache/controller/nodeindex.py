@@ -6,16 +6,21 @@ operator's time and memory. `NodeCacheIndex` instead lists once, then follows on
 (``resourceVersion``, bookmarks, a re-list when the apiserver answers 410 Gone) through the
 `KubePort` (`list_node_caches`, `watch_node_caches`), and keeps per node only what
 planning, status aggregation and the warm signal read: ``metadata.name`` and
-``generation``, ``spec`` and ``status``. Readers (`current`) get that map; nothing re-lists.
+``generation``, ``status``, and of the spec only a `SpecRecord` (a fingerprint to compare
+the next desired spec with, its layer digests, sources and peers, its chain count): a spec
+is ~220 KB of JSON at 200 images, and 1,000 of them held as dicts were most of the
+operator's memory. A record is made once per spec generation (a status event keeps it).
+Readers (`current`) get that map; nothing re-lists.
 
 The controller (layercache.controller.controller) runs `run` as one of its loops, only
 while leading; until it has listed once, or when it does not run (a replan or aggregation
 called directly, as in unit tests), `current` lists through the port as before.
 
 A spec the replanner has just written (`wrote`) stands, with the generation the write gave
-it, until the watch delivers it: an older event still in flight (an agent's status patch
-made before the write) must not make the next replan see the old spec and write the same
-change twice, nor make status aggregation read that agent's Ready as Ready for the new spec.
+it, until the watch delivers that generation or a later one: an older event still in
+flight (an agent's status patch made before the write) must not make the next replan see
+the old spec and write the same change twice, nor make status aggregation read that
+agent's Ready as Ready for the new spec.
 
 Each entry also keeps ``held``: the layers its node holds (`held_layers`), as of the last
 event whose status described its spec (observedGeneration = generation). Between a spec
@@ -27,9 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
@@ -38,15 +47,15 @@ from layercache.backoff import Backoff
 from layercache.controller.ports import KubePort
 from layercache.oci.digest import Digest
 
-__all__ = ["WATCH_BACKOFF", "NodeCacheIndex"]
+__all__ = ["WATCH_BACKOFF", "NodeCacheIndex", "SpecRecord", "fingerprint", "held_layers"]
 
 log = logging.getLogger(__name__)
 #: Waits before listing again after a failed list or watch: 1 s doubling to 30 s.
 WATCH_BACKOFF: Final = Backoff(1.0, 30.0)
 #: HTTP status of a watch whose resourceVersion is too old (the index lists again).
 GONE: Final = 410
-#: What the index keeps of a NodeLayerCache: name → {"metadata", "spec", "status"}, and
-#: "held" once its agent reported on a spec (`held_layers`).
+#: What the index keeps of a NodeLayerCache: name → {"metadata", "record" (`SpecRecord`),
+#: "status"}, and "held" once its agent reported on a spec (`held_layers`).
 Inventory = dict[str, dict[str, Any]]
 OnChange = Callable[[str, Mapping[str, Any]], object]
 Sleep = Callable[[float], Awaitable[None]]
@@ -56,8 +65,67 @@ def _daemon(run: Callable[[], None]) -> None:
     threading.Thread(target=run, name="NodeLayerCache watch", daemon=True).start()
 
 
-def _slim(obj: Any) -> tuple[str, dict[str, Any]]:
+def fingerprint(spec: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``spec``'s canonical JSON (sorted keys, no spaces).
+
+    Equal for equal dicts, whatever their key order.
+    """
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SpecRecord:
+    """What the operator keeps of one NodeLayerCache spec (module docstring).
+
+    ``fingerprint``: `fingerprint` of the spec; ``layers``: its ``layers[].digest`` in order;
+    ``assignments``: digest → (``source``, ``peers``) of each layer, the planner's previous
+    assignments (`layercache.plan.distribute.Previous`); ``chains``: how many it lists.
+    """
+
+    fingerprint: str
+    layers: tuple[str, ...]
+    assignments: Mapping[str, tuple[str, tuple[str, ...]]]
+    chains: int
+
+    @classmethod
+    def of(cls, name: str, spec: Mapping[str, Any]) -> SpecRecord:
+        """The record of NodeLayerCache ``name``'s ``spec`` (a CRD camelCase dict).
+
+        A layer entry that does not read as the CRD's (no string ``digest``, ``source`` or
+        ``peers`` of strings) gives the node no previous assignments (logged): its spec is
+        rewritten whole, as the planner would for a spec it cannot read. Strings are
+        interned: every node's record names the same digests and nodes.
+        """
+        layers, assignments = [], {}
+        readable = True
+        for entry in spec.get("layers") or ():
+            digest = entry.get("digest") if isinstance(entry, Mapping) else None
+            if not isinstance(digest, str):
+                readable = False
+                continue
+            digest = sys.intern(digest)
+            layers.append(digest)
+            source, peers = entry.get("source"), entry.get("peers") or []
+            if (source not in ("Upstream", "Peer") or not isinstance(peers, list)
+                    or not all(isinstance(p, str) for p in peers)):
+                readable = False
+                continue
+            assignments[digest] = (source, tuple(map(sys.intern, peers)))
+        if not readable:
+            log.warning("NodeLayerCache %s: spec.layers not as the CRD's; its previous "
+                        "assignments are ignored", name)
+            assignments = {}
+        chains = spec.get("chains")
+        return cls(fingerprint(spec), tuple(layers), assignments,
+                   len(chains) if isinstance(chains, list) else 0)
+
+
+def _slim(obj: Any, before: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """(name, the fields kept) of a NodeLayerCache as the API returns it.
+
+    ``before``: what the index kept of it; its record is reused while the generation is
+    the same (the spec did not change).
 
     Raises:
         ValueError: no ``metadata.name``, or a spec or status that is not an object.
@@ -71,19 +139,25 @@ def _slim(obj: Any) -> tuple[str, dict[str, Any]]:
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
     if not isinstance(spec, Mapping) or not isinstance(status, Mapping):
         raise ValueError(f"NodeLayerCache {name}: spec and status must be objects")
-    return name, {"metadata": {"name": name, "generation": metadata.get("generation", 0)},
-                  "spec": spec, "status": status}
+    generation = metadata.get("generation", 0)
+    if (before is not None and isinstance(generation, int) and generation > 0
+            and before["metadata"].get("generation") == generation):
+        record = before["record"]
+    else:
+        record = SpecRecord.of(name, spec)
+    return name, {"metadata": {"name": name, "generation": generation},
+                  "record": record, "status": status}
 
 
 def held_layers(obj: Mapping[str, Any]) -> frozenset[Digest]:
-    """The layers a NodeLayerCache's node holds: its ``spec.layers`` not in ``status.missing``.
+    """The layers an indexed NodeLayerCache's node holds: its spec's not in ``status.missing``.
 
     Right only while the status describes that spec (observedGeneration = generation): the
     index keeps the answer of the last object for which it did, as ``held``, and returns
     that when there is one; otherwise the object is read against its own spec. Nothing
     before the agent's first inventory (the rule of
     `layercache.api.NodeLayerCacheStatus.synced`: ``missing`` or held layers reported), and
-    nothing for an object that does not read as the CRD's (logged). Plain dict reads, no
+    nothing for a status that does not read as the CRD's (logged). Plain dict reads, no
     model: the index calls it for every status event.
     """
     kept = obj.get("held")
@@ -94,13 +168,18 @@ def held_layers(obj: Mapping[str, Any]) -> frozenset[Digest]:
         if "missing" not in status and not (status.get("layers") or {}).get("held"):
             return frozenset()
         missing = set(status.get("missing") or ())
-        return frozenset(Digest(entry["digest"]) for entry in obj["spec"].get("layers") or ()
-                         if entry["digest"] not in missing)
+        return frozenset(Digest(digest) for digest in obj["record"].layers
+                         if digest not in missing)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         name = (obj.get("metadata") or {}).get("name")
-        log.warning("NodeLayerCache %s: spec or status unreadable (%r); read as holding "
-                    "nothing", name, error)
+        log.warning("NodeLayerCache %s: status unreadable (%r); read as holding nothing",
+                    name, error)
         return frozenset()
+
+
+def _generation(kept: Mapping[str, Any]) -> int:
+    generation = kept["metadata"].get("generation")
+    return generation if isinstance(generation, int) else 0
 
 
 class NodeCacheIndex:
@@ -114,8 +193,8 @@ class NodeCacheIndex:
                  sleep: Sleep = asyncio.sleep) -> None:
         self.kube, self._on_change, self._sleep = kube, on_change, sleep
         self._objects: Inventory = {}
-        #: Specs written and not yet seen by the watch: name → (spec, its generation).
-        self._written: dict[str, tuple[Mapping[str, Any], int]] = {}
+        #: Specs written and not yet seen by the watch: name → (record, its generation).
+        self._written: dict[str, tuple[SpecRecord, int]] = {}
         self._synced = asyncio.Event()
         self._running = False
         #: The resourceVersion the watch resumes from ("" before the first list).
@@ -137,20 +216,28 @@ class NodeCacheIndex:
             await self._synced.wait()
             return dict(self._objects)
         listed = await asyncio.to_thread(self.kube.node_layer_caches)
-        return {name: dict(obj) for name, obj in listed.items()}
+        found: Inventory = {}
+        for obj in listed.values():
+            try:
+                name, kept = _slim(obj)
+            except (ValueError, AttributeError) as error:
+                log.warning("NodeLayerCache skipped: %s", error)
+                continue
+            found[name] = kept
+        return found
 
-    def wrote(self, name: str, spec: Mapping[str, Any], generation: int) -> None:
-        """The replanner wrote ``spec`` (now at ``generation``) to NodeLayerCache ``name``.
+    def wrote(self, name: str, record: SpecRecord, generation: int) -> None:
+        """The replanner wrote the spec of ``record`` (now at ``generation``) to ``name``.
 
-        Read so until the watch shows it. The generation goes with the spec: beside the
-        old one, an agent's status for the old spec (its observedGeneration equal to it)
-        would read as Ready for the new one.
+        Read so until the watch shows that generation. The generation goes with the spec:
+        beside the old one, an agent's status for the old spec (its observedGeneration
+        equal to it) would read as Ready for the new one.
         """
         if not self._running:
             return
-        self._written[name] = (spec, generation)
+        self._written[name] = (record, generation)
         entry = self._objects.setdefault(name, {"metadata": {"name": name}, "status": {}})
-        entry["spec"] = spec
+        entry["record"] = record
         entry["metadata"] = {**entry["metadata"], "generation": generation}
 
     def deleted(self, name: str) -> None:
@@ -186,8 +273,11 @@ class NodeCacheIndex:
 
     def _apply(self, event_type: str, obj: Any, previous: Inventory | None = None) -> None:
         """Index one object; ``previous``: the index before a re-list (else the current)."""
+        known = previous if previous is not None else self._objects
+        metadata = obj.get("metadata") if isinstance(obj, Mapping) else None
+        name = metadata.get("name") if isinstance(metadata, Mapping) else None
         try:
-            name, kept = _slim(obj)
+            name, kept = _slim(obj, known.get(name) if isinstance(name, str) else None)
         except (ValueError, AttributeError) as error:
             log.warning("NodeLayerCache %s event skipped: %s", event_type, error)
             return
@@ -197,15 +287,15 @@ class NodeCacheIndex:
         else:
             if kept["status"].get("observedGeneration") == kept["metadata"]["generation"]:
                 kept["held"] = held_layers(kept)
-            elif "held" in (before := (previous or self._objects).get(name) or {}):
+            elif "held" in (before := known.get(name) or {}):
                 kept["held"] = before["held"]  # the status is about an older spec
             written = self._written.get(name)
             if written is not None:
-                spec, generation = written
-                if spec == kept["spec"]:
+                record, generation = written
+                if _generation(kept) >= generation:
                     del self._written[name]
                 else:  # an event from before our write: its status, our spec and generation
-                    kept["spec"] = spec
+                    kept["record"] = record
                     kept["metadata"] = {**kept["metadata"], "generation": generation}
             self._objects[name] = kept
         self._notify(event_type, kept)

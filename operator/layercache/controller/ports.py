@@ -109,13 +109,12 @@ class KubePort(Protocol):
         """
         ...
 
-    def write_node_spec(self, existing: Mapping[str, Any] | None, name: str,
-                        spec: dict[str, Any]) -> int | None:
-        """Create NodeLayerCache `name` with `spec`, or patch its spec if it differs.
+    def write_node_spec(self, exists: bool, name: str, spec: dict[str, Any]) -> int:
+        """Create NodeLayerCache `name` with `spec` (``exists`` False), or patch its spec.
 
         Returns the object's ``metadata.generation`` after the write (what an agent must
-        observe before its status speaks for `spec`), or None when nothing was written (an
-        equal spec writes nothing).
+        observe before its status speaks for `spec`). The caller writes only a spec that
+        differs from the stored one (the replanner compares fingerprints).
         """
         ...
 

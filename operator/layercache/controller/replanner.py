@@ -18,14 +18,14 @@ from typing import Any, Final
 
 from layercache.api import NodeLayerCacheStatus
 from layercache.backoff import Backoff
-from layercache.controller.nodeindex import NodeCacheIndex, held_layers
+from layercache.controller.nodeindex import NodeCacheIndex, SpecRecord, held_layers
 from layercache.controller.ports import ClusterNode, KubePort
 from layercache.controller.settings import OperatorSettings
 from layercache.controller.state import CacheState
 from layercache.metrics import OperatorMetrics
 from layercache.oci.digest import Digest
 from layercache.oci.platform import Platform
-from layercache.plan.distribute import CachePlan, distribute, node_spec, previous_assignments
+from layercache.plan.distribute import CachePlan, NodeSpecs, distribute
 from layercache.plan.planner import Node, Plan, PlanInputError, PlanOptions, plan
 
 __all__ = ["CREDENTIALS_KEY", "REPLAN_BACKOFF", "SPEC_WRITE_CONCURRENCY", "Replanner"]
@@ -79,7 +79,7 @@ class Replanner:
                 outcomes.append((state, outcome))
                 if outcome.cache_plan is not None:
                     plans.append(outcome.cache_plan)
-        previous = previous_assignments({n: o.get("spec") or {} for n, o in existing.items()})
+        previous = {name: obj["record"].assignments for name, obj in existing.items()}
         per_node = distribute(plans, present, previous)
         node_names = {n.name for n in nodes}
         self.metrics.planned({n: len(per_node.get(n, [])) for n in node_names})
@@ -88,8 +88,9 @@ class Replanner:
             self.inventory.deleted(name)
         # No object where no cache wants anything.
         names = [n for n in sorted(node_names) if n in per_node or n in existing]
+        specs = NodeSpecs(plans)
         written = await self._write_specs(
-            existing, names, lambda name: node_spec(name, per_node.get(name, []), plans))
+            existing, names, lambda name: specs.spec(name, per_node.get(name, [])))
         await self._write_credentials(caches)
         # Only now, every spec written (and in the index), do the states take their new
         # plans: status aggregation runs beside the replan, and a plan read with node
@@ -122,13 +123,13 @@ class Replanner:
         async def one(name: str) -> bool:
             async with limit:
                 spec, before = spec_of(name), existing.get(name)
-                if before is not None and before.get("spec") == spec:
+                record = SpecRecord.of(name, spec)
+                if before is not None and before["record"].fingerprint == record.fingerprint:
                     return False
-                generation = await asyncio.to_thread(self.kube.write_node_spec, before, name,
-                                                     spec)
-            if generation is not None:
-                self.inventory.wrote(name, spec, generation)
-            return generation is not None
+                generation = await asyncio.to_thread(self.kube.write_node_spec,
+                                                     before is not None, name, spec)
+            self.inventory.wrote(name, record, generation)
+            return True
         results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

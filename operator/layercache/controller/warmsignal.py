@@ -20,7 +20,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from layercache.api.warm import WARM_LABEL, WARMING_TAINT, NodeWarmth, is_warm, warm_patch
+from layercache.api.warm import WARM_LABEL, WARMING_TAINT, NodeWarmth, warm_patch, warm_status
 from layercache.controller.nodeindex import NodeCacheIndex
 from layercache.controller.ports import KubePort
 from layercache.controller.settings import OperatorSettings
@@ -68,7 +68,7 @@ class WarmSignal:
             if not isinstance(node, NodeWarmth):
                 log.warning("Node %s not readable for the warm signal; skipped", node)
                 continue
-            is_it = is_warm(caches.get(node.name))
+            is_it = _warm(caches.get(node.name))
             if is_it:
                 warm.add(node.name)
             patch = warm_patch(node, is_it, now, self.settings.warming_deadline_seconds)
@@ -98,3 +98,11 @@ def _log_change(node: NodeWarmth, patch: dict[str, object], warm: bool) -> None:
     if "spec" in patch:
         log.info("Node %s: startup taint %s removed (%s)", node.name, WARMING_TAINT,
                  "warm" if warm else "deadline passed")
+
+
+def _warm(kept: Mapping[str, Any] | None) -> bool:
+    """`layercache.api.warm.is_warm` of an indexed NodeLayerCache (its spec as a record)."""
+    if not kept:
+        return False
+    record = kept["record"]
+    return warm_status(kept["metadata"], kept["status"], len(record.layers), record.chains)

@@ -70,6 +70,11 @@ class Run(Sequence[T], Generic[T]):
     def __len__(self) -> int:
         return self._stop - self._start
 
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """Which view this is: equal keys, equal items (while the shared sequence lives)."""
+        return id(self._items), self._start, self._stop
+
     @overload
     def __getitem__(self, index: int) -> T: ...
     @overload
