@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from layercache.api import Reason
 from layercache.controller.controller import REFRESH_INTERVAL_SECONDS, Controller
-from layercache.controller.nodeindex import SpecRecord, fingerprint
+from layercache.controller.nodeindex import NodeCacheIndex, SpecRecord, fingerprint
 from layercache.controller.replanner import CREDENTIALS_KEY, SPEC_WRITE_CONCURRENCY
 from layercache.controller.settings import OperatorSettings
 from layercache.oci.digest import Digest
@@ -474,6 +474,28 @@ async def test_index_records_each_spec_once_and_a_spec_edited_by_hand_is_rewritt
     assert await bed.controller.replan() == {"n1": False, "n2": False}
 
 
+def test_a_record_is_reused_only_for_the_same_object_and_generation() -> None:
+    """A record is kept across status changes, never across objects.
+
+    Deleted and created again while the watch was away (generation 1 again): a re-list
+    must read the new object's spec, not keep the old one's record.
+    """
+    def listed(uid: str, digest: str, status: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": {"name": "n1", "generation": 1, "uid": uid},
+                "spec": {"layers": [{"digest": digest, "size": 1, "repository": "r",
+                                     "source": "Peer", "peers": ["n2"]}]}, "status": status}
+    index = NodeCacheIndex(kube=None)  # type: ignore[arg-type]  # fed by hand
+    index.replace([listed("u1", "sha256:" + "a" * 64, {})], "1")
+    first = index._objects["n1"]["record"]
+    index.replace([listed("u1", "sha256:" + "a" * 64, {"observedGeneration": 1})], "2")
+    assert index._objects["n1"]["record"] is first  # a status change: the same record
+    index.replace([listed("u2", "sha256:" + "b" * 64, {})], "9")
+    assert index._objects["n1"]["record"].layers == ("sha256:" + "b" * 64,)
+    index.apply("MODIFIED", {"metadata": {"name": "n1", "generation": 2}, "spec": {
+        "layers": 5}, "status": {}})  # not the CRD's: read as no layers, never raises
+    assert index._objects["n1"]["record"].layers == ()
+
+
 async def test_index_lists_again_after_410_gone(bed: Bed) -> None:
     bed.controller.start()
     await bed.create("c", _spec("reg.example/app:1"))
@@ -566,10 +588,10 @@ async def test_status_never_reads_a_plan_beside_specs_not_written_yet(bed: Bed) 
     entered, release = threading.Event(), threading.Event()
     write = bed.kube.write_node_spec
 
-    def held_write(existing: Any, name: str, spec: dict[str, Any]) -> int | None:
+    def held_write(exists: bool, name: str, spec: dict[str, Any]) -> int:
         entered.set()
         assert release.wait(10), "the test never released the write"
-        return write(existing, name, spec)
+        return write(exists, name, spec)
     bed.kube.write_node_spec = held_write  # type: ignore[method-assign]
     await bed.create("new", _spec("reg.example/web:1"))
     replan = asyncio.create_task(bed.controller.replan())
@@ -674,7 +696,7 @@ async def test_spec_writes_run_bounded_in_parallel_and_skip_equal_specs() -> Non
     lock, in_flight, peak, calls = threading.Lock(), [0], [0], [0]
     write = kube.write_node_spec
 
-    def slow_write(existing: Any, name: str, spec: dict[str, Any]) -> int | None:
+    def slow_write(exists: bool, name: str, spec: dict[str, Any]) -> int:
         with lock:
             in_flight[0] += 1
             calls[0] += 1
@@ -682,7 +704,7 @@ async def test_spec_writes_run_bounded_in_parallel_and_skip_equal_specs() -> Non
         time.sleep(0.02)
         with lock:
             in_flight[0] -= 1
-            return write(existing, name, spec)
+            return write(exists, name, spec)
 
     kube.write_node_spec = slow_write  # type: ignore[method-assign]
     registry = RegistryTwin({(ref, str(AMD64)): image for ref, image in IMAGES.items()})

@@ -184,6 +184,19 @@ def test_one_builder_for_many_nodes_gives_each_its_own_spec(
         assert NodeLayerCacheSpec.read(name, spec).to_dict() == spec
 
 
+def test_a_cache_whose_layers_are_all_past_the_cap_is_still_named() -> None:
+    """The cap cuts ``layers``, not who wants something here.
+
+    ``caches`` and ``paused`` count every cache wanting a layer on the node.
+    """
+    many = tuple(_layer(f"m{i}", 1) for i in range(MAX_NODE_LAYERS))
+    first = _cache("ns/a", {"huge": many}, ["n1"])
+    second = _cache("ns/b", {"late": (_layer("late", 1),)}, ["n1"])
+    layers = distribute([first, second], {})["n1"]
+    spec = node_spec("n1", layers, [first, second])
+    assert len(spec["layers"]) == MAX_NODE_LAYERS and spec["caches"] == ["ns/a", "ns/b"]
+
+
 def test_node_spec_is_capped_at_the_crd_limit() -> None:
     many = tuple(_layer(f"m{i}", 1) for i in range(MAX_NODE_LAYERS + 10))
     cache = _cache("ns/c", {"huge": many}, ["n1"], mode_images=True)

@@ -98,8 +98,9 @@ class SpecRecord:
         interned: every node's record names the same digests and nodes.
         """
         layers, assignments = [], {}
-        readable = True
-        for entry in spec.get("layers") or ():
+        listed = spec.get("layers") or []
+        readable = isinstance(listed, list)
+        for entry in listed if readable else ():
             digest = entry.get("digest") if isinstance(entry, Mapping) else None
             if not isinstance(digest, str):
                 readable = False
@@ -124,8 +125,8 @@ class SpecRecord:
 def _slim(obj: Any, before: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """(name, the fields kept) of a NodeLayerCache as the API returns it.
 
-    ``before``: what the index kept of it; its record is reused while the generation is
-    the same (the spec did not change).
+    ``before``: what the index kept of it; its record is reused while the object (uid) and
+    its generation are the same (the spec did not change).
 
     Raises:
         ValueError: no ``metadata.name``, or a spec or status that is not an object.
@@ -139,13 +140,16 @@ def _slim(obj: Any, before: Mapping[str, Any] | None = None) -> tuple[str, dict[
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
     if not isinstance(spec, Mapping) or not isinstance(status, Mapping):
         raise ValueError(f"NodeLayerCache {name}: spec and status must be objects")
-    generation = metadata.get("generation", 0)
-    if (before is not None and isinstance(generation, int) and generation > 0
-            and before["metadata"].get("generation") == generation):
-        record = before["record"]
+    generation, uid = metadata.get("generation", 0), metadata.get("uid") or ""
+    known = before["metadata"] if before is not None else {}
+    # The same object (an entry the replanner made by writing has no uid yet) at the same
+    # generation has the same spec: CRD generations count spec changes only.
+    if (isinstance(generation, int) and generation > 0
+            and known.get("generation") == generation and known.get("uid", "") in ("", uid)):
+        record = before["record"]  # type: ignore[index]
     else:
         record = SpecRecord.of(name, spec)
-    return name, {"metadata": {"name": name, "generation": generation},
+    return name, {"metadata": {"name": name, "generation": generation, "uid": uid},
                   "record": record, "status": status}
 
 

@@ -221,9 +221,10 @@ class NodeSpecs:
         A CRD camelCase dict; its nested lists and dicts may be shared with other nodes'
         specs: read-only.
         """
+        # Every cache wanting a layer here, also one whose layers are all past the cap.
+        wanting = tuple(sorted({c for entry in layers for c in entry.caches}))
         layers = layers[:MAX_NODE_LAYERS]
         held = tuple(entry.layer.digest for entry in layers)
-        wanting = tuple(sorted({c for entry in layers for c in entry.caches}))
         views = tuple((c.key, n.platform, n.chains.key) for c in self.caches
                       if (n := c.plan.nodes.get(name)) is not None)
         key = (held, wanting, views)
