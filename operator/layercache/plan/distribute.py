@@ -79,7 +79,7 @@ class CachePlan:
         default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeLayer:
     """One entry of `NodeLayerCache.spec.layers` (see the CRD for each field)."""
 
