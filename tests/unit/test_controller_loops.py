@@ -23,8 +23,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from layercache.api import Reason
+from layercache.api.nodelayercache import spec_fingerprint
 from layercache.controller.controller import REFRESH_INTERVAL_SECONDS, Controller
-from layercache.controller.nodeindex import NodeCacheIndex, SpecRecord, fingerprint
+from layercache.controller.nodeindex import NodeCacheIndex, SpecRecord
 from layercache.controller.replanner import CREDENTIALS_KEY, SPEC_WRITE_CONCURRENCY
 from layercache.controller.settings import OperatorSettings
 from layercache.oci.digest import Digest
@@ -438,7 +439,7 @@ async def test_index_lists_once_then_follows_the_watch(bed: Bed) -> None:
     stored = bed.kube.node_caches["n1"]["spec"]
     assert indexed["record"] == SpecRecord.of("n1", stored)
     assert indexed["record"].layers == tuple(e["digest"] for e in stored["layers"])
-    assert indexed["record"].fingerprint == fingerprint(stored)
+    assert indexed["record"].fingerprint == spec_fingerprint(stored)
     assert indexed["held"] == frozenset()  # no inventory reported (no `missing`, none held)
     assert indexed["status"]["synced"] is True
 

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layercache.api.nodelayercache import NodeLayerCacheSpec
+from layercache.api.nodelayercache import NodeLayerCacheSpec, spec_fingerprint
 from layercache.controller.nodeindex import SpecRecord
 from layercache.oci.digest import Digest
 from layercache.oci.platform import Platform
@@ -179,9 +179,10 @@ def test_one_builder_for_many_nodes_gives_each_its_own_spec(
     result = distribute(caches, present)
     shared = NodeSpecs(caches)
     for name in nodes:
-        spec = shared.spec(name, result.get(name, []))
+        spec, fingerprint = shared.spec_and_fingerprint(name, result.get(name, []))
         assert spec == node_spec(name, result.get(name, []), caches)
         assert NodeLayerCacheSpec.read(name, spec).to_dict() == spec
+        assert fingerprint == spec_fingerprint(spec)  # hashed once per distinct rest
 
 
 def test_a_cache_whose_layers_are_all_past_the_cap_is_still_named() -> None:

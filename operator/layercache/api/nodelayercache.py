@@ -10,6 +10,8 @@ references, chain IDs) and builds the status (`layercache.agent.status.report.St
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any, Literal, Self
@@ -35,6 +37,7 @@ __all__ = [
     "SpecChain",
     "SpecImage",
     "SpecLayer",
+    "spec_fingerprint",
 ]
 
 Source = Literal["Upstream", "Peer"]
@@ -152,6 +155,30 @@ class NodeLayerCacheSpec(WireModel):
             caches=[str(c) for c in data.get("caches") or ()],
             paused=data.get("paused") is True,
             image_layers=valid(ImageLayers, data.get("imageLayers")))
+
+
+#: What `spec_fingerprint` leaves out of each ``spec.layers[]`` entry (compared apart).
+ASSIGNMENT_FIELDS = frozenset({"source", "peers"})
+
+
+def spec_fingerprint(spec: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a NodeLayerCache spec (CRD dict) without its node's own fields.
+
+    The canonical JSON (sorted keys, no spaces) of ``spec`` without ``nodeName`` and
+    without each layer's ``source`` and ``peers``: what nodes holding the same layers for
+    the same caches share, so the operator hashes it once for all of them. Two specs are
+    equal when their fingerprints, node names and per-layer (source, peers) are
+    (`layercache.controller.nodeindex.SpecRecord`). Any dict: fields it does not know are
+    hashed as they are.
+    """
+    rest = {key: value for key, value in spec.items() if key != "nodeName"}
+    layers = rest.get("layers")
+    if isinstance(layers, list):
+        rest["layers"] = [
+            {k: v for k, v in entry.items() if k not in ASSIGNMENT_FIELDS}
+            if isinstance(entry, Mapping) else entry for entry in layers]
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # -- status ----------------------------------------------------------------------------

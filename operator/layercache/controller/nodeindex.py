@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
-import json
 import logging
 import sys
 import threading
@@ -43,11 +41,12 @@ from typing import Any, Final
 
 from kubernetes.client.exceptions import ApiException
 
+from layercache.api.nodelayercache import spec_fingerprint
 from layercache.backoff import Backoff
 from layercache.controller.ports import KubePort
 from layercache.oci.digest import Digest
 
-__all__ = ["WATCH_BACKOFF", "NodeCacheIndex", "SpecRecord", "fingerprint", "held_layers"]
+__all__ = ["WATCH_BACKOFF", "NodeCacheIndex", "SpecRecord", "held_layers"]
 
 log = logging.getLogger(__name__)
 #: Waits before listing again after a failed list or watch: 1 s doubling to 30 s.
@@ -65,32 +64,31 @@ def _daemon(run: Callable[[], None]) -> None:
     threading.Thread(target=run, name="NodeLayerCache watch", daemon=True).start()
 
 
-def fingerprint(spec: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of ``spec``'s canonical JSON (sorted keys, no spaces).
-
-    Equal for equal dicts, whatever their key order.
-    """
-    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class SpecRecord:
     """What the operator keeps of one NodeLayerCache spec (module docstring).
 
-    ``fingerprint``: `fingerprint` of the spec; ``layers``: its ``layers[].digest`` in order;
-    ``assignments``: digest → (``source``, ``peers``) of each layer, the planner's previous
-    assignments (`layercache.plan.distribute.Previous`); ``chains``: how many it lists.
+    Two specs are equal when their records are. ``fingerprint``:
+    `layercache.api.nodelayercache.spec_fingerprint` (all but the node's name and each
+    layer's source and peers); ``node_name``: its ``nodeName``; ``layers``: its
+    ``layers[].digest`` in order; ``assignments``: digest → (``source``, ``peers``) of each
+    layer, the planner's previous assignments (`layercache.plan.distribute.Previous`);
+    ``chains``: how many chains it lists.
     """
 
     fingerprint: str
+    node_name: str
     layers: tuple[str, ...]
     assignments: Mapping[str, tuple[str, tuple[str, ...]]]
     chains: int
 
     @classmethod
-    def of(cls, name: str, spec: Mapping[str, Any]) -> SpecRecord:
+    def of(cls, name: str, spec: Mapping[str, Any], fingerprint: str | None = None
+           ) -> SpecRecord:
         """The record of NodeLayerCache ``name``'s ``spec`` (a CRD camelCase dict).
+
+        ``fingerprint``: its `spec_fingerprint` when known (the replanner's, hashed once for
+        many nodes); else hashed here.
 
         A layer entry that does not read as the CRD's (no string ``digest``, ``source`` or
         ``peers`` of strings) gives the node no previous assignments (logged): its spec is
@@ -118,7 +116,8 @@ class SpecRecord:
                         "assignments are ignored", name)
             assignments = {}
         chains = spec.get("chains")
-        return cls(fingerprint(spec), tuple(layers), assignments,
+        return cls(spec_fingerprint(spec) if fingerprint is None else fingerprint,
+                   str(spec.get("nodeName", "")), tuple(layers), assignments,
                    len(chains) if isinstance(chains, list) else 0)
 
 

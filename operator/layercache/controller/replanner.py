@@ -90,7 +90,8 @@ class Replanner:
         names = [n for n in sorted(node_names) if n in per_node or n in existing]
         specs = NodeSpecs(plans)
         written = await self._write_specs(
-            existing, names, lambda name: specs.spec(name, per_node.get(name, [])))
+            existing, names,
+            lambda name: specs.spec_and_fingerprint(name, per_node.get(name, [])))
         await self._write_credentials(caches)
         # Only now, every spec written (and in the index), do the states take their new
         # plans: status aggregation runs beside the replan, and a plan read with node
@@ -109,8 +110,9 @@ class Replanner:
         return written
 
     async def _write_specs(self, existing: Mapping[str, Mapping[str, Any]], names: list[str],
-                           spec_of: Callable[[str], dict[str, Any]]) -> dict[str, bool]:
-        """Write each node's spec (``spec_of(name)``) that differs from ``existing``.
+                           spec_of: Callable[[str], tuple[dict[str, Any], str]]
+                           ) -> dict[str, bool]:
+        """Write each node's spec (``spec_of(name)``: it and its fingerprint) that differs.
 
         `SPEC_WRITE_CONCURRENCY` at a time, each spec made only when its turn comes (1,000
         specs are not held at once); an equal spec is not sent. Returns name → written.
@@ -122,9 +124,9 @@ class Replanner:
 
         async def one(name: str) -> bool:
             async with limit:
-                spec, before = spec_of(name), existing.get(name)
-                record = SpecRecord.of(name, spec)
-                if before is not None and before["record"].fingerprint == record.fingerprint:
+                (spec, fingerprint), before = spec_of(name), existing.get(name)
+                record = SpecRecord.of(name, spec, fingerprint)
+                if before is not None and before["record"] == record:
                     return False
                 generation = await asyncio.to_thread(self.kube.write_node_spec,
                                                      before is not None, name, spec)

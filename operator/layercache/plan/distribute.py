@@ -34,6 +34,7 @@ from layercache.api.nodelayercache import (
     SpecChain,
     SpecImage,
     SpecLayer,
+    spec_fingerprint,
 )
 from layercache.oci.digest import Digest
 from layercache.oci.platform import Platform
@@ -214,6 +215,8 @@ class NodeSpecs:
         self._layers: dict[tuple[Any, ...], dict[str, Any]] = {}
         #: Each chain's entry without ``caches``, by the planner's (shared) `Chain`.
         self._chains: dict[Any, SpecChain] = {}
+        #: `spec_fingerprint` by what it covers (`spec_and_fingerprint`).
+        self._fingerprints: dict[tuple[Any, ...], str] = {}
 
     def spec(self, name: str, layers: Sequence[NodeLayer]) -> dict[str, Any]:
         """The spec of node ``name`` holding ``layers`` (as `distribute` returned them).
@@ -221,6 +224,11 @@ class NodeSpecs:
         A CRD camelCase dict; its nested lists and dicts may be shared with other nodes'
         specs: read-only.
         """
+        return self._assemble(name, layers)[0]
+
+    def _assemble(self, name: str, layers: Sequence[NodeLayer]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the spec, its shared part: one object per distinct part while this lives)."""
         # Every cache wanting a layer here, also one whose layers are all past the cap.
         wanting = tuple(sorted({c for entry in layers for c in entry.caches}))
         layers = layers[:MAX_NODE_LAYERS]
@@ -232,7 +240,24 @@ class NodeSpecs:
         if shared is None:
             shared = self._shared[key] = self._shared_part(name, layers, wanting)
         return {"nodeName": name, "layers": [self._layer(entry) for entry in layers],
-                **shared}
+                **shared}, shared
+
+    def spec_and_fingerprint(self, name: str, layers: Sequence[NodeLayer]
+                             ) -> tuple[dict[str, Any], str]:
+        """`spec` and its `layercache.api.nodelayercache.spec_fingerprint`.
+
+        The fingerprint leaves out what differs between nodes (their names, each layer's
+        source and peers), so it is hashed once per distinct rest: one JSON encoding of a
+        220 KB spec per node was the largest part of a 1,000-node replan.
+        """
+        spec, shared = self._assemble(name, layers)
+        key = (id(shared), tuple((entry.layer.digest, entry.layer.size, entry.layer.media_type,
+                                  entry.repository, frozenset(entry.caches))
+                                 for entry in layers[:MAX_NODE_LAYERS]))
+        found = self._fingerprints.get(key)
+        if found is None:
+            found = self._fingerprints[key] = spec_fingerprint(spec)
+        return spec, found
 
     def _layer(self, entry: NodeLayer) -> dict[str, Any]:
         layer = entry.layer
