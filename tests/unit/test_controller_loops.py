@@ -497,6 +497,19 @@ def test_a_record_is_reused_only_for_the_same_object_and_generation() -> None:
     assert index._objects["n1"]["record"].layers == ()
 
 
+@pytest.mark.parametrize("peers", [None, {}, "", False, [1]])
+def test_a_stored_spec_with_unreadable_peers_never_equals_the_desired_one(peers: Any) -> None:
+    """Peers are compared apart from the fingerprint: an unreadable value must not pass."""
+    desired = {"nodeName": "n1", "layers": [{"digest": "sha256:" + "a" * 64, "size": 1,
+                                             "repository": "r", "source": "Upstream",
+                                             "peers": []}]}
+    stored = {**desired, "layers": [{**desired["layers"][0], "peers": peers}]}
+    absent = {**desired, "layers": [{k: v for k, v in desired["layers"][0].items()
+                                     if k != "peers"}]}
+    assert SpecRecord.of("n1", stored) != SpecRecord.of("n1", desired)
+    assert SpecRecord.of("n1", absent) == SpecRecord.of("n1", desired)  # the CRD's default
+
+
 async def test_index_lists_again_after_410_gone(bed: Bed) -> None:
     bed.controller.start()
     await bed.create("c", _spec("reg.example/app:1"))

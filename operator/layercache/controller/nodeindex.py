@@ -91,8 +91,9 @@ class SpecRecord:
         many nodes); else hashed here.
 
         A layer entry that does not read as the CRD's (no string ``digest``, ``source`` or
-        ``peers`` of strings) gives the node no previous assignments (logged): its spec is
-        rewritten whole, as the planner would for a spec it cannot read. Strings are
+        ``peers`` of strings; an absent ``peers`` reads as ``[]``) gives the node no
+        previous assignments (logged), so its record equals no desired spec's and the spec
+        is rewritten whole. Strings are
         interned: every node's record names the same digests and nodes.
         """
         layers, assignments = [], {}
@@ -105,7 +106,9 @@ class SpecRecord:
                 continue
             digest = sys.intern(digest)
             layers.append(digest)
-            source, peers = entry.get("source"), entry.get("peers") or []
+            # An absent ``peers`` reads as none, as the agent reads it (the CRD's default);
+            # any other value that is not a list of strings is unreadable.
+            source, peers = entry.get("source"), entry.get("peers", [])
             if (source not in ("Upstream", "Peer") or not isinstance(peers, list)
                     or not all(isinstance(p, str) for p in peers)):
                 readable = False

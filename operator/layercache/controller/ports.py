@@ -114,7 +114,7 @@ class KubePort(Protocol):
 
         Returns the object's ``metadata.generation`` after the write (what an agent must
         observe before its status speaks for `spec`). The caller writes only a spec that
-        differs from the stored one (the replanner compares fingerprints).
+        differs from the stored one (the replanner compares spec records).
         """
         ...
 
