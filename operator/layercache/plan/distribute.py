@@ -91,15 +91,20 @@ class NodeLayer:
     peers: list[str] = field(default_factory=list)
 
     def to_spec(self) -> SpecLayer:
-        """The ``spec.layers[]`` entry.
+        """The ``spec.layers[]`` entry."""
+        return SpecLayer(digest=str(self.layer.digest), size=self.layer.size,
+                         media_type=self.layer.media_type, repository=self.repository,
+                         **self.node_fields())
+
+    def node_fields(self) -> dict[str, Any]:
+        """The entry's fields that differ between nodes: ``source``, ``peers``, ``caches``.
 
         ``caches`` are sorted; the first is the cache whose image named `repository` (the
         first in key order to want the layer), so its credentials fit that repository.
         """
-        return SpecLayer(digest=str(self.layer.digest), size=self.layer.size,
-                         media_type=self.layer.media_type, repository=self.repository,
-                         source="Upstream" if self.source == "Upstream" else "Peer",
-                         peers=list(self.peers), caches=sorted(self.caches))
+        return {"source": "Upstream" if self.source == "Upstream" else "Peer",
+                "peers": list(self.peers),
+                "caches": list(self.caches) if len(self.caches) == 1 else sorted(self.caches)}
 
 
 #: A previous assignment: node → digest → (source, peers), from the stored specs
@@ -265,9 +270,7 @@ class NodeSpecs:
         template = self._layers.get(key)
         if template is None:
             template = self._layers[key] = entry.to_spec().to_dict()
-        return {**template, "source": "Upstream" if entry.source == "Upstream" else "Peer",
-                "peers": list(entry.peers),
-                "caches": list(entry.caches) if len(entry.caches) == 1 else sorted(entry.caches)}
+        return {**template, **entry.node_fields()}
 
     def _shared_part(self, name: str, layers: Sequence[NodeLayer], wanting: Sequence[str]
                      ) -> dict[str, Any]:
