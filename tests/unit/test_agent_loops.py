@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from layercache.agent import reconcile
 from layercache.agent.app import Agent, NodeContainerd
+from layercache.agent.fetch import fetcher as fetcher_module
 from layercache.agent.fetch.fetcher import SOURCE_LABEL, FetchConfig, LayerFetcher
 from layercache.agent.fetch.transfer import ByteRate
 from layercache.agent.nodespec import Counters
@@ -531,6 +532,101 @@ async def test_a_seeder_copies_for_itself_only_after_the_layers_it_seeds(
         registry.release(u)
         await until("Ready", node.ready)
         assert [digest for digest, _, _ in node.store.writes] == [u, p]
+
+
+async def test_a_node_copies_from_its_relay_tree_parent_before_a_peer_that_answers_first(
+        tmp_path: Path, registry: RegistryTwin) -> None:
+    # n3's peers: n2 (its parent in the layer's relay tree, still fetching it) and n1 (a
+    # holder, yes at once). n1's yes waits for n2's: the copy comes from n2, so n1 does
+    # not upload the layer to every node.
+    a = registry.add(blob(1))
+    registry.hold(a)
+    kube = AgentKubeTwin("n3")
+    for name in ("n1", "n2"):
+        kube.put(nlc(name, [], status={"peerEndpoint": f"http://{name}.test:5780"}))
+    holder, parent_store = ContentStoreTwin(), ContentStoreTwin()
+    holder.put(blob(1))
+    peers = PeersTwin({"http://n1.test:5780": holder, "http://n2.test:5780": parent_store})
+    parent = make_node("n2", tmp_path, registry, store=parent_store)
+    node = make_node("n3", tmp_path, registry, kube=kube, peers=peers)
+    parent.apply(nlc("n2", [entry(a, 3000, "Upstream")]))
+    node.apply(nlc("n3", [entry(a, 3000, "Peer", ["n2", "n1"])]))
+    async with running(parent, node):
+        await until("the parent fetching", lambda: registry.in_flight == {a})
+        await asyncio.sleep(0.05)  # n1 has said yes by now; the parent has not
+        assert a not in node.store.blobs and peers.gets == []
+        registry.release(a)
+        await until("both Ready", lambda: parent.ready() and node.ready())
+    assert peers.gets == [("http://n2.test:5780", a, 0)]
+
+
+async def test_a_parent_slower_than_the_grace_is_passed_over_for_a_peer_that_holds_it(
+        tmp_path: Path, registry: RegistryTwin, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetcher_module, "PARENT_GRACE", 0.05)
+    a = registry.add(blob(1))
+    kube = AgentKubeTwin("n3")
+    for name in ("n1", "n2"):
+        kube.put(nlc(name, [], status={"peerEndpoint": f"http://{name}.test:5780"}))
+    holder = ContentStoreTwin()
+    holder.put(blob(1))
+    peers = PeersTwin({"http://n1.test:5780": holder, "http://n2.test:5780": ContentStoreTwin()})
+    node = make_node("n3", tmp_path, registry, kube=kube, peers=peers)
+    node.apply(nlc("n3", [entry(a, 3000, "Peer", ["n2", "n1"])]))
+    async with running(node):
+        await until("Ready", node.ready)
+    assert peers.gets == [("http://n1.test:5780", a, 0)]
+    assert registry.requests == []
+
+
+class GatedPeers(PeersTwin):
+    """`PeersTwin` whose blob bodies stop after their first ``first`` bytes until ``gate``."""
+
+    def __init__(self, stores: dict[str, ContentStoreTwin], first: int) -> None:
+        super().__init__(stores)
+        self.first = first
+        self.gate = asyncio.Event()
+
+    def source(self, endpoint: str, digest: Digest, size: int, rate: ByteRate,
+               on_bytes: Callable[[int], None]) -> Any:
+        inner = super().source(endpoint, digest, size, rate, on_bytes)
+
+        async def from_offset(offset: int) -> AsyncIterator[bytes]:
+            data = b"".join([chunk async for chunk in inner(offset)])
+            yield data[:self.first]
+            await self.gate.wait()
+            yield data[self.first:]
+
+        return from_offset
+
+
+async def test_a_peer_copy_is_relayed_to_the_nodes_below_while_it_arrives(
+        tmp_path: Path, registry: RegistryTwin) -> None:
+    # Not only the seeder relays: a node copying from a peer offers what it received so
+    # far to its own children in the relay tree, before its COMMIT.
+    data = blob(1)
+    kube = AgentKubeTwin("n2")
+    kube.put(nlc("n1", [], status={"peerEndpoint": "http://n1.test:5780"}))
+    holder = ContentStoreTwin()
+    a = holder.put(data)
+    peers = GatedPeers({"http://n1.test:5780": holder}, first=1000)
+    node = make_node("n2", tmp_path, registry, kube=kube, peers=peers)
+    node.apply(nlc("n2", [entry(a, len(data), "Peer", ["n1"])]))
+    async with running(node):
+        await until("relaying", lambda: node.fetcher.relays.get(a) is not None)
+        relay = node.fetcher.relays.get(a)
+        assert relay is not None and a not in node.store.blobs  # before its COMMIT
+        reader = asyncio.create_task(_read_all(relay.read(0, len(data))))
+        await asyncio.sleep(0)
+        assert not reader.done()
+        peers.gate.set()
+        assert await asyncio.wait_for(reader, 5) == data
+        await until("Ready", node.ready)
+    assert node.fetcher.relays.get(a) is None and node.fetcher.relays.held == 0
+    assert registry.requests == []
+
+
+async def _read_all(views: AsyncIterator[memoryview]) -> bytes:
+    return b"".join([bytes(view) async for view in views])
 
 
 # --- pin and release -----------------------------------------------------------------

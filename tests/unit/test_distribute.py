@@ -13,6 +13,7 @@ from layercache.controller.nodeindex import SpecRecord
 from layercache.oci.digest import Digest
 from layercache.oci.platform import Platform
 from layercache.plan.distribute import (
+    FANOUT,
     MAX_NODE_CHAINS,
     MAX_NODE_LAYERS,
     CachePlan,
@@ -210,7 +211,7 @@ def test_node_spec_is_capped_at_the_crd_limit() -> None:
     assert [len(c["layers"]) for c in spec["chains"]] == list(range(1, MAX_NODE_CHAINS + 1))
 
 
-def test_peers_are_holders_then_seeder_then_the_next_nodes_each_once() -> None:
+def test_peers_are_parent_then_holders_then_seeder_then_the_next_nodes_each_once() -> None:
     # 1,000 nodes, as in the scale benchmark: the list must stay cheap and exact.
     nodes = [f"n{i:04d}" for i in range(1000)]
     present = {"n0500": frozenset({BASE.digest}), "n0007": frozenset({BASE.digest})}
@@ -220,18 +221,40 @@ def test_peers_are_holders_then_seeder_then_the_next_nodes_each_once() -> None:
                   if e.layer.digest == APP_A.digest and e.source == "Upstream")
     for index, name in enumerate(nodes):
         for entry in result[name]:
-            if entry.source == "Upstream":
+            held = entry.layer.digest == BASE.digest  # held by two nodes: no seeder
+            if entry.source == "Upstream" or (held and name in present):
                 continue
             assert name not in entry.peers
             assert len(entry.peers) == len(set(entry.peers)) == 8
-            if entry.layer.digest == BASE.digest:  # held by two nodes: no seeder
-                holders = [h for h in ("n0007", "n0500") if h != name]
-                assert entry.peers[:len(holders)] == holders
-                rest = entry.peers[len(holders):]
-                skip = {name, "n0007", "n0500"}
-            else:
-                assert entry.peers[0] == seeder
-                rest = entry.peers[1:]
-                skip = {name, seeder}
+            parent = entry.peers[0]
+            roots = [r for r in (["n0007", "n0500"] if held else [seeder]) if r != parent]
+            assert entry.peers[1:1 + len(roots)] == roots
+            rest = entry.peers[1 + len(roots):]
+            skip = {name, parent, *roots}
             following = [n for n in nodes[index + 1:] + nodes[:index] if n not in skip]
             assert rest == following[:len(rest)]
+
+
+@given(count=st.integers(1, 300), held=st.sets(st.integers(0, 299), max_size=4))
+@settings(max_examples=60, deadline=None)
+def test_each_layer_flows_down_a_relay_tree_no_node_uploads_it_more_than_fanout_times(
+        count: int, held: set[int]) -> None:
+    nodes = [f"n{i:03d}" for i in range(count)]
+    present = {nodes[i]: frozenset({BASE.digest}) for i in held if i < count}
+    cache = _cache("ns/c", {"app-a": (BASE, APP_A)}, nodes, present)
+    result = distribute([cache], present)
+    for layer in (BASE, APP_A):
+        entries = {n: e for n in nodes for e in result[n] if e.layer.digest == layer.digest}
+        holders = {n for n in present if layer.digest in present[n]}
+        roots = holders or {n for n, e in entries.items() if e.source == "Upstream"}
+        assert len(roots) == 1 or holders  # one seeder, or the holders
+        parent = {n: e.peers[0] for n, e in entries.items() if n not in roots}
+        uploads: dict[str, int] = {}
+        for up in parent.values():
+            uploads[up] = uploads.get(up, 0) + 1
+        assert max(uploads.values(), default=0) <= FANOUT
+        for node in parent:  # every path leads to a root, within log2(count) + 1 steps
+            at, steps = node, 0
+            while at not in roots:
+                at, steps = parent[at], steps + 1
+                assert steps <= count.bit_length() + 1

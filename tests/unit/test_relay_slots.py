@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -54,13 +55,36 @@ async def test_relays_bound_memory_announce_and_fail_on_error() -> None:
         relay.feed(0, BLOB[:10])
         assert relays.get(DIGEST) is relay
         await asyncio.wait_for(waiter, 1)  # announced when its first bytes arrived
+        assert relays.held == len(BLOB)  # counted whole from its first bytes
         with relays.receiving(other, 20) as over:
-            assert over is None  # over budget: not relayed
+            assert over is not None and relays.held == len(BLOB)  # no byte yet: not counted
+            over.feed(0, b"x")
+            assert relays.get(other) is None  # over budget at its first bytes: never offered
+            assert over.error is not None and relays.held == len(BLOB)
         raise ValueError("boom")
     assert relay.error is not None and "boom" in relay.error
     assert relays.get(DIGEST) is None and relays.held == 0
     with relays.receiving(other, 20) as fits:
         assert fits is not None
+        fits.feed(0, b"x")
+        assert relays.get(other) is fits and relays.held == 20
+    assert relays.held == 0
+
+
+async def test_relays_count_only_transfers_under_way_against_the_budget() -> None:
+    # A node waiting for peers or a transfer slot holds no bytes: many such fetches must
+    # not use up the budget of the ones that run (every peer copy is relayed now).
+    relays = Relays(budget=len(BLOB))
+    digests = [Digest.from_bytes(bytes([i])) for i in range(8)]
+    with contextlib.ExitStack() as stack:
+        waiting = [stack.enter_context(relays.receiving(d, len(BLOB))) for d in digests[1:]]
+        assert all(r is not None for r in waiting) and relays.held == 0
+        with relays.receiving(digests[0], len(BLOB)) as running:
+            assert running is not None
+            running.feed(0, BLOB[:1])
+            assert relays.get(digests[0]) is running
+            with relays.receiving(digests[0], len(BLOB)) as twice:
+                assert twice is None  # one relay per blob
 
 
 async def test_a_seeder_the_registry_refuses_never_offers_its_relay() -> None:

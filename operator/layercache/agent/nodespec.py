@@ -47,7 +47,7 @@ class WantedLayer:
     """One layer to hold: blob ``digest`` of ``size`` bytes, found upstream in ``repository``.
 
     ``source`` says whether this node seeds it from the registry (``Upstream``) or takes it
-    from one of ``peers`` (node names, most likely first), falling back to upstream.
+    from one of ``peers`` (node names, its relay-tree parent first), falling back to upstream.
     ``caches`` (``namespace/name``) want it; only their credentials fetch it (empty from
     an older operator: then those of every cache on the node).
     """

@@ -7,8 +7,16 @@ Who fetches from upstream: a layer some node already holds is fetched by everyon
 from peers. A layer nobody holds gets exactly one *seeder*, the node wanting it with the
 fewest upstream bytes assigned so far (largest layers first, so the links fill evenly);
 all other nodes wanting it fetch from peers. That is what makes upstream bytes ≈ unique
-bytes while every node is still warmed. Peers are listed holders first, then the seeder,
-then other nodes that will hold it — rotated per node, so one peer is not everyone's first.
+bytes while every node is still warmed.
+
+Who copies from whom: the nodes wanting a layer form a *relay tree* (`FANOUT`-ary, rooted at
+its holders, else at its seeder; the others in name order), and each node's peers list its
+parent in that tree first. Every node relays what it receives, cut-through
+(`layercache.agent.peer.relay`), so the layer flows down the tree while the seeder still
+receives it, and no node uploads it more than `FANOUT` times (a star would have the seeder
+upload it to every other node: its uplink, not the network, would bound the fan-out). After
+the parent: the holders, the seeder, then other nodes that will hold it — rotated per node
+— for an agent whose parent fails or is slow.
 
 Assignments are sticky: a (node, layer) entry keeps its source and peers from the previous
 spec while they are still valid (the seeder still wants the layer, the peers still want or
@@ -48,6 +56,10 @@ log = logging.getLogger(__name__)
 
 #: Candidate peers listed per layer (the CRD caps the list at 8).
 MAX_PEERS = 8
+#: Children per node in a layer's relay tree: the most times one node uploads a layer it
+#: did not seed for others. 2 halves each relay's uplink share while 1,000 nodes are
+#: still only 10 levels (each adding a first-bytes latency, not a transfer time).
+FANOUT = 2
 #: Layers listed per node (the CRD's maxItems): a spec must fit etcd's object size limit,
 #: and a larger one would fail the write and with it the whole replan.
 MAX_NODE_LAYERS = 5000
@@ -148,6 +160,7 @@ def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Dige
     for digest, nodes in wanting.items():
         useful = set(nodes) | set(holders[digest])
         first = seeder.get(digest)
+        parents = _relay_tree(nodes, holders[digest], first)
         for i, name in enumerate(nodes):
             entry = per_node[name][digest]
             if first == name:
@@ -157,23 +170,44 @@ def distribute(caches: Sequence[CachePlan], present: Mapping[str, frozenset[Dige
             if kept and kept[0] == "Peer" and kept[1] and set(kept[1]) <= useful:
                 entry.peers = list(kept[1])
                 continue
-            entry.peers = _peers(name, i, nodes, holders[digest], first)
+            entry.peers = _peers(name, i, nodes, parents.get(name), holders[digest], first)
     return {name: list(layers.values()) for name, layers in per_node.items()}
 
 
-def _peers(name: str, index: int, nodes: Sequence[str], holders: Sequence[str],
-           seeder: str | None) -> list[str]:
+def _relay_tree(nodes: Sequence[str], holders: Sequence[str], seeder: str | None
+                ) -> dict[str, str]:
+    """Each wanting node's parent in one layer's relay tree (node → parent; roots absent).
+
+    The roots are the layer's holders, else its seeder; the other ``nodes`` follow in
+    their (name) order, and the node at place ``p`` of that order hangs below the one at
+    ``(p - roots) // FANOUT``: every node, root or not, has at most `FANOUT` children, and
+    a parent always comes before its children, so each path leads to a root.
+    """
+    roots = list(holders) if holders else [seeder] if seeder else []
+    if not roots:
+        return {}
+    rooted = set(roots)
+    order = roots + [name for name in nodes if name not in rooted]
+    count = len(roots)
+    return {order[place]: order[(place - count) // FANOUT]
+            for place in range(count, len(order))}
+
+
+def _peers(name: str, index: int, nodes: Sequence[str], parent: str | None,
+           holders: Sequence[str], seeder: str | None) -> list[str]:
     """Up to `MAX_PEERS` peers of `name` (= ``nodes[index]``), each once, never itself.
 
-    Holders first, then the seeder, then the other wanting nodes in rotation from this one.
-    Lazy on purpose: at 1,000 nodes, building the whole rotation for every (node, layer)
-    pair costs O(nodes²) per layer — a minute of CPU for 200 layers.
+    Its ``parent`` in the layer's relay tree first, then the holders, then the seeder,
+    then the other wanting nodes in rotation from this one. Lazy on purpose: at 1,000
+    nodes, building the whole rotation for every (node, layer) pair costs O(nodes²) per
+    layer — a minute of CPU for 200 layers.
     """
     count = len(nodes)
     rotation = (nodes[(index + k) % count] for k in range(1, count))
     chosen: list[str] = []
     seen = {name}
-    for candidate in chain(holders, (seeder,) if seeder else (), rotation):
+    for candidate in chain((parent,) if parent else (), holders,
+                           (seeder,) if seeder else (), rotation):
         if candidate not in seen:
             seen.add(candidate)
             chosen.append(candidate)

@@ -3,8 +3,10 @@
 For a ``Peer`` layer, the listed peers are asked together with a long-poll ``HEAD
 ?wait=`` (`layercache.agent.peer.server`: each answers as soon as it holds the blob *or starts
 receiving it*, else after up to `LONG_POLL` seconds) until one has it — then it is copied
-from there, cut-through while the seeder still receives it (`layercache.agent.peer.relay`) — or
-until `AgentSettings.peer_wait_seconds` have passed; then the registry. Peers that answer
+from there, cut-through while that peer still receives it (`layercache.agent.peer.relay`) — or
+until `AgentSettings.peer_wait_seconds` have passed; then the registry. The first listed
+peer, the node's parent in the layer's relay tree (`layercache.plan.distribute`), is
+preferred: another's yes waits `PARENT_GRACE` seconds for its. Peers that answer
 at once without it (an older agent, an error) are asked again after
 `AgentSettings.peer_poll_seconds`, growing to 5 times that, with jitter. A peer whose
 ``GET`` fails is dropped for that layer at once, and with every peer dropped the registry
@@ -13,8 +15,9 @@ mid-body (a seeder killed mid-relay, or whose own upstream transfer failed: the 
 waiting on it would otherwise wait out `peer_wait_seconds`), or whose bytes do not match the
 digest (its seeder's upstream sent wrong bytes, relayed as they came), sends us to the
 registry at once.
-An ``Upstream`` layer (this node seeds it) goes to the registry at once, relayed to peers
-as it arrives (within `Relays.budget`). Either way:
+An ``Upstream`` layer (this node seeds it) goes to the registry at once. Either way what
+arrives is relayed to the node's children in the tree as it arrives (within
+`Relays.budget`), also across a fall-back from a peer to the registry:
 
 - the write goes through containerd's content API under a lease, with the ingest ref
   derived from the digest (`layercache.containerd.content.ingest_ref`): a retry — or a
@@ -51,7 +54,7 @@ from layercache.agent.peer.client import (
     PeerError,
     PeerUnauthorizedError,
 )
-from layercache.agent.peer.relay import Relays, relayed
+from layercache.agent.peer.relay import Relay, Relays, relayed
 from layercache.agent.ports import PeerSource
 from layercache.agent.status.disk import DiskGuard
 from layercache.agent.status.report import StatusBook
@@ -84,6 +87,8 @@ SOURCE_LABEL = "layercache.dev/source"
 POLL_GROWTH = 5.0
 #: Longest long-poll asked of a peer (seconds; the server caps it too).
 LONG_POLL = 20.0
+#: Seconds another peer's yes waits for the first listed peer's (the relay-tree parent).
+PARENT_GRACE = 1.0
 #: containerd's own label for the repository a blob was pulled from, per registry host.
 DISTRIBUTION_SOURCE_PREFIX = "containerd.io/distribution.source."
 
@@ -176,21 +181,29 @@ class LayerFetcher:
         if kind is not None and not kind.distributable:
             raise NonDistributableLayerError(str(layer.digest), layer.media_type)
         others = [peer for peer in layer.peers if peer != self.config.node]
-        if layer.source == "Peer" and others and await self._from_peers(layer, others, caches):
-            self.relays.announce(layer.digest)
-            return "peer"
-        await self._from_upstream(layer, caches)
+        # One relay for the whole fetch: what arrives from a peer and then, after a cut,
+        # from the registry (resuming where the ingest stands) is one byte stream to the
+        # nodes below this one in the layer's relay tree.
+        with self.relays.receiving(layer.digest, layer.size) as relay:
+            if layer.source == "Peer" and others and await self._from_peers(
+                    layer, others, caches, relay):
+                found: FetchSource = "peer"
+            else:
+                await self._from_upstream(layer, caches, relay)
+                found = "upstream"
         self.relays.announce(layer.digest)
-        return "upstream"
+        return found
 
     async def _from_peers(self, layer: WantedLayer, peers: Sequence[str],
-                          caches: Sequence[str]) -> bool:
+                          caches: Sequence[str], relay: Relay | None) -> bool:
         """Copy ``layer`` from the first peer that holds it; False once the wait is over.
 
         A peer whose ``GET`` fails after its ``HEAD`` said it holds the blob (an error
         status, a body cut short or with wrong bytes) is dropped for this layer at once:
         asking it again would fail again. With every peer dropped, the wait ends early; a
         body cut mid-way or with wrong bytes ends it at once (see the module docstring).
+        What arrives is fed to ``relay`` (this node's children in the relay tree read it);
+        wrong bytes fail it, so they stop and resume elsewhere.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.peer_wait
@@ -205,6 +218,8 @@ class LayerFetcher:
             for node, endpoint in await self._holders(layer, peers, dropped, refused, wait):
                 source = self.peers.source(endpoint, layer.digest, layer.size, self.rate,
                                            lambda n: self.book.fetched("peer", n))
+                if relay is not None:
+                    source = relayed(source, relay)
                 try:
                     await self._write(layer, caches, "peer", source)
                     return True
@@ -227,6 +242,8 @@ class LayerFetcher:
                     # Wrong bytes from a peer are its seeder's upstream body relayed as it
                     # came (cut-through); the seeder finds out at its own COMMIT and retries,
                     # while every other waiting peer waits on that seeder: the registry now.
+                    if relay is not None:  # relayed on already: our children stop too
+                        relay.fail(f"peer {node} sent wrong bytes")
                     dropped.add(node)
                     self.book.error("DigestMismatch", f"from peer {node}: {error}", layer.digest)
                     log.info("peer %s sent %s with wrong bytes: fetching upstream", node,
@@ -252,8 +269,12 @@ class LayerFetcher:
 
         Each is asked with a long-poll of ``wait`` seconds; returns as soon as one says
         yes (with any others that said yes by then, in ``peers`` order), or an empty list
-        once all said no.
+        once all said no. A yes from another peer waits up to `PARENT_GRACE` seconds for
+        the first listed peer's: this node's parent in the layer's relay tree, which says
+        yes once its own first bytes arrive — a moment after the seeder, which would
+        otherwise answer first to every node and upload the layer to each.
         """
+        loop = asyncio.get_running_loop()
         asking: dict[asyncio.Task[bool], tuple[str, str]] = {}
         for node in peers:
             if node in dropped:
@@ -262,23 +283,22 @@ class LayerFetcher:
             if endpoint is not None:
                 asking[asyncio.create_task(self.peers.has(endpoint, layer.digest, wait))] = (
                     node, endpoint)
+        parent = next((task for task, (node, _) in asking.items() if node == peers[0]), None)
         yes: list[tuple[str, str]] = []
         pending = set(asking)
+        grace_end: float | None = None
         try:
-            while pending and not yes:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            while pending and not (yes and parent not in pending):
+                timeout = None if grace_end is None else max(0.0, grace_end - loop.time())
+                done, pending = await asyncio.wait(pending, timeout=timeout,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break  # the parent did not say yes within the grace: take the others
                 for task in done:
-                    node, endpoint = asking[task]
-                    try:
-                        if task.result():
-                            yes.append((node, endpoint))
-                    except PeerUnauthorizedError as error:
-                        if node not in refused:  # once per layer and peer, not once per poll
-                            refused.add(node)
-                            self.book.error(Reason.PEER_UNAUTHORIZED, str(error), layer.digest)
-                    except PeerError as error:
-                        log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
-                        self.directory.forget(node)
+                    if self._said_yes(layer, *asking[task], task, refused):
+                        yes.append(asking[task])
+                if yes and grace_end is None:
+                    grace_end = loop.time() + PARENT_GRACE
         finally:
             for task in pending:
                 task.cancel()
@@ -286,29 +306,44 @@ class LayerFetcher:
         order = {node: index for index, node in enumerate(peers)}
         return sorted(yes, key=lambda held: order[held[0]])
 
-    async def _from_upstream(self, layer: WantedLayer, caches: Sequence[str]) -> None:
+    def _said_yes(self, layer: WantedLayer, node: str, _endpoint: str,
+                  task: asyncio.Task[bool], refused: set[str]) -> bool:
+        """Whether peer ``node``'s finished long-poll ``task`` said it holds ``layer``."""
+        try:
+            return task.result()
+        except PeerUnauthorizedError as error:
+            if node not in refused:  # once per layer and peer, not once per poll
+                refused.add(node)
+                self.book.error(Reason.PEER_UNAUTHORIZED, str(error), layer.digest)
+        except PeerError as error:
+            log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
+            self.directory.forget(node)
+        return False
+
+    async def _from_upstream(self, layer: WantedLayer, caches: Sequence[str],
+                             relay: Relay | None) -> None:
         """Copy ``layer`` from its registry; transient failures retry and resume.
 
         Only the credentials of the caches that want the layer are used, each in turn
-        until the registry accepts one (`first_accepted`).
+        until the registry accepts one (`first_accepted`). What arrives is fed to ``relay``
+        (peers may read it while it arrives: cut-through), unless that failed already.
         """
         source = upstream_source(self.registry, layer.repository, layer.digest, layer.size,
                                  self.rate, lambda n: self.book.fetched("upstream", n))
         what = f"layer {layer.digest.short} from {layer.repository.name}"
-        with self.relays.receiving(layer.digest, layer.size) as relay:
-            if relay is not None:  # peers may read it while it arrives (cut-through)
-                source = relayed(source, relay)
+        if relay is not None and relay.error is None:
+            source = relayed(source, relay)
 
-            async def copy() -> None:
-                async for attempt in self.registry.retry.retrying(what):
-                    with attempt:
-                        await self._write(layer, caches, "upstream", source)
+        async def copy() -> None:
+            async for attempt in self.registry.retry.retrying(what):
+                with attempt:
+                    await self._write(layer, caches, "upstream", source)
 
-            if self.keyrings is None:
-                await copy()
-            else:
-                await first_accepted(self.keyrings(layer.caches or caches,
-                                                   layer.repository.registry), copy)
+        if self.keyrings is None:
+            await copy()
+        else:
+            await first_accepted(self.keyrings(layer.caches or caches,
+                                               layer.repository.registry), copy)
 
     def _labels(self, layer: WantedLayer, source: FetchSource) -> dict[str, str]:
         return {SOURCE_LABEL: source,

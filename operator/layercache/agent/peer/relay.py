@@ -1,26 +1,30 @@
-"""Cut-through fan-out: peers read a layer from its seeder while the seeder still receives it.
+"""Cut-through fan-out: peers read a layer from a node while that node still receives it.
 
-containerd serves only committed blobs (``Content.Read``), so a seeder cannot hand out an
-ingest it is still writing. A `Relay` keeps the seeder's own received buffers instead — the
+containerd serves only committed blobs (``Content.Read``), so a node cannot hand out an
+ingest it is still writing. A `Relay` keeps the node's own received buffers instead — the
 very ``bytes`` objects it passes to containerd, no copy — from byte 0 in order, and lets
 any number of readers follow it: `Relay.read` yields what is there from an offset, then
 waits for more, until the blob's size is reached. The peer server
 (`layercache.agent.peer.server`) answers a ``GET`` of a blob it does not hold yet from its relay
-(``Range`` too); the peer writes those bytes into its own ingest as from any source.
+(``Range`` too); the peer writes those bytes into its own ingest as from any source. Every
+transfer is relayed, from upstream (the seeder) or from a peer: a layer flows down its
+relay tree (`layercache.plan.distribute`) node to node while the seeder still receives it.
 
-Nothing here is trusted more than before: the seeder's relay bytes are what its upstream
-sent, unverified until *its* COMMIT; every peer's own containerd verifies the whole blob at
-*its* COMMIT (`layercache.agent.fetch.transfer`). A relay whose seeder fails (wrong bytes, the
-upstream gave up, the fetch was cancelled) is `Relay.fail`-ed: its readers stop mid-body,
-their peers see a short body, drop this seeder and resume from upstream or another holder.
-A seeder killed outright closes its connections: the same, seen from the peer.
+Nothing here is trusted more than before: relayed bytes are what the seeder's upstream
+sent, unverified until a COMMIT; every node's own containerd verifies the whole blob at
+*its* COMMIT (`layercache.agent.fetch.transfer`). A relay whose transfer fails (wrong bytes,
+the upstream gave up, the fetch was cancelled) is `Relay.fail`-ed: its readers stop
+mid-body, their nodes see a short body, drop this peer and resume from upstream or another
+holder. A node killed outright closes its connections: the same, seen from the peer. A
+node whose peer cut it short goes on relaying what it then receives from the registry.
 
-`Relays` is the agent's book of them. It bounds the memory relays hold
-(``budget`` bytes over all blobs being received: a layer that does not fit is not relayed,
-and its peers wait for the commit as before) and tells waiting peers when a blob becomes
-available (`Relays.wait_available`: the peer server's long-poll ``HEAD ?wait=``), so waiting
-nodes learn of a layer when its first bytes arrive, not at their next poll — and not
-before: a seeder the registry refuses offers nothing.
+`Relays` is the agent's book of them. It bounds the memory relays hold (``budget`` bytes
+over all blobs being received, each counted whole from its first bytes on — not while its
+fetch still waits for a peer or a transfer slot: a layer that does not fit then is not
+relayed, and its peers wait for the commit as before) and tells waiting peers when a blob
+becomes available (`Relays.wait_available`: the peer server's long-poll ``HEAD ?wait=``),
+so waiting nodes learn of a layer when its first bytes arrive, not at their next poll —
+and not before: a seeder the registry refuses offers nothing.
 """
 
 from __future__ import annotations
@@ -49,11 +53,17 @@ class Relay:
     """One blob of ``size`` bytes being received, readable from any offset while it grows."""
 
     def __init__(self, digest: Digest, size: int,
-                 on_start: Callable[[], None] | None = None) -> None:
-        """A relay of blob ``digest`` (``size`` bytes); ``on_start`` runs at its first bytes."""
+                 on_start: Callable[[], None] | None = None,
+                 admit: Callable[[], bool] | None = None) -> None:
+        """A relay of blob ``digest`` (``size`` bytes); ``on_start`` runs at its first bytes.
+
+        ``admit`` is asked at the first bytes whether they may be kept (a memory budget);
+        if not, the relay is failed before anyone could read it: never offered.
+        """
         self.digest = digest
         self.size = size
         self._on_start = on_start
+        self._admit = admit
         self._chunks: list[bytes] = []
         self._starts: list[int] = []  # offset of each chunk
         self.length = 0  # bytes held, from 0
@@ -73,8 +83,11 @@ class Relay:
         if offset > self.length:
             self.fail(f"bytes from {offset} arrived with only {self.length} held")
             return
-        piece = chunk if offset == self.length else chunk[self.length - offset:]
         started = self.length == 0
+        if started and self._admit is not None and not self._admit():
+            self.fail("over the relay memory budget")
+            return
+        piece = chunk if offset == self.length else chunk[self.length - offset:]
         self._starts.append(self.length)
         self._chunks.append(piece)
         self.length = end
@@ -151,18 +164,27 @@ class Relays:
 
     @contextlib.contextmanager
     def receiving(self, digest: Digest, size: int) -> Iterator[Relay | None]:
-        """A relay for the block's transfer of ``digest`` (None: over budget, or one runs).
+        """A relay for the block's transfer of ``digest`` (None: one runs already).
 
-        On leaving the block the relay is no longer offered to new readers; readers that
-        have it finish from it; an exception fails it. Either way the memory is released
-        from the budget (readers still holding it keep it alive until they end).
+        Its ``size`` counts against the budget from its first bytes; a relay that does not
+        fit then is never offered (`Relay.started` stays False). On leaving the block the
+        relay is no longer offered to new readers; readers that have it finish from it; an
+        exception fails it. Either way the memory is released from the budget (readers
+        still holding it keep it alive until they end).
         """
-        if digest in self._relays or self.held + size > self.budget:
+        if digest in self._relays:
             yield None
             return
-        relay = Relay(digest, size, on_start=lambda: self.announce(digest))
+        counted = False
+
+        def admit() -> bool:
+            nonlocal counted
+            counted = self.held + size <= self.budget
+            self.held += size if counted else 0
+            return counted
+
+        relay = Relay(digest, size, on_start=lambda: self.announce(digest), admit=admit)
         self._relays[digest] = relay
-        self.held += size
         try:
             yield relay
         except BaseException as error:
@@ -170,9 +192,10 @@ class Relays:
             raise
         finally:
             self._relays.pop(digest, None)
-            self.held -= size
+            if counted:
+                self.held -= size
             if relay.length < relay.size:
-                relay.fail("the seeder stopped receiving it")
+                relay.fail("the transfer stopped before its end")
 
     def announce(self, digest: Digest) -> None:
         """``digest`` can be read here now (a relay started, or it was committed)."""
