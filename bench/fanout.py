@@ -11,6 +11,11 @@ before each run:
   exactly those nodes (label + ``nodeSelector``) is applied and timed until every node's
   ``NodeLayerCache`` status reports all planned layers held, for its current spec.
 
+Each layercache run also records the layer bytes each agent sent to its peers: no node
+should send more than `FANOUT` (the relay tree's children per node) times the unique bytes
+(``max_node_upload_over_unique_nN``); a seeder that served every other node would send up
+to N - 1 times its layers.
+
 Both go through the fault proxy with one total byte-rate cap shared by every connection
 (`testbed.faultproxy.SharedRate`, 20 MB/s): the proxy's byte counters are what "upstream"
 means. Unique bytes are the distinct layer blobs of the images for linux/amd64, from the
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.bedtools import (
     RATE_20MB,
@@ -47,6 +53,7 @@ from bench.bedtools import (
     wait_warm,
 )
 from bench.common import Row, ratio, write_result
+from layercache.plan.distribute import FANOUT
 from testbed.bed import NodeRecord
 from testbed.cri import pull
 from testbed.paths import tool
@@ -117,6 +124,7 @@ def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int) -> dict[s
         after = _counters(bench, nodes)
         split = split_bytes(stats, bench.family)
         held = timeline(bench, applied_wall)
+        served = served_bytes(bench, nodes)
         bench.release()
     finally:
         bench.stop_agents()
@@ -128,9 +136,27 @@ def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int) -> dict[s
         "per_node": {name: {"upstream": after[name][0] - before[name][0],
                             "peer": after[name][1] - before[name][1]} for name in after},
         "held_timeline": held,
+        "served_to_peers": served,
         "cpu_seconds_by_component": cpu,
         "load_average_1m_at_end": round(load, 2),
     }
+
+
+def served_bytes(bench: Bench, nodes: list[NodeRecord]) -> dict[str, int]:
+    """Layer bytes each node's agent sent to peers (``layercache_agent_served_bytes_total``).
+
+    Read from each agent's metrics port; an agent starts at 0, and each run starts new
+    agents. The most any node sent is what the relay tree bounds: `FANOUT` times the layers.
+    """
+    out = {}
+    for node in nodes:
+        port = bench.cluster.metrics_ports[node.name]
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        out[node.name] = int(sum(
+            sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "layercache_agent_served_bytes_total"))
+    return out
 
 
 def holdings(bench: Bench, node: NodeRecord) -> dict[str, int]:
@@ -219,6 +245,12 @@ def rows(runs: dict[int, dict[str, Any]], unique: int) -> list[Row]:
         value, base = run["layercache"]["seconds"], run["baseline"]["seconds"]
         out.append(Row(SCENARIO, f"warm_seconds_n{n}", value, base, ratio(value, base),
                        "info", True))
+    for n, run in runs.items():
+        if n == 1 or "served_to_peers" not in run["layercache"]:
+            continue
+        value = max(run["layercache"]["served_to_peers"].values()) / unique
+        out.append(Row(SCENARIO, f"max_node_upload_over_unique_n{n}", round(value, 3), None,
+                       None, f"<= {FANOUT} (relay tree)", value <= FANOUT))
     first = min(runs)
     for n in sorted(runs):
         if n == first:

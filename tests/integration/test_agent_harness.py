@@ -62,8 +62,7 @@ NAMESPACE_RULES: list[dict[str, Any]] = [
 def install(kube: Kube, bed: BedState) -> None:
     """CRDs, the namespace, the agent's ServiceAccount, RBAC and both Secrets (idempotent)."""
     kube.kubectl("apply", "-f", str(REPO / "manifests" / "crds"))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                 f"crd/{PLURAL}.{GROUP}")
+    kube.wait_established(f"{PLURAL}.{GROUP}")
     basic = bed.registries["basic"]
     auth = base64.b64encode(f"{basic.username}:{basic.password}".encode()).decode()
     docker_config = json.dumps({"auths": {basic.host: {"auth": auth}}})

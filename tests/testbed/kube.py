@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,29 @@ class Kube:
         """
         return run([tool("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
                    input=input.encode() if input is not None else None, timeout=timeout)
+
+    def wait_established(self, *names: str, timeout: float = 60) -> None:
+        """Wait until each CRD of ``names`` (``plural.group``) has condition Established.
+
+        Not ``kubectl wait --for=condition=Established``: on a CRD created a moment before,
+        whose ``status.conditions`` is still null, kubectl fails at once (".status.conditions
+        accessor error: <nil> is of the type <nil>") instead of waiting; seen on a fresh
+        machine's first run.
+
+        Raises:
+            TimeoutError: one was not Established within ``timeout`` seconds.
+
+        """
+        extensions = client.ApiextensionsV1Api(self.api)
+
+        def established(name: str) -> bool:
+            crd = extensions.read_custom_resource_definition(name)
+            return any(c.type == "Established" and c.status == "True"
+                       for c in (crd.status.conditions if crd.status else None) or ())
+
+        for name in names:
+            wait_for(functools.partial(established, name), timeout, 0.1,
+                     f"CRD {name} Established")
 
     def close(self) -> None:
         """Close the client's connection pool."""

@@ -25,8 +25,7 @@ def install(kube: Kube, *files: str) -> None:
     # --force-conflicts: a test's Helm release may have taken the CRDs over (they are chart
     # templates); the bed's CRDs are the manifests' again afterwards.
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(MANIFESTS / "crds"))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                 "crd/layercaches.layercache.dev", "crd/nodelayercaches.layercache.dev")
+    kube.wait_established("layercaches.layercache.dev", "nodelayercaches.layercache.dev")
     kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / "namespace.yaml"))
     for name in files:
         kube.kubectl("apply", "--server-side", "-f", str(MANIFESTS / name))

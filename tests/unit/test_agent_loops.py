@@ -625,6 +625,32 @@ async def test_a_peer_copy_is_relayed_to_the_nodes_below_while_it_arrives(
     assert registry.requests == []
 
 
+async def test_a_peer_copy_relay_leaves_the_budget_to_the_layer_this_node_seeds(
+        tmp_path: Path, registry: RegistryTwin) -> None:
+    # n2 seeds u (its registry answer held back a moment) and copies p from n1. p's relay
+    # gets its bytes first; u's relay, the root of u's whole tree, must still get room
+    # (a reviewer's finding: p's relay took the whole budget and u was never relayed).
+    u = registry.add(blob(2))
+    registry.hold(u)
+    kube = AgentKubeTwin("n2")
+    kube.put(nlc("n1", [], status={"peerEndpoint": "http://n1.test:5780"}))
+    holder = ContentStoreTwin()
+    p = holder.put(blob(1))
+    peers = GatedPeers({"http://n1.test:5780": holder}, first=1000)
+    node = make_node("n2", tmp_path, registry, kube=kube, peers=peers)
+    node.fetcher.relays.budget = 4000  # room for one 3,000-byte layer
+    node.apply(nlc("n2", [entry(u, 3000, "Upstream"), entry(p, 3000, "Peer", ["n1"])]))
+    async with running(node):
+        await until("p copying", lambda: bool(peers.gets))
+        await until("u asked upstream", lambda: u in registry.in_flight)
+        relay = node.fetcher.relays._relays[u]
+        registry.release(u)
+        await until("u held", lambda: u in node.store.blobs)
+        peers.gate.set()
+        await until("Ready", node.ready)
+    assert relay.error is None and relay.length == 3000
+
+
 async def _read_all(views: AsyncIterator[memoryview]) -> bytes:
     return b"".join([bytes(view) async for view in views])
 

@@ -50,6 +50,7 @@ async def test_relays_bound_memory_announce_and_fail_on_error() -> None:
     other = Digest.from_bytes(b"other")
     with pytest.raises(ValueError, match="boom"), relays.receiving(DIGEST, len(BLOB)) as relay:
         assert relay is not None and relays.get(DIGEST) is None  # no byte yet: not offered
+        relay.seeding = True  # this node's own upstream transfer: the whole budget
         await asyncio.sleep(0)
         assert not waiter.done()
         relay.feed(0, BLOB[:10])
@@ -81,6 +82,7 @@ async def test_relays_count_only_transfers_under_way_against_the_budget() -> Non
         assert all(r is not None for r in waiting) and relays.held == 0
         with relays.receiving(digests[0], len(BLOB)) as running:
             assert running is not None
+            running.seeding = True
             running.feed(0, BLOB[:1])
             assert relays.get(digests[0]) is running
             with relays.receiving(digests[0], len(BLOB)) as twice:
@@ -134,3 +136,21 @@ async def test_slots_serve_a_waiting_upstream_transfer_before_peer_copies() -> N
     await asyncio.gather(*tasks)
     assert order[0] == "upstream"
     assert sorted(order[1:]) == ["peer1", "peer2"] and slots.free == 1
+
+
+async def test_a_peer_copy_may_use_only_half_the_budget_a_seeded_layer_all_of_it() -> None:
+    relays = Relays(budget=len(BLOB))
+    with relays.receiving(DIGEST, len(BLOB) // 2 + 1) as copy:
+        assert copy is not None
+        copy.feed(0, BLOB[:1])
+        assert relays.get(DIGEST) is None and relays.held == 0  # over half: not relayed
+    with relays.receiving(DIGEST, len(BLOB) // 2) as copy:
+        assert copy is not None
+        copy.feed(0, BLOB[:1])
+        assert relays.get(DIGEST) is copy and relays.held == len(BLOB) // 2
+        other = Digest.from_bytes(b"other")
+        with relays.receiving(other, len(BLOB) // 2) as seeded:
+            assert seeded is not None
+            seeded.seeding = True
+            seeded.feed(0, BLOB[:1])
+            assert relays.get(other) is seeded and relays.held == len(BLOB)

@@ -13,15 +13,20 @@ Who copies from whom: the nodes wanting a layer form a *relay tree* (`FANOUT`-ar
 its holders, else at its seeder; the others in name order), and each node's peers list its
 parent in that tree first. Every node relays what it receives, cut-through
 (`layercache.agent.peer.relay`), so the layer flows down the tree while the seeder still
-receives it, and no node uploads it more than `FANOUT` times (a star would have the seeder
-upload it to every other node: its uplink, not the network, would bound the fan-out). After
-the parent: the holders, the seeder, then other nodes that will hold it — rotated per node
-— for an agent whose parent fails or is slow.
+receives it, and in a tree as planned no node uploads it more than `FANOUT` times (a star
+would have the seeder upload it to every other node: its uplink, not the network, would
+bound the fan-out). After the parent: the holders, the seeder, then other nodes that will
+hold it — rotated per node — for an agent whose parent fails or is slow (it waits
+`layercache.agent.fetch.fetcher.PARENT_GRACE` for its parent, then takes any of them).
 
 Assignments are sticky: a (node, layer) entry keeps its source and peers from the previous
 spec while they are still valid (the seeder still wants the layer, the peers still want or
 hold it). Otherwise every agent report of what it holds would reshuffle sources, rewrite
-specs and bump every node's generation.
+specs and bump every node's generation. The price: a kept entry keeps its first peer while
+new entries get parents from the current tree, so in a pool that grows replan by replan a
+node may be the first peer of a few more than `FANOUT` nodes, and after a holder loses a
+layer two kept entries can even list each other first (each then waits out the grace and
+takes the seeder).
 
 Chains to unpack (`layercache.plan.chains`) merge the same way: each chain once per node, in the
 caches' order (a chain after its parent), listing every cache that wants it, and only if
@@ -56,9 +61,9 @@ log = logging.getLogger(__name__)
 
 #: Candidate peers listed per layer (the CRD caps the list at 8).
 MAX_PEERS = 8
-#: Children per node in a layer's relay tree: the most times one node uploads a layer it
-#: did not seed for others. 2 halves each relay's uplink share while 1,000 nodes are
-#: still only 10 levels (each adding a first-bytes latency, not a transfer time).
+#: Children per node (the seeder too) in a layer's relay tree: the most times one node
+#: uploads the layer. With 2, 1,000 nodes are 10 levels deep, and a level adds the latency
+#: of a node's first bytes, not a transfer time.
 FANOUT = 2
 #: Layers listed per node (the CRD's maxItems): a spec must fit etcd's object size limit,
 #: and a larger one would fail the write and with it the whole replan.

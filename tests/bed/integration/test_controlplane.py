@@ -50,8 +50,7 @@ def namespace(kube: Kube) -> str:
 
 def test_crd_status_subresource_round_trip(kube: Kube, namespace: str) -> None:
     kube.kubectl("apply", "-f", "-", input=CRD)
-    kube.kubectl("wait", "--for=condition=Established", "crd/widgets.bed.layercache.dev",
-                 "--timeout=30s")
+    kube.wait_established("widgets.bed.layercache.dev", timeout=30)
     kube.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump(
         {"apiVersion": "bed.layercache.dev/v1", "kind": "Widget",
          "metadata": {"name": "w1"}, "spec": {"size": 3}}))

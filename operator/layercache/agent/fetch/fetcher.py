@@ -11,10 +11,13 @@ at once without it (an older agent, an error) are asked again after
 `AgentSettings.peer_poll_seconds`, growing to 5 times that, with jitter. A peer whose
 ``GET`` fails is dropped for that layer at once, and with every peer dropped the registry
 is next without waiting further, resuming from what the ingest holds; a peer that stops
-mid-body (a seeder killed mid-relay, or whose own upstream transfer failed: the peers
-waiting on it would otherwise wait out `peer_wait_seconds`), or whose bytes do not match the
-digest (its seeder's upstream sent wrong bytes, relayed as they came), sends us to the
-registry at once.
+mid-body (killed mid-relay, or its own transfer failed: the nodes below it in the tree
+would otherwise wait out `peer_wait_seconds`), or whose bytes do not match the digest (the
+seeder's upstream sent wrong bytes, relayed as they came), sends us to the registry at
+once. Not to another relaying peer: that one may be reading from this node's own relay,
+and the two would wait on each other. A cut costs at most
+`layercache.plan.distribute.FANOUT` upstream transfers (the cut node's children), and
+the subtrees below them go on from their relays.
 An ``Upstream`` layer (this node seeds it) goes to the registry at once. Either way what
 arrives is relayed to the node's children in the tree as it arrives (within
 `Relays.budget`), also across a fall-back from a peer to the registry:
@@ -163,7 +166,7 @@ class LayerFetcher:
         self.disk = disk
         self.book = book
         self.metrics = metrics
-        #: Blobs being received upstream, served to peers cut-through (the peer server's).
+        #: Blobs being received, served to peers cut-through (the peer server's).
         self.relays = relays if relays is not None else Relays()
         self.slots = Slots(config.concurrency)
 
@@ -232,16 +235,17 @@ class LayerFetcher:
                     dropped.add(node)
                     self.directory.forget(node)
                     if isinstance(error, PeerCutError):
-                        # Cut mid-body: the seeder died or its own transfer failed (say its
-                        # registry refused it), and every other waiting peer waits on that
-                        # seeder; the registry, resuming from what the ingest holds, now.
+                        # Cut mid-body: the peer died or its own transfer failed (say its
+                        # registry refused it); the registry, resuming from what the ingest
+                        # holds, now (see the module docstring), still relaying to our own
+                        # children in the tree.
                         log.info("peer %s cut %s mid-body: fetching upstream", node,
                                  layer.digest.short, extra={"digest": layer.digest})
                         return False
                 except DigestMismatchError as error:
-                    # Wrong bytes from a peer are its seeder's upstream body relayed as it
+                    # Wrong bytes from a peer are the seeder's upstream body relayed as it
                     # came (cut-through); the seeder finds out at its own COMMIT and retries,
-                    # while every other waiting peer waits on that seeder: the registry now.
+                    # while the nodes on that path wait on it: the registry now.
                     if relay is not None:  # relayed on already: our children stop too
                         relay.fail(f"peer {node} sent wrong bytes")
                     dropped.add(node)
@@ -295,7 +299,7 @@ class LayerFetcher:
                 if not done:
                     break  # the parent did not say yes within the grace: take the others
                 for task in done:
-                    if self._said_yes(layer, *asking[task], task, refused):
+                    if self._said_yes(layer, asking[task][0], task, refused):
                         yes.append(asking[task])
                 if yes and grace_end is None:
                     grace_end = loop.time() + PARENT_GRACE
@@ -306,8 +310,8 @@ class LayerFetcher:
         order = {node: index for index, node in enumerate(peers)}
         return sorted(yes, key=lambda held: order[held[0]])
 
-    def _said_yes(self, layer: WantedLayer, node: str, _endpoint: str,
-                  task: asyncio.Task[bool], refused: set[str]) -> bool:
+    def _said_yes(self, layer: WantedLayer, node: str, task: asyncio.Task[bool],
+                  refused: set[str]) -> bool:
         """Whether peer ``node``'s finished long-poll ``task`` said it holds ``layer``."""
         try:
             return task.result()
@@ -332,6 +336,8 @@ class LayerFetcher:
                                  self.rate, lambda n: self.book.fetched("upstream", n))
         what = f"layer {layer.digest.short} from {layer.repository.name}"
         if relay is not None and relay.error is None:
+            if layer.source == "Upstream":
+                relay.seeding = True  # the root of the layer's tree: the whole budget
             source = relayed(source, relay)
 
         async def copy() -> None:

@@ -20,8 +20,12 @@ node whose peer cut it short goes on relaying what it then receives from the reg
 
 `Relays` is the agent's book of them. It bounds the memory relays hold (``budget`` bytes
 over all blobs being received, each counted whole from its first bytes on — not while its
-fetch still waits for a peer or a transfer slot: a layer that does not fit then is not
-relayed, and its peers wait for the commit as before) and tells waiting peers when a blob
+fetch still waits for a peer or a transfer slot; a layer that does not fit then is not
+relayed, and the nodes below wait for its commit or, after their grace, take another
+peer). A layer this node seeds may use the whole budget, a peer copy only half of it: a
+seeder's relay is the root of its layer's whole tree, and a node's peer copies (of which
+about half, the tree's leaves, have no reader at all) must not leave it without room.
+It also tells waiting peers when a blob
 becomes available (`Relays.wait_available`: the peer server's long-poll ``HEAD ?wait=``),
 so waiting nodes learn of a layer when its first bytes arrive, not at their next poll —
 and not before: a seeder the registry refuses offers nothing.
@@ -40,13 +44,13 @@ from layercache.oci.digest import Digest
 
 __all__ = ["DEFAULT_BUDGET", "Relay", "RelayFailedError", "Relays", "relayed"]
 
-#: Bytes all relays of one agent may hold at once (the layers it is receiving upstream): a
-#: quarter of the agent's default memory limit (512 MiB).
+#: Bytes all relays of one agent may hold at once (the layers it is receiving): a quarter
+#: of the agent's default memory limit (512 MiB).
 DEFAULT_BUDGET: Final = 128 * 1024 * 1024
 
 
 class RelayFailedError(Exception):
-    """The seeder's transfer of a relayed blob failed: readers must stop (a short body)."""
+    """The transfer of a relayed blob failed: readers must stop (a short body)."""
 
 
 class Relay:
@@ -64,6 +68,9 @@ class Relay:
         self.size = size
         self._on_start = on_start
         self._admit = admit
+        #: Whether this node seeds the blob (receives it upstream as planned): its relay
+        #: may use the whole budget (`Relays`), a peer copy's only half.
+        self.seeding = False
         self._chunks: list[bytes] = []
         self._starts: list[int] = []  # offset of each chunk
         self.length = 0  # bytes held, from 0
@@ -71,7 +78,7 @@ class Relay:
         self._grown = asyncio.Event()
 
     def feed(self, offset: int, chunk: bytes) -> None:
-        """Bytes ``offset .. offset + len(chunk)`` of the blob arrived at the seeder.
+        """Bytes ``offset .. offset + len(chunk)`` of the blob arrived at this node.
 
         Only what extends the held prefix is kept: a retry resuming from containerd's
         offset (at most ``length``) repeats bytes already here; a gap (an offset past
@@ -101,7 +108,7 @@ class Relay:
         return self.length > 0 and self.error is None
 
     def fail(self, why: str) -> None:
-        """The seeder's transfer failed (``why``): readers stop with `RelayFailedError`."""
+        """This node's transfer failed (``why``): readers stop with `RelayFailedError`."""
         if self.error is None:
             self.error = why
             self._wake()
@@ -124,7 +131,7 @@ class Relay:
         """Bytes ``offset`` up to (excluding) ``end``, as they arrive; views, no copies.
 
         Raises:
-            RelayFailedError: the seeder's transfer failed before ``end`` was reached.
+            RelayFailedError: this node's transfer failed before ``end`` was reached.
 
         """
         while offset < end:
@@ -153,7 +160,7 @@ class Relays:
         self._announced: set[Digest] = set()  # so a waiter that comes late does not wait
 
     def get(self, digest: Digest) -> Relay | None:
-        """The relay of ``digest`` once its seeder receives bytes of it, else None.
+        """The relay of ``digest`` once this node receives bytes of it, else None.
 
         Not before the first bytes: a registry that refuses the seeder (401, 429, a reset)
         would otherwise have told waiting peers "held" for a blob no byte of which arrives,
@@ -166,8 +173,9 @@ class Relays:
     def receiving(self, digest: Digest, size: int) -> Iterator[Relay | None]:
         """A relay for the block's transfer of ``digest`` (None: one runs already).
 
-        Its ``size`` counts against the budget from its first bytes; a relay that does not
-        fit then is never offered (`Relay.started` stays False). On leaving the block the
+        Its ``size`` counts against the budget from its first bytes (all of it for a relay
+        marked `Relay.seeding` by then, half for others); a relay that does not fit then is
+        never offered (`Relay.started` stays False). On leaving the block the
         relay is no longer offered to new readers; readers that have it finish from it; an
         exception fails it. Either way the memory is released from the budget (readers
         still holding it keep it alive until they end).
@@ -179,7 +187,8 @@ class Relays:
 
         def admit() -> bool:
             nonlocal counted
-            counted = self.held + size <= self.budget
+            limit = self.budget if relay.seeding else self.budget // 2
+            counted = self.held + size <= limit
             self.held += size if counted else 0
             return counted
 

@@ -15,10 +15,10 @@ Peer protocol (read-only, by digest, agents only):
   time; 401 otherwise (also while no token is loaded);
 - only blobs this agent pinned (our managed-by label) are served, so a layer the kubelet
   pulled from a private registry is never handed out; any other is 404;
-- cut-through: a blob this agent is still receiving from upstream is served from its relay
-  (`layercache.agent.peer.relay`): the bytes received so far at once, then the rest as it
-  arrives; if the seeder's transfer fails the connection is closed mid-body, and the peer
-  resumes elsewhere.
+- cut-through: a blob this agent is still receiving (from upstream or a peer) is served
+  from its relay (`layercache.agent.peer.relay`): the bytes received so far at once, then
+  the rest as it arrives; if this agent's transfer fails the connection is closed
+  mid-body, and the peer resumes elsewhere.
 
 ``GET /healthz`` answers 200 while the event loop runs and containerd answers; 503 once
 containerd has not answered for `ContainerdLiveness.max_down_seconds` (a socket recreated by a
@@ -197,7 +197,7 @@ class PeerServer:
 
     async def _relay(self, request: web.Request, response: web.StreamResponse, relay: Relay,
                      start: int, end: int) -> None:
-        """Send bytes ``start`` to ``end`` (excluded) of a blob as its seeder receives them."""
+        """Send bytes ``start`` to ``end`` (excluded) of a blob as this node receives them."""
         try:
             async for view in relay.read(start, end):
                 await response.write(view)
