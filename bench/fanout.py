@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,13 +99,19 @@ def timeline(bench: Bench, applied: float) -> dict[str, list[dict[str, Any]]]:
                 # The log file is appended to by every run's agent on this node: this run only.
                 if " held (" in entry["message"] and at >= applied - 1:
                     events.append({"seconds": round(at - applied, 2),
-                                   "digest": entry["digest"][:19], "source": entry["source"]})
+                                   "digest": entry["digest"][:19], "source": entry["source"]}
+                                  | ({"from": entry["peer"]} if "peer" in entry else {}))
         out[name] = sorted(events, key=lambda e: e["seconds"])
     return out
 
 
-def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int) -> dict[str, Any]:
-    """Warm `nodes` with layercache; seconds from apply to all warm and the proxy's bytes."""
+def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int,
+                   logs: Path | None = None) -> dict[str, Any]:
+    """Warm `nodes` with layercache; seconds from apply to all warm and the proxy's bytes.
+
+    ``logs``: a directory to copy each agent's log into (``n<N>/<node>.log``), for a
+    profile; the bed's own directory is removed at the end.
+    """
     bench.select(nodes)
     starting = time.monotonic()
     bench.start_agents(nodes)
@@ -125,6 +132,10 @@ def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int) -> dict[s
         split = split_bytes(stats, bench.family)
         held = timeline(bench, applied_wall)
         served = served_bytes(bench, nodes)
+        if logs is not None:
+            (logs / f"n{len(nodes)}").mkdir(parents=True, exist_ok=True)
+            for name, agent in bench.cluster.agents.items():
+                shutil.copyfile(agent.log, logs / f"n{len(nodes)}" / f"{name}.log")
         bench.release()
     finally:
         bench.stop_agents()
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="N = 1, 2 on a 2-node bed")
     parser.add_argument("--rate", type=int, default=RATE_20MB, help="uplink cap, bytes/s")
     parser.add_argument("--counts", help="node counts instead of 1,2,4,6,12, e.g. 1,6")
+    parser.add_argument("--logs", type=Path, help="copy each run's agent logs here")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="layercache only (for profiling a run; no rows)")
     args = parser.parse_args(argv)
@@ -295,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs[n] = {"baseline": run_baseline(bench, nodes)}
                 print(f"N={n}: baseline {runs[n]['baseline']['seconds']} s "
                       f"{runs[n]['baseline']['bytes']['layers']:,} layer bytes", flush=True)
-            runs.setdefault(n, {})["layercache"] = run_layercache(bench, nodes, layers)
+            runs.setdefault(n, {})["layercache"] = run_layercache(bench, nodes, layers,
+                                                                  args.logs)
             print(f"N={n}: layercache {runs[n]['layercache']['seconds']} s "
                   f"{runs[n]['layercache']['bytes']['layers']:,} layer bytes", flush=True)
     result = [] if args.skip_baseline else rows(runs, unique)

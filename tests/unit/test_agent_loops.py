@@ -578,6 +578,30 @@ async def test_a_parent_slower_than_the_grace_is_passed_over_for_a_peer_that_hol
     assert registry.requests == []
 
 
+async def test_a_peer_that_publishes_its_endpoint_late_is_asked_within_the_peer_poll(
+        tmp_path: Path, registry: RegistryTwin) -> None:
+    # n1 holds the layer but its agent has not published its endpoint yet (its
+    # NodeLayerCache was just created); n3 is known and never gets it. n2 must look n1
+    # up again soon, not long-poll n3 for the whole peer wait and then go upstream (bench
+    # A, N = 6: every node but the seeder held one layer ~19 s late, a long-poll later).
+    a = registry.add(blob(1))
+    kube = AgentKubeTwin("n2")
+    kube.put(nlc("n1", []))
+    kube.put(nlc("n3", [], status={"peerEndpoint": "http://n3.test:5780"}))
+    holder = ContentStoreTwin()
+    holder.put(blob(1))
+    peers = PeersTwin({"http://n1.test:5780": holder, "http://n3.test:5780": ContentStoreTwin()})
+    node = make_node("n2", tmp_path, registry, kube=kube, peers=peers, peer_wait=30.0)
+    node.apply(nlc("n2", [entry(a, 3000, "Peer", ["n1", "n3"])]))
+    async with running(node):
+        await until("waiting", lambda: a in node.reconciler.inflight)
+        await asyncio.sleep(0.05)
+        kube.put(nlc("n1", [], status={"peerEndpoint": "http://n1.test:5780"}))
+        await until("Ready", node.ready, seconds=5)  # the old code long-polled n3 for 20 s
+    assert peers.gets == [("http://n1.test:5780", a, 0)]
+    assert registry.requests == []
+
+
 class GatedPeers(PeersTwin):
     """`PeersTwin` whose blob bodies stop after their first ``first`` bytes until ``gate``."""
 

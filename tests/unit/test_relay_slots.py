@@ -138,19 +138,22 @@ async def test_slots_serve_a_waiting_upstream_transfer_before_peer_copies() -> N
     assert sorted(order[1:]) == ["peer1", "peer2"] and slots.free == 1
 
 
-async def test_a_peer_copy_may_use_only_half_the_budget_a_seeded_layer_all_of_it() -> None:
+async def test_peer_copies_share_the_budget_and_seeded_layers_have_one_of_their_own() -> None:
     relays = Relays(budget=len(BLOB))
-    with relays.receiving(DIGEST, len(BLOB) // 2 + 1) as copy:
+    other, third = Digest.from_bytes(b"other"), Digest.from_bytes(b"third")
+    with relays.receiving(DIGEST, len(BLOB)) as copy:
         assert copy is not None
         copy.feed(0, BLOB[:1])
-        assert relays.get(DIGEST) is None and relays.held == 0  # over half: not relayed
-    with relays.receiving(DIGEST, len(BLOB) // 2) as copy:
-        assert copy is not None
-        copy.feed(0, BLOB[:1])
-        assert relays.get(DIGEST) is copy and relays.held == len(BLOB) // 2
-        other = Digest.from_bytes(b"other")
-        with relays.receiving(other, len(BLOB) // 2) as seeded:
+        assert relays.get(DIGEST) is copy and relays.held == len(BLOB)
+        with relays.receiving(other, 1) as second_copy:
+            assert second_copy is not None
+            second_copy.feed(0, b"x")
+            assert relays.get(other) is None  # the budget is full: not relayed
+        with relays.receiving(third, len(BLOB)) as seeded:
             assert seeded is not None
             seeded.seeding = True
             seeded.feed(0, BLOB[:1])
-            assert relays.get(other) is seeded and relays.held == len(BLOB)
+            assert relays.get(third) is seeded  # the peer copy did not take its room
+            assert (relays.held, relays.seeded) == (2 * len(BLOB), len(BLOB))
+        assert (relays.held, relays.seeded) == (len(BLOB), 0)
+    assert relays.held == 0

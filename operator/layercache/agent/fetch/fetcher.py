@@ -224,7 +224,7 @@ class LayerFetcher:
                 if relay is not None:
                     source = relayed(source, relay)
                 try:
-                    await self._write(layer, caches, "peer", source)
+                    await self._write(layer, caches, "peer", source, peer=node)
                     return True
                 except (PeerError, ResumeRefusedError) as error:
                     log.info("peer %s failed to send %s, dropped for it: %s", node,
@@ -271,7 +271,8 @@ class LayerFetcher:
                        refused: set[str], wait: float) -> list[tuple[str, str]]:
         """The peers (node, endpoint) that hold ``layer`` or receive it, asked together.
 
-        Each is asked with a long-poll of ``wait`` seconds; returns as soon as one says
+        Each is asked with a long-poll of ``wait`` seconds (at most the peer poll while a
+        listed peer has no endpoint yet, so it is looked up again); returns as soon as one says
         yes (with any others that said yes by then, in ``peers`` order), or an empty list
         once all said no. A yes from another peer waits up to `PARENT_GRACE` seconds for
         the first listed peer's: this node's parent in the layer's relay tree, which says
@@ -279,11 +280,18 @@ class LayerFetcher:
         otherwise answer first to every node and upload the layer to each.
         """
         loop = asyncio.get_running_loop()
+        endpoints = {node: await self.directory.endpoint(node)
+                     for node in peers if node not in dropped}
+        unknown = [node for node, endpoint in endpoints.items() if endpoint is None]
+        if unknown:
+            # A peer whose agent has not published its endpoint yet (its NodeLayerCache was
+            # just created) may be the one with the layer: look it up again soon instead
+            # of long-polling only the others for the whole wait.
+            log.debug("no endpoint yet for %s: asking again within %.1f s", unknown,
+                      self.config.peer_poll, extra={"digest": layer.digest})
+            wait = min(wait, self.config.peer_poll)
         asking: dict[asyncio.Task[bool], tuple[str, str]] = {}
-        for node in peers:
-            if node in dropped:
-                continue
-            endpoint = await self.directory.endpoint(node)
+        for node, endpoint in endpoints.items():
             if endpoint is not None:
                 asking[asyncio.create_task(self.peers.has(endpoint, layer.digest, wait))] = (
                     node, endpoint)
@@ -357,8 +365,11 @@ class LayerFetcher:
                     layer.repository.repository}
 
     async def _write(self, layer: WantedLayer, caches: Sequence[str], source_kind: FetchSource,
-                     source: ResumableSource) -> None:
+                     source: ResumableSource, peer: str | None = None) -> None:
         """One write attempt in a transfer slot, with its bytes reserved on disk.
+
+        ``peer``: the node a peer copy comes from (logged with the result: which node
+        served which is the relay tree's profile).
 
         A resume the source refuses (`ResumeRefusedError`: a ``206`` from another byte, or
         ``416``) aborts the ingest and writes the blob again from byte 0, at once: those
@@ -381,7 +392,8 @@ class LayerFetcher:
         log.info("layer %s held (%s)", layer.digest.short, source_kind,
                  extra={"digest": layer.digest, "source": source_kind, "bytes": layer.size,
                         "resumed_from": result.resumed_from, "written": result.written,
-                        "already_existed": result.already_existed, "ref": ref})
+                        "already_existed": result.already_existed, "ref": ref}
+                 | ({"peer": peer} if peer is not None else {}))
 
     async def _write_once(self, layer: WantedLayer, caches: Sequence[str],
                           source_kind: FetchSource, source: ResumableSource) -> WriteResult:

@@ -45,8 +45,9 @@ class PeerUnauthorizedError(PeerError):
 class PeerCutError(PeerError):
     """A peer stopped sending mid-body: it died, or its own transfer of a relayed blob failed.
 
-    Either way it holds no whole copy to ask for again soon (a seeder whose upstream fetch
-    failed retries it on its own schedule), so the caller goes to the registry.
+    Either way it holds no whole copy to ask for again soon (a node whose transfer failed
+    retries it on its own schedule), so the caller goes to the registry
+    (`layercache.agent.fetch.fetcher` says why not to another relaying peer).
     """
 
 

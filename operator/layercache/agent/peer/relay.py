@@ -22,9 +22,10 @@ node whose peer cut it short goes on relaying what it then receives from the reg
 over all blobs being received, each counted whole from its first bytes on — not while its
 fetch still waits for a peer or a transfer slot; a layer that does not fit then is not
 relayed, and the nodes below wait for its commit or, after their grace, take another
-peer). A layer this node seeds may use the whole budget, a peer copy only half of it: a
-seeder's relay is the root of its layer's whole tree, and a node's peer copies (of which
-about half, the tree's leaves, have no reader at all) must not leave it without room.
+peer). Peer copies share the budget with everything else; the layers this node seeds
+have a budget of their own besides: a seeder's relay is the root of its layer's whole tree,
+and a node's peer copies (about half of them, the tree's leaves, have no reader at all)
+must not leave it without room. So relays hold at most twice ``budget``.
 It also tells waiting peers when a blob
 becomes available (`Relays.wait_available`: the peer server's long-poll ``HEAD ?wait=``),
 so waiting nodes learn of a layer when its first bytes arrive, not at their next poll —
@@ -69,7 +70,7 @@ class Relay:
         self._on_start = on_start
         self._admit = admit
         #: Whether this node seeds the blob (receives it upstream as planned): its relay
-        #: may use the whole budget (`Relays`), a peer copy's only half.
+        #: counts against the seeded layers' own budget (`Relays`).
         self.seeding = False
         self._chunks: list[bytes] = []
         self._starts: list[int] = []  # offset of each chunk
@@ -149,12 +150,14 @@ class Relay:
 class Relays:
     """The agent's relays by digest, their memory budget and availability notices.
 
-    ``budget``: bytes all relays may hold together (`DEFAULT_BUDGET`).
+    ``budget``: bytes the relays of layers this node seeds may hold together, and bytes
+    all relays may hold together before a peer copy is not relayed (`DEFAULT_BUDGET`).
     """
 
     def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
         self.budget = budget
-        self.held = 0
+        self.held = 0  # bytes of every relay counted
+        self.seeded = 0  # of those, relays of layers this node seeds
         self._relays: dict[Digest, Relay] = {}
         self._available: dict[Digest, asyncio.Event] = {}
         self._announced: set[Digest] = set()  # so a waiter that comes late does not wait
@@ -173,9 +176,9 @@ class Relays:
     def receiving(self, digest: Digest, size: int) -> Iterator[Relay | None]:
         """A relay for the block's transfer of ``digest`` (None: one runs already).
 
-        Its ``size`` counts against the budget from its first bytes (all of it for a relay
-        marked `Relay.seeding` by then, half for others); a relay that does not fit then is
-        never offered (`Relay.started` stays False). On leaving the block the
+        Its ``size`` counts against the budget from its first bytes (for a relay marked
+        `Relay.seeding` by then, the seeded layers' own budget); a relay that does not fit
+        then is never offered (`Relay.started` stays False). On leaving the block the
         relay is no longer offered to new readers; readers that have it finish from it; an
         exception fails it. Either way the memory is released from the budget (readers
         still holding it keep it alive until they end).
@@ -187,9 +190,11 @@ class Relays:
 
         def admit() -> bool:
             nonlocal counted
-            limit = self.budget if relay.seeding else self.budget // 2
-            counted = self.held + size <= limit
-            self.held += size if counted else 0
+            seeding = relay.seeding
+            counted = (self.seeded if seeding else self.held) + size <= self.budget
+            if counted:
+                self.held += size
+                self.seeded += size if seeding else 0
             return counted
 
         relay = Relay(digest, size, on_start=lambda: self.announce(digest), admit=admit)
@@ -203,6 +208,7 @@ class Relays:
             self._relays.pop(digest, None)
             if counted:
                 self.held -= size
+                self.seeded -= size if relay.seeding else 0
             if relay.length < relay.size:
                 relay.fail("the transfer stopped before its end")
 
