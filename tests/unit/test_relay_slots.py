@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from layercache.agent.fetch.fetcher import Slots
 from layercache.agent.peer.relay import Relay, RelayFailedError, Relays, relayed
+from layercache.agent.peer.server import PeerServer
 from layercache.oci.digest import Digest
+from twins.content_store import ContentStoreTwin
 
 BLOB = bytes(range(256)) * 64
 DIGEST = Digest.from_bytes(BLOB)
@@ -157,3 +161,25 @@ async def test_peer_copies_share_the_budget_and_seeded_layers_have_one_of_their_
             assert (relays.held, relays.seeded) == (2 * len(BLOB), len(BLOB))
         assert (relays.held, relays.seeded) == (len(BLOB), 0)
     assert relays.held == 0
+
+
+async def test_a_long_poll_whose_asker_left_ends_without_an_error_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A node asks every peer with a long-poll and drops the others' requests once one
+    # says yes: the others' answers then find the connection closing. That is ordinary
+    # and must not be logged as an error with a traceback (bench A: hundreds per run).
+    relays = Relays()
+    server = PeerServer(store=ContentStoreTwin(), token=lambda: "t", on_served=lambda _n: None,
+                        relays=relays)
+    async with TestClient(TestServer(server.app())) as client:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.head(f"/v1/blobs/{DIGEST}?wait=5",
+                                               headers={"Authorization": "Bearer t"}), 0.1)
+        with caplog.at_level(logging.DEBUG, logger="aiohttp"), \
+                relays.receiving(DIGEST, len(BLOB)) as relay:
+            assert relay is not None
+            relay.feed(0, BLOB[:10])  # the blob becomes available: the long-poll answers
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+            relay.feed(10, BLOB[10:])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

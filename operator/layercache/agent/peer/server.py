@@ -157,6 +157,11 @@ class PeerServer:
         except ContainerdError as error:
             log.warning("cannot look up %s for a peer: %s", digest.short, error)
             return web.Response(status=503, text="containerd unavailable\n")
+        if request.transport is None or request.transport.is_closing():
+            # The asker left during its long-poll (it found the blob elsewhere): answer
+            # nothing. Writing the headers would fail, and aiohttp would log each such
+            # ordinary end as an error with its traceback.
+            return web.Response(status=499)
         if size is None:
             return web.Response(status=404, text="not held\n")
         headers = {"Accept-Ranges": "bytes", "Docker-Content-Digest": str(digest),
