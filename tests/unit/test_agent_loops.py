@@ -560,6 +560,33 @@ async def test_a_node_copies_from_its_relay_tree_parent_before_a_peer_that_answe
     assert peers.gets == [("http://n2.test:5780", a, 0)]
 
 
+async def test_a_parent_whose_short_long_poll_said_no_is_asked_again_within_the_grace(
+        tmp_path: Path, registry: RegistryTwin) -> None:
+    # n4 has no endpoint yet, so n3's long-polls are short (the peer poll): its parent n2
+    # says no before n1's yes. n2 must be asked again for the rest of the grace, not passed
+    # over (bench A at N = 6: every node took the seeder's base, none its parent's).
+    a = registry.add(blob(1))
+    registry.hold(a)
+    kube = AgentKubeTwin("n3")
+    for name in ("n1", "n2"):
+        kube.put(nlc(name, [], status={"peerEndpoint": f"http://{name}.test:5780"}))
+    kube.put(nlc("n4", []))
+    holder, parent_store = ContentStoreTwin(), ContentStoreTwin()
+    holder.put(blob(1))
+    peers = PeersTwin({"http://n1.test:5780": holder, "http://n2.test:5780": parent_store})
+    parent = make_node("n2", tmp_path, registry, store=parent_store)
+    node = make_node("n3", tmp_path, registry, kube=kube, peers=peers)
+    parent.apply(nlc("n2", [entry(a, 3000, "Upstream")]))
+    node.apply(nlc("n3", [entry(a, 3000, "Peer", ["n2", "n1", "n4"])]))
+    async with running(parent, node):
+        await until("the parent fetching", lambda: registry.in_flight == {a})
+        await asyncio.sleep(0.1)  # many of n2's short long-polls have said no by now
+        assert a not in node.store.blobs and peers.gets == []
+        registry.release(a)
+        await until("both Ready", lambda: parent.ready() and node.ready())
+    assert peers.gets == [("http://n2.test:5780", a, 0)]
+
+
 async def test_a_parent_slower_than_the_grace_is_passed_over_for_a_peer_that_holds_it(
         tmp_path: Path, registry: RegistryTwin, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fetcher_module, "PARENT_GRACE", 0.05)

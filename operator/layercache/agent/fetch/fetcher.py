@@ -92,6 +92,10 @@ POLL_GROWTH = 5.0
 LONG_POLL = 20.0
 #: Seconds another peer's yes waits for the first listed peer's (the relay-tree parent).
 PARENT_GRACE = 1.0
+#: Times within one grace the parent is asked again after it said no (its long-poll was
+#: short: a listed peer had no endpoint yet); bounds the asking of an agent that never
+#: long-polls.
+REASK_PARENT = 3
 #: containerd's own label for the repository a blob was pulled from, per registry host.
 DISTRIBUTION_SOURCE_PREFIX = "containerd.io/distribution.source."
 
@@ -299,6 +303,8 @@ class LayerFetcher:
         yes: list[tuple[str, str]] = []
         pending = set(asking)
         grace_end: float | None = None
+        reasked = 0
+        parent_said_no = False  # its last long-poll ended without the layer
         try:
             while pending and not (yes and parent not in pending):
                 timeout = None if grace_end is None else max(0.0, grace_end - loop.time())
@@ -307,10 +313,25 @@ class LayerFetcher:
                 if not done:
                     break  # the parent did not say yes within the grace: take the others
                 for task in done:
-                    if self._said_yes(layer, asking[task][0], task, refused):
+                    answer = self._answer(layer, asking[task][0], task, refused)
+                    if answer:
                         yes.append(asking[task])
+                    if task is parent:
+                        parent_said_no = answer is False
                 if yes and grace_end is None:
                     grace_end = loop.time() + PARENT_GRACE
+                if (parent is not None and parent_said_no and yes and reasked < REASK_PARENT
+                        and grace_end is not None and loop.time() < grace_end):
+                    # The parent's long-poll ended without the layer before the grace did
+                    # (it is short while a listed peer has no endpoint yet): ask it again
+                    # for the rest of the grace; it says yes at its own first bytes.
+                    reasked += 1
+                    node, endpoint = asking[parent]
+                    parent = asyncio.create_task(self.peers.has(
+                        endpoint, layer.digest, grace_end - loop.time()))
+                    asking[parent] = (node, endpoint)
+                    pending.add(parent)
+                    parent_said_no = False
         finally:
             for task in pending:
                 task.cancel()
@@ -318,9 +339,9 @@ class LayerFetcher:
         order = {node: index for index, node in enumerate(peers)}
         return sorted(yes, key=lambda held: order[held[0]])
 
-    def _said_yes(self, layer: WantedLayer, node: str, task: asyncio.Task[bool],
-                  refused: set[str]) -> bool:
-        """Whether peer ``node``'s finished long-poll ``task`` said it holds ``layer``."""
+    def _answer(self, layer: WantedLayer, node: str, task: asyncio.Task[bool],
+                refused: set[str]) -> bool | None:
+        """Peer ``node``'s finished long-poll ``task``: holds ``layer``, not, or None (failed)."""
         try:
             return task.result()
         except PeerUnauthorizedError as error:
@@ -330,7 +351,7 @@ class LayerFetcher:
         except PeerError as error:
             log.info("peer %s cannot serve %s: %s", node, layer.digest.short, error)
             self.directory.forget(node)
-        return False
+        return None
 
     async def _from_upstream(self, layer: WantedLayer, caches: Sequence[str],
                              relay: Relay | None) -> None:
