@@ -57,6 +57,7 @@ from bench.common import Row, ratio, write_result
 from layercache.plan.distribute import FANOUT
 from testbed.bed import NodeRecord
 from testbed.cri import pull
+from testbed.e2e import node_caches
 from testbed.paths import tool
 
 SCENARIO = "A fan-out"
@@ -132,6 +133,7 @@ def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int,
         split = split_bytes(stats, bench.family)
         held = timeline(bench, applied_wall)
         served = served_bytes(bench, nodes)
+        planned = first_peers(bench, nodes)
         if logs is not None:
             (logs / f"n{len(nodes)}").mkdir(parents=True, exist_ok=True)
             for name, agent in bench.cluster.agents.items():
@@ -148,6 +150,7 @@ def run_layercache(bench: Bench, nodes: list[NodeRecord], layers: int,
                             "peer": after[name][1] - before[name][1]} for name in after},
         "held_timeline": held,
         "served_to_peers": served,
+        "first_peer": planned,
         "cpu_seconds_by_component": cpu,
         "load_average_1m_at_end": round(load, 2),
     }
@@ -167,6 +170,22 @@ def served_bytes(bench: Bench, nodes: list[NodeRecord]) -> dict[str, int]:
             sample.value for family in text_string_to_metric_families(text)
             for sample in family.samples
             if sample.name == "layercache_agent_served_bytes_total"))
+    return out
+
+
+def first_peers(bench: Bench, nodes: list[NodeRecord]) -> dict[str, dict[str, str]]:
+    """Each node's planned first peer (its relay-tree parent) per layer, from its spec.
+
+    Node → short digest → the first of the layer's ``peers`` (``"Upstream"`` where the
+    node seeds it): what the ``held_timeline``'s ``from`` is compared with.
+    """
+    caches = node_caches(bench.kube)
+    out: dict[str, dict[str, str]] = {}
+    for node in nodes:
+        layers = ((caches.get(node.name) or {}).get("spec") or {}).get("layers") or []
+        out[node.name] = {
+            entry["digest"][:19]: "Upstream" if entry.get("source") == "Upstream"
+            else (entry.get("peers") or ["-"])[0] for entry in layers}
     return out
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from layercache.agent.fetch.fetcher import Slots
+from layercache.agent.peer.client import MISSING_TTL, PeerDirectory
 from layercache.agent.peer.relay import Relay, RelayFailedError, Relays, relayed
 from layercache.agent.peer.server import PeerServer
 from layercache.oci.digest import Digest
+from twins.agent_kube import AgentKubeTwin
 from twins.content_store import ContentStoreTwin
 
 BLOB = bytes(range(256)) * 64
@@ -183,3 +186,26 @@ async def test_a_long_poll_whose_asker_left_ends_without_an_error_logged(
                 await asyncio.sleep(0.01)
             relay.feed(10, BLOB[10:])
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_node_without_an_endpoint_is_read_once_per_missing_ttl() -> None:
+    # Every fetch waiting on a node that has not published its endpoint looks it up every
+    # peer poll: the directory shares one NodeLayerCache read among them per MISSING_TTL.
+    class Counting(AgentKubeTwin):
+        reads = 0
+
+        async def get_cache(self, node: str) -> dict[str, Any] | None:
+            self.reads += 1
+            return await super().get_cache(node)
+
+    now = [100.0]
+    kube = Counting("n1")
+    directory = PeerDirectory(kube, clock=lambda: now[0])
+    assert [await directory.endpoint("n2") for _ in range(32)] == [None] * 32
+    assert kube.reads == 1
+    now[0] += MISSING_TTL
+    kube.put({"apiVersion": "layercache.dev/v1alpha1", "kind": "NodeLayerCache",
+              "metadata": {"name": "n2"}, "spec": {},
+              "status": {"peerEndpoint": "http://n2.test:5780"}})
+    assert await directory.endpoint("n2") == "http://n2.test:5780"
+    assert await directory.endpoint("n2") == "http://n2.test:5780" and kube.reads == 2

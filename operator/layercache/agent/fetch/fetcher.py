@@ -48,6 +48,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from layercache.agent.fetch.transfer import ByteRate, ResumeRefusedError, upstream_source
 from layercache.agent.nodespec import WantedLayer
@@ -275,8 +276,8 @@ class LayerFetcher:
                        refused: set[str], wait: float) -> list[tuple[str, str]]:
         """The peers (node, endpoint) that hold ``layer`` or receive it, asked together.
 
-        Each is asked with a long-poll of ``wait`` seconds (at most the peer poll while a
-        listed peer has no endpoint yet, so it is looked up again); returns as soon as one says
+        Each is asked with a long-poll of ``wait`` seconds (one without an endpoint yet is
+        looked up again every peer poll, and asked once it has one); returns as soon as one says
         yes (with any others that said yes by then, in ``peers`` order), or an empty list
         once all said no. A yes from another peer waits up to `PARENT_GRACE` seconds for
         the first listed peer's: this node's parent in the layer's relay tree, which says
@@ -284,24 +285,25 @@ class LayerFetcher:
         otherwise answer first to every node and upload the layer to each.
         """
         loop = asyncio.get_running_loop()
-        endpoints = {node: await self.directory.endpoint(node)
-                     for node in peers if node not in dropped}
-        unknown = [node for node, endpoint in endpoints.items() if endpoint is None]
-        if unknown:
-            # A peer whose agent has not published its endpoint yet (its NodeLayerCache was
-            # just created) may be the one with the layer: look it up again soon instead
-            # of long-polling only the others for the whole wait.
-            log.debug("no endpoint yet for %s: asking again within %.1f s", unknown,
-                      self.config.peer_poll, extra={"digest": layer.digest})
-            wait = min(wait, self.config.peer_poll)
+        until = loop.time() + wait
+        asked = [node for node in peers if node not in dropped]
+        endpoints = await asyncio.gather(*(self.directory.endpoint(node) for node in asked))
         asking: dict[asyncio.Task[bool], tuple[str, str]] = {}
-        for node, endpoint in endpoints.items():
+        # A peer whose agent has not published its endpoint yet (its NodeLayerCache was
+        # just created) may be the one with the layer: looked up again every peer poll
+        # while the others long-poll, and asked as soon as it has one.
+        looking: dict[asyncio.Task[str | None], str] = {}
+        for node, endpoint in zip(asked, endpoints, strict=True):
             if endpoint is not None:
                 asking[asyncio.create_task(self.peers.has(endpoint, layer.digest, wait))] = (
                     node, endpoint)
-        parent = next((task for task, (node, _) in asking.items() if node == peers[0]), None)
+            else:
+                looking[asyncio.create_task(self._endpoint_soon(node, until))] = node
+        parent: asyncio.Task[Any] | None = next(
+            (task for task, (node, _) in asking.items() if node == peers[0]),
+            next((task for task, node in looking.items() if node == peers[0]), None))
         yes: list[tuple[str, str]] = []
-        pending = set(asking)
+        pending: set[asyncio.Task[Any]] = {*asking, *looking}
         grace_end: float | None = None
         reasked = 0
         parent_said_no = False  # its last long-poll ended without the layer
@@ -313,6 +315,16 @@ class LayerFetcher:
                 if not done:
                     break  # the parent did not say yes within the grace: take the others
                 for task in done:
+                    if task in looking:
+                        node = looking.pop(task)
+                        endpoint = task.result()
+                        if endpoint is not None:
+                            late = asyncio.create_task(self.peers.has(
+                                endpoint, layer.digest, max(0.0, until - loop.time())))
+                            asking[late] = (node, endpoint)
+                            pending.add(late)
+                            parent = late if task is parent else parent
+                        continue
                     answer = self._answer(layer, asking[task][0], task, refused)
                     if answer:
                         yes.append(asking[task])
@@ -337,7 +349,22 @@ class LayerFetcher:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         order = {node: index for index, node in enumerate(peers)}
-        return sorted(yes, key=lambda held: order[held[0]])
+        found = sorted(yes, key=lambda held: order[held[0]])
+        if found and parent is not None and found[0][0] != peers[0]:
+            log.debug("%s: parent %s passed over for %s (%s)", layer.digest.short, peers[0],
+                      found[0][0], "no answer within the grace" if parent in pending
+                      else "said no" if parent_said_no else "failed",
+                      extra={"digest": layer.digest})
+        return found
+
+    async def _endpoint_soon(self, node: str, until: float) -> str | None:
+        """``node``'s endpoint once it has one, looked up every peer poll until ``until``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(self.config.peer_poll, max(0.0, until - loop.time())))
+            endpoint = await self.directory.endpoint(node)
+            if endpoint is not None or loop.time() >= until:
+                return endpoint
 
     def _answer(self, layer: WantedLayer, node: str, task: asyncio.Task[bool],
                 refused: set[str]) -> bool | None:

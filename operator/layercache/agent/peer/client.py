@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a known endpoint is trusted before the peer's NodeLayerCache is read again.
 ENDPOINT_TTL: Final = 30.0
+#: Seconds a node found without an endpoint is not looked up again (fetches share a read).
+MISSING_TTL: Final = 1.0
 
 
 class PeerError(Exception):
@@ -59,14 +61,16 @@ def blob_url(endpoint: str, digest: Digest) -> str:
 class PeerDirectory:
     """Node name → peer endpoint, from each node's ``status.peerEndpoint``.
 
-    A node without an endpoint (no NodeLayerCache, no agent yet) is asked again on the next
-    lookup; a known endpoint is reused for `ENDPOINT_TTL` seconds.
+    A node without an endpoint (no NodeLayerCache, no agent yet) is asked again on a lookup
+    `MISSING_TTL` seconds later (every fetch waiting on it shares that one read); a known
+    endpoint is reused for `ENDPOINT_TTL` seconds.
     """
 
     def __init__(self, kube: AgentKubePort, clock: Callable[[], float] = time.monotonic) -> None:
         self.kube = kube
         self.clock = clock
         self._known: dict[str, tuple[str, float]] = {}
+        self._missing: dict[str, float] = {}  # node → when it was found without one
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def endpoint(self, node: str) -> str | None:
@@ -78,6 +82,9 @@ class PeerDirectory:
             known = self._known.get(node)
             if known is not None and self.clock() - known[1] < ENDPOINT_TTL:
                 return known[0]
+            missing = self._missing.get(node)
+            if known is None and missing is not None and self.clock() - missing < MISSING_TTL:
+                return None
             try:
                 obj = await self.kube.get_cache(node)
             except ApiException as error:
@@ -87,7 +94,9 @@ class PeerDirectory:
             endpoint = _peer_endpoint(node, obj)
             if endpoint is None or not endpoint.startswith(("http://", "https://")):
                 self._known.pop(node, None)
+                self._missing[node] = self.clock()
                 return None
+            self._missing.pop(node, None)
             self._known[node] = (endpoint, self.clock())
             return endpoint
 
