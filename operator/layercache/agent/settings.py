@@ -65,7 +65,8 @@ class AgentSettings(BaseSettings):
         2.0, gt=0, description=(
             "Peers are asked with long-poll HEADs (answered when a peer holds the layer "
             "or its first bytes arrive there); this is the first wait before asking again "
-            "when they answer at once without it (s); grows to 5x, jittered."))
+            "when they answer at once without it (s); grows to 5x, jittered. A listed peer "
+            "that has no endpoint yet is looked up again this often."))
     min_free_percent: float | None = Field(
         None, ge=0, le=100,
         description="Fetch only while the image filesystem keeps this much free after it (%); "

@@ -393,7 +393,7 @@ class LayerFetcher:
         what = f"layer {layer.digest.short} from {layer.repository.name}"
         if relay is not None and relay.error is None:
             if layer.source == "Upstream":
-                relay.seeding = True  # the root of the layer's tree: the whole budget
+                relay.seeding = True  # the root of the layer's tree: a budget of its own
             source = relayed(source, relay)
 
         async def copy() -> None:

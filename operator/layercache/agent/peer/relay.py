@@ -45,8 +45,8 @@ from layercache.oci.digest import Digest
 
 __all__ = ["DEFAULT_BUDGET", "Relay", "RelayFailedError", "Relays", "relayed"]
 
-#: Bytes all relays of one agent may hold at once (the layers it is receiving): a quarter
-#: of the agent's default memory limit (512 MiB).
+#: Bytes the relays of one agent may hold at once for peer copies, and again for the layers
+#: it seeds (`Relays`): together at most half the agent's default memory limit (512 MiB).
 DEFAULT_BUDGET: Final = 128 * 1024 * 1024
 
 
@@ -186,15 +186,15 @@ class Relays:
         if digest in self._relays:
             yield None
             return
-        counted = False
+        counted = seeded = False
 
         def admit() -> bool:
-            nonlocal counted
-            seeding = relay.seeding
-            counted = (self.seeded if seeding else self.held) + size <= self.budget
+            nonlocal counted, seeded
+            seeded = relay.seeding  # as counted: released the same way, whatever it is later
+            counted = (self.seeded if seeded else self.held) + size <= self.budget
             if counted:
                 self.held += size
-                self.seeded += size if seeding else 0
+                self.seeded += size if seeded else 0
             return counted
 
         relay = Relay(digest, size, on_start=lambda: self.announce(digest), admit=admit)
@@ -208,7 +208,7 @@ class Relays:
             self._relays.pop(digest, None)
             if counted:
                 self.held -= size
-                self.seeded -= size if relay.seeding else 0
+                self.seeded -= size if seeded else 0
             if relay.length < relay.size:
                 relay.fail("the transfer stopped before its end")
 
