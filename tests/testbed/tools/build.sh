@@ -9,6 +9,14 @@ repo=$(cd "$here/../../.." && pwd)
 cache=${LAYERCACHE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/layercache}
 bin="$repo/.tools/bin"
 mkdir -p "$bin" "$cache/tools"
+# One build at a time per cache: two at once (make lint beside make setup on a fresh
+# clone) removed and recreated each other's $out.partial and failed. The second waits,
+# then finds every tool up to date.
+exec 9>"$cache/tools/.lock"
+if ! flock -n 9; then
+  echo "tools: another build holds $cache/tools/.lock; waiting for it"
+  flock 9
+fi
 command -v go >/dev/null || { echo "tools: go not found; install Go >= 1.26 (apt-get install golang-go is too old)" >&2; exit 1; }
 
 k8s=v1.37.2
