@@ -802,3 +802,24 @@ def test_a_released_chain_goes_with_gc_but_a_pulled_images_stay(
     left = _committed(node.socket)
     assert curl_chain not in left  # no image refers to it: containerd's GC removed it
     assert base_chain in left and python_chain in left  # the pulled app image's parents
+
+
+# --- 13 ---------------------------------------------------------------------------------
+
+
+def test_agents_kept_a_margin_below_their_memory_limit(
+        cluster: ChartCluster, bed: BedState, kube: Kube) -> None:
+    # Last in the module: each agent's peak covers every test above (since its start).
+    # Relays sized to half the 512 MiB limit took agents to 400-450 MB while warming and
+    # got them OOM-killed on a busy machine; sized to it, they stay near 300 MB.
+    assert not cluster.alive(), f"exited: {cluster.alive()}"
+    for node in bed.nodes:
+        peak, limit = cluster.agent_memory(node)
+        assert limit == 512 * 2**20, (node.name, limit)  # the chart's default limit
+        print(f"agent on {node.name}: peak {peak / 1e6:.1f} MB of {limit / 1e6:.1f} MB")
+        assert peak <= 0.75 * limit, (node.name, peak, limit)
+        pod = cluster.agent_pod(node.name)
+        log = kube.core.read_namespaced_pod_log(pod.metadata.name, pod.metadata.namespace)
+        running = next(json.loads(line) for line in log.splitlines()
+                       if '"agent running"' in line)
+        assert running["relay_budget_bytes"] == limit // 8, running

@@ -32,6 +32,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from layercache.agent.limits import memory_limit
 from layercache.containerd.content import BlobInfo, ContentStore
 from layercache.containerd.cri import CRIImages
 from layercache.containerd.errors import NotFound
@@ -194,6 +195,22 @@ class ChartCluster(LayerCacheCluster):
             if pod.spec.node_name == node:
                 return pod
         raise LookupError(f"no agent Pod on node {node}")
+
+    def agent_memory(self, node: NodeRecord) -> tuple[int, int | None]:
+        """(peak, limit) in bytes of the agent container on `node`, as its cgroup counts.
+
+        The peak since the container started: cgroup v2 ``memory.peak``, v1
+        ``memory.max_usage_in_bytes`` (both count its anonymous and page-cache memory,
+        as the OOM killer does). The limit as the agent itself reads it
+        (`layercache.agent.limits.memory_limit`), seen from the container.
+        """
+        (status,) = self.agent_pod(node.name).status.container_statuses
+        container = status.container_id.removeprefix("containerd://")
+        pid = json.loads(crictl(node.socket, "inspect", container))["info"]["pid"]
+        root = Path(f"/proc/{pid}/root/sys/fs/cgroup")
+        peak = next(p for p in (root / "memory.peak", root / "memory" /
+                                "memory.max_usage_in_bytes") if p.exists())
+        return int(peak.read_text()), memory_limit(root)
 
     def start_operator(self) -> Process | None:  # type: ignore[override]
         """Scale the operator Deployment back to its replicas; wait until all are Ready."""

@@ -34,10 +34,11 @@ from prometheus_client import CollectorRegistry
 from layercache.agent.fetch.fetcher import FetchConfig, LayerFetcher
 from layercache.agent.fetch.transfer import ByteRate
 from layercache.agent.kubeapi import KUBE_BACKOFF, AgentKube, Obj
+from layercache.agent.limits import memory_limit
 from layercache.agent.nodeinfo import NodeInfo
 from layercache.agent.nodespec import Counters, parse_node_spec
 from layercache.agent.peer.client import PeerClient, PeerDirectory
-from layercache.agent.peer.relay import Relays
+from layercache.agent.peer.relay import Relays, default_budget
 from layercache.agent.peer.server import ContainerdLiveness, PeerServer, metrics_app, start_site
 from layercache.agent.ports import AgentKubePort, PeerSource
 from layercache.agent.reconcile import NodeReconciler
@@ -176,7 +177,8 @@ class Agent:
             else None, transport=registry_transport)
         self.peers: PeerSource = (peers if peers is not None
                                   else PeerClient(lambda: self.secrets.token))
-        self.relays = Relays()  # cut-through: shared by the fetcher and the peer server
+        # Cut-through: shared by the fetcher and the peer server, sized to the memory limit.
+        self.relays = Relays(settings.relay_budget_bytes or default_budget(memory_limit()))
         self.runners: list[Any] = []
         #: The control loop, once `run` made it.
         self.reconciler: NodeReconciler | None = None
@@ -244,7 +246,8 @@ class Agent:
                                lambda: self._refresh_secrets(book))),
             ("containerd", _every(_LIVENESS_SECONDS, liveness.check)),
         )]
-        log.info("agent running", extra={"peer_endpoint": book.peer_endpoint})
+        log.info("agent running", extra={"peer_endpoint": book.peer_endpoint,
+                                         "relay_budget_bytes": self.relays.budget})
         stopping = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([stopping, *tasks],

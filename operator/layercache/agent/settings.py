@@ -59,6 +59,12 @@ class AgentSettings(BaseSettings):
     concurrency: int = Field(4, ge=1, le=64, description="Blob transfers at once.")
     max_bytes_per_second: int | None = Field(
         None, gt=0, description="Cap on the total fetch rate (bytes/s, all sources); unset: none.")
+    relay_budget_bytes: int | None = Field(
+        None, gt=0, description=(
+            "Bytes of layers still being received that this agent keeps in memory to "
+            "relay to peers (cut-through), and as much again for the layers it seeds; a "
+            "layer that does not fit is served to peers once committed. Unset: 1/8 of the "
+            "container's memory limit (cgroup), at most 128 MiB."))
     peer_wait_seconds: float = Field(
         120.0, ge=0, description="How long a Peer layer waits for a peer (s) before upstream.")
     peer_poll_seconds: float = Field(

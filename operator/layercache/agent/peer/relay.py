@@ -43,11 +43,28 @@ from typing import Final
 from layercache.containerd.ingest import ResumableSource
 from layercache.oci.digest import Digest
 
-__all__ = ["DEFAULT_BUDGET", "Relay", "RelayFailedError", "Relays", "relayed"]
+__all__ = ["DEFAULT_BUDGET", "LIMIT_SHARE", "Relay", "RelayFailedError", "Relays", "default_budget",
+           "relayed"]
 
-#: Bytes the relays of one agent may hold at once for peer copies, and again for the layers
-#: it seeds (`Relays`): together at most half the agent's default memory limit (512 MiB).
+#: Most bytes the relays of one agent hold at once for peer copies, and again for the layers
+#: it seeds (`Relays`), when its memory is not limited.
 DEFAULT_BUDGET: Final = 128 * 1024 * 1024
+#: Under a memory limit each budget is at most this share of it (1/8: both together a
+#: quarter). The rest is the agent's own: about 110 MB resident when idle, plus up to
+#: ``WRITE_WINDOW`` WRITEs of ``MAX_WRITE_BYTES`` and the received buffers per transfer in
+#: flight. Budgets of half the default 512 MiB limit got agents OOM-killed mid-transfer on
+#: a busy machine (resident 400 to 450 MB while warming, measured in the e2e tests).
+LIMIT_SHARE: Final = 8
+
+
+def default_budget(memory_limit: int | None) -> int:
+    """The relay budget (bytes) for an agent limited to ``memory_limit`` bytes (None: none).
+
+    `DEFAULT_BUDGET`, or `LIMIT_SHARE`-th of the limit when that is less.
+    """
+    if memory_limit is None:
+        return DEFAULT_BUDGET
+    return min(DEFAULT_BUDGET, memory_limit // LIMIT_SHARE)
 
 
 class RelayFailedError(Exception):
@@ -59,11 +76,14 @@ class Relay:
 
     def __init__(self, digest: Digest, size: int,
                  on_start: Callable[[], None] | None = None,
-                 admit: Callable[[], bool] | None = None) -> None:
+                 admit: Callable[[Relay], bool] | None = None) -> None:
         """A relay of blob ``digest`` (``size`` bytes); ``on_start`` runs at its first bytes.
 
-        ``admit`` is asked at the first bytes whether they may be kept (a memory budget);
-        if not, the relay is failed before anyone could read it: never offered.
+        ``admit`` is asked at the first bytes, with this relay, whether they may be kept (a
+        memory budget); if not, the relay is failed before anyone could read it: never
+        offered. (It is given the relay rather than holding it: a closure over the relay
+        would make a reference cycle, and the blob's bytes would wait for the cyclic
+        garbage collector instead of going with the last reader.)
         """
         self.digest = digest
         self.size = size
@@ -92,7 +112,7 @@ class Relay:
             self.fail(f"bytes from {offset} arrived with only {self.length} held")
             return
         started = self.length == 0
-        if started and self._admit is not None and not self._admit():
+        if started and self._admit is not None and not self._admit(self):
             self.fail("over the relay memory budget")
             return
         piece = chunk if offset == self.length else chunk[self.length - offset:]
@@ -188,9 +208,9 @@ class Relays:
             return
         counted = seeded = False
 
-        def admit() -> bool:
+        def admit(which: Relay) -> bool:
             nonlocal counted, seeded
-            seeded = relay.seeding  # as counted: released the same way, whatever it is later
+            seeded = which.seeding  # as counted: released the same way, whatever it is later
             counted = (self.seeded if seeded else self.held) + size <= self.budget
             if counted:
                 self.held += size
