@@ -750,6 +750,7 @@ def test_agent_killed_during_apply_commits_the_chain_once_after_restart(
         assert _chains_done(kube, node.name) is None, "unpacked before it could be killed"
         time.sleep(0.02)
     # SIGKILL of the agent Pod's process; the kubelet, held meanwhile, then restarts it.
+    assert not cluster.alive(), f"exited before the kill: {cluster.alive()}"
     with kubelet_paused(bed, node.name):
         cluster.kill_agent(node)
         (chain_id,) = {name.rsplit(" ", 1)[-1] for name in seen}

@@ -261,14 +261,20 @@ class ChartCluster(LayerCacheCluster):
         return {**found, **super().logs()}  # and the process agents, stopped ones too
 
     def alive(self) -> list[str]:
-        """Product Pods (or process agents) whose container exited unasked (empty: none)."""
+        """Product Pods (or process agents) whose container exited unasked (empty: none).
+
+        A Pod is named with how its container last ended, as the kubelet reports it
+        (``OOMKilled, exit 137``): what a failed CI run has to go on.
+        """
         exited = super().alive() if self.agents else []
         for pod in self.pods():
             allowed = self.restarts.get(pod.metadata.name)
             for status in pod.status.container_statuses or ():
                 if status.restart_count > (allowed or 0) or (
                         allowed is None and status.state.terminated is not None):
-                    exited.append(f"pod/{pod.metadata.name}")
+                    ended = status.state.terminated or status.last_state.terminated
+                    how = f" ({ended.reason}, exit {ended.exit_code})" if ended else ""
+                    exited.append(f"pod/{pod.metadata.name}{how}")
         return exited
 
     def stop(self) -> None:
