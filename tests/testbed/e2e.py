@@ -204,8 +204,7 @@ class ChartCluster(LayerCacheCluster):
         as the OOM killer does). The limit as the agent itself reads it
         (`layercache.agent.limits.memory_limit`), seen from the container.
         """
-        (status,) = self.agent_pod(node.name).status.container_statuses
-        container = status.container_id.removeprefix("containerd://")
+        container = _container_id(self.agent_pod(node.name))
         pid = json.loads(crictl(node.socket, "inspect", container))["info"]["pid"]
         root = Path(f"/proc/{pid}/root/sys/fs/cgroup")
         peak = next(p for p in (root / "memory.peak", root / "memory" /
@@ -241,8 +240,7 @@ class ChartCluster(LayerCacheCluster):
         restart. Returns once CRI reports the container exited.
         """
         pod = self.agent_pod(node.name)
-        (status,) = pod.status.container_statuses
-        container = status.container_id.removeprefix("containerd://")
+        container = _container_id(pod)
         self.restarts[pod.metadata.name] = self.restarts.get(pod.metadata.name, 0) + 1
         run([containerd_tool("ctr", self.bed.containerd), "--address", node.socket,
              "--namespace", "k8s.io", "tasks", "kill", "--signal", "SIGKILL", container])
@@ -281,6 +279,12 @@ class ChartCluster(LayerCacheCluster):
         """Stop the process agents; the release stays until the bed goes."""
         for name in list(self.agents):
             self.stop_agent(name)
+
+
+def _container_id(pod: Any) -> str:
+    """The containerd ID of the one container of `pod` (a V1Pod), as CRI names it."""
+    (status,) = pod.status.container_statuses
+    return str(status.container_id.removeprefix("containerd://"))
 
 
 @contextlib.contextmanager
